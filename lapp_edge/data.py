@@ -1,0 +1,225 @@
+"""Datasets: Fashion-MNIST (IDX files), CIFAR-10/100 (python pickles), ImageFolder trees.
+
+Small datasets are held in memory as uint8 tensors and augmented batch-wise on the
+training device (random crop with zero padding, horizontal flip), which on a 2-core CPU
+is far cheaper than per-image PIL transforms. ImageFolder trees use torchvision's
+per-image transforms and a DataLoader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lapp_edge.errors import UserError
+
+DEFAULT_DATA_DIRS = {
+    "fashion-mnist": "/usr/share/datasets/fashion-mnist",
+    "cifar10": "data/cifar10",
+    "cifar100": "data/cifar100",
+    "imagefolder": "data/imagefolder",
+}
+DATASETS = tuple(DEFAULT_DATA_DIRS)
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    in_channels: int
+    num_classes: int
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+    crop_padding: int = 0
+    horizontal_flip: bool = False
+
+
+@dataclass
+class InMemorySplit:
+    images: torch.Tensor            # uint8, N x C x H x W
+    labels: torch.Tensor            # int64, N
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, count: int, seed: int) -> "InMemorySplit":
+        if count <= 0 or count >= len(self):
+            return self
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randperm(len(self), generator=generator)[:count]
+        return InMemorySplit(self.images[index], self.labels[index])
+
+
+@dataclass
+class Dataset:
+    info: DatasetInfo
+    train: object                    # InMemorySplit or a torch Dataset (ImageFolder)
+    test: object
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    if len(data) < 8 or data[0] != 0 or data[1] != 0:
+        raise UserError(f"{path} is not an IDX file")
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
+    if body.size != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {body.size}")
+    return body.reshape(shape)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"Fashion-MNIST file {stem}(.gz) not found in {directory}: install it with "
+        "'apt-get install dataset-fashion-mnist' or pass --data-dir"
+    )
+
+
+def load_fashion_mnist(directory: Path) -> Dataset:
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
+        labels = _read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UserError(f"Fashion-MNIST {split} files in {directory} do not match each other")
+        splits[split] = InMemorySplit(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+    info = DatasetInfo("fashion-mnist", 1, 10, 28, [0.2860], [0.3530], FASHION_MNIST_CLASSES, 2, True)
+    return Dataset(info, splits["train"], splits["test"])
+
+
+def load_cifar(directory: Path, classes: int) -> Dataset:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    dataset_class = CIFAR10 if classes == 10 else CIFAR100
+    try:
+        train = dataset_class(str(directory), train=True, download=False)
+        test = dataset_class(str(directory), train=False, download=False)
+    except RuntimeError as error:
+        raise UserError(
+            f"CIFAR-{classes} python pickles not found in {directory} ({error}); "
+            f"unpack cifar-{classes}-python.tar.gz there"
+        ) from None
+    splits = [
+        InMemorySplit(torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))), torch.tensor(ds.targets))
+        for ds in (train, test)
+    ]
+    if classes == 10:
+        mean, std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+    else:
+        mean, std = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]
+    info = DatasetInfo(f"cifar{classes}", 3, classes, 32, mean, std, list(train.classes), 4, True)
+    return Dataset(info, splits[0], splits[1])
+
+
+def load_imagefolder(directory: Path, input_size: int = 224) -> Dataset:
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    train_tf = transforms.Compose([
+        transforms.RandomResizedCrop(input_size), transforms.RandomHorizontalFlip(), transforms.PILToTensor(),
+    ])
+    test_tf = transforms.Compose([
+        transforms.Resize(int(input_size * 256 / 224)), transforms.CenterCrop(input_size), transforms.PILToTensor(),
+    ])
+    for split in ("train", "val"):
+        if not (directory / split).is_dir():
+            raise UserError(f"ImageFolder layout needs {directory / split}/<class>/<image> directories")
+    try:
+        train = ImageFolder(str(directory / "train"), transform=train_tf)
+        test = ImageFolder(str(directory / "val"), transform=test_tf)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise UserError(f"bad ImageFolder tree in {directory}: {error}") from None
+    info = DatasetInfo("imagefolder", 3, len(train.classes), input_size, mean, std, list(train.classes))
+    return Dataset(info, train, test)
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
+    if name not in DEFAULT_DATA_DIRS:
+        raise UserError(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
+    directory = Path(data_dir or DEFAULT_DATA_DIRS[name])
+    if not directory.is_dir():
+        hint = "install it with 'apt-get install dataset-fashion-mnist' or " if name == "fashion-mnist" else ""
+        raise UserError(f"data directory {directory} for {name} does not exist: {hint}pass --data-dir")
+    if name == "fashion-mnist":
+        return load_fashion_mnist(directory)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(directory, 10 if name == "cifar10" else 100)
+    return load_imagefolder(directory)
+
+
+def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 N x C x H x W -> float, scaled to [0, 1] and standardised with the dataset's mean/std."""
+    mean = torch.tensor(info.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding) and horizontal flip of a uint8 batch, one draw per image."""
+    count, _, height, width = images.shape
+    if info.crop_padding:
+        pad = info.crop_padding
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (count,), generator=generator).to(images.device)
+        dx = torch.randint(0, 2 * pad + 1, (count,), generator=generator).to(images.device)
+        rows = (dy[:, None] + torch.arange(height, device=images.device)[None]).view(count, 1, height, 1)
+        cols = (dx[:, None] + torch.arange(width, device=images.device)[None]).view(count, 1, 1, width)
+        batch_index = torch.arange(count, device=images.device).view(count, 1, 1, 1)
+        channel_index = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
+        images = padded[batch_index, channel_index, rows, cols]
+    if info.horizontal_flip:
+        flip = (torch.rand(count, generator=generator) < 0.5).to(images.device)
+        images = torch.where(flip.view(count, 1, 1, 1), images.flip(3), images)
+    return images
+
+
+def iterate_batches(
+    split: object,
+    info: DatasetInfo,
+    batch_size: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    train: bool = False,
+    workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised (and, for training, shuffled and augmented) batches on `device`."""
+    if isinstance(split, InMemorySplit):
+        order = torch.randperm(len(split), generator=generator) if train else torch.arange(len(split))
+        for start in range(0, len(split), batch_size):
+            index = order[start : start + batch_size]
+            images = split.images[index].to(device, non_blocking=True)
+            if train:
+                assert generator is not None
+                images = augment(images, info, generator)
+            yield normalize(images, info), split.labels[index].to(device, non_blocking=True)
+        return
+    loader = DataLoader(split, batch_size=batch_size, shuffle=train, generator=generator, num_workers=workers)  # type: ignore[arg-type]
+    for images, labels in loader:
+        yield normalize(images.to(device), info), labels.to(device)
+
+
+def batch_count(split: object, batch_size: int) -> int:
+    return -(-len(split) // batch_size)  # type: ignore[arg-type]

@@ -1,0 +1,121 @@
+"""Atomic file writes, safe checkpoint loading and an output-directory lock.
+
+Every file the tool writes goes to a temporary file in the same directory, is fsynced and
+then renamed over the target (os.replace is atomic on POSIX), so a kill at any moment
+leaves either the old file or the new one, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lapp_edge.errors import UserError
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(path: str | os.PathLike[str], payload: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def safe_torch_load(path: str | os.PathLike[str]) -> Any:
+    """Load a checkpoint with weights_only=True: tensors and plain containers only, so a
+    file crafted to run code when unpickled is refused instead of executed."""
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"checkpoint {path} is corrupt or unsafe and was not loaded: {first_line[:200]}") from None
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON: {error}") from None
+
+
+class DirectoryLock:
+    """An exclusive lock file in a run directory (O_CREAT | O_EXCL), holding the owner's pid.
+    A lock left by a process that no longer exists is taken over."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / ".lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._owner_alive():
+                    raise UserError(f"{self.path.parent} is in use by another run (lock file {self.path})") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(handle, "w") as stream:
+                stream.write(str(os.getpid()))
+            self.held = True
+            return
+        raise UserError(f"cannot take the lock {self.path}")
+
+    def _owner_alive(self) -> bool:
+        try:
+            pid = int(self.path.read_text().strip() or "0")
+        except (OSError, ValueError):
+            return False
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "DirectoryLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

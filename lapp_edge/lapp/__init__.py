@@ -1,0 +1,1 @@
+"""LAPP: learnable per-layer thresholds, a FLOPs-constrained loss, progressive pruning."""

@@ -1,0 +1,202 @@
+"""The LAPP controller: thresholds, straight-through masks, the FLOPs penalty and freeze.
+
+It attaches to a model built with ConvBN units through forward hooks, so the model code
+knows nothing of pruning, and detaches completely at freeze: the slim model it leaves
+behind is the plain model class with fewer channels.
+
+Per prunable layer l with z-scored channel scores s (no gradient):
+    hard mask   m = 1[s > t_l]                     (used in the forward pass)
+    surrogate   q = sigmoid((s - t_l) / tau)        (its gradient is used in backward)
+    mask        m + (q - stop_grad(q))              (straight-through)
+    kept count  sum(m) + (sum(q) - stop_grad(sum(q)))
+FLOPs of the masked network are computed from the kept counts (FlopsModel), and
+loss = task + penalty_weight * |FLOPs / FLOPs_dense - target(step)|.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lapp_edge.lapp.flops import FlopsModel
+from lapp_edge.lapp.schedule import annealed_target
+from lapp_edge.lapp.scores import get_scorer, standardize
+from lapp_edge.lapp.slim import consumer_input_weights, slim_site
+from lapp_edge.lapp.widths import choose_widths
+from lapp_edge.models.units import PrunableSite
+
+
+@dataclass
+class LappConfig:
+    flops_target: float = 0.4
+    channel_multiple: int = 8
+    tau: float = 0.5                 # sigmoid temperature, in score standard deviations
+    threshold_init: float = -2.0     # initial threshold (z units); lowered further so nothing starts pruned
+    threshold_lr: float = 0.02       # Adam, no weight decay
+    penalty_weight: float = 10.0
+    anneal_fraction: float = 0.75    # share of the pruning steps over which the target anneals
+    min_channels: int = 1            # never keep fewer channels than this (or one multiple) in a layer
+    scorer: str = "bn_weight_norm"
+    tolerance: float = 0.01          # the slim network must land within +-tolerance of the target ratio
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return asdict(self)
+
+
+@dataclass
+class FreezeResult:
+    widths: dict[str, int]
+    keep_indices: dict[str, list[int]]
+    unrounded: dict[str, int]
+    readded: dict[str, int]          # channels kept at freeze that were masked off (re-enter as no-ops)
+    flops_ratio: float
+
+
+class LappController(nn.Module):
+    def __init__(self, sites: list[PrunableSite], flops: FlopsModel, config: LappConfig) -> None:
+        super().__init__()
+        self.sites = sites
+        self.flops = flops
+        self.config = config
+        self.scorer = get_scorer(config.scorer)
+        self.thresholds = nn.Parameter(torch.full((len(sites),), float(config.threshold_init)))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.masks: list[torch.Tensor | None] = [None] * len(sites)
+        self.kept: torch.Tensor | None = None
+        self.last_scores: list[torch.Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attach()
+
+    # --- hooks -------------------------------------------------------------------------
+    def _attach(self) -> None:
+        for index, site in enumerate(self.sites):
+            for unit in [site.producer, *site.followers]:
+                self._handles.append(unit.register_forward_hook(self._make_hook(index)))
+
+    def _make_hook(self, index: int):  # noqa: ANN202 - a forward hook
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            mask = self.masks[index]
+            return output if mask is None else output * mask.view(1, -1, 1, 1).to(output.dtype)
+
+        return hook
+
+    def detach_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # --- masks -------------------------------------------------------------------------
+    def scores(self) -> list[torch.Tensor]:
+        return [standardize(self.scorer(site.producer).float()) for site in self.sites]
+
+    def _min_keep(self, channels: int) -> int:
+        return min(channels, max(1, self.config.min_channels, self.config.channel_multiple))
+
+    def update_masks(self, with_grad: bool = True) -> torch.Tensor:
+        """Recompute every layer's mask from the current weights and thresholds; returns
+        the kept counts (straight-through: hard values, surrogate gradient)."""
+        scores = self.scores()
+        self.last_scores = scores
+        if not bool(self.initialized):
+            with torch.no_grad():
+                lowest = torch.stack([s.min() for s in scores]).to(self.thresholds.device)
+                self.thresholds.copy_(torch.minimum(self.thresholds, lowest - 0.25))
+                self.initialized.fill_(True)
+        kept = []
+        for index, score in enumerate(scores):
+            threshold = self.thresholds[index].to(score.device)
+            hard = (score > threshold).to(score.dtype)
+            if with_grad:
+                soft = torch.sigmoid((score - threshold) / self.config.tau)
+                soft_sum = soft.sum()
+                # (x - x.detach()) is exactly 0 forward and carries x's gradient backward
+                self.masks[index] = hard + (soft - soft.detach())
+                kept.append(hard.sum() + (soft_sum - soft_sum.detach()))
+            else:
+                self.masks[index] = hard
+                kept.append(hard.sum())
+        self.kept = torch.stack([k.to(self.thresholds.device) for k in kept])
+        return self.kept
+
+    def flops_ratio(self) -> torch.Tensor:
+        assert self.kept is not None, "update_masks first"
+        return self.flops.ratio(self.kept)
+
+    def penalty(self, target_now: float) -> torch.Tensor:
+        return self.config.penalty_weight * (self.flops_ratio() - target_now).abs()
+
+    def target_at(self, step: int, prune_steps: int) -> float:
+        return annealed_target(step, prune_steps, self.config.flops_target, self.config.anneal_fraction)
+
+    @torch.no_grad()
+    def clamp_thresholds(self) -> None:
+        """Keep every threshold just below its layer's k-th largest score (k = min keep),
+        so no layer collapses or loses its gradient."""
+        for index, score in enumerate(self.last_scores or self.scores()):
+            k = self._min_keep(score.numel())
+            kth_largest = score.topk(k).values[-1]
+            self.thresholds[index].clamp_(max=float(kth_largest) - 1e-3)
+
+    def hard_counts(self) -> list[int]:
+        with torch.no_grad():
+            return [int((s > self.thresholds[i].to(s.device)).sum()) for i, s in enumerate(self.scores())]
+
+    # --- freeze ------------------------------------------------------------------------
+    @torch.no_grad()
+    def plan_freeze(self) -> FreezeResult:
+        """Round the learned widths to the channel multiple so the FLOPs target is met,
+        and pick each layer's channels by score."""
+        scores = self.scores()
+        unrounded = np.array(self.hard_counts(), dtype=np.float64)
+        min_width = max(1, self.config.min_channels)
+        widths = choose_widths(
+            unrounded, self.flops, self.config.flops_target, self.config.channel_multiple,
+            min_width, aim=self.config.tolerance * 0.4,
+        )
+        keep_indices: dict[str, list[int]] = {}
+        readded: dict[str, int] = {}
+        for index, (site, score) in enumerate(zip(self.sites, scores)):
+            keep = score.topk(int(widths[index])).indices.sort().values
+            active = score > self.thresholds[index].to(score.device)
+            keep_indices[site.name] = keep.tolist()
+            readded[site.name] = int((~active[keep]).sum())
+        return FreezeResult(
+            widths={s.name: int(w) for s, w in zip(self.sites, widths)},
+            keep_indices=keep_indices,
+            unrounded={s.name: int(u) for s, u in zip(self.sites, unrounded)},
+            readded=readded,
+            flops_ratio=float(self.flops.ratio(widths.astype(np.float64))),
+        )
+
+    @torch.no_grad()
+    def apply_final_masks(self, plan: FreezeResult, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Fix the masks to the planned channels. Channels that come back (kept now but
+        masked off during training) re-enter as exact no-ops: their outgoing weights, and
+        the optimizer's momentum for those weights, are zeroed."""
+        scores = self.scores()
+        for index, site in enumerate(self.sites):
+            keep = torch.tensor(plan.keep_indices[site.name], dtype=torch.long, device=scores[index].device)
+            active = scores[index] > self.thresholds[index].to(scores[index].device)
+            returning = keep[~active[keep]]
+            if len(returning):
+                for consumer in site.consumers:
+                    for weight in consumer_input_weights(consumer):
+                        weight[:, returning.to(weight.device)] = 0.0
+                        state = optimizer.state.get(weight) if optimizer is not None else None
+                        for value in (state or {}).values():
+                            if torch.is_tensor(value) and value.shape == weight.shape:
+                                value[:, returning.to(value.device)] = 0.0
+            mask = torch.zeros_like(scores[index])
+            mask[keep] = 1.0
+            self.masks[index] = mask
+
+    @torch.no_grad()
+    def slim(self, plan: FreezeResult, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Remove the pruned channels physically and detach from the model."""
+        for site in self.sites:
+            slim_site(site, torch.tensor(plan.keep_indices[site.name], dtype=torch.long), optimizer)
+        self.detach_hooks()
+        self.masks = [None] * len(self.sites)
