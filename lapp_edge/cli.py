@@ -78,13 +78,7 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench(subparsers: argparse._SubParsersAction) -> None:
-    from lapp_edge.bench import add_bench_command
-
-    add_bench_command(subparsers)
-
-
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, add_export_commands, _add_bench]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, add_export_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
