@@ -78,7 +78,13 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, add_export_commands]
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    from lapp_edge.bench import add_bench_command
+
+    add_bench_command(subparsers)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, add_export_commands, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

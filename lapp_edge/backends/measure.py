@@ -1,0 +1,117 @@
+"""Latency measurement the way the runtimes' own tools do it (benchmark_app,
+onnxruntime_perf_test): warm-up, then synchronous calls until both a minimum number of
+iterations and a minimum time are reached; median, p90, p99 and throughput.
+
+On a shared 2-core machine absolute times drift 1-8% between processes, so regression
+checks use `interleaved_ratio`: two runners measured in one process, in blocks that
+alternate A/B with the order reversed every block, and the median of the per-block
+ratios. `other_cpu_share` reads /proc/stat so a caller can retry when another process is
+loading the machine. Plain numpy and the standard library: no runtime is imported here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lapp_edge.backends.base import Runner
+
+
+@dataclass(frozen=True)
+class LatencyProtocol:
+    warmup_iterations: int = 20
+    min_iterations: int = 100
+    min_seconds: float = 2.0
+    max_seconds: float = 30.0
+
+
+@dataclass
+class LatencyStats:
+    batch: int
+    iterations: int
+    seconds: float
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    throughput_ips: float          # images per second at the median latency (one stream, synchronous)
+
+
+def measure_latency(runner: Runner, batch: np.ndarray, protocol: LatencyProtocol = LatencyProtocol()) -> LatencyStats:
+    data = np.ascontiguousarray(batch, dtype=np.float32)
+    for _ in range(protocol.warmup_iterations):
+        runner.infer(data)
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        tick = time.perf_counter()
+        runner.infer(data)
+        times.append(time.perf_counter() - tick)
+        elapsed = time.perf_counter() - start
+        if (len(times) >= protocol.min_iterations and elapsed >= protocol.min_seconds) or elapsed >= protocol.max_seconds:
+            break
+    ms = np.array(times) * 1e3
+    median = float(np.median(ms))
+    return LatencyStats(
+        batch=len(data), iterations=len(ms), seconds=float(elapsed), median_ms=median,
+        p90_ms=float(np.percentile(ms, 90)), p99_ms=float(np.percentile(ms, 99)), mean_ms=float(ms.mean()),
+        min_ms=float(ms.min()), throughput_ips=len(data) * 1e3 / median,
+    )
+
+
+def _median_call_seconds(runner: Runner, data: np.ndarray, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        tick = time.perf_counter()
+        runner.infer(data)
+        times.append(time.perf_counter() - tick)
+    return float(np.median(times))
+
+
+def interleaved_ratio(
+    runner_a: Runner, runner_b: Runner, batch: np.ndarray, blocks: int = 12, calls: int = 25, warmup: int = 20
+) -> float:
+    """Median over blocks of (median latency of A) / (median latency of B), measured interleaved."""
+    data = np.ascontiguousarray(batch, dtype=np.float32)
+    for _ in range(warmup):
+        runner_a.infer(data)
+        runner_b.infer(data)
+    ratios = []
+    for block in range(blocks):
+        if block % 2 == 0:
+            a = _median_call_seconds(runner_a, data, calls)
+            b = _median_call_seconds(runner_b, data, calls)
+        else:
+            b = _median_call_seconds(runner_b, data, calls)
+            a = _median_call_seconds(runner_a, data, calls)
+        ratios.append(a / b)
+    return float(np.median(ratios))
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    values = [int(v) for v in fields]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values[:8]), idle
+
+
+def other_cpu_share(seconds: float = 0.5) -> float:
+    """Fraction of the machine's CPU time used by other processes over `seconds` (0 where unknown)."""
+    if not Path("/proc/stat").is_file():
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total0, idle0 = _cpu_jiffies()
+    own0 = sum(os.times()[:2])
+    time.sleep(seconds)
+    total1, idle1 = _cpu_jiffies()
+    own1 = sum(os.times()[:2])
+    total = total1 - total0
+    if total <= 0:
+        return 0.0
+    busy_other = (total - (idle1 - idle0)) - (own1 - own0) * tick
+    return max(0.0, min(1.0, busy_other / total))

@@ -1,0 +1,94 @@
+"""The INT8 calibration set: a fixed, seeded sample of a dataset's training split.
+
+A definition is a small YAML file in `calibration/` (name, dataset, split, count, seed);
+every backend quantizes with the same images, normalised with the model package's own
+mean/std, and the bench reports the set's fingerprint (sha256 of the chosen images) so
+"same calibration set" can be checked. Imports no runtime and nothing from training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lapp_edge.data import Dataset, InMemorySplit, load_dataset
+from lapp_edge.errors import UserError
+
+CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "calibration"
+
+
+@dataclass(frozen=True)
+class CalibrationDefinition:
+    name: str
+    dataset: str
+    split: str
+    count: int
+    seed: int
+
+
+@dataclass
+class CalibrationSet:
+    definition: CalibrationDefinition
+    indices: np.ndarray            # positions in the split, in draw order
+    images: np.ndarray             # float32 N x C x H x W, normalised
+    fingerprint: str               # sha256 (first 16 hex) of the uint8 images, in order
+
+
+def find_definition(name: str, search: tuple[Path, ...] = ()) -> Path:
+    """A calibration definition by path, or by name in calibration/ (the cwd's, then the repo's)."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    for directory in (*search, Path.cwd() / "calibration", CALIBRATION_DIR):
+        path = directory / f"{name}.yaml"
+        if path.is_file():
+            return path
+    raise UserError(f"calibration set '{name}' not found (looked for {name}.yaml in calibration/)")
+
+
+def load_definition(name: str, search: tuple[Path, ...] = ()) -> CalibrationDefinition:
+    path = find_definition(name, search)
+    try:
+        payload: Any = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(payload, dict):
+        raise UserError(f"{path} must be a mapping with name, dataset, split, count, seed")
+    missing = [key for key in ("name", "dataset", "split", "count", "seed") if key not in payload]
+    if missing:
+        raise UserError(f"{path} is missing field(s): {', '.join(missing)}")
+    if payload["split"] not in ("train", "test"):
+        raise UserError(f"{path}: split must be train or test, not {payload['split']!r}")
+    if not isinstance(payload["count"], int) or payload["count"] <= 0:
+        raise UserError(f"{path}: count must be a positive integer")
+    if not isinstance(payload["seed"], int):
+        raise UserError(f"{path}: seed must be an integer")
+    return CalibrationDefinition(str(payload["name"]), str(payload["dataset"]), payload["split"], payload["count"], payload["seed"])
+
+
+def normalize_uint8(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """uint8 N x C x H x W -> float32 (pixels / 255 - mean) / std, per channel."""
+    scale = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    spread = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return ((images.astype(np.float32) / np.float32(255.0) - scale) / spread).astype(np.float32)
+
+
+def draw_calibration(
+    definition: CalibrationDefinition, mean: list[float], std: list[float], dataset: Dataset | None = None,
+    data_dir: str | None = None,
+) -> CalibrationSet:
+    data = dataset or load_dataset(definition.dataset, data_dir)
+    split = data.train if definition.split == "train" else data.test
+    if not isinstance(split, InMemorySplit):
+        raise UserError(f"calibration draws from in-memory datasets only; {definition.dataset} is not one")
+    if definition.count > len(split):
+        raise UserError(f"calibration set {definition.name} asks for {definition.count} images; the split has {len(split)}")
+    indices = np.random.default_rng(definition.seed).choice(len(split), size=definition.count, replace=False)
+    raw = split.images[indices].numpy()
+    fingerprint = hashlib.sha256(np.ascontiguousarray(raw).tobytes()).hexdigest()[:16]
+    return CalibrationSet(definition, indices, normalize_uint8(raw, mean, std), fingerprint)
