@@ -7,6 +7,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 FMNIST := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_RUN := runs/demo
+DEMO_MODEL := models/demo
 
 .PHONY: setup data demo test test-slow bench clean
 
@@ -24,11 +25,15 @@ $(FMNIST):
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
 # LAPP-train ResNet-20 on Fashion-MNIST to 40% FLOPs (about 5 minutes on 2 CPU cores),
-# then print the pruning report. The demo owns runs/demo and starts it afresh each time.
+# then print the pruning report; then fuse, export, verify and package it as models/demo and
+# print its summary. The demo owns runs/demo and models/demo and starts them afresh each time.
 demo: setup
 	rm -rf $(DEMO_RUN)
 	$(LAPP) train --model resnet20 --dataset fashion-mnist --flops-target 0.4 \
 		--epochs 4 --prune-epochs 1 --train-subset 20000 --out $(DEMO_RUN)
+	rm -rf $(DEMO_MODEL)
+	$(LAPP) export $(DEMO_RUN) --out $(DEMO_MODEL)
+	$(LAPP) verify $(DEMO_MODEL)
 
 test: setup
 	$(PYTHON) -m pytest -q -m "not slow"
@@ -38,6 +43,13 @@ test-slow: setup
 
 bench: setup
 	$(PYTHON) benchmarks/lapp_vs_dense.py --out bench-results/lapp_vs_dense
+
+# Batch-1 ONNX Runtime CPU latency, fused vs bypass-as-separate-convs, of a finished run
+# (default: the demo run; BENCH_RUN=runs/NAME for another).
+BENCH_RUN ?= $(DEMO_RUN)
+.PHONY: bench-export
+bench-export: setup
+	$(PYTHON) benchmarks/export_fused_vs_unfused.py --run $(BENCH_RUN) --out bench-results/export
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

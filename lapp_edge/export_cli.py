@@ -19,11 +19,13 @@ def add_export_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from lapp_edge.export import export_run, format_summary
+    from lapp_edge.export import export_run
 
     manifest = export_run(args.run, args.out, args.data_dir)
-    print(f"exported {args.run} -> {args.out}")
-    print(format_summary(manifest))
+    check = manifest["verification"]
+    print(f"exported {args.run} -> {args.out}: {manifest['model']}, opset {manifest['export']['opset']}, "
+          f"ORT vs PyTorch on {check['images']} test images max |diff| {check['max_abs_diff']:.2e}, "
+          f"top-1 agreement {check['top1_agreement']:.4f} (lapp-edge verify {args.out} prints the summary)")
     return 0
 
 
