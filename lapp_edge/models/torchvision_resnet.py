@@ -1,0 +1,56 @@
+"""torchvision's ResNet-18/34/50 for ImageNet-size inputs, made LAPP-ready.
+
+The torchvision model is built as is (random init, no weights download); each prunable
+conv and the BatchNorm after it are wrapped into one `ConvBN` (the block's own BN slot
+becomes an Identity), so the block's forward is unchanged. Prunable: conv1 of a basic
+block; conv1 and conv2 of a bottleneck.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from lapp_edge.models.units import ConvBN, PrunableSite
+
+_BUILDERS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50}
+
+
+def _wrap(block: nn.Module, conv_name: str, bn_name: str, bypass: bool) -> ConvBN:
+    unit = ConvBN(0, 0, 0, conv=getattr(block, conv_name), bn=getattr(block, bn_name), bypass=bypass)
+    setattr(block, conv_name, unit)
+    setattr(block, bn_name, nn.Identity())
+    return unit
+
+
+class TorchvisionResNet(nn.Module):
+    def __init__(self, depth: int, in_channels: int, num_classes: int, bypass: bool = False) -> None:
+        super().__init__()
+        self.net = _BUILDERS[depth](weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            self.net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+            nn.init.kaiming_normal_(self.net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        for block in self._blocks():
+            _wrap(block, "conv1", "bn1", bypass)
+            if isinstance(block, Bottleneck):
+                _wrap(block, "conv2", "bn2", bypass)
+
+    def _blocks(self) -> list[nn.Module]:
+        return [b for layer in (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4) for b in layer]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def prunable_sites(self) -> list[PrunableSite]:
+        sites = []
+        for layer_index, layer in enumerate((self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4)):
+            for block_index, block in enumerate(layer):
+                prefix = f"net.layer{layer_index + 1}.{block_index}"
+                sites.append(PrunableSite(f"{prefix}.conv1", block.conv1, [], [block.conv2]))
+                if isinstance(block, Bottleneck):
+                    sites.append(PrunableSite(f"{prefix}.conv2", block.conv2, [], [block.conv3]))
+                else:
+                    assert isinstance(block, BasicBlock)
+        return sites

@@ -1,0 +1,110 @@
+"""Building blocks shared by every model family.
+
+`ConvBN` is a conv followed by BatchNorm, optionally with a parallel linear bypass branch
+(a 1x1 conv with its own BatchNorm, same stride). Every prunable conv in every model is a
+`ConvBN`, so LAPP, slimming and export see one kind of unit.
+
+During LAPP training a unit can carry an output-channel mask (`channel_mask`, a plain
+attribute, never saved). It is applied inside BatchNorm's affine transform,
+BN(x) * m = x_hat * (gamma * m) + beta * m, so masking costs no extra pass over the
+activations and the mask's gradient comes out of BN's own gamma/beta gradient.
+
+`PrunableSite` describes one group of output channels that can be removed: the unit that
+produces them, the depthwise units whose channels follow them one-to-one, and the modules
+that consume them as input channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def masked_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """nn.BatchNorm2d's forward with its affine weight and bias multiplied by `mask`."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or bn.running_mean is None
+    mask = mask.to(x.dtype) if x.dtype != torch.float32 else mask
+    return F.batch_norm(
+        x,
+        bn.running_mean if not bn.training or bn.track_running_stats else None,
+        bn.running_var if not bn.training or bn.track_running_stats else None,
+        bn.weight * mask, bn.bias * mask, use_batch_stats, momentum, bn.eps,
+    )
+
+
+class ConvBN(nn.Module):
+    """kxk conv + BN, plus an optional 1x1 conv + BN bypass summed into the output."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        bypass: bool = False,
+        conv: nn.Conv2d | None = None,
+        bn: nn.BatchNorm2d | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv = conv or nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False
+        )
+        self.bn = bn or nn.BatchNorm2d(out_channels)
+        k = self.conv.kernel_size[0]
+        if self.conv.padding[0] != k // 2 or self.conv.kernel_size[0] != self.conv.kernel_size[1]:
+            raise ValueError("ConvBN needs a square kernel with 'same' padding (k // 2)")
+        self.bypass_conv: nn.Conv2d | None = None
+        self.bypass_bn: nn.BatchNorm2d | None = None
+        if bypass:
+            self.bypass_conv = nn.Conv2d(
+                self.conv.in_channels, self.conv.out_channels, 1, self.conv.stride,
+                0, groups=self.conv.groups, bias=False,
+            )
+            self.bypass_bn = nn.BatchNorm2d(self.conv.out_channels)
+        self.channel_mask: torch.Tensor | None = None
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.conv.groups > 1 and self.conv.groups == self.conv.in_channels == self.conv.out_channels
+
+    def _normalize(self, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        return bn(x) if self.channel_mask is None else masked_batch_norm(bn, x, self.channel_mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._normalize(self.bn, self.conv(x))
+        if self.bypass_conv is not None and self.bypass_bn is not None:
+            y = y + self._normalize(self.bypass_bn, self.bypass_conv(x))
+        return y
+
+
+@dataclass
+class PrunableSite:
+    """One prunable group of output channels.
+
+    name:      the producer's module path; the key of the site's width in an architecture spec
+    producer:  the ConvBN whose output channels are kept or removed
+    followers: depthwise ConvBNs whose channels map one-to-one onto the producer's
+    consumers: modules (ConvBN, nn.Conv2d, nn.Linear) reading these channels as input
+    """
+
+    name: str
+    producer: ConvBN
+    followers: list[ConvBN] = field(default_factory=list)
+    consumers: list[nn.Module] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        return self.producer.out_channels
