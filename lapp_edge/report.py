@@ -49,10 +49,9 @@ def build_report(trainer: "Trainer") -> dict[str, Any]:
             "learned": freeze.get("unrounded", {}).get(name), "readded": freeze.get("readded", {}).get(name),
         })
     history = state.history
-    phase_seconds = {
-        phase: statistics.median([h["seconds"] for h in history if h["phase"] == phase])
-        for phase in ("dense", "pruning", "slim") if any(h["phase"] == phase for h in history)
-    }
+    phases = [p for p in ("dense", "pruning", "slim") if any(h["phase"] == p for h in history)]
+    phase_seconds = {p: statistics.median([h["seconds"] for h in history if h["phase"] == p]) for p in phases}
+    phase_cpu_seconds = {p: statistics.median([h["cpu_seconds"] for h in history if h["phase"] == p]) for p in phases}
     return {
         "model": config.model,
         "dataset": config.dataset,
@@ -77,6 +76,7 @@ def build_report(trainer: "Trainer") -> dict[str, Any]:
         "accuracy": {"test_top1": history[-1]["test_top1"] if history else None},
         "layers": layers,
         "epoch_seconds_median": phase_seconds,
+        "epoch_cpu_seconds_median": phase_cpu_seconds,
         "epochs": history,
         "config": {k: v for k, v in vars(config).items()},
     }

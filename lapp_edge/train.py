@@ -72,7 +72,8 @@ class TrainConfig:
 class EpochRecord:
     epoch: int
     phase: str
-    seconds: float
+    seconds: float                     # wall clock
+    cpu_seconds: float                 # this process's CPU time (robust on a shared machine)
     train_loss: float
     train_top1: float
     test_top1: float
@@ -228,7 +229,7 @@ class Trainer:
             state = RunState(**payload["state"])
             if state.phase == "slim":
                 if self.controller is not None:
-                    self.controller.detach_hooks()
+                    self.controller.detach_masks()
                 self.controller, self.threshold_optimizer = None, None
                 resize_to_widths(self.model, self.sites, state.widths)
                 self.model.to(self.device)
@@ -265,7 +266,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         self.model.train()
         pruning = self.state.phase == "pruning" and self.controller is not None
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
@@ -312,8 +313,8 @@ class Trainer:
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        return EpochRecord(epoch + 1, self.state.phase, seconds, loss_sum.item() / max(1, seen),
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        return EpochRecord(epoch + 1, self.state.phase, seconds, cpu_seconds, loss_sum.item() / max(1, seen),
                            correct.item() / max(1, seen), float("nan"), ratio, lr)
 
     def _current_ratio(self) -> float:

@@ -92,9 +92,10 @@ def test_slim_model_equals_masked_model_on_real_images(fmnist, multiple: int) ->
         slim_logits = model(images)
     assert float((masked_logits - slim_logits).abs().max()) <= 1e-5
 
-    # a plain module: no hooks, no gates, no all-zero channels, the planned widths
+    # a plain module: no masks, hooks or gates, no all-zero channels, the planned widths
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+        assert getattr(module, "channel_mask", None) is None
     assert not any("threshold" in name or "mask" in name for name, _ in model.named_parameters())
     for site in prunable_sites(model):
         assert site.channels == plan.widths[site.name]

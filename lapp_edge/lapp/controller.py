@@ -1,8 +1,8 @@
 """The LAPP controller: thresholds, straight-through masks, the FLOPs penalty and freeze.
 
-It attaches to a model built with ConvBN units through forward hooks, so the model code
-knows nothing of pruning, and detaches completely at freeze: the slim model it leaves
-behind is the plain model class with fewer channels.
+It sets each prunable unit's (and follower's) `channel_mask`, which ConvBN applies inside
+BatchNorm's affine transform, and clears them at freeze: the slim model it leaves behind
+is the plain model class with fewer channels and no masks.
 
 Per prunable layer l with z-scored channel scores s (no gradient):
     hard mask   m = 1[s > t_l]                     (used in the forward pass)
@@ -64,29 +64,18 @@ class LappController(nn.Module):
         self.scorer = get_scorer(config.scorer)
         self.thresholds = nn.Parameter(torch.full((len(sites),), float(config.threshold_init)))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self.masks: list[torch.Tensor | None] = [None] * len(sites)
         self.kept: torch.Tensor | None = None
         self.last_scores: list[torch.Tensor] = []
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._attach()
 
-    # --- hooks -------------------------------------------------------------------------
-    def _attach(self) -> None:
-        for index, site in enumerate(self.sites):
-            for unit in [site.producer, *site.followers]:
-                self._handles.append(unit.register_forward_hook(self._make_hook(index)))
+    # --- masks on the units ------------------------------------------------------------
+    def _set_mask(self, index: int, mask: torch.Tensor | None) -> None:
+        site = self.sites[index]
+        for unit in (site.producer, *site.followers):
+            unit.channel_mask = mask
 
-    def _make_hook(self, index: int):  # noqa: ANN202 - a forward hook
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-            mask = self.masks[index]
-            return output if mask is None else output * mask.view(1, -1, 1, 1).to(output.dtype)
-
-        return hook
-
-    def detach_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def detach_masks(self) -> None:
+        for index in range(len(self.sites)):
+            self._set_mask(index, None)
 
     # --- masks -------------------------------------------------------------------------
     def scores(self) -> list[torch.Tensor]:
@@ -113,10 +102,10 @@ class LappController(nn.Module):
                 soft = torch.sigmoid((score - threshold) / self.config.tau)
                 soft_sum = soft.sum()
                 # (x - x.detach()) is exactly 0 forward and carries x's gradient backward
-                self.masks[index] = hard + (soft - soft.detach())
+                self._set_mask(index, hard + (soft - soft.detach()))
                 kept.append(hard.sum() + (soft_sum - soft_sum.detach()))
             else:
-                self.masks[index] = hard
+                self._set_mask(index, hard)
                 kept.append(hard.sum())
         self.kept = torch.stack([k.to(self.thresholds.device) for k in kept])
         return self.kept
@@ -191,12 +180,11 @@ class LappController(nn.Module):
                                 value[:, returning.to(value.device)] = 0.0
             mask = torch.zeros_like(scores[index])
             mask[keep] = 1.0
-            self.masks[index] = mask
+            self._set_mask(index, mask)
 
     @torch.no_grad()
     def slim(self, plan: FreezeResult, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Remove the pruned channels physically and detach from the model."""
         for site in self.sites:
             slim_site(site, torch.tensor(plan.keep_indices[site.name], dtype=torch.long), optimizer)
-        self.detach_hooks()
-        self.masks = [None] * len(self.sites)
+        self.detach_masks()

@@ -1,0 +1,129 @@
+"""Dense vs LAPP on Fashion-MNIST with ResNet-20: accuracy and epoch time per phase.
+
+Runs each configuration as its own `lapp-edge train` process (one torch thread each, so
+parallel runs do not fight over cores), then compares the reports. Epoch times are
+reported as wall clock and as process CPU time; on a shared machine the CPU time is the
+figure to trust. Re-running resumes unfinished runs and reuses finished ones.
+
+    python benchmarks/lapp_vs_dense.py --out bench-results/lapp_vs_dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lapp_edge.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+
+CONFIGURATIONS: dict[str, list[str]] = {
+    "dense": ["--dense"],
+    "lapp": [],
+    "lapp-no-bypass": ["--no-bypass"],
+}
+
+
+@dataclass
+class Row:
+    name: str
+    test_top1: float
+    flops_ratio: float
+    params_ratio: float
+    pruning_cpu_s: float | None
+    slim_cpu_s: float | None
+    dense_cpu_s: float | None
+    pruning_wall_s: float | None
+    slim_wall_s: float | None
+    dense_wall_s: float | None
+
+
+def launch(name: str, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
+    out = Path(args.out) / name
+    if (out / "report.json").is_file():
+        return None
+    common = [
+        "--out", str(out), "--model", args.model, "--dataset", "fashion-mnist", "--epochs", str(args.epochs),
+        "--prune-epochs", str(args.prune_epochs), "--flops-target", str(args.flops_target),
+        "--train-subset", str(args.train_subset), "--seed", str(args.seed), "--threads", str(args.threads),
+        "--device", args.device, "--quiet",
+    ]
+    if (out / "checkpoint.pt").is_file():
+        common = ["--out", str(out), "--resume", "--quiet"]
+    log = open(Path(args.out) / f"{name}.log", "ab")  # noqa: SIM115 - closed when the process ends
+    command = [sys.executable, "-m", "lapp_edge.cli", "train", *common, *([] if "--resume" in common else CONFIGURATIONS[name])]
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def row_from_report(name: str, report: dict) -> Row:
+    wall, cpu = report["epoch_seconds_median"], report.get("epoch_cpu_seconds_median", {})
+    return Row(
+        name, report["accuracy"]["test_top1"], report["flops"]["ratio"],
+        report["params"]["slim"] / report["params"]["dense"],
+        cpu.get("pruning"), cpu.get("slim"), cpu.get("dense"), wall.get("pruning"), wall.get("slim"), wall.get("dense"),
+    )
+
+
+def format_table(rows: list[Row], summary: dict) -> str:
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    lines = [f"{'run':16s} {'top-1':>7s} {'FLOPs':>6s} {'params':>6s} {'cpu s/epoch: dense':>19s} {'pruning':>8s} {'slim':>6s}"]
+    for r in rows:
+        lines.append(f"{r.name:16s} {r.test_top1:7.4f} {r.flops_ratio:6.3f} {r.params_ratio:6.3f} "
+                     f"{fmt(r.dense_cpu_s):>19s} {fmt(r.pruning_cpu_s):>8s} {fmt(r.slim_cpu_s):>6s}")
+    lines.append("")
+    for key, value in summary.items():
+        lines.append(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-results/lapp_vs_dense")
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--prune-epochs", type=int, default=3)
+    parser.add_argument("--flops-target", type=float, default=0.4)
+    parser.add_argument("--train-subset", type=int, default=20000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--configs", default=",".join(CONFIGURATIONS), help="comma-separated subset of: " + ", ".join(CONFIGURATIONS))
+    args = parser.parse_args()
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGURATIONS]
+    if unknown or "dense" not in names:
+        print(f"lapp_vs_dense: error: configs must include 'dense' and come from {list(CONFIGURATIONS)}", file=sys.stderr)
+        return 2
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    processes = {name: launch(name, args) for name in names}
+    failed = [name for name, process in processes.items() if process is not None and process.wait() != 0]
+    if failed:
+        print(f"lapp_vs_dense: error: runs failed: {failed}; see their logs in {args.out}", file=sys.stderr)
+        return 1
+    rows = [row_from_report(n, json.loads((Path(args.out) / n / "report.json").read_text())) for n in names]
+    dense = next(r for r in rows if r.name == "dense")
+    summary: dict[str, float | str] = {"schedule": f"{args.epochs} epochs ({args.prune_epochs} pruning), "
+                                       f"{args.train_subset or 60000} training images, {args.threads} thread(s) per run"}
+    for r in rows:
+        if r.name == "dense":
+            continue
+        summary[f"{r.name}: accuracy drop vs dense (points)"] = 100 * (dense.test_top1 - r.test_top1)
+        if dense.dense_cpu_s and r.pruning_cpu_s and r.slim_cpu_s:
+            summary[f"{r.name}: pruning epoch / dense epoch (cpu)"] = r.pruning_cpu_s / dense.dense_cpu_s
+            summary[f"{r.name}: slim epoch / dense epoch (cpu)"] = r.slim_cpu_s / dense.dense_cpu_s
+    result = {"settings": vars(args), "rows": [asdict(r) for r in rows], "summary": summary}
+    atomic_write_json(Path(args.out) / "results.json", result)
+    table = format_table(rows, summary)
+    atomic_write_text(Path(args.out) / "results.txt", table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
