@@ -53,3 +53,17 @@ bench-export: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# CPU targets: bench every profile of one runtime on the demo model package (compile,
+# top-1 vs the fp32 ORT reference on the full test split, latency at batch 1 and 32).
+DEMO_PACKAGE := models/demo
+ORT_TARGETS := targets/x86-ort-fp32.yaml targets/x86-ort-int8.yaml
+OPENVINO_TARGETS := targets/x86-openvino-f32.yaml targets/x86-openvino-bf16.yaml targets/x86-openvino-int8.yaml
+
+.PHONY: ort-cpu openvino
+
+ort-cpu: setup
+	$(LAPP) bench $(DEMO_PACKAGE) $(addprefix --target ,$(ORT_TARGETS)) --out bench-results/ort-cpu.json
+
+openvino: setup
+	$(LAPP) bench $(DEMO_PACKAGE) $(addprefix --target ,$(OPENVINO_TARGETS)) --out bench-results/openvino.json
