@@ -210,9 +210,12 @@ def test_latency_ratio_within_baseline(package: ModelPackage, test_images: tuple
                   calibration=calibration if profile.precision == "int8" else None,
                   route=profile.int8_routes[0] if profile.int8_routes else "")
     limit = profile.baselines.ratio_to_reference[1] * (1 + profile.baselines.tolerance)
-    ratio = float("inf")
+    ratio, busy = float("inf"), 0.0
     for _ in range(3):                                   # retry when another process loads the machine
         ratio = min(ratio, interleaved_ratio(runner, reference, test_images[0][:1]))
-        if ratio <= limit or other_cpu_share(0.3) < 0.2:
+        busy = other_cpu_share(0.3)
+        if ratio <= limit or busy < 0.2:
             break
+    if ratio > limit and busy >= 0.2:
+        pytest.skip(f"{target}: {ratio:.3f} x ORT fp32 while other processes used {busy:.0%} of the CPU: not judgeable")
     assert ratio <= limit, f"{target}: {ratio:.3f} x ORT fp32, baseline {profile.baselines.ratio_to_reference[1]}"
