@@ -187,7 +187,8 @@ def compare_with_torch(
         result = session.run(None, {input_name: batch.numpy()})[0]
         if result.shape != expected.shape:
             raise UserError(f"the ONNX model returns shape {list(result.shape)}, PyTorch {list(expected.shape)}")
-        max_diff = max(max_diff, float(np.abs(result - expected).max()))
+        batch_diff = float(np.abs(result - expected).max())
+        max_diff = max(max_diff, batch_diff if math.isfinite(batch_diff) else math.inf)  # NaN must not pass
         onnx_top1, torch_top1, truth = result.argmax(1), expected.argmax(1), labels.numpy()
         agree += int((onnx_top1 == torch_top1).sum())
         onnx_correct += int((onnx_top1 == truth).sum())
@@ -195,8 +196,6 @@ def compare_with_torch(
         seen += len(truth)
     if seen == 0:
         raise UserError(f"the {dataset_name} test split holds no images to verify with")
-    if math.isnan(max_diff):
-        max_diff = math.inf
     return Verification(seen, max_diff, agree / seen, onnx_correct / seen, torch_correct / seen)
 
 
