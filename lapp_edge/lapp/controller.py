@@ -124,10 +124,12 @@ class LappController(nn.Module):
     def clamp_thresholds(self) -> None:
         """Keep every threshold just below its layer's k-th largest score (k = min keep),
         so no layer collapses or loses its gradient."""
-        for index, score in enumerate(self.last_scores or self.scores()):
+        caps = []
+        for score in self.last_scores or self.scores():
             k = self._min_keep(score.numel())
-            kth_largest = score.topk(k).values[-1]
-            self.thresholds[index].clamp_(max=float(kth_largest) - 1e-3)
+            caps.append(score.topk(k).values[-1] - 1e-3)
+        # one tensor op, no host round-trip per layer (matters on a GPU)
+        self.thresholds.copy_(torch.minimum(self.thresholds, torch.stack(caps).to(self.thresholds.device)))
 
     def hard_counts(self) -> list[int]:
         with torch.no_grad():
