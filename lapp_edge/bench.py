@@ -154,6 +154,9 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
 def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None = None, data_dir: str | None = None,
               work_dir: str | None = None, reference_threads: int | None = None) -> BenchReport:
     profiles = [load_target(path) for path in target_paths]          # validate every profile before any work
+    for profile in profiles:                                          # and every calibration set they name
+        if profile.precision == "int8":
+            load_definition(profile.calibration, (Path(profile.path).resolve().parent.parent / "calibration",))
     package = load_package(package_dir)
     test = load_test_set(package, data_dir)
     threads = reference_threads or min(p.threads for p in profiles)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lapp_edge.data import Dataset, InMemorySplit, load_dataset
+from lapp_edge.data import DATASETS, Dataset, InMemorySplit, load_dataset
 from lapp_edge.errors import UserError
 
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "calibration"
@@ -54,20 +54,24 @@ def find_definition(name: str, search: tuple[Path, ...] = ()) -> Path:
 def load_definition(name: str, search: tuple[Path, ...] = ()) -> CalibrationDefinition:
     path = find_definition(name, search)
     try:
-        payload: Any = yaml.safe_load(path.read_text())
+        payload: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read calibration definition {path}: {error}") from None
     if not isinstance(payload, dict):
         raise UserError(f"{path} must be a mapping with name, dataset, split, count, seed")
     missing = [key for key in ("name", "dataset", "split", "count", "seed") if key not in payload]
     if missing:
         raise UserError(f"{path} is missing field(s): {', '.join(missing)}")
+    if payload["dataset"] not in DATASETS:
+        raise UserError(f"{path}: unknown dataset {payload['dataset']!r}; choose one of: {', '.join(DATASETS)}")
     if payload["split"] not in ("train", "test"):
         raise UserError(f"{path}: split must be train or test, not {payload['split']!r}")
-    if not isinstance(payload["count"], int) or payload["count"] <= 0:
+    if isinstance(payload["count"], bool) or not isinstance(payload["count"], int) or payload["count"] <= 0:
         raise UserError(f"{path}: count must be a positive integer")
-    if not isinstance(payload["seed"], int):
-        raise UserError(f"{path}: seed must be an integer")
+    if isinstance(payload["seed"], bool) or not isinstance(payload["seed"], int) or not 0 <= payload["seed"] < 2**32:
+        raise UserError(f"{path}: seed must be an integer in [0, 2^32)")
     return CalibrationDefinition(str(payload["name"]), str(payload["dataset"]), payload["split"], payload["count"], payload["seed"])
 
 

@@ -61,8 +61,8 @@ def _run_train(args: argparse.Namespace) -> int:
         saved = read_json(Path(args.out) / CONFIG) if (Path(args.out) / CONFIG).is_file() else None
         if saved is None:
             raise UserError(f"nothing to resume: {Path(args.out) / CONFIG} does not exist")
-        known = {f.name for f in fields(TrainConfig)}
-        config = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+        config = config_from_saved(saved, Path(args.out) / CONFIG)
+        config.out = args.out  # the directory asked for, even if the run was moved or copied since
         config.progress = not args.quiet
     else:
         config = TrainConfig(
@@ -78,13 +78,46 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_from_saved(saved: object, path: Path) -> "TrainConfig":
+    """A TrainConfig from a run's config.json; wrong shapes or types are a UserError, not a traceback."""
+    from lapp_edge.train import TrainConfig
+
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is not a run configuration (a JSON object)")
+    defaults = {f.name: getattr(TrainConfig(out=""), f.name) for f in fields(TrainConfig)}
+    values = {}
+    for key, value in saved.items():
+        if key not in defaults:
+            continue
+        default = defaults[key]
+        if default is None:
+            expected: tuple[type, ...] = (str, type(None))
+        elif isinstance(default, bool):
+            expected = (bool,)
+        elif isinstance(default, float):
+            expected = (int, float)
+        else:
+            expected = (type(default),)
+        if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
+            raise UserError(f"{path}: '{key}' has the wrong type ({type(value).__name__}: {str(value)[:40]!r})")
+        values[key] = value
+    values["out"] = str(path.parent)
+    return TrainConfig(**values)
+
+
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     from lapp_edge.bench import add_bench_command
 
     add_bench_command(subparsers)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, add_export_commands, _add_bench]
+def _add_calibrate_latency(subparsers: argparse._SubParsersAction) -> None:
+    from lapp_edge.latency_calibration import add_calibrate_latency_command
+
+    add_calibrate_latency_command(subparsers)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, add_export_commands, _add_bench, _add_calibrate_latency]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,10 +76,10 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as handle:
             data = handle.read()
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:
         raise UserError(f"cannot read {path}: {error}") from None
-    if len(data) < 8 or data[0] != 0 or data[1] != 0:
-        raise UserError(f"{path} is not an IDX file")
+    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4 or len(data) < 4 + 4 * data[3]:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes")
     dims = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
@@ -104,6 +105,10 @@ def load_fashion_mnist(directory: Path) -> Dataset:
         labels = _read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"Fashion-MNIST {split} files in {directory} do not match each other")
+        if images.shape[1:] != (28, 28) or len(images) == 0:
+            raise UserError(f"Fashion-MNIST {split} images in {directory} are {list(images.shape)}, not N x 28 x 28 with N > 0")
+        if labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise UserError(f"Fashion-MNIST {split} labels in {directory} hold class {labels.max()}; classes are 0-9")
         splits[split] = InMemorySplit(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
     info = DatasetInfo("fashion-mnist", 1, 10, 28, [0.2860], [0.3530], FASHION_MNIST_CLASSES, 2, True)
     return Dataset(info, splits["train"], splits["test"])

@@ -2,7 +2,14 @@
 
 Every file the tool writes goes to a temporary file in the same directory, is fsynced and
 then renamed over the target (os.replace is atomic on POSIX), so a kill at any moment
-leaves either the old file or the new one, never a truncated one.
+leaves either the old file or the new one, never a truncated one. A kill can leave a
+temporary `.<name>.<random>.tmp` beside the target; `remove_stale_temporaries` clears them
+(a resumed run does so once it holds the directory lock).
+
+Fault injection (tests only; see docs/RELIABILITY.md): with the environment variable
+LAPP_EDGE_FAULT_KILL_DURING_WRITE=<file name>[@<n>] the n-th (default: first) atomic write
+of a file with that name in this process writes half its bytes to the temporary file,
+flushes them and then SIGKILLs its own process, i.e. dies in the middle of the write.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,12 +27,33 @@ import torch
 from lapp_edge.errors import UserError
 
 
+FAULT_KILL_DURING_WRITE = "LAPP_EDGE_FAULT_KILL_DURING_WRITE"
+_fault_write_counts: dict[str, int] = {}
+
+
+def _fault_kill_now(name: str) -> bool:
+    """True when the fault-injection setting asks to die during this write of `name`."""
+    setting = os.environ.get(FAULT_KILL_DURING_WRITE)
+    if not setting:
+        return False
+    wanted, _, nth = setting.partition("@")
+    if wanted != name:
+        return False
+    _fault_write_counts[name] = _fault_write_counts.get(name, 0) + 1
+    return _fault_write_counts[name] == (int(nth) if nth.isdigit() else 1)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
+            if _fault_kill_now(target.name):
+                stream.write(data[: len(data) // 2])
+                stream.flush()
+                os.fsync(stream.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
@@ -32,6 +61,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the `.<name>.<random>.tmp` files a killed atomic write left in `directory`.
+    Call only while holding the directory's lock (no live writer is then using them)."""
+    removed = []
+    for path in Path(directory).glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -147,7 +147,9 @@ def load_target(path: str | Path) -> TargetProfile:
     if not file.is_file():
         raise UserError(f"target profile {file} does not exist")
     try:
-        payload = yaml.safe_load(file.read_text())
+        payload = yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise UserError(f"{file} is not valid YAML: {str(error).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read target profile {file}: {error}") from None
     return parse_profile(payload, str(file))

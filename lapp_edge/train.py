@@ -21,9 +21,12 @@ from tqdm import tqdm
 
 from lapp_edge.data import Dataset, batch_count, iterate_batches, load_dataset
 from lapp_edge.errors import UserError
-from lapp_edge.fileio import DirectoryLock, atomic_torch_save, atomic_write_json, safe_torch_load
+from lapp_edge.fileio import (
+    DirectoryLock, atomic_torch_save, atomic_write_json, remove_stale_temporaries, safe_torch_load,
+)
 from lapp_edge.lapp.controller import FreezeResult, LappConfig, LappController
 from lapp_edge.lapp.flops import build_flops_model
+from lapp_edge.lapp.scores import SCORERS
 from lapp_edge.lapp.slim import resize_to_widths
 from lapp_edge.lapp.widths import allowed_widths
 from lapp_edge.models import MODEL_BUILDERS, build_model, prunable_sites
@@ -115,8 +118,14 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"--channel-multiple must be at least 1, got {config.channel_multiple}")
     if config.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {config.batch_size}")
-    if not config.lr > 0:
-        raise UserError(f"--lr must be positive, got {config.lr}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise UserError(f"--lr must be a positive finite number, got {config.lr}")
+    if not (config.weight_decay >= 0 and math.isfinite(config.weight_decay)):
+        raise UserError(f"--weight-decay must be a non-negative finite number, got {config.weight_decay}")
+    if not 0 <= config.seed < 2**32:
+        raise UserError(f"--seed must lie in [0, 2^32), got {config.seed}")
+    if config.scorer not in SCORERS:
+        raise UserError(f"unknown scorer '{config.scorer}'; choose one of: {', '.join(SCORERS)}")
     if config.lr_schedule not in ("cosine", "step"):
         raise UserError(f"--lr-schedule must be cosine or step, got '{config.lr_schedule}'")
     if config.train_subset < 0 or config.test_subset < 0:
@@ -287,10 +296,9 @@ class Trainer:
                 target_now = self.controller.target_at(self.state.step, self.prune_steps)
                 total = loss + self.controller.penalty(target_now)
             if not torch.isfinite(total):
-                raise UserError(
-                    f"training diverged: the loss became {total.item()} at epoch {epoch + 1}, step {self.state.step}; "
-                    f"the last good checkpoint ({self.out / CHECKPOINT}) was kept. Lower --lr and resume or restart"
-                )
+                kept = (f"the last good checkpoint ({self.out / CHECKPOINT}, epoch {epoch}) was kept. Lower --lr and resume or restart"
+                        if epoch > 0 else "no epoch had completed, so there is no checkpoint. Lower --lr and restart")
+                raise UserError(f"training diverged: the loss became {total.item()} at epoch {epoch + 1}, step {self.state.step}; {kept}")
             self.optimizer.zero_grad(set_to_none=True)
             if pruning:
                 self.threshold_optimizer.zero_grad(set_to_none=True)
@@ -379,9 +387,12 @@ class Trainer:
         from lapp_edge.report import build_report, write_report
 
         with DirectoryLock(self.out):
-            if resume:
+            remove_stale_temporaries(self.out)  # left by a killed write; we hold the lock, so nobody is writing them
+            if resume and (self.out / CHECKPOINT).is_file():
                 self.load_checkpoint()
-            else:
+            elif resume and not (self.out / CONFIG).is_file():
+                raise UserError(f"nothing to resume: {self.out / CHECKPOINT} does not exist")
+            else:  # a new run, or one killed before its first checkpoint: start from epoch 0
                 atomic_write_json(self.out / CONFIG, asdict(self.config))
             while self.state.epoch < self.config.epochs:
                 record = self.train_epoch()
@@ -423,7 +434,8 @@ def prepare_run_directory(config: TrainConfig, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     if resume:
-        if not (out / CHECKPOINT).is_file():
+        # a run killed before its first checkpoint has only config.json: it restarts from epoch 0
+        if not (out / CHECKPOINT).is_file() and not (out / CONFIG).is_file():
             raise UserError(f"nothing to resume: {out / CHECKPOINT} does not exist")
         return
     if out.is_dir() and any(out.iterdir()):
