@@ -1,4 +1,4 @@
-"""Datasets: Fashion-MNIST (IDX files), CIFAR-10/100 (python pickles), ImageFolder trees.
+"""Datasets: Fashion-MNIST (IDX files), CIFAR-10/100 (python pickles, read by a numpy-only unpickler), ImageFolder trees.
 
 Small datasets are held in memory as uint8 tensors and augmented batch-wise on the
 training device (random crop with zero padding, horizontal flip), which on a 2-core CPU
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -114,28 +115,70 @@ def load_fashion_mnist(directory: Path) -> Dataset:
     return Dataset(info, splits["train"], splits["test"])
 
 
-def load_cifar(directory: Path, classes: int) -> Dataset:
-    from torchvision.datasets import CIFAR10, CIFAR100
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: CIFAR's python pickles need nothing
+    else, and a crafted file in --data-dir must not be able to run code when it is read."""
 
-    dataset_class = CIFAR10 if classes == 10 else CIFAR100
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes; a pure function
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_pickle(path: Path) -> dict[str, object]:
     try:
-        train = dataset_class(str(directory), train=True, download=False)
-        test = dataset_class(str(directory), train=False, download=False)
-    except RuntimeError as error:
-        raise UserError(
-            f"CIFAR-{classes} python pickles not found in {directory} ({error}); "
-            f"unpack cifar-{classes}-python.tar.gz there"
-        ) from None
-    splits = [
-        InMemorySplit(torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))), torch.tensor(ds.targets))
-        for ds in (train, test)
-    ]
+        with open(path, "rb") as stream:
+            payload = _ArrayOnlyUnpickler(stream, encoding="latin1").load()
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: unpack the CIFAR python archive (cifar-*-python.tar.gz) into --data-dir") from None
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad or unsafe file
+        raise UserError(f"{path} is not a CIFAR python pickle or is unsafe: {str(error)[:200]}") from None
+    if not isinstance(payload, dict):
+        raise UserError(f"{path} is not a CIFAR python pickle")
+    return {key.decode("latin1") if isinstance(key, bytes) else str(key): value for key, value in payload.items()}
+
+
+def _cifar_split(paths: list[Path], label_key: str) -> InMemorySplit:
+    images, labels = [], []
+    for path in paths:
+        batch = _read_cifar_pickle(path)
+        data, batch_labels = batch.get("data"), batch.get(label_key)
+        if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or batch_labels is None:
+            raise UserError(f"{path} does not hold CIFAR images (N x 3072 uint8) and '{label_key}'")
+        images.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch_labels, dtype=np.int64))
+    return InMemorySplit(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+
+
+def load_cifar(directory: Path, classes: int) -> Dataset:
+    """CIFAR-10/100 from the official python pickles (the unpacked archive's folder, or its parent)."""
+    folder_name = "cifar-10-batches-py" if classes == 10 else "cifar-100-python"
+    folder = directory / folder_name if (directory / folder_name).is_dir() else directory
     if classes == 10:
+        train = _cifar_split([folder / f"data_batch_{i}" for i in range(1, 6)], "labels")
+        test = _cifar_split([folder / "test_batch"], "labels")
+        names = _read_cifar_pickle(folder / "batches.meta").get("label_names")
         mean, std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
     else:
+        train = _cifar_split([folder / "train"], "fine_labels")
+        test = _cifar_split([folder / "test"], "fine_labels")
+        names = _read_cifar_pickle(folder / "meta").get("fine_label_names")
         mean, std = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]
-    info = DatasetInfo(f"cifar{classes}", 3, classes, 32, mean, std, list(train.classes), 4, True)
-    return Dataset(info, splits[0], splits[1])
+    if not isinstance(names, list) or len(names) != classes:
+        raise UserError(f"the CIFAR-{classes} meta file in {folder} does not list {classes} class names")
+    for split in (train, test):
+        if len(split) == 0 or int(split.labels.min()) < 0 or int(split.labels.max()) >= classes:
+            raise UserError(f"CIFAR-{classes} labels in {folder} are outside 0..{classes - 1}")
+    class_names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+    info = DatasetInfo(f"cifar{classes}", 3, classes, 32, mean, std, class_names, 4, True)
+    return Dataset(info, train, test)
 
 
 def load_imagefolder(directory: Path, input_size: int = 224) -> Dataset:

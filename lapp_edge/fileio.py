@@ -28,6 +28,8 @@ from lapp_edge.errors import UserError
 
 
 FAULT_KILL_DURING_WRITE = "LAPP_EDGE_FAULT_KILL_DURING_WRITE"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 _fault_write_counts: dict[str, int] = {}
 
 
@@ -48,6 +50,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600; written files get the usual mode
         with os.fdopen(handle, "wb") as stream:
             if _fault_kill_now(target.name):
                 stream.write(data[: len(data) // 2])

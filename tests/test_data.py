@@ -91,3 +91,39 @@ def test_imagefolder_tree(tmp_path: Path) -> None:
     assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32
     with pytest.raises(UserError, match="ImageFolder layout"):
         load_dataset("imagefolder", tmp_path / "train")
+
+
+def write_cifar10(directory: Path, per_batch: int = 4) -> None:
+    import pickle
+
+    folder = directory / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, per_batch))}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {b"label_names": [f"class{i}" for i in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def test_reads_cifar10_python_pickles(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    data = load_dataset("cifar10", tmp_path)
+    assert data.train.images.shape == (20, 3, 32, 32) and data.test.images.shape == (4, 3, 32, 32)
+    assert data.info.class_names[3] == "class3" and data.info.crop_padding == 4
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    import pickle
+
+    write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):  # noqa: ANN204 - pickle protocol
+            return (Path.touch, (marker,))
+
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps({b"data": Exploit()}, protocol=2))
+    with pytest.raises(UserError, match="unsafe"):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()

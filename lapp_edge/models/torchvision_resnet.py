@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import resnet
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from lapp_edge.models.units import ConvBN, PrunableSite
-
-_BUILDERS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50}
 
 
 def _wrap(block: nn.Module, conv_name: str, bn_name: str, bypass: bool) -> ConvBN:
@@ -28,13 +24,17 @@ def _wrap(block: nn.Module, conv_name: str, bn_name: str, bypass: bool) -> ConvB
 class TorchvisionResNet(nn.Module):
     def __init__(self, depth: int, in_channels: int, num_classes: int, bypass: bool = False) -> None:
         super().__init__()
-        self.net = _BUILDERS[depth](weights=None, num_classes=num_classes)
+        # imported here: torchvision takes seconds to import and only these models need it
+        from torchvision.models import resnet
+
+        builders = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50}
+        self.net = builders[depth](weights=None, num_classes=num_classes)
         if in_channels != 3:
             self.net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
             nn.init.kaiming_normal_(self.net.conv1.weight, mode="fan_out", nonlinearity="relu")
         for block in self._blocks():
             _wrap(block, "conv1", "bn1", bypass)
-            if isinstance(block, Bottleneck):
+            if isinstance(block, resnet.Bottleneck):
                 _wrap(block, "conv2", "bn2", bypass)
 
     def _blocks(self) -> list[nn.Module]:
@@ -49,8 +49,6 @@ class TorchvisionResNet(nn.Module):
             for block_index, block in enumerate(layer):
                 prefix = f"net.layer{layer_index + 1}.{block_index}"
                 sites.append(PrunableSite(f"{prefix}.conv1", block.conv1, [], [block.conv2]))
-                if isinstance(block, Bottleneck):
+                if hasattr(block, "conv3"):  # a bottleneck
                     sites.append(PrunableSite(f"{prefix}.conv2", block.conv2, [], [block.conv3]))
-                else:
-                    assert isinstance(block, BasicBlock)
         return sites
