@@ -1,9 +1,9 @@
 """Dense vs LAPP on Fashion-MNIST with ResNet-20: accuracy and epoch time per phase.
 
-Runs each configuration as its own `lapp-edge train` process (one torch thread each, so
-parallel runs do not fight over cores), then compares the reports. Epoch times are
-reported as wall clock and as process CPU time; on a shared machine the CPU time is the
-figure to trust. Re-running resumes unfinished runs and reuses finished ones.
+Runs each configuration as its own `lapp-edge train` process, side by side (one torch
+thread each), then compares the reports. Epoch times are reported as wall clock and as
+process CPU time; the ratios are paired per epoch (epoch k of LAPP over epoch k of dense,
+which ran at the same time under the same load), the figure to trust on a shared machine. Re-running resumes unfinished runs and reuses finished ones.
 
     python benchmarks/lapp_vs_dense.py --out bench-results/lapp_vs_dense
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -68,6 +69,15 @@ def row_from_report(name: str, report: dict) -> Row:
     )
 
 
+def paired_epoch_ratio(epochs: list[dict], dense_epochs: list[dict], phase: str) -> float | None:
+    """Median over the epochs of `phase` of (CPU time of epoch k) / (dense CPU time of epoch k).
+    The runs go side by side, so epoch k of each saw about the same load on the machine."""
+    dense_by_epoch = {e["epoch"]: e["cpu_seconds"] for e in dense_epochs}
+    ratios = [e["cpu_seconds"] / dense_by_epoch[e["epoch"]] for e in epochs
+              if e["phase"] == phase and dense_by_epoch.get(e["epoch"])]
+    return statistics.median(ratios) if ratios else None
+
+
 def format_table(rows: list[Row], summary: dict) -> str:
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
@@ -110,13 +120,15 @@ def main() -> int:
     dense = next(r for r in rows if r.name == "dense")
     summary: dict[str, float | str] = {"schedule": f"{args.epochs} epochs ({args.prune_epochs} pruning), "
                                        f"{args.train_subset or 60000} training images, {args.threads} thread(s) per run"}
+    reports = {n: json.loads((Path(args.out) / n / "report.json").read_text()) for n in names}
     for r in rows:
         if r.name == "dense":
             continue
         summary[f"{r.name}: accuracy drop vs dense (points)"] = 100 * (dense.test_top1 - r.test_top1)
-        if dense.dense_cpu_s and r.pruning_cpu_s and r.slim_cpu_s:
-            summary[f"{r.name}: pruning epoch / dense epoch (cpu)"] = r.pruning_cpu_s / dense.dense_cpu_s
-            summary[f"{r.name}: slim epoch / dense epoch (cpu)"] = r.slim_cpu_s / dense.dense_cpu_s
+        for phase in ("pruning", "slim"):
+            ratio = paired_epoch_ratio(reports[r.name]["epochs"], reports["dense"]["epochs"], phase)
+            if ratio is not None:
+                summary[f"{r.name}: {phase} epoch / dense epoch (cpu, paired)"] = ratio
     result = {"settings": vars(args), "rows": [asdict(r) for r in rows], "summary": summary}
     atomic_write_json(Path(args.out) / "results.json", result)
     table = format_table(rows, summary)
