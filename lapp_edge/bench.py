@@ -28,6 +28,7 @@ from lapp_edge.calibration import CalibrationSet, draw_calibration, load_definit
 from lapp_edge.data import InMemorySplit, load_dataset
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_json
+from lapp_edge.latency_model import find_fit
 from lapp_edge.package import ModelPackage, load_package
 from lapp_edge.targets import TargetProfile, load_target
 
@@ -51,6 +52,8 @@ class VariantResult:
     latency: list[LatencyStats]
     reference_latency_ratio: dict[int, float]   # latency / reference latency, interleaved in one process (median of blocks)
     precision_used_per_batch: dict[int, str]
+    # latency predicted from FLOPs by the target's fit (calibration/latency-fit-<target>-<model>.json), if one exists
+    predicted_from_flops: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -137,15 +140,24 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
                 agreement=float((predicted == reference.logits.argmax(1)).mean()),
                 max_abs_logit_diff=float(np.abs(logits - reference.logits).max()), images=len(test.labels),
             )
-            latencies, ratios, used = [], {}, {}
+            latencies, ratios, used, runners = [], {}, {}, {}
             for batch in profile.batch_sizes:
                 runner: Runner = accuracy_runner if batch == ACCURACY_BATCH else backend.load(
                     _request(package, profile, profile.precision, profile.threads, batch, work_dir, calibration, route))
                 stats = measure_latency(runner, test.images[:batch], profile.latency)
                 latencies.append(stats)
+                runners[batch] = runner
                 used[batch] = runner.info.precision_used
                 ratios[batch] = interleaved_ratio(runner, reference.runner, test.images[:batch], calls=25 if batch == 1 else 8)
-            result.variants[route or profile.precision] = VariantResult(accuracy_runner.info, accuracy, latencies, ratios, used)
+            variant = VariantResult(accuracy_runner.info, accuracy, latencies, ratios, used)
+            fit_path = find_fit(profile.name, str(package.manifest.get("model", "")), (Path(profile.path).resolve().parent.parent / "calibration",))
+            if fit_path is not None and route == routes[0]:      # the fit describes the target's own route
+                from lapp_edge.latency_calibration import compare_with_fit
+
+                variant.predicted_from_flops = compare_with_fit(
+                    fit_path, package.directory, package.manifest, profile, runners, {s.batch: s.median_ms for s in latencies},
+                    work_dir, None if calibration is None else calibration.images)
+            result.variants[route or profile.precision] = variant
     except BackendUnavailable as error:
         result.status, result.message = "unavailable", str(error)
     return result
@@ -202,6 +214,11 @@ def format_bench(report: BenchReport) -> str:
             summary = details.get("conv_kernels") or {k: v for k, v in details.get("optimized_ops", {}).items() if "Conv" in k or "Gemm" in k}
             lines.append(f"  {target.target}/{variant}: {json.dumps(summary)}"
                          + (f" calibration {target.calibration['name']} #{target.calibration['fingerprint']}" if target.calibration else ""))
+            for c in result.predicted_from_flops:
+                lines.append(f"  {target.target}/{variant}: latency predicted from FLOPs by the target's fit ({Path(c.fit).name}), batch {c.batch}: "
+                             f"{c.predicted_ms:.3f} ms (x{c.predicted_ratio:.3f} of the dense model's {c.dense_median_ms:.3f} ms here, "
+                             f"MACs x{c.features['macs_ratio']:.3f}); measured {c.measured_ms:.3f} ms (x{c.measured_ratio:.3f} of dense, "
+                             f"interleaved): prediction error {c.error_pct:+.1f}%")
     return "\n".join(lines)
 
 

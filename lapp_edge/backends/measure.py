@@ -77,6 +77,14 @@ def interleaved_ratio(
     runner_a: Runner, runner_b: Runner, batch: np.ndarray, blocks: int = 12, calls: int = 25, warmup: int = 20
 ) -> float:
     """Median over blocks of (median latency of A) / (median latency of B), measured interleaved."""
+    return float(np.median(interleaved_block_ratios(runner_a, runner_b, batch, blocks, calls, warmup)))
+
+
+def interleaved_block_ratios(
+    runner_a: Runner, runner_b: Runner, batch: np.ndarray, blocks: int = 12, calls: int = 25, warmup: int = 20
+) -> list[float]:
+    """Every block's (median latency of A) / (median latency of B), A/B order reversed each block;
+    their spread says how noisy the measurement was."""
     data = np.ascontiguousarray(batch, dtype=np.float32)
     for _ in range(warmup):
         runner_a.infer(data)
@@ -90,7 +98,7 @@ def interleaved_ratio(
             b = _median_call_seconds(runner_b, data, calls)
             a = _median_call_seconds(runner_a, data, calls)
         ratios.append(a / b)
-    return float(np.median(ratios))
+    return ratios
 
 
 def _cpu_jiffies() -> tuple[int, int]:
@@ -100,18 +108,38 @@ def _cpu_jiffies() -> tuple[int, int]:
     return sum(values[:8]), idle
 
 
-def other_cpu_share(seconds: float = 0.5) -> float:
-    """Fraction of the machine's CPU time used by other processes over `seconds` (0 where unknown)."""
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Machine-wide CPU jiffies (total, idle) and this process's own CPU seconds at one moment."""
+
+    total: int
+    idle: int
+    own_seconds: float
+
+
+def cpu_snapshot() -> CpuSnapshot | None:
+    """A snapshot for `other_cpu_share_since` (None where /proc/stat does not exist)."""
     if not Path("/proc/stat").is_file():
+        return None
+    total, idle = _cpu_jiffies()
+    return CpuSnapshot(total, idle, sum(os.times()[:2]))
+
+
+def other_cpu_share_since(start: CpuSnapshot | None) -> float:
+    """Fraction of the machine's CPU time used by other processes since `start` (0 where unknown).
+    Taken around a measurement, it says how loaded the machine was while measuring."""
+    end = cpu_snapshot()
+    if start is None or end is None:
         return 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    total0, idle0 = _cpu_jiffies()
-    own0 = sum(os.times()[:2])
-    time.sleep(seconds)
-    total1, idle1 = _cpu_jiffies()
-    own1 = sum(os.times()[:2])
-    total = total1 - total0
+    total = end.total - start.total
     if total <= 0:
         return 0.0
-    busy_other = (total - (idle1 - idle0)) - (own1 - own0) * tick
+    busy_other = (total - (end.idle - start.idle)) - (end.own_seconds - start.own_seconds) * os.sysconf("SC_CLK_TCK")
     return max(0.0, min(1.0, busy_other / total))
+
+
+def other_cpu_share(seconds: float = 0.5) -> float:
+    """Fraction of the machine's CPU time used by other processes over `seconds` (0 where unknown)."""
+    start = cpu_snapshot()
+    time.sleep(seconds)
+    return other_cpu_share_since(start)
