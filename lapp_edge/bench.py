@@ -155,7 +155,7 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
                 from lapp_edge.latency_calibration import compare_with_fit
 
                 variant.predicted_from_flops = compare_with_fit(
-                    fit_path, package.directory, package.manifest, profile, runners, {s.batch: s.median_ms for s in latencies},
+                    fit_path, package.directory, profile, runners, {s.batch: s.median_ms for s in latencies},
                     work_dir, None if calibration is None else calibration.images)
             result.variants[route or profile.precision] = variant
     except BackendUnavailable as error:

@@ -470,7 +470,7 @@ class FitComparison:
     error_pct: float               # 100 * (predicted_ratio / measured_ratio - 1)
 
 
-def compare_with_fit(fit_path: Path, package_dir: Path, manifest: dict[str, Any], profile: TargetProfile,
+def compare_with_fit(fit_path: Path, package_dir: Path, profile: TargetProfile,
                      runners: dict[int, Runner], medians_ms: dict[int, float], work_dir: Path,
                      calibration: np.ndarray | None) -> list[FitComparison]:
     """Predict the package's latency from its FLOPs with the target's fit and check it against a dense

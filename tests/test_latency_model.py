@@ -203,7 +203,7 @@ def test_calibrate_latency_end_to_end_on_ort_fp32_and_bench_prediction(tmp_path:
         "widths": half, "dense_widths": fit.dense_widths}))
     onnx_path = export_config(build_fused("resnet20", half, fit.dense_widths, (1, 28, 28)), (1, 28, 28), tmp_path / "half.onnx")
     runner = compile_model(profile, onnx_path, 1, tmp_path, None)
-    [comparison] = compare_with_fit(result.json_path, package, {}, profile, {1: runner}, {1: 0.5}, tmp_path, None)
+    [comparison] = compare_with_fit(result.json_path, package, profile, {1: runner}, {1: 0.5}, tmp_path, None)
     assert comparison.features["macs_ratio"] == pytest.approx(fit.measurements[2]["macs_ratio"])
     assert comparison.predicted_ratio == pytest.approx(fit.predict_ratio(1, comparison.features))
     assert comparison.predicted_ms == pytest.approx(comparison.predicted_ratio * comparison.dense_median_ms)
