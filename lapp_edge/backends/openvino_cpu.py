@@ -2,7 +2,7 @@
 
 Every compile sets INFERENCE_PRECISION_HINT, INFERENCE_NUM_THREADS, PERFORMANCE_HINT
 (LATENCY) and NUM_STREAMS (1) explicitly: left alone, OpenVINO runs bf16 on a CPU with
-AMX. The runner reports what the compiled model says it uses (`get_property`) and the
+native bf16 (AMX, or AVX512-BF16 as on our AMD EPYC box). The runner reports what the compiled model says it uses (`get_property`) and the
 kernels of the runtime model (each op's `primitiveType` / `runtimePrecision`), so a
 "f32" target that silently ran bf16 would show.
 
