@@ -15,7 +15,6 @@ every block; a block measured while they used more than --max-other-cores is mea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lapp_edge.backends.measure import cpu_model
 from lapp_edge.data import load_dataset, normalize
 from lapp_edge.errors import UserError
 from lapp_edge.export import OPSET, export_onnx, ort_session, read_run_report, run_dataset, versions
@@ -76,16 +76,6 @@ def cpu_times() -> tuple[float, float]:
         values = [float(v) for v in stream.readline().split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0.0)
     return sum(values) - idle, sum(values)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_calls(session: Any, feed: dict[str, np.ndarray], calls: int) -> float:

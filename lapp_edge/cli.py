@@ -7,9 +7,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from lapp_edge.errors import UserError
+
+if TYPE_CHECKING:
+    from lapp_edge.train import TrainConfig
 from lapp_edge.export_cli import add_export_commands
 
 EXIT_USAGE = 2

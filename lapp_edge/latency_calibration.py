@@ -44,10 +44,11 @@ from torch import nn
 
 from lapp_edge.backends import LoadRequest, Runner, get_backend
 from lapp_edge.backends.measure import (
-    cpu_snapshot, interleaved_block_ratios, measure_latency, other_cpu_share_since,
+    cpu_model, cpu_snapshot, interleaved_block_ratios, measure_latency, other_cpu_share_since,
 )
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_bytes
+from lapp_edge.lapp.widths import allowed_widths
 from lapp_edge.latency_model import (
     FIT_FORMAT, BatchFit, LatencyFit, choose_fit, fit_file_name, write_fit_json,
 )
@@ -117,11 +118,6 @@ class CalibrationResult:
 
 # --- configurations ------------------------------------------------------------------------
 
-def allowed_widths(full: int, multiple: int = CHANNEL_MULTIPLE) -> list[int]:
-    widths = list(range(multiple, full + 1, multiple))
-    return widths if widths and widths[-1] == full else [*widths, full]
-
-
 def _round_width(value: float, full: int, multiple: int = CHANNEL_MULTIPLE) -> int:
     return int(min(full, max(multiple, multiple * round(value / multiple))))
 
@@ -142,7 +138,7 @@ def draw_configs(dense_widths: dict[str, int], count: int, seed: int, multiple: 
         configs.append(WidthConfig(f"uniform-x{fraction:g}", widths))
     seen = {tuple(c.widths.values()) for c in configs}
     rng = np.random.default_rng(seed)
-    space = int(np.prod([len(allowed_widths(full, multiple)) for full in dense_widths.values()]))
+    space = int(np.prod([len(allowed_widths(full, multiple, multiple)) for full in dense_widths.values()]))
     while len(configs) < min(count, space):
         level = rng.uniform(0.1, 1.0)
         widths = {site: _round_width(level * full * rng.uniform(0.6, 1.4), full, multiple) for site, full in dense_widths.items()}
@@ -254,16 +250,6 @@ def _versions(runtime: str, runtime_version: str) -> dict[str, str]:
     return versions
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def calibrate(target_path: str | Path, model: str = "resnet20", configs: int = 24, seed: int = 0, out: str | Path = "calibration",
               batches: list[int] | None = None, options: MeasurementOptions | None = None, command: str = "",
               progress: bool = True) -> CalibrationResult:
@@ -348,7 +334,7 @@ def finish(profile: TargetProfile, model: str, seed: int, out: Path, batch_sizes
         load={"other_cpu_share_median": float(np.median(shares)), "other_cpu_share_max": float(np.max(shares)),
               "other_cpu_share_over_all_measuring": overall_share,
               "flagged_measurements": sum(1 for m in measurements for b in batch_sizes if m.flagged[b]),
-              "cpu": _cpu_model(), "cpu_count": _cpu_count()},
+              "cpu": cpu_model(), "cpu_count": _cpu_count()},
         versions=_versions(reference_info.backend, reference_info.runtime_version),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command,
     )

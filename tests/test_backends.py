@@ -14,7 +14,7 @@ import yaml
 
 from lapp_edge.backends import BackendUnavailable, LoadRequest, Runner, get_backend, run_batched
 from lapp_edge.backends.measure import interleaved_ratio, other_cpu_share
-from lapp_edge.bench import load_test_set, run_bench
+from lapp_edge.bench import load_test_set
 from lapp_edge.calibration import CalibrationSet, draw_calibration, load_definition
 from lapp_edge.cli import main
 from lapp_edge.data import Dataset

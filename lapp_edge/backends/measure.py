@@ -143,3 +143,16 @@ def other_cpu_share(seconds: float = 0.5) -> float:
     start = cpu_snapshot()
     time.sleep(seconds)
     return other_cpu_share_since(start)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (/proc/cpuinfo), for result files."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
