@@ -67,3 +67,34 @@ ort-cpu: setup
 
 openvino: setup
 	$(LAPP) bench $(DEMO_PACKAGE) $(addprefix --target ,$(OPENVINO_TARGETS)) --out bench-results/openvino.json
+
+# Dense vs slim latency per CPU target (batch 1 and 32; LAPP 40% with channel multiple 8 and 1)
+# and int8/bf16 vs fp32 per runtime, all measured interleaved in one process (~10 minutes).
+# Inputs: the dense and LAPP runs of `make bench`, and a channel-multiple-1 run trained here.
+LATENCY_DENSE_RUN := bench-results/lapp_vs_dense/dense
+LATENCY_M8_RUN := bench-results/lapp_vs_dense/lapp
+LATENCY_M1_RUN := runs/lapp40-m1
+.PHONY: bench-latency
+bench-latency: setup models/dense-r20/manifest.json models/lapp40-m8/manifest.json models/lapp40-m1/manifest.json
+	$(PYTHON) benchmarks/dense_vs_slim_latency.py --dense models/dense-r20 --slim models/lapp40-m8 \
+		--slim models/lapp40-m1 --out bench-results/dense_vs_slim
+
+$(LATENCY_DENSE_RUN)/report.json $(LATENCY_M8_RUN)/report.json:
+	$(MAKE) bench
+
+$(LATENCY_M1_RUN)/report.json:
+	rm -rf $(LATENCY_M1_RUN)
+	$(LAPP) train --model resnet20 --flops-target 0.4 --channel-multiple 1 --epochs 4 --prune-epochs 1 \
+		--train-subset 20000 --threads 2 --quiet --out $(LATENCY_M1_RUN)
+
+models/dense-r20/manifest.json: $(LATENCY_DENSE_RUN)/report.json
+	rm -rf models/dense-r20
+	$(LAPP) export $(LATENCY_DENSE_RUN) --out models/dense-r20
+
+models/lapp40-m8/manifest.json: $(LATENCY_M8_RUN)/report.json
+	rm -rf models/lapp40-m8
+	$(LAPP) export $(LATENCY_M8_RUN) --out models/lapp40-m8
+
+models/lapp40-m1/manifest.json: $(LATENCY_M1_RUN)/report.json
+	rm -rf models/lapp40-m1
+	$(LAPP) export $(LATENCY_M1_RUN) --out models/lapp40-m1
