@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lapp_edge.backends import BackendUnavailable, LoadRequest, Runner, get_backend  # noqa: E402
 from lapp_edge.backends.measure import (  # noqa: E402
-    LatencyStats, cpu_model, cpu_snapshot, interleaved_block_ratios, measure_latency, other_cpu_share_since,
+    LatencyStats, cpu_model, cpu_snapshot, measure_latency, other_cpu_share_since, quiet_block_ratios,
 )
 from lapp_edge.bench import load_test_set  # noqa: E402
 from lapp_edge.calibration import draw_calibration, load_definition  # noqa: E402
@@ -228,23 +228,11 @@ def compile_runner(profile: TargetProfile, package: ModelPackage, batch: int, wo
 def measure_ratio(runner_a: Runner, runner_b: Runner, data: np.ndarray, options: Options) -> Ratio:
     """A/B latency ratio, interleaved; retried while other processes load the machine, quietest attempt kept."""
     calls = options.calls_batch1 if len(data) == 1 else options.calls_large_batch
-    best: tuple[list[float], float] | None = None
-    attempts = 0
-    for attempt in range(options.retries + 1):
-        attempts = attempt + 1
-        start = cpu_snapshot()
-        ratios = interleaved_block_ratios(runner_a, runner_b, data, options.blocks, calls, options.warmup)
-        share = other_cpu_share_since(start)
-        if best is None or share < best[1]:
-            best = (ratios, share)
-        if share <= options.max_other_cpu:
-            break
-        if attempt < options.retries:
-            time.sleep(options.retry_pause_s)
-    assert best is not None
-    ratios, share = best
+    quiet = quiet_block_ratios(runner_a, runner_b, data, options.blocks, calls, options.warmup,
+                               options.max_other_cpu, options.retries, options.retry_pause_s)
+    ratios = quiet.block_ratios
     return Ratio(float(np.median(ratios)), ratios, (float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))),
-                 share, attempts, share > options.max_other_cpu)
+                 quiet.other_cpu_share, quiet.attempts, quiet.flagged)
 
 
 def measure_absolute(runner: Runner, model: str, data: np.ndarray, profile: TargetProfile, options: Options) -> Absolute:

@@ -44,7 +44,7 @@ from torch import nn
 
 from lapp_edge.backends import LoadRequest, Runner, get_backend
 from lapp_edge.backends.measure import (
-    cpu_model, cpu_snapshot, interleaved_block_ratios, measure_latency, other_cpu_share_since,
+    cpu_model, cpu_snapshot, interleaved_block_ratios, measure_latency, other_cpu_share_since, quiet_block_ratios,
 )
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_bytes
@@ -221,21 +221,9 @@ def measure_ratio(runner: Runner, reference: Runner, data: np.ndarray, options: 
     """Block ratios of `runner` / `reference` with others' CPU share; retried while the machine is loaded.
     Returns (block ratios of the quietest attempt, its others' share, attempts, flagged)."""
     calls = options.calls_batch1 if len(data) == 1 else options.calls_large_batch
-    best: tuple[list[float], float] | None = None
-    attempts = 0
-    for attempt in range(options.retries + 1):
-        attempts = attempt + 1
-        start = cpu_snapshot()
-        ratios = interleaved_block_ratios(runner, reference, data, options.blocks, calls, options.warmup)
-        share = other_cpu_share_since(start)
-        if best is None or share < best[1]:
-            best = (ratios, share)
-        if share <= options.max_other_cpu:
-            break
-        if attempt < options.retries:
-            time.sleep(options.retry_pause_s)
-    assert best is not None
-    return best[0], best[1], attempts, best[1] > options.max_other_cpu
+    quiet = quiet_block_ratios(runner, reference, data, options.blocks, calls, options.warmup,
+                               options.max_other_cpu, options.retries, options.retry_pause_s)
+    return quiet.block_ratios, quiet.other_cpu_share, quiet.attempts, quiet.flagged
 
 
 # --- the whole calibration ---------------------------------------------------------------------
