@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lapp_edge.backends import BackendUnavailable, LoadRequest, Runner, get_backend  # noqa: E402
 from lapp_edge.backends.measure import (  # noqa: E402
     LatencyStats, cpu_model, cpu_snapshot, measure_latency, other_cpu_share_since, quiet_block_ratios,
+    RatioProtocol,
 )
 from lapp_edge.bench import load_test_set  # noqa: E402
 from lapp_edge.calibration import draw_calibration, load_definition  # noqa: E402
@@ -61,15 +62,9 @@ INT8_GOAL = 2.0                # OpenVINO int8 vs OpenVINO f32
 
 
 @dataclass(frozen=True)
-class Options:
-    blocks: int = 12
-    calls_batch1: int = 25
+class Options(RatioProtocol):
     calls_large_batch: int = 6
-    warmup: int = 20
     large_batch_iterations: int = 50   # absolute medians at batch > 1: min iterations (the profile's min_seconds still holds)
-    max_other_cpu: float = 0.5         # others' share of the whole machine (2 cores: 0.5 = one full core)
-    retries: int = 2
-    retry_pause_s: float = 2.0
 
 
 @dataclass
@@ -227,9 +222,7 @@ def compile_runner(profile: TargetProfile, package: ModelPackage, batch: int, wo
 
 def measure_ratio(runner_a: Runner, runner_b: Runner, data: np.ndarray, options: Options) -> Ratio:
     """A/B latency ratio, interleaved; retried while other processes load the machine, quietest attempt kept."""
-    calls = options.calls_batch1 if len(data) == 1 else options.calls_large_batch
-    quiet = quiet_block_ratios(runner_a, runner_b, data, options.blocks, calls, options.warmup,
-                               options.max_other_cpu, options.retries, options.retry_pause_s)
+    quiet = quiet_block_ratios(runner_a, runner_b, data, options)
     ratios = quiet.block_ratios
     return Ratio(float(np.median(ratios)), ratios, (float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))),
                  quiet.other_cpu_share, quiet.attempts, quiet.flagged)

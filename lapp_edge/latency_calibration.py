@@ -45,6 +45,7 @@ from torch import nn
 from lapp_edge.backends import LoadRequest, Runner, get_backend
 from lapp_edge.backends.measure import (
     cpu_model, cpu_snapshot, interleaved_block_ratios, measure_latency, other_cpu_share_since, quiet_block_ratios,
+    RatioProtocol,
 )
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_bytes
@@ -77,15 +78,7 @@ class ModelFigures:
     activations: float
 
 
-@dataclass
-class MeasurementOptions:
-    blocks: int = 12
-    calls_batch1: int = 25
-    calls_large_batch: int = 8
-    warmup: int = 20
-    max_other_cpu: float = 0.5        # others' share of the whole machine (2 cores: 0.5 = one full core)
-    retries: int = 2
-    retry_pause_s: float = 2.0
+MeasurementOptions = RatioProtocol  # blocks, calls, warm-up and load retries of each ratio
 
 
 @dataclass
@@ -220,9 +213,7 @@ def compile_model(profile: TargetProfile, onnx_path: Path, batch: int, work_dir:
 def measure_ratio(runner: Runner, reference: Runner, data: np.ndarray, options: MeasurementOptions) -> tuple[list[float], float, int, bool]:
     """Block ratios of `runner` / `reference` with others' CPU share; retried while the machine is loaded.
     Returns (block ratios of the quietest attempt, its others' share, attempts, flagged)."""
-    calls = options.calls_batch1 if len(data) == 1 else options.calls_large_batch
-    quiet = quiet_block_ratios(runner, reference, data, options.blocks, calls, options.warmup,
-                               options.max_other_cpu, options.retries, options.retry_pause_s)
+    quiet = quiet_block_ratios(runner, reference, data, options)
     return quiet.block_ratios, quiet.other_cpu_share, quiet.attempts, quiet.flagged
 
 

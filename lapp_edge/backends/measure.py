@@ -168,24 +168,37 @@ class QuietRatios:
     flagged: bool                    # even the quietest attempt was above the allowed share
 
 
-def quiet_block_ratios(
-    runner_a: Runner, runner_b: Runner, data: np.ndarray, blocks: int, calls: int, warmup: int,
-    max_other_cpu: float, retries: int, retry_pause_s: float,
-) -> QuietRatios:
+@dataclass(frozen=True)
+class RatioProtocol:
+    """How an A/B latency ratio is measured: interleaved blocks, and retries while other
+    processes load the machine (DEPLOY_NOTES: 12 blocks of ~25 calls at batch 1)."""
+
+    blocks: int = 12
+    calls_batch1: int = 25
+    calls_large_batch: int = 8
+    warmup: int = 20
+    max_other_cpu: float = 0.5        # others' share of the whole machine (2 cores: 0.5 = one full core)
+    retries: int = 2
+    retry_pause_s: float = 2.0
+
+
+def quiet_block_ratios(runner_a: Runner, runner_b: Runner, data: np.ndarray, protocol: RatioProtocol) -> QuietRatios:
     """Interleaved A/B block ratios, measured again (after a pause) while other processes load
-    the machine beyond `max_other_cpu`; the quietest attempt is kept and flagged if still loaded."""
+    the machine beyond `protocol.max_other_cpu`; the quietest attempt is kept and flagged if
+    still loaded."""
+    calls = protocol.calls_batch1 if len(data) == 1 else protocol.calls_large_batch
     best: tuple[list[float], float] | None = None
     attempts = 0
-    for attempt in range(retries + 1):
+    for attempt in range(protocol.retries + 1):
         attempts = attempt + 1
         start = cpu_snapshot()
-        ratios = interleaved_block_ratios(runner_a, runner_b, data, blocks, calls, warmup)
+        ratios = interleaved_block_ratios(runner_a, runner_b, data, protocol.blocks, calls, protocol.warmup)
         share = other_cpu_share_since(start)
         if best is None or share < best[1]:
             best = (ratios, share)
-        if share <= max_other_cpu:
+        if share <= protocol.max_other_cpu:
             break
-        if attempt < retries:
-            time.sleep(retry_pause_s)
+        if attempt < protocol.retries:
+            time.sleep(protocol.retry_pause_s)
     assert best is not None
-    return QuietRatios(best[0], best[1], attempts, best[1] > max_other_cpu)
+    return QuietRatios(best[0], best[1], attempts, best[1] > protocol.max_other_cpu)
