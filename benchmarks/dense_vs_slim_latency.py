@@ -41,17 +41,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lapp_edge.backends import BackendUnavailable, LoadRequest, Runner, get_backend  # noqa: E402
-from lapp_edge.backends.measure import (  # noqa: E402
+from lapp_edge.deploy.backends import BackendUnavailable, LoadRequest, Runner, get_backend  # noqa: E402
+from lapp_edge.deploy.measure import (  # noqa: E402
     LatencyStats, cpu_model, cpu_snapshot, measure_latency, other_cpu_share_since, quiet_block_ratios,
     RatioProtocol,
 )
-from lapp_edge.bench import load_test_set  # noqa: E402
-from lapp_edge.calibration import draw_calibration, load_definition  # noqa: E402
+from lapp_edge.deploy.bench import load_test_set  # noqa: E402
+from lapp_edge.deploy.calibration_set import draw_calibration, load_definition  # noqa: E402
 from lapp_edge.errors import UserError  # noqa: E402
 from lapp_edge.fileio import atomic_write_json, atomic_write_text, read_json  # noqa: E402
-from lapp_edge.package import ModelPackage, load_package  # noqa: E402
-from lapp_edge.targets import TargetProfile, load_target  # noqa: E402
+from lapp_edge.deploy.package import ModelPackage, load_package  # noqa: E402
+from lapp_edge.deploy.targets import TargetProfile, load_target  # noqa: E402
 
 TARGETS_DIR = Path(__file__).resolve().parents[1] / "targets"
 DEFAULT_TARGETS = [str(TARGETS_DIR / f"{name}.yaml") for name in

@@ -27,14 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from lapp_edge.backends.measure import cpu_model
-from lapp_edge.data import load_dataset, normalize
+from lapp_edge.deploy.measure import cpu_model
+from lapp_edge.data.torch_data import load_dataset, normalize
 from lapp_edge.errors import UserError
-from lapp_edge.export import OPSET, export_onnx, ort_session, read_run_report, run_dataset, versions
+from lapp_edge.export.onnx import OPSET, export_onnx  # noqa: E402
+from lapp_edge.export.package_writer import read_run_report, run_dataset, versions  # noqa: E402
+from lapp_edge.export.verify import ort_session  # noqa: E402
 from lapp_edge.fileio import atomic_write_json, atomic_write_text
-from lapp_edge.fuse import fuse_model
+from lapp_edge.models.fuse import fuse_model
 from lapp_edge.models import ConvBN
-from lapp_edge.spec import load_slim_model
+from lapp_edge.models.spec import load_slim_model
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Atomic file writes, safe checkpoint loading and an output-directory lock.
+"""Atomic file writes, JSON reading and an output-directory lock (no torch: the deploy side uses it).
 
 Every file the tool writes goes to a temporary file in the same directory, is fsynced and
 then renamed over the target (os.replace is atomic on POSIX), so a kill at any moment
@@ -14,15 +14,12 @@ flushes them and then SIGKILLs its own process, i.e. dies in the middle of the w
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from lapp_edge.errors import UserError
 
@@ -83,24 +80,6 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_torch_save(path: str | os.PathLike[str], payload: Any) -> None:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def safe_torch_load(path: str | os.PathLike[str]) -> Any:
-    """Load a checkpoint with weights_only=True: tensors and plain containers only, so a
-    file crafted to run code when unpickled is refused instead of executed."""
-    try:
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"checkpoint {path} is corrupt or unsafe and was not loaded: {first_line[:200]}") from None
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lapp_edge.data import DEFAULT_DATA_DIRS, Dataset, load_dataset
-from lapp_edge.train import TrainConfig
+from lapp_edge.data.torch_data import DEFAULT_DATA_DIRS, Dataset, load_dataset
+from lapp_edge.training.trainer import TrainConfig
 
 FMNIST_DIR = Path(DEFAULT_DATA_DIRS["fashion-mnist"])
 

@@ -1,4 +1,4 @@
-"""The LAPP controller: thresholds, straight-through masks, the FLOPs penalty and freeze.
+"""The LAPP controller: thresholds, straight-through masks, the cost penalty and freeze.
 
 It sets each prunable unit's (and follower's) `channel_mask`, which ConvBN applies inside
 BatchNorm's affine transform, and clears them at freeze: the slim model it leaves behind
@@ -9,8 +9,9 @@ Per prunable layer l with z-scored channel scores s (no gradient):
     surrogate   q = sigmoid((s - t_l) / tau)        (its gradient is used in backward)
     mask        m + (q - stop_grad(q))              (straight-through)
     kept count  sum(m) + (sum(q) - stop_grad(sum(q)))
-FLOPs of the masked network are computed from the kept counts (FlopsModel), and
-loss = task + penalty_weight * |FLOPs / FLOPs_dense - target(step)|.
+The cost of the masked network is computed from the kept counts by a cost model
+(`lapp_edge.lapp.cost.CostModel`; FLOPs today), and
+loss = task + penalty_weight * |cost / cost_dense - target(step)|.
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from lapp_edge.lapp.flops import FlopsModel
+from lapp_edge.lapp.cost import CostModel
 from lapp_edge.lapp.schedule import annealed_target
 from lapp_edge.lapp.scores import get_scorer, standardize
-from lapp_edge.lapp.slim import consumer_input_weights, slim_site
+from lapp_edge.models.slicing import consumer_input_weights, slim_site
 from lapp_edge.lapp.widths import choose_widths
 from lapp_edge.models.units import PrunableSite
 
 
 @dataclass
 class LappConfig:
-    flops_target: float = 0.4
+    """LAPP's own settings. `target` is the kept share of the cost model's dense cost."""
+
+    target: float = 0.4
     channel_multiple: int = 8
     tau: float = 0.5                 # sigmoid temperature, in score standard deviations
     threshold_init: float = -2.0     # initial threshold (z units); lowered further so nothing starts pruned
@@ -48,18 +51,23 @@ class LappConfig:
 
 @dataclass
 class FreezeResult:
+    """The widths chosen at freeze, the channels kept per site, and the cost ratio they give."""
+
     widths: dict[str, int]
     keep_indices: dict[str, list[int]]
     unrounded: dict[str, int]
     readded: dict[str, int]          # channels kept at freeze that were masked off (re-enter as no-ops)
-    flops_ratio: float
+    cost_ratio: float
 
 
 class LappController(nn.Module):
-    def __init__(self, sites: list[PrunableSite], flops: FlopsModel, config: LappConfig) -> None:
+    """One learnable threshold per prunable site (a parameter of this module, so DDP and
+    optimizers see it), the masks it sets on the units, and the cost penalty."""
+
+    def __init__(self, sites: list[PrunableSite], cost: CostModel, config: LappConfig) -> None:
         super().__init__()
         self.sites = sites
-        self.flops = flops
+        self.cost = cost
         self.config = config
         self.scorer = get_scorer(config.scorer)
         self.thresholds = nn.Parameter(torch.full((len(sites),), float(config.threshold_init)))
@@ -110,15 +118,18 @@ class LappController(nn.Module):
         self.kept = torch.stack([k.to(self.thresholds.device) for k in kept])
         return self.kept
 
-    def flops_ratio(self) -> torch.Tensor:
+    def cost_ratio(self) -> torch.Tensor:
+        """Cost ratio of the current soft kept counts (a 0-d tensor with gradient to the thresholds)."""
         assert self.kept is not None, "update_masks first"
-        return self.flops.ratio(self.kept)
+        return self.cost.ratio(self.kept)
 
     def penalty(self, target_now: float) -> torch.Tensor:
-        return self.config.penalty_weight * (self.flops_ratio() - target_now).abs()
+        """penalty_weight * |cost ratio - target_now| (0-d tensor)."""
+        return self.config.penalty_weight * (self.cost_ratio() - target_now).abs()
 
     def target_at(self, step: int, prune_steps: int) -> float:
-        return annealed_target(step, prune_steps, self.config.flops_target, self.config.anneal_fraction)
+        """The annealed cost target at `step` of a pruning phase of `prune_steps` steps."""
+        return annealed_target(step, prune_steps, self.config.target, self.config.anneal_fraction)
 
     @torch.no_grad()
     def clamp_thresholds(self) -> None:
@@ -138,13 +149,13 @@ class LappController(nn.Module):
     # --- freeze ------------------------------------------------------------------------
     @torch.no_grad()
     def plan_freeze(self) -> FreezeResult:
-        """Round the learned widths to the channel multiple so the FLOPs target is met,
+        """Round the learned widths to the channel multiple so the cost target is met,
         and pick each layer's channels by score."""
         scores = self.scores()
         unrounded = np.array(self.hard_counts(), dtype=np.float64)
         min_width = max(1, self.config.min_channels)
         widths = choose_widths(
-            unrounded, self.flops, self.config.flops_target, self.config.channel_multiple,
+            unrounded, self.cost, self.config.target, self.config.channel_multiple,
             min_width, aim=self.config.tolerance * 0.4,
         )
         keep_indices: dict[str, list[int]] = {}
@@ -159,7 +170,7 @@ class LappController(nn.Module):
             keep_indices=keep_indices,
             unrounded={s.name: int(u) for s, u in zip(self.sites, unrounded)},
             readded=readded,
-            flops_ratio=float(self.flops.ratio(widths.astype(np.float64))),
+            cost_ratio=float(self.cost.ratio(widths.astype(np.float64))),
         )
 
     @torch.no_grad()

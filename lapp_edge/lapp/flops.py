@@ -33,13 +33,24 @@ class CostTerm:
     depthwise: bool = False      # cost is coefficient * c (c_in == c_out == groups)
 
 
-class FlopsModel:
-    """MACs of the deployed network given kept counts per site (a vector over sites)."""
+class FlopsCost:
+    """MACs of the deployed network given kept counts per site (a vector over sites): the
+    FLOPs implementation of `lapp_edge.lapp.cost.CostModel` (FLOPs = 2 x MACs; ratios are equal)."""
+
+    name = "flops"
+    unit = "MACs"
 
     def __init__(self, terms: list[CostTerm], site_channels: list[int]) -> None:
         self.terms = terms
         self.site_channels = site_channels
         self.dense_macs = float(self.macs(torch.tensor(site_channels, dtype=torch.float64)))
+
+    @property
+    def dense_cost(self) -> float:
+        return self.dense_macs
+
+    def cost(self, counts: Any) -> Any:
+        return self.macs(counts)
 
     def macs(self, counts: Any) -> Any:
         """counts[..., s] is the kept count of site s; returns MACs with the leading shape."""
@@ -54,6 +65,7 @@ class FlopsModel:
         return total
 
     def ratio(self, counts: Any) -> Any:
+        """MACs(counts) / dense MACs, for torch (differentiable) or numpy counts."""
         return self.macs(counts) / self.dense_macs
 
 
@@ -62,8 +74,9 @@ def _deployed_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in bypass_convs]
 
 
-def build_flops_model(model: nn.Module, sites: list[PrunableSite], input_shape: tuple[int, int, int]) -> FlopsModel:
-    """Trace one forward pass at `input_shape` (C, H, W) to read every layer's output size."""
+def build_flops_cost(model: nn.Module, sites: list[PrunableSite], input_shape: tuple[int, int, int]) -> FlopsCost:
+    """The FLOPs cost model of `model`: one forward pass at `input_shape` (C, H, W) reads every
+    layer's output size; each conv/linear becomes a term whose c_in / c_out are fixed or a site's count."""
     out_site_of: dict[int, int] = {}
     in_site_of: dict[int, int] = {}
     for index, site in enumerate(sites):
@@ -106,16 +119,46 @@ def build_flops_model(model: nn.Module, sites: list[PrunableSite], input_shape: 
             coefficient, out_site_of.get(id(layer)), layer.out_channels,
             in_site_of.get(id(layer)), layer.in_channels, depthwise,
         ))
-    return FlopsModel(terms, [site.channels for site in sites])
+    return FlopsCost(terms, [site.channels for site in sites])
 
 
 def count_deployed_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> float:
     """MACs of a (slim or dense) model as deployed, with no sites (all widths fixed)."""
-    return build_flops_model(model, [], input_shape).dense_macs
+    return build_flops_cost(model, [], input_shape).dense_macs
 
 
 def count_deployed_params(model: nn.Module) -> int:
     """Parameters of the deployed network: BN and bypass folded into conv weight + bias."""
-    from lapp_edge.fuse import fuse_model
+    from lapp_edge.models.fuse import fuse_model
 
     return sum(p.numel() for p in fuse_model(model).parameters())
+
+
+@dataclass(frozen=True)
+class DeployedFigures:
+    """Cost figures of a deployed (fused) model at batch 1."""
+
+    macs: float                  # multiply-accumulates of convs and linear layers
+    params: float                # parameters (BN and bypass folded)
+    activations: float           # output elements of every conv / linear layer
+
+    def to_dict(self) -> dict[str, float]:
+        return {"macs": self.macs, "params": self.params, "activations": self.activations}
+
+
+def deployed_figures(model: nn.Module, input_shape: tuple[int, int, int]) -> DeployedFigures:
+    """MACs, parameters and conv/linear output elements of `model` as deployed (fused), at batch 1."""
+    from lapp_edge.models.fuse import fuse_model
+
+    fused = fuse_model(model).cpu()
+    layers = [m for m in fused.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    elements: list[int] = []
+    handles = [layer.register_forward_hook(lambda m, i, o: elements.append(o[0].numel())) for layer in layers]
+    try:
+        with torch.no_grad():
+            fused(torch.zeros(1, *input_shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+    params = sum(p.numel() for p in fused.parameters())
+    return DeployedFigures(float(count_deployed_macs(fused, input_shape)), float(params), float(sum(elements)))

@@ -1,12 +1,12 @@
 """Choose hardware-friendly widths at freeze: multiples of `multiple` that land on the
-FLOPs target while staying as close as possible to the widths LAPP learned.
+cost target (a `CostModel` ratio: FLOPs today) while staying as close as possible to the widths LAPP learned.
 
 LAPP trains with unrounded kept counts (rounding inside the loop oscillated: one 8-channel
 step of an early ResNet stage is ~6% of dense FLOPs). At freeze, each layer's width is
 chosen from its allowed values (multiples of `multiple` from `min_width` up, plus the full
 width) by a best-improvement local search over single-layer steps and paired steps (one
 layer up, another down), minimising lexicographically
-  1. how far the FLOPs ratio lies outside `aim` around the target, then
+  1. how far the cost ratio lies outside `aim` around the target, then
   2. the squared distance, in steps, from the learned widths.
 With multiple=1 the same search is the greedy add/drop repair that lands within a channel.
 """
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from lapp_edge.lapp.flops import FlopsModel
+from lapp_edge.lapp.cost import CostModel
 
 
 def allowed_widths(total: int, multiple: int, min_width: int) -> np.ndarray:
+    """Widths a site of `total` channels may keep: multiples of `multiple` from `min_width` up, and `total`."""
     multiple = max(1, multiple)
     start = -(-max(1, min_width) // multiple) * multiple  # smallest multiple >= min_width
     values = list(range(start, total + 1, multiple))
@@ -29,16 +30,16 @@ def allowed_widths(total: int, multiple: int, min_width: int) -> np.ndarray:
 
 def choose_widths(
     unrounded: np.ndarray,
-    flops: FlopsModel,
+    cost: CostModel,
     target_ratio: float,
     multiple: int,
     min_width: int,
     aim: float = 0.004,
     max_iterations: int = 10_000,
 ) -> np.ndarray:
-    """Widths (one per site) near `unrounded` whose FLOPs ratio is within `aim` of target
-    when reachable; otherwise the closest ratio found."""
-    options = [allowed_widths(total, multiple, min_width) for total in flops.site_channels]
+    """Widths (int64, one per site) near `unrounded` (learned kept counts, one per site) whose
+    cost ratio is within `aim` of `target_ratio` when reachable; otherwise the closest found."""
+    options = [allowed_widths(total, multiple, min_width) for total in cost.site_channels]
     site_count = len(options)
     if site_count == 0:
         return np.zeros(0, dtype=np.int64)
@@ -52,7 +53,7 @@ def choose_widths(
 
     def objective(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         widths = widths_of(positions).astype(np.float64)
-        excess = np.maximum(0.0, np.abs(flops.ratio(widths) - target_ratio) - aim)
+        excess = np.maximum(0.0, np.abs(cost.ratio(widths) - target_ratio) - aim)
         distance = (((widths - unrounded) / step) ** 2).sum(axis=-1)
         return np.round(excess, 12), distance
 
@@ -74,3 +75,9 @@ def choose_widths(
         position = candidates[best]
         best_excess, best_distance = excess[best : best + 1], distance[best : best + 1]
     return widths_of(position)
+
+
+def smallest_cost_ratio(cost: CostModel, multiple: int, min_width: int) -> float:
+    """The cost ratio with every site at its smallest allowed width: the lowest target LAPP can reach."""
+    smallest = [int(allowed_widths(c, multiple, min_width)[0]) for c in cost.site_channels]
+    return float(cost.ratio(np.array(smallest, dtype=np.float64)))

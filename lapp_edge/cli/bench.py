@@ -1,0 +1,28 @@
+"""`lapp-edge bench PACKAGE --target NAME ...`: flags -> run_bench -> table (exit 2 if a target's runtime is missing)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="compile a model package for targets; accuracy and latency")
+    p.add_argument("package", help="model package directory (model.onnx + manifest.json)")
+    p.add_argument("--target", action="append", required=True,
+                   help="target profile: a name (lapp-edge targets lists them) or a YAML path; repeat for several")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--data-dir", default=None, help="dataset directory (default: the dataset's standard place)")
+    p.add_argument("--work-dir", default=None, help="keep quantized artifacts here (default: a temporary directory)")
+    p.set_defaults(handler=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from lapp_edge.deploy.bench import format_bench, run_bench
+
+    report = run_bench(args.package, args.target, args.out, args.data_dir, args.work_dir)
+    print(format_bench(report))
+    unavailable = [t for t in report.targets if t.status != "ok"]
+    for target in unavailable:
+        print(f"lapp-edge: error: target {target.target}: {target.message}", file=sys.stderr)
+    return 2 if unavailable else 0

@@ -1,0 +1,55 @@
+"""`lapp-edge train`: flags (generated from TrainConfig) -> TrainConfig -> run_training -> report table."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lapp_edge.cli.flags import add_dataclass_arguments, given_options
+from lapp_edge.errors import UserError
+
+
+def add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    from lapp_edge.training.config import TrainConfig
+
+    p = subparsers.add_parser("train", help="train a network (LAPP from scratch, or dense)",
+                              description="Train a network: LAPP from scratch to a FLOPs target, or the dense baseline.")
+    add_dataclass_arguments(p, TrainConfig)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (--epochs, --data-dir, --device, --threads, "
+                        "--quiet may change; other options must match the saved run)")
+    p.set_defaults(handler=run_train_command)
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    from lapp_edge.fileio import read_json
+    from lapp_edge.training.config import TrainConfig, config_from_saved, merge_resume_options
+    from lapp_edge.training.report import format_report
+    from lapp_edge.training.run_dir import CONFIG
+    from lapp_edge.training.trainer import run_training
+
+    given = given_options(args, TrainConfig)
+    if args.resume:
+        path = Path(args.out) / CONFIG
+        if not path.is_file():
+            raise UserError(f"nothing to resume: {path} does not exist")
+        saved = config_from_saved(read_json(path), path)
+        completed = _completed_epochs(Path(args.out))
+        config = merge_resume_options(saved, given, completed)
+        config.out = args.out  # the directory asked for, even if the run was moved or copied since
+    else:
+        config = TrainConfig(**given)
+    report = run_training(config, resume=args.resume)
+    print(format_report(report))
+    return 0
+
+
+def _completed_epochs(out: Path) -> int | None:
+    """Epochs already completed by the run in `out` (from its report or checkpoint), or None."""
+    from lapp_edge.training.run_dir import RunDirectory
+
+    run_dir = RunDirectory(out, writer=False)
+    if not run_dir.checkpoint_path.is_file():
+        return None
+    state = run_dir.load_checkpoint().get("state")
+    return int(state.get("epoch", 0)) if isinstance(state, dict) else None

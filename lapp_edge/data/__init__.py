@@ -1,0 +1,1 @@
+"""Datasets: numpy readers (`readers`, no torch) and torch batching (`torch_data`)."""

@@ -1,0 +1,43 @@
+"""Runtime backends: one module per runtime behind the interface in `base.py`.
+
+The registry is built from the backend classes themselves: each backend declares its name,
+its precisions and its int8 routes, and target profiles are validated against that (one
+table, here). Backend modules import their runtime only when a model is loaded, so
+importing this registry imports no runtime, and a missing runtime fails one target with
+one line (`BackendUnavailable`) and leaves the others running.
+
+Adding a backend: one module in this package defining a `Backend` subclass, listed in
+`BACKEND_CLASSES` below, plus its profiles in `lapp_edge/resources/targets/`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from lapp_edge.deploy.backends.base import Backend, BackendUnavailable, LoadRequest, Runner, RunnerInfo, run_batched
+from lapp_edge.deploy.backends.onnxruntime_cpu import OnnxRuntimeCpu
+from lapp_edge.deploy.backends.openvino_cpu import OpenVinoCpu
+from lapp_edge.errors import UserError
+
+BACKEND_CLASSES: tuple[type[Backend], ...] = (OnnxRuntimeCpu, OpenVinoCpu)
+BACKENDS: dict[str, Backend] = {cls.name: cls() for cls in BACKEND_CLASSES}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered as `name`; UserError naming the known ones otherwise."""
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend '{name}'; choose one of: {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def runtime_available(name: str) -> tuple[bool, str]:
+    """Whether the runtime module of backend `name` can be found here (without importing it), and why not."""
+    backend = get_backend(name)
+    missing = [module for module in backend.runtime_modules if importlib.util.find_spec(module) is None]
+    return (not missing, f"{', '.join(missing)} not installed" if missing else "")
+
+
+__all__ = [
+    "BACKENDS", "BACKEND_CLASSES", "Backend", "BackendUnavailable", "LoadRequest", "Runner", "RunnerInfo",
+    "get_backend", "run_batched", "runtime_available",
+]

@@ -1,0 +1,139 @@
+"""ONNX Runtime on the CPU: fp32, and int8 by static U8S8 Q/DQ quantization.
+
+fp32: ORT_ENABLE_ALL (the NCHWc layout transform lives only at that level), intra-op
+threads from the profile, one inter-op thread, sequential execution.
+
+int8: `quant_pre_process` (shape inference + ORT's optimizer), then `quantize_static` with
+QDQ format, uint8 activations, int8 per-channel weights and MinMax calibration over the
+calibration set. ORT's default S8S8 left convs in fp32 between Q/DQ pairs and ran slower
+than fp32 here (docs/../shared DEPLOY_NOTES), hence U8S8. The Q/DQ file is also what the
+OpenVINO backend's `ort-qdq` int8 route reads, so one quantized artifact serves both.
+
+`info.details["optimized_ops"]` counts the operator types of the graph ORT actually runs
+(written via `optimized_model_filepath`), so int8 is shown to run as QLinearConv, not as
+float Conv between Q/DQ pairs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lapp_edge.deploy.backends.base import Backend, LoadRequest, Runner, RunnerInfo, artifact_key, import_runtime
+
+NAME = "onnxruntime-cpu"
+INSTALL_HINT = "'pip install onnxruntime'"
+CALIBRATION_BATCH = 32
+
+
+def _ort() -> Any:
+    return import_runtime("onnxruntime", NAME, INSTALL_HINT)
+
+
+def session_options(threads: int, optimized_path: Path | None = None) -> Any:
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3      # errors only: ORT warns on every optimized-model dump
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return options
+
+
+def qdq_model(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path) -> Path:
+    """The U8S8 per-channel Q/DQ model of `onnx_path` calibrated on `calibration` (cached in work_dir)."""
+    _ort()
+    quantization = import_runtime("onnxruntime.quantization", NAME, INSTALL_HINT)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    key = artifact_key(onnx_path, calibration)
+    output = work_dir / f"{Path(onnx_path).stem}.int8-qdq.{key}.onnx"
+    if output.is_file():
+        return output
+    prepared = work_dir / f"{Path(onnx_path).stem}.preprocessed.{key}.onnx"
+    quantization.quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+
+    class Reader(quantization.CalibrationDataReader):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            self.batches: Iterator[np.ndarray] = iter(
+                calibration[start : start + CALIBRATION_BATCH] for start in range(0, len(calibration), CALIBRATION_BATCH)
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+
+    temporary = output.with_suffix(".tmp.onnx")
+    quantization.quantize_static(
+        str(prepared), str(temporary), Reader(),
+        quant_format=quantization.QuantFormat.QDQ,
+        activation_type=quantization.QuantType.QUInt8,
+        weight_type=quantization.QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=quantization.CalibrationMethod.MinMax,
+    )
+    temporary.replace(output)
+    prepared.unlink(missing_ok=True)
+    return output
+
+
+def _count_ops(path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
+
+
+class OrtRunner(Runner):
+    def __init__(self, session: Any, input_name: str, info: RunnerInfo) -> None:
+        self.session = session
+        self.input_name = input_name
+        self.output_names = [session.get_outputs()[0].name]
+        self.info = info
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(self.output_names, {self.input_name: batch})[0]
+
+
+class OnnxRuntimeCpu(Backend):
+    name = NAME
+    precisions = ("fp32", "int8")
+    runtime_modules = ("onnxruntime",)
+    int8_routes = ("qdq-u8s8",)
+
+    def load(self, request: LoadRequest) -> Runner:
+        self.check_request(request)
+        ort = _ort()
+        model_path = Path(request.onnx_path)
+        if request.precision == "int8":
+            assert request.calibration is not None
+            model_path = qdq_model(model_path, request.input_name, request.calibration, request.work_dir)
+        request.work_dir.mkdir(parents=True, exist_ok=True)
+        optimized = request.work_dir / f"{model_path.stem}.ort-optimized.onnx"
+        session = ort.InferenceSession(
+            str(model_path), sess_options=session_options(request.threads, optimized), providers=["CPUExecutionProvider"]
+        )
+        ops = _count_ops(optimized) if optimized.is_file() else {}
+        int8_ops = sum(count for op, count in ops.items() if op.startswith("QLinear") or op in ("ConvInteger", "MatMulInteger"))
+        float_convs = sum(count for op, count in ops.items() if op.endswith("Conv") and not op.startswith("QLinear"))
+        used = "int8" if request.precision == "int8" and int8_ops > 0 else "fp32"
+        info = RunnerInfo(
+            backend=NAME, runtime_version=str(ort.__version__), precision_requested=request.precision,
+            precision_used=used, threads=request.threads, batch=request.batch,
+            int8_route="qdq-u8s8" if request.precision == "int8" else "", model_path=str(model_path),
+            details={
+                "providers": session.get_providers(), "graph_optimization_level": "ORT_ENABLE_ALL",
+                "intra_op_num_threads": request.threads, "inter_op_num_threads": 1,
+                "optimized_ops": ops, "int8_ops": int8_ops, "float_conv_ops": float_convs,
+            },
+        )
+        return OrtRunner(session, request.input_name, info)
+
+
+BACKEND = OnnxRuntimeCpu()

@@ -1,0 +1,172 @@
+"""OpenVINO on the CPU: f32, bf16 and int8 (two routes).
+
+Every compile sets INFERENCE_PRECISION_HINT, INFERENCE_NUM_THREADS, PERFORMANCE_HINT
+(LATENCY) and NUM_STREAMS (1) explicitly: left alone, OpenVINO runs bf16 on a CPU with
+native bf16 (AMX, or AVX512-BF16 as on our AMD EPYC box). The runner reports what the compiled model says it uses (`get_property`) and the
+kernels of the runtime model (each op's `primitiveType` / `runtimePrecision`), so a
+"f32" target that silently ran bf16 would show.
+
+The model is converted with `ov.convert_model` (it fuses more than `read_model`) and
+reshaped to a static batch (faster than a dynamic one); a shorter batch is zero-padded
+and the padding's logits dropped (images are independent at inference).
+
+int8 routes:
+  nncf     NNCF post-training quantization of the OpenVINO model, MinMax activation
+           ranges and no bias correction (NNCF's defaults lost accuracy here).
+  ort-qdq  the U8S8 Q/DQ ONNX made by the ONNX Runtime backend, read by OpenVINO,
+           which runs its Q/DQ pairs as int8 kernels: one artifact for both runtimes.
+For int8 the precision hint applies to the ops left unquantized; it is f32.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lapp_edge.deploy.backends.base import Backend, LoadRequest, Runner, RunnerInfo, artifact_key, import_runtime
+
+NAME = "openvino-cpu"
+INSTALL_HINT = "'pip install openvino nncf' (or lapp-edge[openvino])"
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+NNCF_ROUTE, QDQ_ROUTE = "nncf", "ort-qdq"
+
+
+def _ov() -> Any:
+    return import_runtime("openvino", NAME, INSTALL_HINT)
+
+
+def nncf_quantize(model: Any, calibration: np.ndarray) -> Any:
+    """NNCF PTQ with the recipe that kept accuracy here: MinMax ranges, no bias correction."""
+    nncf = import_runtime("nncf", NAME, INSTALL_HINT)
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    samples = [np.ascontiguousarray(calibration[i : i + 1], dtype=np.float32) for i in range(len(calibration))]
+    return nncf.quantize(
+        model, nncf.Dataset(samples), subset_size=len(samples),
+        advanced_parameters=AdvancedQuantizationParameters(
+            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX, disable_bias_correction=True,
+        ),
+    )
+
+
+def _text(rt_info: Any, key: str) -> str:
+    return str(rt_info[key].astype(str)) if key in rt_info else "?"
+
+
+def _property(compiled: Any, key: str) -> str:
+    value = compiled.get_property(key)
+    return str(value.to_string()) if hasattr(value, "to_string") else str(value)
+
+
+def nncf_model(onnx_path: Path, calibration: np.ndarray, work_dir: Path) -> Path:
+    """The NNCF-quantized OpenVINO IR of `onnx_path` (dynamic batch, f32 weights kept), cached in work_dir."""
+    ov = _ov()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    output = work_dir / f"{Path(onnx_path).stem}.int8-nncf.{artifact_key(onnx_path, calibration)}.xml"
+    if not output.is_file():
+        quantized = nncf_quantize(ov.convert_model(str(onnx_path)), calibration)
+        ov.save_model(quantized, str(output), compress_to_fp16=False)
+    return output
+
+
+def runtime_kernels(compiled: Any) -> dict[str, Any]:
+    """Kernel and precision counts of the compiled (runtime) model, for convolutions and overall."""
+    conv_kernels: Counter[str] = Counter()
+    conv_precisions: Counter[str] = Counter()
+    precisions: Counter[str] = Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = _text(info, "layerType")
+        precision = _text(info, "runtimePrecision")
+        primitive = _text(info, "primitiveType")
+        if layer in ("Input", "Output", "Const"):
+            continue
+        precisions[precision] += 1
+        if layer in ("Convolution", "GroupConvolution", "FullyConnected"):
+            conv_kernels[f"{layer}:{primitive}"] += 1
+            conv_precisions[precision] += 1
+    return {
+        "conv_kernels": dict(sorted(conv_kernels.items())),
+        "conv_precisions": dict(sorted(conv_precisions.items())),
+        "op_precisions": dict(sorted(precisions.items())),
+    }
+
+
+def _precision_used(requested: str, conv_precisions: dict[str, int]) -> str:
+    """The precision most convolutions / FC layers actually run in (u8/i8 -> int8)."""
+    if not conv_precisions:
+        return "unknown"
+    top = max(conv_precisions.items(), key=lambda item: item[1])[0].lower()
+    if top in ("u8", "i8"):
+        return "int8"
+    return {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(top, top)
+
+
+class OpenVinoRunner(Runner):
+    def __init__(self, compiled: Any, info: RunnerInfo, input_shape: tuple[int, int, int]) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.output = compiled.output(0)
+        self.batch = info.batch
+        self.padded = np.zeros((self.batch, *input_shape), dtype=np.float32)
+        self.info = info
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        count = len(batch)
+        if count == self.batch:
+            return self.request.infer([batch], share_inputs=True)[self.output]
+        if count > self.batch:
+            raise ValueError(f"batch {count} exceeds the compiled static batch {self.batch}")
+        self.padded[:count] = batch
+        self.padded[count:] = 0.0
+        return np.array(self.request.infer([self.padded], share_inputs=True)[self.output][:count])
+
+
+class OpenVinoCpu(Backend):
+    name = NAME
+    precisions = ("fp32", "bf16", "int8")
+    runtime_modules = ("openvino",)
+    int8_routes = (NNCF_ROUTE, QDQ_ROUTE)
+
+    def load(self, request: LoadRequest) -> Runner:
+        self.check_request(request)
+        ov = _ov()
+        route = (request.int8_route or NNCF_ROUTE) if request.precision == "int8" else ""
+        model_path = Path(request.onnx_path)
+        if route == QDQ_ROUTE:
+            from lapp_edge.deploy.backends.onnxruntime_cpu import qdq_model
+
+            assert request.calibration is not None
+            model_path = qdq_model(model_path, request.input_name, request.calibration, request.work_dir)
+        if route == NNCF_ROUTE:
+            assert request.calibration is not None
+            model = ov.Core().read_model(str(nncf_model(model_path, request.calibration, request.work_dir)))
+        else:
+            model = ov.convert_model(str(model_path))
+        model.reshape({model.input(0).get_any_name(): [request.batch, *request.input_shape]})
+        config = {
+            "INFERENCE_PRECISION_HINT": HINTS[request.precision],
+            "INFERENCE_NUM_THREADS": request.threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
+        compiled = ov.Core().compile_model(model, "CPU", config)
+        kernels = runtime_kernels(compiled)
+        properties = {
+            key: _property(compiled, key)
+            for key in ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT", "EXECUTION_MODE_HINT")
+        }
+        info = RunnerInfo(
+            backend=NAME, runtime_version=str(ov.get_version()), precision_requested=request.precision,
+            precision_used=_precision_used(request.precision, kernels["conv_precisions"]),
+            threads=int(compiled.get_property("INFERENCE_NUM_THREADS")), batch=request.batch, int8_route=route,
+            model_path=str(model_path), details={"compiled_properties": properties, **kernels},
+        )
+        return OpenVinoRunner(compiled, info, request.input_shape)
+
+
+BACKEND = OpenVinoCpu()

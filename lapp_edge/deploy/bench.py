@@ -1,0 +1,311 @@
+"""The bench stage: accuracy and latency of a model package on each target (no torch).
+
+    lapp-edge bench PACKAGE --target NAME|PROFILE.yaml [--target ...] [--out FILE.json]
+
+For each target: compile the package's ONNX for the profile's precision (int8 with the
+profile's calibration set; every int8 route the profile lists), run the full test split
+and compare top-1 with the package's fp32 ONNX Runtime run (the PyTorch-free reference:
+agreement of the predicted class, max |logit difference|), then measure latency at each
+profile batch (warm-up, iterations and seconds from the profile; median/p90/p99 and
+throughput), and the latency ratio to the fp32 reference measured interleaved in one
+process (the figure that survives a noisy shared machine). A target whose
+runtime is missing prints one line and the others still run (exit 2 at the end).
+
+Where the target has a latency fit for the package's model family (`latency-fit-<target>-
+<model>.json` in the latency data), the package's latency is also predicted from its
+deployed figures (MACs, params, activations, from the manifest) and checked against the
+fit's dense reference model (an ONNX file written beside the fit by calibrate-latency),
+compiled on the target and measured interleaved with the package. Nothing here builds a
+PyTorch model: the deploy side imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lapp_edge.costs.latency_fit import LatencyFit, fit_file_name, load_fit
+from lapp_edge.data.readers import InMemorySplit, load_arrays
+from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
+from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
+from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route
+from lapp_edge.deploy.measure import LatencyStats, RatioProtocol, interleaved_block_ratios, interleaved_ratio, measure_latency
+from lapp_edge.deploy.package import ModelPackage, load_package
+from lapp_edge.deploy.targets import TargetProfile, load_target
+from lapp_edge.errors import UserError
+from lapp_edge.fileio import atomic_write_json
+from lapp_edge.resources import find_latency_file
+
+ACCURACY_BATCH = 32
+REFERENCE = "onnxruntime-cpu fp32"
+
+
+@dataclass
+class FitComparison:
+    """A package's latency on a target as the target's fit predicts it and as measured, at one batch."""
+
+    fit: str                       # the fit file used
+    batch: int
+    features: dict[str, float]     # the package's ratios to the dense model of its family
+    predicted_ratio: float         # the fit: predicted latency / dense latency on this target
+    measured_ratio: float          # package latency / dense latency, measured interleaved in this process
+    dense_median_ms: float         # the fit's dense reference on this target, in this process
+    predicted_ms: float            # predicted_ratio * dense_median_ms
+    measured_ms: float             # the package's median latency from the bench
+    error_pct: float               # 100 * (predicted_ratio / measured_ratio - 1)
+
+
+@dataclass
+class Accuracy:
+    top1: float
+    reference_top1: float
+    agreement: float              # fraction of test images where the top-1 class equals the reference's
+    max_abs_logit_diff: float
+    images: int
+
+
+@dataclass
+class VariantResult:
+    runner: RunnerInfo            # what was compiled at the accuracy batch
+    accuracy: Accuracy
+    latency: list[LatencyStats]
+    reference_latency_ratio: dict[int, float]   # latency / reference latency, interleaved in one process (median of blocks)
+    precision_used_per_batch: dict[int, str]
+    # latency predicted from FLOPs by the target's fit (latency-fit-<target>-<model>.json), if one exists
+    predicted_from_flops: list[FitComparison] = field(default_factory=list)
+    prediction_note: str = ""     # why there is no prediction, where there is none
+
+
+@dataclass
+class TargetResult:
+    target: str
+    profile: str
+    backend: str
+    precision: str
+    threads: int
+    status: str                   # ok | unavailable
+    message: str = ""
+    calibration: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, VariantResult] = field(default_factory=dict)
+
+
+@dataclass
+class BenchReport:
+    package: str
+    model: str
+    dataset: str
+    reference: dict[str, Any]
+    targets: list[TargetResult]
+
+
+@dataclass
+class TestSet:
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def load_test_set(package: ModelPackage, data_dir: str | None) -> TestSet:
+    """The package's dataset's test split, normalised with the package's mean/std (float32 NCHW).
+    Raises UserError when the dataset is not in memory or its images do not fit the package."""
+    manifest = package.manifest
+    dataset = load_arrays(str(manifest.get("dataset", "")), data_dir)
+    split = dataset.test
+    if not isinstance(split, InMemorySplit):
+        raise UserError(f"bench needs an in-memory test split; {manifest.get('dataset')} is not one")
+    images = normalize_uint8(split.images, manifest["input"]["mean"], manifest["input"]["std"])
+    if images.shape[1:] != package.input_shape:
+        raise UserError(f"test images are {images.shape[1:]}, the package expects {package.input_shape}")
+    return TestSet(images, split.labels)
+
+
+def reference_profile(package: ModelPackage, threads: int) -> TargetProfile:
+    """The fp32 ONNX Runtime CPU profile the bench compares every target with."""
+    return TargetProfile(name="reference", backend="onnxruntime-cpu", precision="fp32", threads=threads,
+                         batch_sizes=(ACCURACY_BATCH,), input_shape=package.input_shape, path="(bench reference)")
+
+
+class Reference:
+    """The package's fp32 ONNX Runtime run: logits on the test set; its runner is the latency reference."""
+
+    def __init__(self, package: ModelPackage, test: TestSet, threads: int, work_dir: Path) -> None:
+        self.package, self.test, self.threads, self.work_dir = package, test, threads, work_dir
+        self.runner = compile_runner(package, reference_profile(package, threads), ACCURACY_BATCH, work_dir)
+        self.logits = run_batched(self.runner, test.images, ACCURACY_BATCH)
+        self.top1 = float((self.logits.argmax(1) == test.labels).mean())
+
+
+def package_features(package: ModelPackage) -> dict[str, float]:
+    """The package's deployed figures as ratios to the dense model of its family (manifest
+    `figures`; older packages carry MACs and params only, in `flops` and `params`)."""
+    manifest = package.manifest
+    figures = manifest.get("figures")
+    if isinstance(figures, dict) and isinstance(figures.get("dense"), dict) and isinstance(figures.get("slim"), dict):
+        dense, slim = figures["dense"], figures["slim"]
+        return {f"{key}_ratio": float(slim[key]) / float(dense[key]) for key in ("macs", "params", "activations")
+                if key in dense and key in slim and float(dense[key]) > 0}
+    flops, params = manifest.get("flops", {}), manifest.get("params", {})
+    features = {"macs_ratio": float(flops["ratio"])} if "ratio" in flops else {}
+    if params.get("dense"):
+        features["params_ratio"] = float(params["slim"]) / float(params["dense"])
+    return features
+
+
+def fit_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyFit | None, Path | None, str]:
+    """The target's latency fit for the package's family and the fit's dense reference ONNX, or a note why not."""
+    model = str(package.manifest.get("model", ""))
+    fit_path = find_latency_file(fit_file_name(profile.name, model))
+    if fit_path is None:
+        return None, None, f"no latency fit for {profile.name}/{model} (lapp-edge calibrate-latency --target {profile.name} --model {model})"
+    fit = load_fit(fit_path)
+    if not fit.dense_reference:
+        return fit, None, f"{fit_path.name} names no dense reference model (re-run calibrate-latency)"
+    reference = find_latency_file(fit.dense_reference)
+    if reference is None:
+        return fit, None, f"the dense reference {fit.dense_reference} of {fit_path.name} is missing"
+    if list(package.input_shape) != list(fit.input_shape):
+        return fit, None, f"{fit_path.name} is for inputs {fit.input_shape}, the package takes {list(package.input_shape)}"
+    return fit, reference, ""
+
+
+def compare_with_fit(fit: LatencyFit, fit_path: str, reference_onnx: Path, package: ModelPackage, profile: TargetProfile,
+                     runners: dict[int, Runner], medians_ms: dict[int, float], work_dir: Path,
+                     calibration: np.ndarray | None, route: str) -> list[FitComparison]:
+    """Predict the package's latency from its figures with the target's fit, and measure it against the
+    fit's dense reference compiled on the target, interleaved in this process, at each batch both have."""
+    features = package_features(package)
+    missing = [name for name in fit.batches[min(fit.batches)].chosen.features if name not in features]
+    if missing:
+        raise UserError(f"the latency fit for {profile.name} needs {', '.join(missing)}, which {package.directory} does not record")
+    dense_model = OnnxModel(reference_onnx, "input", package.input_shape)
+    rng = np.random.default_rng(0)
+    comparisons = []
+    for batch in sorted(set(fit.batches) & set(runners)):
+        data = rng.standard_normal((batch, *package.input_shape)).astype(np.float32)
+        with compile_runner(dense_model, profile, batch, work_dir, calibration, route) as dense_runner:
+            dense_ms = measure_latency(dense_runner, data, profile.latency).median_ms
+            protocol = RatioProtocol()
+            measured = float(np.median(interleaved_block_ratios(runners[batch], dense_runner, data, protocol.blocks,
+                                                                protocol.calls_for(batch), protocol.warmup)))
+        predicted = fit.predict_ratio(batch, features)
+        comparisons.append(FitComparison(fit_path, batch, features, predicted, measured, dense_ms, predicted * dense_ms,
+                                         medians_ms[batch], 100.0 * (predicted / measured - 1.0)))
+    return comparisons
+
+
+def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, reference: Reference, work_dir: Path,
+                 data_dir: str | None = None) -> TargetResult:
+    """Compile the package for one target (every int8 route the profile lists), then accuracy
+    against the reference and latency at each profile batch. A missing runtime makes the
+    result `unavailable` with its one-line message instead of raising."""
+    result = TargetResult(profile.name, profile.path, profile.backend, profile.precision, profile.threads, "ok")
+    if profile.input_shape != package.input_shape:
+        raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; {package.name} takes {list(package.input_shape)}")
+    try:
+        drawn = int8_calibration(profile, package.manifest["input"]["mean"], package.manifest["input"]["std"], data_dir)
+        calibration = None if drawn is None else drawn.images
+        if drawn is not None:
+            definition = drawn.definition
+            result.calibration = {"name": definition.name, "count": definition.count, "seed": definition.seed,
+                                  "split": definition.split, "fingerprint": drawn.fingerprint}
+        routes = list(profile.int8_routes) or [int8_route(profile)]
+        for route in routes:
+            accuracy_runner = compile_runner(package, profile, ACCURACY_BATCH, work_dir, calibration, route)
+            logits = run_batched(accuracy_runner, test.images, ACCURACY_BATCH)
+            predicted = logits.argmax(1)
+            accuracy = Accuracy(
+                top1=float((predicted == test.labels).mean()), reference_top1=reference.top1,
+                agreement=float((predicted == reference.logits.argmax(1)).mean()),
+                max_abs_logit_diff=float(np.abs(logits - reference.logits).max()), images=len(test.labels),
+            )
+            latencies, ratios, used, runners = [], {}, {}, {}
+            for batch in profile.batch_sizes:
+                runner: Runner = accuracy_runner if batch == ACCURACY_BATCH else compile_runner(
+                    package, profile, batch, work_dir, calibration, route)
+                stats = measure_latency(runner, test.images[:batch], profile.latency)
+                latencies.append(stats)
+                runners[batch] = runner
+                used[batch] = runner.info.precision_used
+                ratios[batch] = interleaved_ratio(runner, reference.runner, test.images[:batch])
+            variant = VariantResult(accuracy_runner.info, accuracy, latencies, ratios, used)
+            if route == routes[0]:                                  # the fit describes the target's own route
+                fit, reference_onnx, note = fit_for(profile, package)
+                if fit is not None and reference_onnx is not None:
+                    variant.predicted_from_flops = compare_with_fit(
+                        fit, str(find_latency_file(fit_file_name(profile.name, fit.model))), reference_onnx, package, profile,
+                        runners, {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route)
+                variant.prediction_note = note
+            for runner in {id(r): r for r in runners.values()}.values():
+                runner.close()
+            result.variants[route or profile.precision] = variant
+    except BackendUnavailable as error:
+        result.status, result.message = "unavailable", str(error)
+    return result
+
+
+def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None = None, data_dir: str | None = None,
+              work_dir: str | None = None, reference_threads: int | None = None) -> BenchReport:
+    """Bench a package on every target (profiles by name or path); optionally write the report
+    as JSON to `out`. Every profile and calibration set is validated before any work (UserError)."""
+    profiles = [load_target(path) for path in target_paths]          # validate every profile before any work
+    for profile in profiles:                                          # and every calibration set they name
+        if profile.precision == "int8":
+            load_definition(profile.calibration)
+    package = load_package(package_dir)
+    test = load_test_set(package, data_dir)
+    threads = reference_threads or min(p.threads for p in profiles)
+    with tempfile.TemporaryDirectory(prefix="lapp-bench-") as temporary:
+        work = Path(work_dir) if work_dir else Path(temporary)
+        reference = Reference(package, test, threads, work)
+        results = [bench_target(package, profile, test, reference, work, data_dir) for profile in profiles]
+    report = BenchReport(
+        package=str(package.directory), model=str(package.manifest.get("model", "")), dataset=str(package.manifest.get("dataset", "")),
+        reference={"runtime": REFERENCE, "threads": threads, "top1": reference.top1, "images": len(test.labels),
+                   "runner": asdict(reference.runner.info)},
+        targets=results,
+    )
+    if out:
+        atomic_write_json(out, asdict(report))
+    return report
+
+
+def format_bench(report: BenchReport) -> str:
+    """The bench report as a human table, then kernels and predictions per target."""
+    lines = [f"bench {report.package} ({report.model}, {report.dataset}); reference {REFERENCE} "
+             f"top-1 {report.reference['top1']:.4f} on {report.reference['images']} images, {report.reference['threads']} thread(s)"]
+    header = f"{'target':20s} {'variant':9s} {'used':5s} {'top-1':>7s} {'d top-1':>8s} {'agree':>7s} {'batch':>5s} " \
+             f"{'median ms':>10s} {'p90 ms':>8s} {'p99 ms':>8s} {'img/s':>9s} {'x ref':>6s}"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for target in report.targets:
+        if target.status != "ok":
+            lines.append(f"{target.target:20s} {target.message}")
+            continue
+        for variant, result in target.variants.items():
+            for stats in result.latency:
+                acc = result.accuracy
+                lines.append(
+                    f"{target.target:20s} {variant:9s} {result.precision_used_per_batch[stats.batch]:5s} {acc.top1:7.4f} "
+                    f"{100 * (acc.top1 - acc.reference_top1):+8.2f} {acc.agreement:7.4f} {stats.batch:5d} {stats.median_ms:10.3f} "
+                    f"{stats.p90_ms:8.3f} {stats.p99_ms:8.3f} {stats.throughput_ips:9.0f} {result.reference_latency_ratio[stats.batch]:6.2f}"
+                )
+    lines.append("used = precision of most conv/FC kernels as compiled; d top-1 in points vs the fp32 ORT reference; "
+                 "x ref = latency / fp32 ORT reference latency, interleaved in one process")
+    for target in report.targets:
+        for variant, result in target.variants.items():
+            details = result.runner.details
+            summary = details.get("conv_kernels") or {k: v for k, v in details.get("optimized_ops", {}).items() if "Conv" in k or "Gemm" in k}
+            lines.append(f"  {target.target}/{variant}: {json.dumps(summary)}"
+                         + (f" calibration {target.calibration['name']} #{target.calibration['fingerprint']}" if target.calibration else ""))
+            if result.prediction_note and not result.predicted_from_flops:
+                lines.append(f"  {target.target}/{variant}: no latency prediction: {result.prediction_note}")
+            for c in result.predicted_from_flops:
+                lines.append(f"  {target.target}/{variant}: latency predicted from FLOPs by the target's fit ({Path(c.fit).name}), batch {c.batch}: "
+                             f"{c.predicted_ms:.3f} ms (x{c.predicted_ratio:.3f} of the dense model's {c.dense_median_ms:.3f} ms here, "
+                             f"MACs x{c.features['macs_ratio']:.3f}); measured {c.measured_ms:.3f} ms (x{c.measured_ratio:.3f} of dense, "
+                             f"interleaved): prediction error {c.error_pct:+.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""The one path from (model, target profile, batch) to a compiled `Runner`.
+
+`bench`, latency calibration, the regression tests and every benchmark compile through
+`compile_runner`, so the int8 route, the calibration images and the threads a target is
+measured with are decided in one place:
+
+- the backend is the profile's; the precision and threads are the profile's;
+- int8: the route is the one asked for, else the profile's first `int8_routes`, else the
+  backend's first; the calibration images are the profile's calibration set drawn from its
+  dataset and normalised with the model's own mean/std (`int8_calibration`), unless given.
+
+Imports no torch and no runtime (the backend imports its runtime when it loads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lapp_edge.deploy.backends import LoadRequest, Runner, get_backend
+from lapp_edge.deploy.calibration_set import CalibrationSet, draw_calibration, load_definition
+from lapp_edge.deploy.package import ModelPackage
+from lapp_edge.deploy.targets import TargetProfile
+from lapp_edge.errors import UserError
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """An fp32 ONNX classifier to compile: NCHW input with a dynamic batch axis."""
+
+    onnx_path: Path
+    input_name: str
+    input_shape: tuple[int, int, int]       # C, H, W
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+
+def onnx_model_of(model: ModelPackage | OnnxModel) -> OnnxModel:
+    """The ONNX model of a package (its model.onnx, input name and shape, normalisation)."""
+    if isinstance(model, OnnxModel):
+        return model
+    manifest_input = model.manifest.get("input", {})
+    return OnnxModel(model.onnx_path, model.input_name, model.input_shape,
+                     tuple(manifest_input.get("mean", ())), tuple(manifest_input.get("std", ())))
+
+
+def int8_route(profile: TargetProfile, route: str | None = None) -> str:
+    """The int8 route a profile compiles with ("" for other precisions)."""
+    if profile.precision != "int8":
+        return ""
+    if route:
+        return route
+    return profile.int8_routes[0] if profile.int8_routes else get_backend(profile.backend).int8_routes[0]
+
+
+def int8_calibration(profile: TargetProfile, mean: tuple[float, ...] | list[float], std: tuple[float, ...] | list[float],
+                     data_dir: str | None = None) -> CalibrationSet | None:
+    """The profile's calibration set normalised with `mean`/`std`, or None for a non-int8 profile.
+    Raises UserError for a missing definition or dataset."""
+    if profile.precision != "int8":
+        return None
+    if not mean or not std:
+        raise UserError(f"target {profile.name} is int8 but the model states no mean/std to normalise its calibration set")
+    return draw_calibration(load_definition(profile.calibration), list(mean), list(std), data_dir=data_dir)
+
+
+def compile_runner(model: ModelPackage | OnnxModel, profile: TargetProfile, batch: int, work_dir: Path,
+                   calibration: np.ndarray | None = None, route: str | None = None, data_dir: str | None = None) -> Runner:
+    """Compile `model` for `profile` at `batch` (artifacts in `work_dir`) and return its runner
+    (close it, or use it as a context manager, when done).
+
+    `calibration`: float32 N x C x H x W normalised images for int8 (default: the profile's set).
+    Raises UserError for an input shape the profile does not take, BackendUnavailable when the
+    runtime is missing."""
+    onnx_model = onnx_model_of(model)
+    if profile.input_shape != onnx_model.input_shape:
+        raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; "
+                        f"{onnx_model.onnx_path} takes {list(onnx_model.input_shape)}")
+    backend = get_backend(profile.backend)
+    if profile.precision == "int8" and calibration is None:
+        drawn = int8_calibration(profile, onnx_model.mean, onnx_model.std, data_dir)
+        calibration = None if drawn is None else drawn.images
+    request = LoadRequest(
+        onnx_path=onnx_model.onnx_path, input_name=onnx_model.input_name, input_shape=onnx_model.input_shape,
+        precision=profile.precision, threads=profile.threads, batch=batch, work_dir=work_dir,
+        calibration=calibration, int8_route=int8_route(profile, route),
+    )
+    return backend.load(request)

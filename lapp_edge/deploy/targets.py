@@ -1,0 +1,161 @@
+"""Target profiles: one YAML file per hardware target (shipped in lapp_edge/resources/targets/;
+found by name or path through `lapp_edge.resources.find_profile`).
+
+    name: x86-ort-int8
+    backend: onnxruntime-cpu          # see lapp_edge.deploy.backends.BACKEND_MODULES
+    precision: int8                   # fp32 | bf16 | int8 (what the backend supports)
+    threads: 1                        # intra-op / inference threads
+    batch_sizes: [1, 32]              # latency is measured at each
+    input_size: [1, 28, 28]           # C, H, W; must match the model package
+    calibration: fashion-mnist-train-512   # int8 only: a definition in calibration-sets/
+    int8_routes: [nncf, ort-qdq]      # optional, backend-specific; the first is the target's
+    latency: {warmup_iterations: 20, min_iterations: 100, min_seconds: 2.0}   # optional
+    baselines:                        # what the latency regression test holds the target to
+      reference_target: x86-ort-fp32
+      model: resnet20 dense, fused, 1x28x28
+      ratio_to_reference: {1: 0.62}   # latency / reference latency, measured in one process
+      tolerance: 0.25                 # allowed relative excess over the ratio
+
+Every problem is one line (UserError). Imports no runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lapp_edge.deploy.backends import BACKENDS
+from lapp_edge.deploy.measure import LatencyProtocol
+from lapp_edge.errors import UserError
+from lapp_edge.resources import find_profile
+
+REQUIRED = ("name", "backend", "precision", "threads", "batch_sizes", "input_size")
+KNOWN = (*REQUIRED, "calibration", "int8_routes", "latency", "baselines", "description")
+
+
+@dataclass(frozen=True)
+class LatencyBaselines:
+    reference_target: str
+    model: str
+    ratio_to_reference: dict[int, float]
+    tolerance: float
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """One hardware target: runtime backend, precision, threads, batches, input shape, int8
+    calibration set and routes, latency protocol and regression baselines."""
+    name: str
+    backend: str
+    precision: str
+    threads: int
+    batch_sizes: tuple[int, ...]
+    input_shape: tuple[int, int, int]
+    calibration: str = ""
+    int8_routes: tuple[str, ...] = ()
+    latency: LatencyProtocol = field(default_factory=LatencyProtocol)
+    baselines: LatencyBaselines | None = None
+    path: str = ""
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{where} must be a positive integer, not {value!r}")
+    return value
+
+
+def _baselines(payload: Any, where: str) -> LatencyBaselines:
+    if not isinstance(payload, dict):
+        raise UserError(f"{where}: baselines must be a mapping")
+    missing = [key for key in ("reference_target", "model", "ratio_to_reference", "tolerance") if key not in payload]
+    if missing:
+        raise UserError(f"{where}: baselines miss field(s): {', '.join(missing)}")
+    ratios = payload["ratio_to_reference"]
+    if not isinstance(ratios, dict) or not ratios:
+        raise UserError(f"{where}: baselines.ratio_to_reference must map batch sizes to ratios")
+    parsed: dict[int, float] = {}
+    for batch, ratio in ratios.items():
+        _positive_int(batch, f"{where}: baselines batch")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+            raise UserError(f"{where}: baselines ratio for batch {batch} must be a positive number")
+        parsed[int(batch)] = float(ratio)
+    tolerance = payload["tolerance"]
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise UserError(f"{where}: baselines.tolerance must be in (0, 1)")
+    return LatencyBaselines(str(payload["reference_target"]), str(payload["model"]), parsed, float(tolerance))
+
+
+def _latency(payload: Any, where: str) -> LatencyProtocol:
+    if payload is None:
+        return LatencyProtocol()
+    if not isinstance(payload, dict):
+        raise UserError(f"{where}: latency must be a mapping")
+    known = {"warmup_iterations", "min_iterations", "min_seconds", "max_seconds"}
+    unknown = set(payload) - known
+    if unknown:
+        raise UserError(f"{where}: unknown latency field(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for key, value in payload.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise UserError(f"{where}: latency.{key} must be a non-negative number")
+        values[key] = int(value) if key.endswith("iterations") else float(value)
+    return LatencyProtocol(**values)
+
+
+def parse_profile(payload: Any, where: str) -> TargetProfile:
+    """Validate a profile mapping against the schema and the backend registry."""
+    if not isinstance(payload, dict):
+        raise UserError(f"{where}: a target profile must be a YAML mapping")
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing:
+        raise UserError(f"{where}: missing field(s): {', '.join(missing)}")
+    unknown = sorted(set(payload) - set(KNOWN))
+    if unknown:
+        raise UserError(f"{where}: unknown field(s): {', '.join(unknown)}")
+    backend = str(payload["backend"])
+    if backend not in BACKENDS:
+        raise UserError(f"{where}: unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+    precision = str(payload["precision"])
+    precisions = BACKENDS[backend].precisions
+    if precision not in precisions:
+        raise UserError(f"{where}: backend {backend} has no precision '{precision}'; choose one of: {', '.join(precisions)}")
+    threads = _positive_int(payload["threads"], f"{where}: threads")
+    batches = payload["batch_sizes"]
+    if not isinstance(batches, list) or not batches:
+        raise UserError(f"{where}: batch_sizes must be a non-empty list")
+    batch_sizes = tuple(_positive_int(b, f"{where}: batch size") for b in batches)
+    size = payload["input_size"]
+    if not isinstance(size, list) or len(size) != 3:
+        raise UserError(f"{where}: input_size must be [C, H, W]")
+    c, h, w = (_positive_int(v, f"{where}: input_size entry") for v in size)
+    calibration = payload.get("calibration") or ""
+    if precision == "int8" and not calibration:
+        raise UserError(f"{where}: an int8 target needs a calibration set (field 'calibration')")
+    routes = payload.get("int8_routes") or []
+    known_routes = BACKENDS[backend].int8_routes
+    if not isinstance(routes, list) or any(r not in known_routes for r in routes):
+        raise UserError(f"{where}: int8_routes must be a list drawn from: {', '.join(known_routes)}")
+    if routes and precision != "int8":
+        raise UserError(f"{where}: int8_routes only apply to an int8 target")
+    baselines = _baselines(payload["baselines"], where) if payload.get("baselines") is not None else None
+    return TargetProfile(
+        name=str(payload["name"]), backend=backend, precision=precision, threads=threads, batch_sizes=batch_sizes,
+        input_shape=(c, h, w), calibration=str(calibration), int8_routes=tuple(routes),
+        latency=_latency(payload.get("latency"), where), baselines=baselines, path=where,
+    )
+
+
+def load_target(name_or_path: str | Path) -> TargetProfile:
+    """A target profile by path or by name (`x86-ort-fp32`). Raises UserError, one line naming
+    the file and the field, for a missing file, bad YAML or a bad field."""
+    file = find_profile(str(name_or_path))
+    try:
+        payload = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise UserError(f"{file} is not valid YAML: {str(error).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read target profile {file}: {error}") from None
+    return parse_profile(payload, str(file))

@@ -1,0 +1,1 @@
+"""The export stage: fuse, ONNX, verify against PyTorch, write a model package."""

@@ -1,0 +1,133 @@
+"""Verification of an exported model: ONNX Runtime CPU against the PyTorch eval model on the
+same real test images (max |logit difference| and top-1 agreement), and of a whole package."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lapp_edge.data.torch_data import InMemorySplit, iterate_batches, load_dataset
+from lapp_edge.deploy.package import MANIFEST, load_package
+from lapp_edge.errors import UserError
+from lapp_edge.export.onnx import check_graph
+from lapp_edge.models.fuse import fuse_model
+from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, load_slim_model
+
+TOLERANCE = 1e-4              # fp32 max |ORT - PyTorch| over the logits
+VERIFY_IMAGES = 1000
+VERIFY_BATCH = 128            # 1000 images -> batches of 128 and a last one of 104 (exercises the dynamic axis)
+
+
+@dataclass
+class Verification:
+    """ONNX Runtime CPU against the PyTorch eval model on the same real test images."""
+
+    images: int
+    max_abs_diff: float
+    top1_agreement: float
+    onnx_top1: float          # accuracy of the ONNX model on these images (labels from the dataset)
+    torch_top1: float
+    tolerance: float = TOLERANCE
+    provider: str = "CPUExecutionProvider"
+    graph_optimization: str = "ORT_ENABLE_ALL"
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.top1_agreement == 1.0
+
+    def failure(self) -> str:
+        return (f"ONNX Runtime disagrees with PyTorch on {self.images} test images: max |diff| "
+                f"{self.max_abs_diff:.3g} (limit {self.tolerance:g}), top-1 agreement {self.top1_agreement:.4f} (need 1.0)")
+
+
+
+def ort_session(model: bytes | str | os.PathLike[str], threads: int = 0) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - a model ORT cannot load is bad input
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"ONNX Runtime cannot load the model: {first[:200]}") from None
+
+
+def verification_split(split: object, count: int) -> object:
+    """The first `count` test images (a fixed, ordered sample)."""
+    if isinstance(split, InMemorySplit):
+        return InMemorySplit(split.images[:count], split.labels[:count])
+    size = len(split)  # type: ignore[arg-type]
+    return torch.utils.data.Subset(split, range(min(count, size)))  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def compare_with_torch(
+    session: Any, reference: nn.Module, dataset_name: str, data_dir: str | None = None,
+    images: int = VERIFY_IMAGES, expected_stats: tuple[list[float], list[float]] | None = None,
+) -> Verification:
+    """Run the ONNX session and the PyTorch eval model on the first `images` test images."""
+    data = load_dataset(dataset_name, data_dir)
+    if expected_stats is not None and (
+        not np.allclose(expected_stats[0], data.info.mean) or not np.allclose(expected_stats[1], data.info.std)
+    ):
+        raise UserError(f"the model's normalisation {expected_stats} differs from {dataset_name}'s ({data.info.mean}, {data.info.std})")
+    reference = reference.eval()
+    input_name = session.get_inputs()[0].name
+    max_diff, agree, onnx_correct, torch_correct, seen = 0.0, 0, 0, 0, 0
+    split = verification_split(data.test, images)
+    for batch, labels in iterate_batches(split, data.info, VERIFY_BATCH, torch.device("cpu")):
+        expected = reference(batch).numpy()
+        result = session.run(None, {input_name: batch.numpy()})[0]
+        if result.shape != expected.shape:
+            raise UserError(f"the ONNX model returns shape {list(result.shape)}, PyTorch {list(expected.shape)}")
+        batch_diff = float(np.abs(result - expected).max())
+        max_diff = max(max_diff, batch_diff if math.isfinite(batch_diff) else math.inf)  # NaN must not pass
+        onnx_top1, torch_top1, truth = result.argmax(1), expected.argmax(1), labels.numpy()
+        agree += int((onnx_top1 == torch_top1).sum())
+        onnx_correct += int((onnx_top1 == truth).sum())
+        torch_correct += int((torch_top1 == truth).sum())
+        seen += len(truth)
+    if seen == 0:
+        raise UserError(f"the {dataset_name} test split holds no images to verify with")
+    return Verification(seen, max_diff, agree / seen, onnx_correct / seen, torch_correct / seen)
+
+
+def verify_package(directory: str | Path, data_dir: str | None = None, images: int = VERIFY_IMAGES) -> Verification:
+    """Check every file's sha256, rebuild the PyTorch reference from the package's own spec and
+    weights, and re-run the ONNX Runtime comparison. Raises UserError on any failure."""
+    package = load_package(directory)
+    manifest = package.manifest
+    try:
+        dataset = str(manifest["dataset"])
+        input_name, output_name = str(manifest["input"]["name"]), str(manifest["output"]["name"])
+        mean, std = list(manifest["input"]["mean"]), list(manifest["input"]["std"])
+    except (KeyError, TypeError) as error:
+        raise UserError(f"{package.directory / MANIFEST} lacks a required field: {error}") from None
+    for name in (SLIM_SPEC, SLIM_WEIGHTS):
+        if name not in manifest["files"]:
+            raise UserError(f"{package.directory / MANIFEST} does not list {name}: cannot rebuild the PyTorch reference")
+    model, spec = load_slim_model(package.directory)
+    if list(package.input_shape) != [spec.in_channels, spec.input_size, spec.input_size]:
+        raise UserError(f"{package.directory}: the manifest's input shape {list(package.input_shape)} does not match {SLIM_SPEC}")
+    session = ort_session(package.onnx_path)
+    if [i.name for i in session.get_inputs()] != [input_name] or [o.name for o in session.get_outputs()] != [output_name]:
+        raise UserError(f"{package.onnx_path} does not have the input/output names its manifest states")
+    graph = check_graph(package.onnx_path.read_bytes(), fuse_model(model))
+    if graph.problem():
+        raise UserError(f"{package.onnx_path}: {graph.problem()}")
+    verification = compare_with_torch(session, model, dataset, data_dir, images, expected_stats=(mean, std))
+    if not verification.passed:
+        raise UserError(f"{package.directory} failed verification: {verification.failure()}")
+    return verification

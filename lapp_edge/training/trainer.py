@@ -1,0 +1,337 @@
+"""Training: dense, or LAPP from scratch (prune progressively, freeze, slim, go on slim).
+
+One epoch = one pass over the (optionally subsampled) training split. The run directory
+(`run_dir.RunDirectory`) gets an atomic checkpoint after every epoch, so a killed run loses
+at most one epoch and `resume=True` continues it exactly (CPU, fixed seed: shuffling and
+augmentation draw from a generator seeded per epoch, the learning rate is a pure function
+of the step). The loop is the same for every phase; what LAPP adds to a step lives in
+`task.LappTask`, and the report is built from the run's state (`report.RunSummary`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from lapp_edge.data.torch_data import Dataset, batch_count, iterate_batches, load_dataset, subset_split
+from lapp_edge.errors import UserError
+from lapp_edge.lapp.controller import FreezeResult, LappController
+from lapp_edge.lapp.cost import CostModel
+from lapp_edge.lapp.flops import build_flops_cost
+from lapp_edge.lapp.freeze import freeze
+from lapp_edge.lapp.widths import smallest_cost_ratio
+from lapp_edge.models import build_model, prunable_sites
+from lapp_edge.models.slicing import resize_to_widths
+from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec
+from lapp_edge.training.config import TrainConfig, validate_config
+from lapp_edge.training.run_dir import CHECKPOINT, CONFIG, RunDirectory, RunState, run_state_from
+from lapp_edge.training.task import DenseTask, LappTask
+
+__all__ = ["CHECKPOINT", "CONFIG", "EpochRecord", "RunState", "TrainConfig", "Trainer", "run_training"]
+
+
+@dataclass
+class EpochRecord:
+    """One completed epoch: times in seconds, accuracies as fractions, the cost ratio at its end."""
+
+    epoch: int
+    phase: str
+    seconds: float                     # wall clock
+    cpu_seconds: float                 # this process's CPU time (robust on a shared machine)
+    train_loss: float
+    train_top1: float
+    test_top1: float
+    flops_ratio: float
+    lr: float
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate at `step` of `total_steps`: cosine to 0, or x0.1 at 50% and 75% ("step")."""
+    progress = step / max(1, total_steps)
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * (0.1 ** (int(progress >= 0.5) + int(progress >= 0.75)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """One run: model, optimizer, the phase's task (dense or LAPP), evaluation, freeze.
+
+    Raises UserError on bad settings, an unreachable cost target, a diverged loss or a
+    checkpoint that does not fit."""
+
+    def __init__(self, config: TrainConfig, dataset: Dataset | None = None, run_dir: RunDirectory | None = None) -> None:
+        validate_config(config)
+        self.config = config
+        self.run_dir = run_dir or RunDirectory(config.out)
+        self.out = self.run_dir.path
+        self.device = resolve_device(config.device)
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        self.data = dataset or load_dataset(config.dataset, config.data_dir)
+        self.train_split = subset_split(self.data.train, config.train_subset, config.seed)
+        self.test_split = subset_split(self.data.test, config.test_subset, config.seed + 1)
+        info = self.data.info
+        self.input_shape = (info.in_channels, info.input_size, info.input_size)
+        self.steps_per_epoch = batch_count(self.train_split, config.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.prune_steps = 0 if config.dense else config.prune_epochs * self.steps_per_epoch
+        self.amp = self.device.type == "cuda"
+
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model, info.in_channels, info.num_classes, config.bypass and not config.dense)
+        self.sites = prunable_sites(self.model)
+        self.dense_widths = {site.name: site.channels for site in self.sites}
+        self.cost: CostModel = build_flops_cost(self.model, self.sites, self.input_shape)
+        self.model.to(self.device)
+        if self.amp:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = self._make_optimizer()
+        self.task: DenseTask | LappTask = DenseTask()
+        self.state = RunState(phase="dense" if config.dense else "pruning", widths=dict(self.dense_widths))
+        if not config.dense:
+            self._check_target_reachable()
+            self.task = LappTask(LappController(self.sites, self.cost, config.lapp_config()).to(self.device),
+                                 self.prune_steps, config.trace_every)
+
+    @property
+    def controller(self) -> LappController | None:
+        return self.task.controller if isinstance(self.task, LappTask) else None
+
+    # --- construction ------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            self.model.parameters(), lr=self.config.lr, momentum=self.config.momentum,
+            weight_decay=self.config.weight_decay, nesterov=True,
+        )
+
+    def _check_target_reachable(self) -> None:
+        lapp = self.config.lapp_config()
+        floor = smallest_cost_ratio(self.cost, lapp.channel_multiple, lapp.min_channels)
+        if floor > self.config.flops_target + lapp.tolerance:
+            raise UserError(
+                f"FLOPs target {self.config.flops_target} cannot be reached: with every prunable layer of "
+                f"{self.config.model} at its minimum width ({lapp.channel_multiple} channels) the network keeps "
+                f"{floor:.3f} of its FLOPs"
+            )
+
+    # --- checkpointing -----------------------------------------------------------------
+    def checkpoint_payload(self) -> dict[str, Any]:
+        lapp = self.task.state_dict() if isinstance(self.task, LappTask) else {"controller": None, "threshold_optimizer": None}
+        return {
+            "config": asdict(self.config),
+            "state": asdict(self.state),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            **lapp,
+        }
+
+    def save_checkpoint(self) -> None:
+        self.run_dir.save_checkpoint(self.checkpoint_payload())
+
+    def load_checkpoint(self) -> None:
+        payload = self.run_dir.load_checkpoint()
+        path = self.run_dir.checkpoint_path
+        try:
+            state = run_state_from(payload)
+            if state.phase == "slim":
+                if self.controller is not None:
+                    self.controller.detach_masks()
+                self.task = DenseTask()
+                resize_to_widths(self.model, self.sites, state.widths)
+                self.model.to(self.device)
+                if self.amp:
+                    self.model.to(memory_format=torch.channels_last)
+                self.optimizer = self._make_optimizer()
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            if isinstance(self.task, LappTask):
+                self.task.load_state_dict(payload)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(f"checkpoint {path} does not fit this run: {first[:200]}") from None
+        self.state = state
+
+    # --- training ----------------------------------------------------------------------
+    def _set_lr(self) -> float:
+        lr = learning_rate(self.config, self.state.step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.amp:
+            images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(images)
+        return self.model(images)
+
+    def _diverged(self, total: torch.Tensor, epoch: int) -> UserError:
+        kept = (f"the last good checkpoint ({self.out / CHECKPOINT}, epoch {epoch}) was kept. Lower --lr and resume or restart"
+                if epoch > 0 else "no epoch had completed, so there is no checkpoint. Lower --lr and restart")
+        return UserError(f"training diverged: the loss became {total.item()} at epoch {epoch + 1}, step {self.state.step}; {kept}")
+
+    def train_epoch(self) -> EpochRecord:
+        """One pass over the training split with the phase's task; returns the epoch's record
+        (test_top1 is filled in by `run`). Raises UserError when the loss stops being finite."""
+        config, task = self.config, self.task
+        epoch = self.state.epoch
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        self.model.train()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        lr = self._set_lr()
+        ratio = 1.0 if self.state.phase == "dense" else self.current_cost_ratio()
+        batches = iterate_batches(self.train_split, self.data.info, config.batch_size, self.device, generator, train=True)
+        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs} [{self.state.phase}]",
+                   disable=not config.progress, leave=False, dynamic_ncols=True)
+        for batch_index, (images, labels) in enumerate(bar):
+            lr = self._set_lr()
+            task.before_forward()
+            logits = self._forward(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            total = task.loss(loss, self.state.step)
+            if not torch.isfinite(total):
+                raise self._diverged(total, epoch)
+            self.optimizer.zero_grad(set_to_none=True)
+            task.zero_grad()
+            total.backward()
+            self.optimizer.step()
+            task.after_step(self.state.step, self.state)
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            self.state.step += 1
+            if batch_index % 20 == 0 or batch_index == self.steps_per_epoch - 1:
+                ratio = task.cost_ratio() or ratio
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}", flops=f"{ratio:.3f}")
+        bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        return EpochRecord(epoch + 1, self.state.phase, seconds, cpu_seconds, loss_sum.item() / max(1, seen),
+                           correct.item() / max(1, seen), float("nan"), ratio, lr)
+
+    def current_cost_ratio(self) -> float:
+        """The cost ratio of the hard kept counts now (pruning) or of the current widths."""
+        if self.controller is not None:
+            return float(self.cost.ratio(torch.tensor(self.controller.hard_counts(), dtype=torch.float64)))
+        widths = [self.state.widths[s] for s in self.dense_widths]
+        return float(self.cost.ratio(torch.tensor(widths, dtype=torch.float64)))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> float:
+        """Top-1 accuracy (fraction) on the test split, with hard masks during pruning."""
+        model = model or self.model
+        model.eval()
+        if self.controller is not None and self.state.phase == "pruning":
+            self.controller.update_masks(with_grad=False)
+        correct, seen = 0, 0
+        for images, labels in iterate_batches(self.test_split, self.data.info, 500, self.device):
+            correct += int((self._forward(images).argmax(1) == labels).sum())
+            seen += len(labels)
+        return correct / max(1, seen)
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, batches: int) -> None:
+        """Re-estimate BN running statistics on `batches` training batches (cumulative average):
+        statistics gathered while masks moved are stale once they are frozen."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved_momentum = [m.momentum for m in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+        self.model.train()
+        generator = torch.Generator().manual_seed(self.config.seed + 7)
+        batch_iter = iterate_batches(self.train_split, self.data.info, self.config.batch_size, self.device, generator, train=True)
+        for index, (images, _) in enumerate(batch_iter):
+            if index >= batches:
+                break
+            self._forward(images)
+        for norm, momentum in zip(norms, saved_momentum):
+            norm.momentum = momentum
+
+    def freeze(self) -> FreezeResult:
+        """End of the pruning phase: round widths, fix masks, slim physically, recalibrate BN."""
+        assert self.controller is not None
+        plan = freeze(self.controller, self.optimizer)
+        self.task = DenseTask()
+        if self.amp:
+            self.model.to(memory_format=torch.channels_last)
+        self.recalibrate_batchnorm(self.config.bn_recalibration_batches)
+        self.state.phase = "slim"
+        self.state.widths = dict(plan.widths)
+        self.state.freeze = asdict(plan)
+        return plan
+
+    def run(self, resume: bool = False, on_epoch: Callable[["Trainer"], None] | None = None) -> dict[str, Any]:
+        """Train to the end (or from the last checkpoint), write the slim model and the report;
+        returns the report (see `training.report.build_report`)."""
+        from lapp_edge.training.report import summary_of, write_report
+
+        with self.run_dir.hold():
+            if resume and self.run_dir.checkpoint_path.is_file():
+                self.load_checkpoint()
+            elif resume and not self.run_dir.config_path.is_file():
+                raise UserError(f"nothing to resume: {self.out / CHECKPOINT} does not exist")
+            # a new run, or one killed before its first checkpoint, starts from epoch 0; a resumed run's
+            # config is written again because options given on resume (more --epochs) change it
+            self.run_dir.write_config(asdict(self.config))
+            while self.state.epoch < self.config.epochs:
+                record = self.train_epoch()
+                self.state.epoch += 1
+                if self.state.phase == "pruning" and self.state.epoch >= self.config.prune_epochs:
+                    self.freeze()
+                    record.flops_ratio = self.current_cost_ratio()
+                record.test_top1 = self.evaluate()
+                self.state.history.append(asdict(record))
+                self.save_checkpoint()
+                if self.config.progress:
+                    print(f"epoch {record.epoch:3d} [{record.phase:7s}] {record.seconds:6.1f}s  loss {record.train_loss:.4f}  "
+                          f"train {record.train_top1:.4f}  test {record.test_top1:.4f}  FLOPs {record.flops_ratio:.4f}", flush=True)
+                if on_epoch is not None:
+                    on_epoch(self)
+            self.write_slim_model()
+            summary = summary_of(self)
+            report = summary.build()
+            if self.run_dir.writer:
+                write_report(self.out, report, self.state)
+            return report
+
+    def architecture_spec(self) -> ArchitectureSpec:
+        info = self.data.info
+        return ArchitectureSpec(
+            model=self.config.model, in_channels=info.in_channels, num_classes=info.num_classes,
+            input_size=info.input_size, bypass=self.config.bypass and not self.config.dense,
+            widths=dict(self.state.widths), dense_widths=dict(self.dense_widths),
+            mean=list(info.mean), std=list(info.std), class_names=list(info.class_names),
+        )
+
+    def write_slim_model(self) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        self.run_dir.torch_save(SLIM_WEIGHTS, state)
+        self.run_dir.write_json(SLIM_SPEC, self.architecture_spec().to_dict())
+
+
+def run_training(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Validate `config`, check the run directory (new, or resumable), train, and return the report.
+    Raises UserError for every bad input before anything is written."""
+    validate_config(config)
+    RunDirectory(config.out).check_usable(resume)
+    trainer = Trainer(config)
+    return trainer.run(resume=resume)

@@ -1,0 +1,349 @@
+"""Property-based bad input: every command, driven in-process through `lapp_edge.cli.main`
+with generated bad values, answers with exactly one line on stderr and exit code 2, prints
+no traceback, and changes no file in a pre-populated directory. Bad input is rejected
+before any training, so each example takes milliseconds to a second."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lapp_edge.resources import CALIBRATION_SETS_DIR, TARGETS_DIR
+from lapp_edge.cli import main
+from lapp_edge.data.torch_data import DATASETS, Dataset
+from lapp_edge.lapp.scores import SCORERS
+from lapp_edge.models import MODEL_BUILDERS
+from tests.training.test_reliability import write_idx
+
+ROOT = Path(__file__).resolve().parents[2]
+# capsys is read (and so reset) after every example; each example makes its own directory in `scratch`
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture], derandomize=True)
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def run_bad(args: list[str], guarded: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI; it must fail with one line and exit 2 and leave `guarded` as it was."""
+    before = snapshot(guarded)
+    code = main(args)
+    captured = capsys.readouterr()
+    err = captured.err
+    assert code == 2, (args, err, captured.out[-500:])
+    assert len(err.splitlines()) == 1 and err.startswith("lapp-edge: error: ") and err.endswith("\n"), (args, err)
+    assert "Traceback" not in err + captured.out, args
+    assert snapshot(guarded) == before, args
+    return err
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, fmnist: Dataset) -> Path:
+    """A pre-populated directory: a small valid Fashion-MNIST copy, a file, a finished-looking run."""
+    root = tmp_path_factory.mktemp("work")
+    data = root / "data"
+    data.mkdir()
+    for prefix, split, count in (("train", fmnist.train, 64), ("t10k", fmnist.test, 32)):
+        write_idx(data / f"{prefix}-images-idx3-ubyte", split.images[:count, 0].numpy())  # type: ignore[attr-defined]
+        write_idx(data / f"{prefix}-labels-idx1-ubyte", split.labels[:count].numpy().astype(np.uint8))  # type: ignore[attr-defined]
+    (root / "notes.txt").write_text("keep me\n")
+    return root
+
+
+@pytest.fixture()
+def scratch() -> Iterator[Path]:
+    """A fresh directory per test (hypothesis examples each make their own inside it)."""
+    directory = Path(tempfile.mkdtemp(prefix="lapp-props-"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def fresh(scratch: Path) -> Path:
+    return Path(tempfile.mkdtemp(dir=scratch))
+
+
+# --- train: bad values for every option ---------------------------------------------------------
+
+def _fmt(value: float) -> str:
+    return repr(value) if not math.isnan(value) else "nan"
+
+
+names = st.text(min_size=0, max_size=12)
+BAD_OPTIONS = st.one_of(
+    st.tuples(st.just("--epochs"), st.integers(max_value=0).map(str)),
+    st.tuples(st.just("--prune-epochs"), st.integers(max_value=0).map(str)),
+    st.tuples(st.just("--prune-epochs"), st.integers(min_value=2, max_value=10**6).map(str)),   # >= --epochs 2
+    st.tuples(st.just("--flops-target"), st.one_of(
+        st.floats(max_value=0.0), st.floats(min_value=1.0, exclude_min=True), st.just(math.nan)).map(_fmt)),
+    st.tuples(st.just("--batch-size"), st.integers(max_value=0).map(str)),
+    st.tuples(st.just("--lr"), st.one_of(st.floats(max_value=0.0), st.just(math.inf), st.just(math.nan)).map(_fmt)),
+    st.tuples(st.just("--weight-decay"), st.one_of(
+        st.floats(max_value=0.0, exclude_max=True), st.just(math.inf), st.just(math.nan)).map(_fmt)),
+    st.tuples(st.just("--channel-multiple"), st.integers(max_value=0).map(str)),
+    st.tuples(st.sampled_from(["--train-subset", "--test-subset"]), st.integers(max_value=-1).map(str)),
+    st.tuples(st.just("--seed"), st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32)).map(str)),
+    st.tuples(st.just("--model"), names.filter(lambda s: s not in MODEL_BUILDERS)),
+    st.tuples(st.just("--dataset"), names.filter(lambda s: s not in DATASETS)),
+    st.tuples(st.just("--scorer"), names.filter(lambda s: s not in SCORERS)),
+    st.tuples(st.just("--lr-schedule"), names.filter(lambda s: s not in ("cosine", "step"))),
+    st.tuples(st.just("--device"), names.filter(lambda s: s not in ("auto", "cpu", "cuda"))),
+    st.tuples(st.sampled_from(["--epochs", "--batch-size", "--seed", "--lr", "--flops-target"]),
+              st.text(min_size=1, max_size=8).filter(lambda s: not _is_number(s))),
+    st.tuples(st.just("--data-dir"), st.sampled_from(["nonexistent", "notes.txt", "", "data/train-images-idx3-ubyte"])),
+)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+@SETTINGS
+@given(option=BAD_OPTIONS)
+def test_train_rejects_bad_values(option: tuple[str, str], workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flag, value = option
+    if flag == "--data-dir":
+        value = str(workdir / value) if value else value
+    args = ["train", "--out", str(workdir / "run"), "--data-dir", str(workdir / "data"), "--epochs", "2",
+            "--prune-epochs", "1", "--quiet", f"{flag}={value}"]
+    run_bad(args, workdir, capsys)
+    assert not (workdir / "run").exists()
+
+
+# --- train --resume: a run directory whose files are bad ------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8,
+)
+CONFIG_FIELDS = {"epochs": int, "prune_epochs": int, "batch_size": int, "lr": float, "flops_target": float,
+                 "seed": int, "model": str, "dataset": str, "channel_multiple": int, "data_dir": str, "dense": bool}
+
+
+def _wrong_type(field: str, value: object) -> bool:
+    kind = CONFIG_FIELDS[field]
+    if kind is float:
+        return isinstance(value, bool) or not isinstance(value, (int, float))
+    if kind is int:
+        return isinstance(value, bool) or not isinstance(value, int)
+    if field == "data_dir":
+        return not isinstance(value, (str, type(None)))
+    return not isinstance(value, kind)
+
+
+bad_configs = st.one_of(
+    json_values.filter(lambda v: not isinstance(v, dict)).map(json.dumps),
+    st.sampled_from(sorted(CONFIG_FIELDS)).flatmap(
+        lambda field: json_values.filter(lambda v, f=field: _wrong_type(f, v)).map(lambda v, f=field: {f: v})
+    ).map(lambda change: json.dumps({"epochs": 2, "prune_epochs": 1, **change})),
+    st.binary(max_size=40).filter(lambda b: not _parses(b)).map(lambda b: b.decode("latin-1")),
+)
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data)
+        return True
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+@SETTINGS
+@given(config=bad_configs)
+def test_resume_rejects_a_bad_config(config: str, scratch: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = fresh(scratch)
+    (run / "config.json").write_bytes(config.encode("latin-1"))
+    run_bad(["train", "--out", str(run), "--resume", "--quiet"], run, capsys)
+
+
+def _checkpoint_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"format": 1, "state": {"epoch": 1, "step": 10, "phase": "slim", "widths": {}}}, buffer)
+    return buffer.getvalue()
+
+
+CHECKPOINT = _checkpoint_bytes()
+
+
+@SETTINGS
+@given(kind=st.sampled_from(["truncated", "garbage", "misfit"]), cut=st.integers(0, len(CHECKPOINT) - 1),
+       noise=st.binary(max_size=64), state=json_values)
+def test_resume_rejects_a_bad_checkpoint(kind: str, cut: int, noise: bytes, state: object, workdir: Path, scratch: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    run = fresh(scratch)
+    config = {"out": str(run), "epochs": 2, "prune_epochs": 1, "data_dir": str(workdir / "data"), "threads": 1}
+    (run / "config.json").write_text(json.dumps(config))
+    if kind == "truncated":
+        data = CHECKPOINT[:cut]
+    elif kind == "garbage":
+        data = noise
+    else:  # loads fine, but is not this run's checkpoint
+        buffer = io.BytesIO()
+        torch.save({"format": 1, "state": state, "optimizer": {}}, buffer)
+        data = buffer.getvalue()
+    (run / "checkpoint.pt").write_bytes(data)
+    err = run_bad(["train", "--out", str(run), "--resume", "--quiet"], run, capsys)
+    assert "checkpoint" in err
+
+
+# --- wrong dataset layouts ----------------------------------------------------------------------
+
+FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+MUTATIONS = ["truncate", "garbage", "header", "bad-gzip", "truncated-gzip", "labels", "size", "count", "missing"]
+
+
+@SETTINGS
+@given(mutation=st.sampled_from(MUTATIONS), file=st.sampled_from(FILES), fraction=st.floats(0.0, 0.999),
+       noise=st.binary(min_size=0, max_size=64), position=st.integers(0, 7), byte=st.integers(0, 255))
+def test_train_rejects_a_broken_dataset(mutation: str, file: str, fraction: float, noise: bytes, position: int, byte: int,
+                                        workdir: Path, scratch: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = fresh(scratch)
+    for name in FILES:
+        shutil.copy(workdir / "data" / name, data / name)
+    path = data / file
+    raw = path.read_bytes()
+    if mutation == "truncate":
+        path.write_bytes(raw[: int(len(raw) * fraction)])
+    elif mutation == "garbage":
+        path.write_bytes(noise)
+    elif mutation == "header":
+        if raw[position] == byte or position in (4, 5, 6, 7):   # make sure the header really changes
+            byte = (raw[position] + 1 + byte) % 256 if position < 4 else (raw[position] ^ 0x80)
+        path.write_bytes(raw[:position] + bytes([byte]) + raw[position + 1:])
+    elif mutation == "bad-gzip":
+        path.unlink()
+        (data / f"{file}.gz").write_bytes(gzip.compress(raw)[:10] + noise + b"\x00" * 8)
+    elif mutation == "truncated-gzip":
+        path.unlink()
+        packed = gzip.compress(raw)
+        (data / f"{file}.gz").write_bytes(packed[: int(len(packed) * fraction)])
+    elif mutation == "labels":
+        labels_file = data / file.replace("images-idx3", "labels-idx1")
+        labels = bytearray(labels_file.read_bytes())
+        labels[8 + position] = 10 + byte % 246
+        labels_file.write_bytes(bytes(labels))
+    elif mutation == "size":
+        images_file = data / file.replace("labels-idx1", "images-idx3")
+        array = np.frombuffer(images_file.read_bytes()[16:], dtype=np.uint8).reshape(-1, 28, 28)
+        write_idx(images_file, np.ascontiguousarray(array[:, : 27 - position % 20, :]))
+    elif mutation == "count":
+        labels_file = data / file.replace("images-idx3", "labels-idx1")
+        labels = np.frombuffer(labels_file.read_bytes()[8:], dtype=np.uint8)
+        write_idx(labels_file, labels[: len(labels) - 1 - position])
+    else:
+        path.unlink()
+    out = data / "run"
+    args = ["train", "--out", str(out), "--data-dir", str(data), "--epochs", "2", "--prune-epochs", "1", "--quiet"]
+    run_bad(args, data, capsys)
+    assert not out.exists()
+
+
+# --- bench: bad target profiles and calibration settings ------------------------------------------
+
+VALID_PROFILE = yaml.safe_load((TARGETS_DIR / "x86-ort-int8.yaml").read_text())
+VALID_CALIBRATION = yaml.safe_load((CALIBRATION_SETS_DIR / "fashion-mnist-train-512.yaml").read_text())
+
+bad_profiles = st.one_of(
+    st.sampled_from(sorted(VALID_PROFILE)).flatmap(
+        lambda key: json_values.map(lambda v, k=key: yaml.safe_dump({**VALID_PROFILE, k: v}))),
+    st.text(max_size=60).map(str),
+    st.binary(max_size=60).map(lambda b: b.decode("latin-1")),
+)
+
+
+@SETTINGS
+@given(profile=bad_profiles)
+def test_bench_rejects_bad_profiles(profile: str, workdir: Path, scratch: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the package does not exist either: whatever is found first, it is one line and exit 2
+    directory = fresh(scratch)
+    (directory / "target.yaml").write_bytes(profile.encode("latin-1", errors="replace"))
+    args = ["bench", str(workdir / "no-package"), "--target", str(directory / "target.yaml"), "--out", str(directory / "b.json")]
+    run_bad(args, directory, capsys)
+    assert not (directory / "b.json").exists()
+
+
+bad_calibrations = st.one_of(
+    st.sampled_from(["", None, "no-such-set", "calibration/absent.yaml", 7, [], {}]).map(lambda v: ("name", v)),
+    st.sampled_from(["name", "dataset", "split", "count", "seed"]).flatmap(
+        lambda key: st.one_of(json_values, st.just("__missing__")).filter(
+            lambda v, k=key: not (k == "split" and v in ("train", "test")) and not (k == "dataset" and v in DATASETS)
+            and not (k in ("count", "seed") and isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**32)
+            and not (k == "name" and v != "__missing__")
+        ).map(lambda v, k=key: ("file", {k: v}))),
+    st.text(max_size=40).map(lambda text: ("text", text)),
+)
+
+
+@SETTINGS
+@given(case=bad_calibrations)
+def test_bench_rejects_bad_calibration_settings(case: tuple[str, object], workdir: Path, scratch: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    directory = fresh(scratch)
+    kind, value = case
+    if kind == "name":
+        calibration = value
+    else:
+        definition = directory / "set.yaml"
+        if kind == "file":
+            ((key, replacement),) = value.items()  # type: ignore[union-attr]
+            payload = {k: v for k, v in VALID_CALIBRATION.items() if k != key}
+            if replacement != "__missing__":
+                payload[key] = replacement
+            definition.write_text(yaml.safe_dump(payload))
+        else:
+            definition.write_text(str(value))
+            try:
+                loaded = yaml.safe_load(str(value))
+            except yaml.YAMLError:
+                loaded = None
+            if isinstance(loaded, dict) and set(VALID_CALIBRATION) <= set(loaded):
+                return  # a (by chance) complete definition is not bad input
+        calibration = str(definition)
+    (directory / "target.yaml").write_text(yaml.safe_dump({**VALID_PROFILE, "calibration": calibration}))
+    err = run_bad(["bench", str(workdir / "no-package"), "--target", str(directory / "target.yaml")], directory, capsys)
+    assert "calibration" in err or "set.yaml" in err, err
+
+
+# --- export / verify: paths and packages that are not what they claim ------------------------------
+
+@SETTINGS
+@given(manifest=st.one_of(json_values.map(json.dumps), st.binary(max_size=40).map(lambda b: b.decode("latin-1"))),
+       command=st.sampled_from(["verify", "bench", "export-into"]), path_kind=st.sampled_from(["manifest", "absent", "file"]))
+def test_package_readers_reject_bad_packages(manifest: str, command: str, path_kind: str, workdir: Path, scratch: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    directory = fresh(scratch)
+    package = directory / "pkg"
+    if path_kind == "manifest":
+        package.mkdir()
+        (package / "manifest.json").write_bytes(manifest.encode("latin-1"))
+        (package / "model.onnx").write_bytes(b"\x08\x07")
+    elif path_kind == "file":
+        package.write_text("a file, not a package")
+    run = directory / "run"     # a run directory without a finished model
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    args = {
+        "verify": ["verify", str(package)],
+        "bench": ["bench", str(package), "--target", str(TARGETS_DIR / "x86-ort-fp32.yaml")],
+        "export-into": ["export", str(run if path_kind != "absent" else package), "--out", str(package)],
+    }[command]
+    run_bad(args, directory, capsys)

@@ -1,0 +1,211 @@
+"""The latency model: fit arithmetic on synthetic data, the stored fit and its runtime-free reader,
+the configuration draw, `lapp-edge calibrate-latency` end to end (ORT fp32, 4 configurations) and
+its bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lapp_edge.resources import TARGETS_DIR
+from lapp_edge import cli
+from lapp_edge.errors import UserError
+from lapp_edge.costs.latency_fit import (
+    choose_fit, fit_from_dict, fit_linear, held_out_errors, load_fit, predict_linear, r_squared,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+ORT_FP32 = TARGETS_DIR / "x86-ort-fp32.yaml"
+RESNET20_DENSE = {f"layer{s}.{b}.conv1": w for s, w in ((1, 16), (2, 32), (3, 64)) for b in range(3)}
+
+
+# --- fit arithmetic ----------------------------------------------------------------------
+
+def test_linear_fit_recovers_exact_coefficients_with_r2_one_and_no_held_out_error() -> None:
+    x = np.linspace(0.1, 1.0, 24)
+    y = 0.27 + 0.74 * x
+    coefficients = fit_linear(x, y)
+    assert coefficients == pytest.approx([0.27, 0.74], abs=1e-12)
+    assert r_squared(y, predict_linear(coefficients, x)) == pytest.approx(1.0)
+    held = held_out_errors(x, y, splits=100)
+    assert held.median_abs_pct < 1e-9 and held.max_abs_pct < 1e-9
+    assert (held.fit_points, held.held_out_points) == (16, 8)
+    assert held.mean_predictor_median_abs_pct > 10           # the no-model baseline is far off on a line with slope
+
+
+def test_two_feature_fit_recovers_coefficients() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.1, 1.0, (30, 2))
+    y = 0.1 + 0.6 * x[:, 0] + 0.3 * x[:, 1]
+    assert fit_linear(x, y) == pytest.approx([0.1, 0.6, 0.3], abs=1e-12)
+
+
+def test_r_squared_and_held_out_error_follow_the_noise_level() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0.1, 1.0, 24)
+    y = (0.3 + 0.7 * x) * (1 + rng.normal(0, 0.05, 24))         # 5% multiplicative noise
+    coefficients = fit_linear(x, y)
+    assert 0.8 < r_squared(y, predict_linear(coefficients, x)) < 1.0
+    held = held_out_errors(x, y)
+    assert 1.0 < held.median_abs_pct < 8.0                       # about the noise's median |error| (~3.4%)
+    assert held.max_abs_pct >= held.median_abs_pct
+    assert r_squared(y, np.full_like(y, y.mean())) == pytest.approx(0.0)
+
+
+def test_held_out_is_deterministic_for_a_seed_and_refuses_too_few_points() -> None:
+    x = np.linspace(0.1, 1.0, 12)
+    y = 0.3 + 0.7 * x + 0.01 * np.sin(20 * x)
+    assert held_out_errors(x, y, seed=3) == held_out_errors(x, y, seed=3)
+    with pytest.raises(UserError):
+        held_out_errors(x[:2], y[:2])
+
+
+def _rows(count: int, seed: int) -> list[dict[str, float]]:
+    rng = np.random.default_rng(seed)
+    return [{"macs_ratio": m, "params_ratio": p, "activations_ratio": a}
+            for m, p, a in rng.uniform(0.1, 1.0, (count, 3))]
+
+
+def test_memory_term_is_kept_only_where_it_measurably_helps() -> None:
+    rows = _rows(24, 4)
+    macs = np.array([r["macs_ratio"] for r in rows])
+    activations = np.array([r["activations_ratio"] for r in rows])
+    chosen, candidates = choose_fit(rows, 0.2 + 0.5 * macs + 0.3 * activations)
+    assert chosen.features == ["macs_ratio", "activations_ratio"] and len(candidates) == 3
+    assert chosen.coefficients == pytest.approx([0.2, 0.5, 0.3], abs=1e-9)
+    noise = 1 + 0.01 * np.random.default_rng(5).standard_normal(24)
+    chosen, _ = choose_fit(rows, (0.3 + 0.7 * macs) * noise)       # memory terms explain only noise
+    assert chosen.features == ["macs_ratio"]
+    chosen, candidates = choose_fit(rows[:4], 0.3 + 0.7 * macs[:4])  # too few points for a second term
+    assert chosen.features == ["macs_ratio"] and len(candidates) == 1
+
+
+# --- configurations ----------------------------------------------------------------------------
+
+def test_draw_configs_dense_uniform_then_seeded_random_multiples_of_8() -> None:
+    from lapp_edge.latency.calibrate import draw_configs
+
+    configs = draw_configs(RESNET20_DENSE, 24, seed=0)
+    assert len(configs) == 24 and len({tuple(c.widths.values()) for c in configs}) == 24
+    assert configs[0].name == "dense" and configs[0].widths == RESNET20_DENSE
+    assert configs[2].widths["layer3.0.conv1"] == 32 and configs[2].widths["layer1.0.conv1"] == 8   # uniform x0.5
+    for config in configs:
+        for site, width in config.widths.items():
+            assert width % 8 == 0 and 8 <= width <= RESNET20_DENSE[site]
+    assert [c.widths for c in draw_configs(RESNET20_DENSE, 24, seed=0)] == [c.widths for c in configs]
+    assert [c.widths for c in draw_configs(RESNET20_DENSE, 24, seed=1)] != [c.widths for c in configs]
+    with pytest.raises(UserError):
+        draw_configs(RESNET20_DENSE, 2, seed=0)
+
+
+# --- the stored fit and its reader ---------------------------------------------------------------
+
+def _stored_fit(path: Path) -> Path:
+    """A fit written the way calibrate-latency writes one (through LatencyFit/BatchFit), synthetic numbers."""
+    from lapp_edge.costs.latency_fit import FIT_FORMAT, BatchFit, LatencyFit, write_fit_json
+
+    rows = _rows(12, 6)
+    y = np.array([0.25 + 0.75 * r["macs_ratio"] for r in rows])
+    chosen, candidates = choose_fit(rows, y)
+    fit = LatencyFit(
+        format=FIT_FORMAT, target="x86-test", model="resnet20", backend="onnxruntime-cpu", precision_requested="fp32",
+        precision_used="fp32", threads=1, input_shape=[1, 28, 28], dense_widths=RESNET20_DENSE,
+        dense={"macs": 31.0e6, "params": 270e3, "activations": 60e3}, batches={1: BatchFit(1, chosen, candidates, 0.6)},
+    )
+    path.write_bytes(write_fit_json(fit))
+    return path
+
+
+def test_stored_fit_round_trips_and_predicts(tmp_path: Path) -> None:
+    fit = load_fit(_stored_fit(tmp_path / "fit.json"))
+    assert fit.batches[1].chosen.features == ["macs_ratio"]
+    assert fit.predict_ratio(1, fit.ratios_of(macs=15.5e6, params=100e3, activations=30e3)) == pytest.approx(0.25 + 0.75 * 0.5)
+    with pytest.raises(UserError, match="no batch 32"):
+        fit.predict_ratio(32, {"macs_ratio": 0.5})
+    with pytest.raises(UserError, match="needs macs_ratio"):
+        fit.predict_ratio(1, {})
+
+
+def test_bad_fit_files_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        load_fit(tmp_path / "missing.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read"):
+        load_fit(tmp_path / "broken.json")
+    with pytest.raises(UserError, match="not a latency fit"):
+        fit_from_dict({"format": "other"})
+    payload = json.loads(_stored_fit(tmp_path / "fit.json").read_text())
+    del payload["batches"]["1"]["chosen"]
+    with pytest.raises(UserError, match="malformed"):
+        fit_from_dict(payload)
+
+
+def test_fit_reader_imports_no_runtime_and_no_torch(tmp_path: Path) -> None:
+    path = _stored_fit(tmp_path / "fit.json")
+    code = (
+        "import sys\n"
+        "from lapp_edge.costs.latency_fit import load_fit\n"
+        f"fit = load_fit({str(path)!r})\n"
+        "print(round(fit.predict_ratio(1, {'macs_ratio': 0.5}), 6))\n"
+        "print(sorted(m for m in ('onnxruntime', 'openvino', 'nncf', 'onnx', 'tensorrt', 'torch', 'lapp_edge.deploy.backends') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == [str(round(0.25 + 0.75 * 0.5, 6)), "[]"]
+
+
+# --- calibrate-latency: bad input and a tiny real run ---------------------------------------------
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--target", "no-such-target"], "does not exist"),
+    (["--target", str(ORT_FP32), "--configs", "2"], "--configs must be at least 3"),
+    (["--target", str(ORT_FP32), "--model", "resnet7"], "unknown model 'resnet7'"),
+    (["--target", str(ORT_FP32), "--max-other-cpu", "0"], "--max-other-cpu"),
+])
+def test_calibrate_latency_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    code = cli.main(["calibrate-latency", *extra, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.latency
+def test_calibrate_latency_end_to_end_on_ort_fp32_and_bench_prediction(tmp_path: Path) -> None:
+    from lapp_edge.deploy.bench import compare_with_fit
+    from lapp_edge.deploy.compile import OnnxModel, compile_runner
+    from lapp_edge.deploy.measure import RatioProtocol
+    from lapp_edge.deploy.package import ModelPackage
+    from lapp_edge.deploy.targets import load_target
+    from lapp_edge.latency.calibrate import build_fused, calibrate, export_config
+
+    result = calibrate(ORT_FP32, "resnet20", configs=4, seed=0, out=tmp_path / "latency",
+                       options=RatioProtocol(blocks=5, calls_batch1=15, warmup=5, retries=0), progress=False)
+    assert result.json_path == tmp_path / "latency" / "latency-fit-x86-ort-fp32-resnet20.json"
+    assert result.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fit = load_fit(result.json_path)
+    assert fit.precision_used == "fp32" and fit.threads == 1 and fit.backend == "onnxruntime-cpu"
+    assert (tmp_path / "latency" / fit.dense_reference).is_file()          # what bench measures packages against
+    assert [m["name"] for m in fit.measurements] == ["dense", "uniform-x0.25", "uniform-x0.5", "uniform-x0.75"]
+    ratios = {m["name"]: m["latency_ratio"]["1"] for m in fit.measurements}
+    assert 0.8 < ratios["dense"] < 1.25                      # the dense model against its own second session
+    assert ratios["uniform-x0.25"] < ratios["dense"]         # a quarter-width network is faster, whatever the load
+    assert fit.batches[1].chosen.features == ["macs_ratio"] and 0 < fit.batches[1].chosen.coefficients[1]
+    assert {"torch", "onnxruntime"} <= set(fit.versions) and fit.created and fit.load["cpu_count"] >= 1
+
+    # The bench's figure: a "package" of the x0.5 network, predicted from FLOPs vs measured against dense.
+    profile = load_target(ORT_FP32)
+    half = fit.measurements[2]
+    package = ModelPackage(tmp_path, {"input": {"shape": [1, 28, 28]}, "flops": {"ratio": half["macs_ratio"]}})
+    onnx_path = export_config(build_fused("resnet20", half["widths"], fit.dense_widths, (1, 28, 28)), (1, 28, 28), tmp_path / "half.onnx")
+    with compile_runner(OnnxModel(onnx_path, "input", (1, 28, 28)), profile, 1, tmp_path) as runner:
+        [comparison] = compare_with_fit(fit, str(result.json_path), tmp_path / "latency" / fit.dense_reference, package,
+                                        profile, {1: runner}, {1: 0.5}, tmp_path, None, "")
+    assert comparison.features["macs_ratio"] == pytest.approx(half["macs_ratio"])
+    assert comparison.predicted_ratio == pytest.approx(fit.predict_ratio(1, comparison.features))
+    assert comparison.predicted_ms == pytest.approx(comparison.predicted_ratio * comparison.dense_median_ms)
+    assert 0.2 < comparison.measured_ratio < 1.2

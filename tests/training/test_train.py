@@ -1,0 +1,85 @@
+"""End-to-end training on real Fashion-MNIST (tiny schedules) and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lapp_edge.errors import UserError
+from lapp_edge.models.fuse import fuse_model
+from lapp_edge.models import ConvBN
+from lapp_edge.models.spec import load_slim_model
+from lapp_edge.training.trainer import Trainer
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("multiple", [8, 1])
+def test_slim_network_lands_within_one_percent_of_target(tmp_path: Path, fmnist, target: float, multiple: int) -> None:
+    config = tiny_config(tmp_path / "run", flops_target=target, channel_multiple=multiple, epochs=2)
+    report = Trainer(config, fmnist).run()
+    flops = report["flops"]
+    independent_ratio = flops["independent_slim_flops"] / flops["independent_dense_flops"]
+    assert abs(independent_ratio - target) <= 0.01
+    assert flops["independent_slim_flops"] == 2 * flops["slim_macs"]
+    widths = [layer["kept"] for layer in report["layers"]]
+    assert all(w % multiple == 0 for w in widths)
+    assert len(set(layer["kept_ratio"] for layer in report["layers"])) > 1  # layers pruned at different rates
+
+    # the slim model rebuilds from its spec alone and counts the same FLOPs
+    model, spec = load_slim_model(tmp_path / "run")
+    assert spec.widths == {layer["name"]: layer["kept"] for layer in report["layers"]}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fuse_model(model)(torch.zeros(1, 1, 28, 28))
+    assert counter.get_total_flops() == flops["independent_slim_flops"]
+
+
+def test_run_writes_report_plot_and_slim_model(tmp_path: Path, fmnist) -> None:
+    out = tmp_path / "run"
+    report = Trainer(tiny_config(out), fmnist).run()
+    for name in ("config.json", "checkpoint.pt", "slim_model.pt", "architecture.json", "report.json", "report.txt", "kept_ratio.png"):
+        assert (out / name).is_file(), name
+    assert (out / "kept_ratio.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["accuracy"]["test_top1"] == report["accuracy"]["test_top1"] > 0.2
+    assert [e["phase"] for e in saved["epochs"]] == ["pruning", "slim"]
+    model, _ = load_slim_model(out)
+    assert any(isinstance(m, ConvBN) and m.bypass_conv is not None for m in model.modules())  # kept for export
+    assert not (out / ".lock").exists()
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path: Path, fmnist) -> None:
+    straight = Trainer(tiny_config(tmp_path / "a", epochs=3), fmnist).run()
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_two(trainer: Trainer) -> None:
+        if trainer.state.epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(tiny_config(tmp_path / "b", epochs=3), fmnist).run(on_epoch=stop_after_epoch_two)
+    (tmp_path / "b" / ".lock").unlink(missing_ok=True)
+    resumed = Trainer(tiny_config(tmp_path / "b", epochs=3), fmnist).run(resume=True)
+    assert [l["kept"] for l in resumed["layers"]] == [l["kept"] for l in straight["layers"]]
+    assert resumed["accuracy"] == straight["accuracy"]
+    a = torch.load(tmp_path / "a" / "slim_model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "slim_model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dense_baseline_trains_without_lapp(tmp_path: Path, fmnist) -> None:
+    report = Trainer(tiny_config(tmp_path / "dense", dense=True), fmnist).run()
+    assert report["mode"] == "dense" and report["flops"]["ratio"] == 1.0
+    assert [e["phase"] for e in report["epochs"]] == ["dense", "dense"]
+
+
+def test_unreachable_target_is_reported_before_training(tmp_path: Path, fmnist) -> None:
+    with pytest.raises(UserError, match="cannot be reached"):
+        Trainer(tiny_config(tmp_path / "run", flops_target=0.05), fmnist)
+    assert not (tmp_path / "run").exists()
