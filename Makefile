@@ -57,8 +57,8 @@ clean:
 # CPU targets: bench every profile of one runtime on the demo model package (compile,
 # top-1 vs the fp32 ORT reference on the full test split, latency at batch 1 and 32).
 DEMO_PACKAGE := models/demo
-ORT_TARGETS := targets/x86-ort-fp32.yaml targets/x86-ort-int8.yaml
-OPENVINO_TARGETS := targets/x86-openvino-f32.yaml targets/x86-openvino-bf16.yaml targets/x86-openvino-int8.yaml
+ORT_TARGETS := x86-ort-fp32 x86-ort-int8
+OPENVINO_TARGETS := x86-openvino-f32 x86-openvino-bf16 x86-openvino-int8
 
 .PHONY: ort-cpu openvino
 

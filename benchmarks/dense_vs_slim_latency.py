@@ -1,6 +1,6 @@
 """Dense vs slim (LAPP) latency per CPU target at batch 1 and 32, and int8 (bf16) vs fp32 per runtime.
 
-For every target profile (default: the five in targets/) the dense package and each slim
+For every target profile (default: the five shipped x86 profiles) the dense package and each slim
 package are compiled the way `lapp-edge bench` compiles them (`get_backend(profile.backend)
 .load(LoadRequest(...))`, int8 with the profile's calibration set drawn with the package's
 mean/std and the profile's first int8 route), at batch 1 and 32, at the profile's threads.
@@ -41,21 +41,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lapp_edge.deploy.backends import BackendUnavailable, LoadRequest, Runner, get_backend  # noqa: E402
+from lapp_edge.deploy.backends import BackendUnavailable, Runner  # noqa: E402
+from lapp_edge.deploy.compile import compile_runner, int8_calibration, int8_route  # noqa: E402
 from lapp_edge.deploy.measure import (  # noqa: E402
     LatencyStats, cpu_model, cpu_snapshot, measure_latency, other_cpu_share_since, quiet_block_ratios,
     RatioProtocol,
 )
 from lapp_edge.deploy.bench import load_test_set  # noqa: E402
-from lapp_edge.deploy.calibration_set import draw_calibration, load_definition  # noqa: E402
+from lapp_edge.deploy.calibration_set import load_definition  # noqa: E402
 from lapp_edge.errors import UserError  # noqa: E402
 from lapp_edge.fileio import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from lapp_edge.deploy.package import ModelPackage, load_package  # noqa: E402
 from lapp_edge.deploy.targets import TargetProfile, load_target  # noqa: E402
 
-TARGETS_DIR = Path(__file__).resolve().parents[1] / "targets"
-DEFAULT_TARGETS = [str(TARGETS_DIR / f"{name}.yaml") for name in
-                   ("x86-ort-fp32", "x86-ort-int8", "x86-openvino-f32", "x86-openvino-bf16", "x86-openvino-int8")]
+DEFAULT_TARGETS = ["x86-ort-fp32", "x86-ort-int8", "x86-openvino-f32", "x86-openvino-bf16", "x86-openvino-int8"]
 BATCHES = (1, 32)
 EFFICIENCY_GOAL = 0.8          # measured speedup / FLOPs speedup, fp32, batch 32, widths multiples of 8
 INT8_GOAL = 2.0                # OpenVINO int8 vs OpenVINO f32
@@ -200,24 +199,6 @@ def check_packages(dense: ModelPackage, slims: list[ModelPackage]) -> None:
 
 # --- compiling ---------------------------------------------------------------------------------
 
-def int8_route(profile: TargetProfile, backend_routes: tuple[str, ...]) -> str:
-    if profile.precision != "int8":
-        return ""
-    return profile.int8_routes[0] if profile.int8_routes else backend_routes[0]
-
-
-def compile_runner(profile: TargetProfile, package: ModelPackage, batch: int, work_dir: Path,
-                   calibration: np.ndarray | None) -> Runner:
-    """The compile path of `lapp-edge bench`: the profile's backend, precision, threads and int8 route."""
-    backend = get_backend(profile.backend)
-    request = LoadRequest(
-        onnx_path=package.onnx_path, input_name=package.input_name, input_shape=package.input_shape,
-        precision=profile.precision, threads=profile.threads, batch=batch, work_dir=work_dir,
-        calibration=calibration, int8_route=int8_route(profile, backend.int8_routes),
-    )
-    return backend.load(request)
-
-
 # --- measuring ---------------------------------------------------------------------------------
 
 def measure_ratio(runner_a: Runner, runner_b: Runner, data: np.ndarray, options: Options) -> Ratio:
@@ -254,17 +235,15 @@ def bench_targets(profiles: list[TargetProfile], packages: list[ModelPackage], i
         info = TargetInfo(profile.name, profile.backend, profile.precision, "", profile.threads, "ok")
         infos.append(info)
         try:
-            backend = get_backend(profile.backend)
-            info.int8_route = int8_route(profile, backend.int8_routes)
+            info.int8_route = int8_route(profile)
             for package in packages:
-                calibration = None
-                if profile.precision == "int8":
-                    definition = load_definition(profile.calibration, (Path(profile.path).resolve().parent.parent / "calibration",))
-                    drawn = draw_calibration(definition, package.manifest["input"]["mean"], package.manifest["input"]["std"], data_dir=data_dir)
-                    calibration = drawn.images
+                drawn = int8_calibration(profile, package.manifest["input"]["mean"], package.manifest["input"]["std"], data_dir)
+                calibration = None if drawn is None else drawn.images
+                if drawn is not None:
+                    definition = drawn.definition
                     info.calibration = {"name": definition.name, "count": definition.count, "fingerprint": drawn.fingerprint}
                 for batch in BATCHES:
-                    runner = compile_runner(profile, package, batch, work_dir, calibration)
+                    runner = compile_runner(package, profile, batch, work_dir, calibration)
                     runners[(profile.name, package.name, batch)] = runner
                     info.runtime_version = runner.info.runtime_version
                     info.precision_used[f"{package.name}/{batch}"] = runner.info.precision_used
@@ -286,7 +265,7 @@ def run(dense_dir: str, slim_dirs: list[str], target_paths: list[str], options: 
     profiles = [load_target(path) for path in target_paths]       # every problem is one line before any work
     for profile in profiles:
         if profile.precision == "int8":
-            load_definition(profile.calibration, (Path(profile.path).resolve().parent.parent / "calibration",))
+            load_definition(profile.calibration)
     dense = load_package(dense_dir)
     slims = [load_package(path) for path in slim_dirs]
     check_packages(dense, slims)
@@ -413,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--dense", required=True, help="model package of the dense network (lapp-edge export RUN --out models/NAME)")
     parser.add_argument("--slim", action="append", required=True, help="model package of a slim network (repeat for several)")
-    parser.add_argument("--target", action="append", default=None, help="target profile YAML (repeat; default: the five in targets/)")
+    parser.add_argument("--target", action="append", default=None, help="target profile name or YAML (repeat; default: the five shipped x86 profiles)")
     parser.add_argument("--out", default="bench-results/dense_vs_slim")
     parser.add_argument("--data-dir", default=None, help="dataset directory (default: the dataset's standard place)")
     defaults = Options()

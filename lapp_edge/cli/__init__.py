@@ -23,21 +23,39 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def _commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+def _commands() -> list[tuple[tuple[str, ...], Callable[[argparse._SubParsersAction], None]]]:
+    """(command names, the function adding them) in the order `--help` lists them."""
     from lapp_edge.cli.bench import add_bench_command
     from lapp_edge.cli.calibrate import add_calibrate_latency_command
     from lapp_edge.cli.export import add_export_commands
     from lapp_edge.cli.targets import add_targets_command
     from lapp_edge.cli.train import add_train_command
 
-    return [add_train_command, add_export_commands, add_bench_command, add_calibrate_latency_command, add_targets_command]
+    return [(("train",), add_train_command), (("export", "verify"), add_export_commands), (("bench",), add_bench_command),
+            (("calibrate-latency",), add_calibrate_latency_command), (("targets",), add_targets_command)]
+
+
+def _needs_torch(names: tuple[str, ...], subparsers: argparse._SubParsersAction, error: ImportError) -> None:
+    """Commands whose set-up needs PyTorch, on a machine without it (a device): each says so in one line."""
+    def refuse(args: argparse.Namespace) -> int:
+        raise UserError(f"lapp-edge {args.command} needs PyTorch, which cannot be imported here ({error}); "
+                        "install it with 'pip install torch torchvision' (bench and targets work without it)")
+
+    for name in names:
+        p = subparsers.add_parser(name, help="(needs PyTorch)", add_help=False)
+        p.set_defaults(handler=refuse, accepts_any_arguments=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="lapp-edge", description="Train slim CNNs with LAPP, export them fused, measure them on targets.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for add_command in _commands():
-        add_command(subparsers)
+    for names, add_command in _commands():
+        try:
+            add_command(subparsers)
+        except ImportError as error:
+            if not str(getattr(error, "name", "") or error).startswith(("torch", "torchvision")) and "torch" not in str(error):
+                raise
+            _needs_torch(names, subparsers, error)
     return parser
 
 
@@ -48,10 +66,19 @@ def one_line(message: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and not getattr(args, "accepts_any_arguments", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return int(args.handler(args))
     except UserError as error:
         print(f"lapp-edge: error: {one_line(str(error))}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as error:
+        if "torch" not in str(error):
+            raise
+        print(f"lapp-edge: error: this command needs PyTorch, which cannot be imported here ({one_line(str(error))}); "
+              "install it with 'pip install torch torchvision' (bench and targets work without it)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("lapp-edge: interrupted", file=sys.stderr)

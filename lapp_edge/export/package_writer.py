@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lapp_edge.deploy.package import MANIFEST, MODEL_FILE, PACKAGE_FORMAT, load_package, sha256_of

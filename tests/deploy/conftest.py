@@ -1,0 +1,28 @@
+"""A small real model package shared by the deploy-side tests (trained once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lapp_edge.data.torch_data import Dataset
+from lapp_edge.deploy.package import ModelPackage, load_package
+from lapp_edge.export.package_writer import export_run
+from lapp_edge.training.trainer import Trainer
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, fmnist: Dataset) -> Path:
+    """A dense ResNet-20 trained 2 epochs on 3000 images (real accuracy, ~80%)."""
+    out = tmp_path_factory.mktemp("backends") / "run"
+    Trainer(tiny_config(out, dense=True, epochs=2, prune_epochs=1, train_subset=3000, test_subset=500), fmnist).run()
+    return out
+
+
+@pytest.fixture(scope="session")
+def package(trained_run: Path) -> ModelPackage:
+    out = trained_run.parent / "models" / "tiny"
+    export_run(trained_run, out, images=200)
+    return load_package(out)

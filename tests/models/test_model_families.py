@@ -1,0 +1,112 @@
+"""Every registered model family gets the same checks (a new family is one file in
+lapp_edge/models/ plus its registry line; it is tested here without a new test):
+
+- prunable sites are found, each with a producer and at least one consumer;
+- a masked network equals the physically slimmed one (same logits, <= 1e-5);
+- BN and bypass folding is exact in eval mode;
+- the FLOPs cost model equals torch's FlopCounterMode, dense and slim;
+- the exported ONNX graph has one Conv per conv of the fused model and no BatchNormalization.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lapp_edge.export.onnx import check_graph, export_onnx
+from lapp_edge.lapp.flops import build_flops_cost, count_deployed_macs
+from lapp_edge.models import MODEL_BUILDERS, ConvBN, build_model, prunable_sites
+from lapp_edge.models.fuse import fuse_model
+from lapp_edge.models.slicing import slim_site
+from tests.models.test_fuse import randomize_batchnorm
+
+# (channels, size): CIFAR-style families at 1x28x28 (Fashion-MNIST), torchvision ones at a small 3x64x64.
+INPUTS = {name: ((3, 64) if name in ("resnet18", "resnet34", "resnet50") else (1, 28)) for name in MODEL_BUILDERS}
+# ONNX export of the deepest families takes tens of seconds on 2 cores: they run in `make test-slow`.
+SLOW_EXPORT = {"resnet110", "resnet50", "resnet34", "vgg16_bn"}
+
+
+def flop_counter_macs(model: nn.Module, shape: tuple[int, int, int]) -> float:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fuse_model(model)(torch.zeros(1, *shape))
+    return counter.get_total_flops() / 2
+
+
+def family(name: str, bypass: bool = True) -> tuple[nn.Module, tuple[int, int, int]]:
+    channels, size = INPUTS[name]
+    torch.manual_seed(0)
+    model = build_model(name, channels, 10, bypass=bypass).eval()
+    randomize_batchnorm(model, torch.Generator().manual_seed(1))
+    return model, (channels, size, size)
+
+
+def random_keep(sites: list, generator: torch.Generator) -> list[torch.Tensor]:
+    keeps = []
+    for site in sites:
+        width = int(torch.randint(1, site.channels + 1, (1,), generator=generator))
+        keeps.append(torch.randperm(site.channels, generator=generator)[:width].sort().values)
+    return keeps
+
+
+@pytest.mark.parametrize("name", list(MODEL_BUILDERS))
+def test_sites_are_found(name: str) -> None:
+    model, _ = family(name)
+    sites = prunable_sites(model)
+    assert sites, f"{name} has no prunable site"
+    assert len({site.name for site in sites}) == len(sites)
+    for site in sites:
+        assert isinstance(site.producer, ConvBN) and site.consumers and site.channels > 1
+
+
+@pytest.mark.parametrize("name", list(MODEL_BUILDERS))
+def test_masked_equals_slim_and_flops_match_the_flop_counter(name: str) -> None:
+    model, shape = family(name)
+    sites = prunable_sites(model)
+    cost = build_flops_cost(model, sites, shape)
+    assert cost.dense_macs == flop_counter_macs(model, shape)
+    keeps = random_keep(sites, torch.Generator().manual_seed(2))
+    for site, keep in zip(sites, keeps):
+        mask = torch.zeros(site.channels)
+        mask[keep] = 1.0
+        for unit in (site.producer, *site.followers):
+            unit.channel_mask = mask
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        masked = model(x)
+    slim = copy.deepcopy(model)
+    slim_sites = prunable_sites(slim)
+    for site, keep in zip(slim_sites, keeps):
+        slim_site(site, keep)
+        for unit in (site.producer, *site.followers):
+            unit.channel_mask = None
+    with torch.no_grad():
+        result = slim(x)
+    scale = float(masked.abs().max().clamp(min=1.0))
+    assert float((masked - result).abs().max()) / scale <= 1e-5
+    widths = torch.tensor([float(len(k)) for k in keeps], dtype=torch.float64)
+    assert float(cost.macs(widths)) == count_deployed_macs(slim, shape) == flop_counter_macs(slim, shape)
+
+
+@pytest.mark.parametrize("name", list(MODEL_BUILDERS))
+def test_fusion_is_exact(name: str) -> None:
+    model, shape = family(name)
+    fused = fuse_model(model)
+    assert not any(isinstance(m, (ConvBN, nn.BatchNorm2d)) for m in fused.modules())
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference, result = model(x), fused(x)
+    scale = float(reference.abs().max().clamp(min=1.0))
+    assert float((reference - result).abs().max()) / scale <= 1e-5
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXPORT else n for n in MODEL_BUILDERS])
+def test_onnx_has_one_conv_per_fused_conv(name: str) -> None:
+    model, shape = family(name, bypass=True)
+    fused = fuse_model(model)
+    graph = check_graph(export_onnx(fused, shape), fused)
+    assert graph.problem() is None, graph.problem()
+    assert graph.conv_nodes == graph.expected_convs > 0
