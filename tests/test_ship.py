@@ -447,13 +447,33 @@ def _venv_accuracy(bundles: dict[str, Path], package: Path, fmnist: Dataset, tmp
     assert float((device == reference).mean()) >= 0.99
 
 
-@pytest.mark.slow
 def test_fresh_venv_onnxruntime_bundle_classifies_like_in_process(bundles: dict[str, Path], package: Path,
                                                                   fmnist: Dataset, tmp_path: Path) -> None:
     _venv_accuracy(bundles, package, fmnist, tmp_path, "x86-ort-fp32", "onnxruntime", "onnxruntime-cpu")
 
 
-@pytest.mark.slow
 def test_fresh_venv_openvino_bundle_classifies_like_in_process(bundles: dict[str, Path], package: Path,
                                                                fmnist: Dataset, tmp_path: Path) -> None:
     _venv_accuracy(bundles, package, fmnist, tmp_path, "x86-openvino-f32", "openvino", "openvino-cpu")
+
+
+def test_ship_command_pins_expected_latency_from_a_directory(bundles: dict[str, Path], package: Path,
+                                                             profiles: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m lapp_edge.ship ... --expected-latency-from DIR` (the release path): sidecars of an
+    earlier build are embedded, the archives are deterministic; a missing sidecar is one line, exit 2."""
+    from lapp_edge.ship import main as ship_main
+
+    args = [str(package), "--target", str(profiles["x86-ort-fp32"]), "--target", str(profiles["x86-ort-int8"]),
+            "--expected-latency-from", str(bundles["x86-ort-fp32"].parent)]
+    assert ship_main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all(line.endswith("expected latency embedded)") for line in out)
+    assert ship_main([*args, "--out", str(tmp_path / "b")]) == 0
+    for name in ("tiny-x86-ort-fp32.tar.gz", "tiny-x86-ort-int8.tar.gz"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    capsys.readouterr()
+    code = ship_main([str(package), "--target", str(profiles["x86-ort-fp32"]), "--out", str(tmp_path / "c"),
+                      "--expected-latency-from", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("lapp-edge: error: no expected latency") and len(err.splitlines()) == 1
