@@ -1,0 +1,433 @@
+"""Per-target device bundles: one reproducible archive per target profile, run on the device
+by the torch-free runner in runtime/ (`lapp-edge-run`, package `lapp_edge_runtime`).
+
+    build_bundle(models/demo, targets/x86-ort-int8.yaml, dist/)
+      -> dist/demo-x86-ort-int8.tar.gz              (deterministic bytes)
+         dist/demo-x86-ort-int8.tar.gz.latency.json (expected latency measured while building)
+
+The archive holds only what that device needs (docs/SHIP.md has the full format):
+
+    bundle.json           format, target (backend, precision, threads, batch sizes, latency
+                          protocol), runtime (module, artifact, settings, inference precision),
+                          preprocessing (shape, image mode, mean/std), class names, samples,
+                          tolerance, and the sha256 of every other member
+    model.onnx            onnxruntime-cpu: the package's fp32 ONNX, or for int8 the U8S8 Q/DQ
+                          ONNX of `onnxruntime_cpu.qdq_model` (the backend's own quantization)
+    model.xml, model.bin  openvino-cpu: OpenVINO IR (`ov.save_model`, f32 weights) of the model
+                          the backend compiles from: `ov.convert_model` of the ONNX for fp32 and
+                          bf16 (the precision is a compile hint, recorded), the NNCF-quantized
+                          model of `openvino_cpu.nncf_model` for int8 (or the Q/DQ ONNX's, for
+                          a profile whose first int8 route is ort-qdq)
+    samples/images.npy    uint8 N x C x H x W: the first SAMPLE_COUNT images of the dataset's test split
+    samples/labels.npy    int64 N: their labels
+    samples/expected.npy  float32 N x classes: the outputs of the shipped artifact in its runtime,
+                          with the recorded settings, on this machine
+    expected_latency.json only with `expected_latency_from` (see below)
+
+Reproducibility: members are sorted, with mtime 0, uid/gid 0, mode 0644 and no user names;
+gzip's header has mtime 0 and no file name; JSON is written with sorted keys and holds no
+time stamp or absolute path; OpenVINO's auto-generated layer names (a process-wide counter)
+are renamed by graph position. So the same package, profile, data and library versions on
+the same machine give identical bytes (expected outputs come from the build machine's
+kernels, so another CPU may differ in the last bits). Measured latency varies from run to
+run, so it is not in the archive: it goes to the sidecar `<archive>.latency.json`, which
+names the archive's sha256. To pin an expected latency inside the archive (a release
+measured once on the reference device), pass `expected_latency_from=` a latency JSON (such
+a sidecar); its content is an input, so the archive stays deterministic and no measurement
+is made.
+
+Imports the runtimes through the backends (lazily); raises UserError (one line) for a bad
+package, profile, data directory or latency file, or a missing runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import re
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lapp_edge.backends import Runner, RunnerInfo
+from lapp_edge.backends.base import import_runtime
+from lapp_edge.backends.measure import LatencyProtocol, LatencyStats, cpu_model, measure_latency
+from lapp_edge.calibration import CalibrationSet, draw_calibration, load_definition, normalize_uint8
+from lapp_edge.errors import UserError
+from lapp_edge.fileio import atomic_write_bytes, atomic_write_json
+from lapp_edge.package import MANIFEST as PACKAGE_MANIFEST
+from lapp_edge.package import ModelPackage, load_package, sha256_of
+from lapp_edge.targets import TargetProfile, load_target
+
+FORMAT = 1
+KIND = "lapp-edge-bundle"
+LATENCY_KIND = "lapp-edge-bundle-latency"
+MANIFEST = "bundle.json"
+EXPECTED_LATENCY = "expected_latency.json"
+SUFFIX = ".tar.gz"
+SIDECAR_SUFFIX = ".latency.json"
+SAMPLE_COUNT = 8
+ARCHIVE_MTIME = 0
+RUNTIME_MODULES = {"onnxruntime-cpu": "onnxruntime", "openvino-cpu": "openvino"}
+IMAGE_MODES = {1: "L", 3: "RGB"}
+# (rtol, atol) of the check |y - e| <= atol + rtol * max|e| per sample. fp32: another x86 CPU
+# differs by ~1e-6 of max|e| (OpenVINO vs ONNX Runtime here: 1.6e-6). bf16 and int8: a device
+# may run other kernels than the build machine (bf16 falls back to f32 without native bf16;
+# int8 without VNNI); we expect that within a few % of max|e| but have not measured it (no
+# such device here). int8 vs fp32 itself differed by 20-60% of max|e| on a small test model.
+TOLERANCES = {"fp32": (1e-3, 1e-4), "bf16": (0.05, 0.01), "int8": (0.05, 0.01)}
+_AUTO_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*_\d+")
+
+
+@dataclass
+class Artifact:
+    """The model files for one target and the runtime section of bundle.json."""
+
+    files: dict[str, bytes]
+    runtime: dict[str, Any]
+    int8: dict[str, Any] = field(default_factory=dict)
+
+
+def ort_settings(threads: int) -> dict[str, Any]:
+    """The onnxruntime session settings of the onnxruntime-cpu backend, by name (for bundle.json)."""
+    from lapp_edge.backends.onnxruntime_cpu import session_options
+
+    options = session_options(threads)
+    return {
+        "graph_optimization_level": options.graph_optimization_level.name,
+        "intra_op_num_threads": int(options.intra_op_num_threads),
+        "inter_op_num_threads": int(options.inter_op_num_threads),
+        "execution_mode": options.execution_mode.name,
+    }
+
+
+def openvino_config(precision: str, threads: int) -> dict[str, Any]:
+    """The compile config of the openvino-cpu backend (`OpenVinoCpu.load`) for `precision`."""
+    from lapp_edge.backends.openvino_cpu import HINTS
+
+    return {"INFERENCE_PRECISION_HINT": HINTS[precision], "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+
+
+def canonical_layer_names(model: Any) -> None:
+    """Rename OpenVINO's auto-generated layer names (`Type_<global counter>`) by graph position,
+    so that the saved IR does not depend on how many models the process built before."""
+    for index, op in enumerate(model.get_ordered_ops()):
+        name = op.get_friendly_name()
+        if _AUTO_NAME.fullmatch(name):
+            op.set_friendly_name(f"{name.rsplit('_', 1)[0]}_n{index}")
+
+
+def _int8_route(profile: TargetProfile) -> str:
+    if profile.precision != "int8":
+        return ""
+    if profile.int8_routes:
+        return profile.int8_routes[0]
+    return "qdq-u8s8" if profile.backend == "onnxruntime-cpu" else "nncf"
+
+
+def make_artifact(package: ModelPackage, profile: TargetProfile, calibration: CalibrationSet | None, work: Path) -> Artifact:
+    """The artifact the target's runtime runs, made as its backend makes it (files in memory)."""
+    route = _int8_route(profile)
+    int8: dict[str, Any] = {}
+    if calibration is not None:
+        definition = calibration.definition
+        int8 = {"route": route, "calibration": {"name": definition.name, "dataset": definition.dataset, "split": definition.split,
+                                                "count": definition.count, "seed": definition.seed,
+                                                "fingerprint": calibration.fingerprint}}
+    qdq = None
+    if route in ("qdq-u8s8", "ort-qdq"):
+        from lapp_edge.backends.onnxruntime_cpu import qdq_model
+
+        assert calibration is not None
+        qdq = qdq_model(package.onnx_path, package.input_name, calibration.images, work)
+    if profile.backend == "onnxruntime-cpu":
+        ort = import_runtime("onnxruntime", profile.backend, "'pip install onnxruntime'")
+        model_bytes = (qdq or package.onnx_path).read_bytes()
+        runtime = {"module": "onnxruntime", "version_at_build": str(ort.__version__), "model": "model.onnx",
+                   "settings": ort_settings(profile.threads), "inference_precision": profile.precision}
+        return Artifact({"model.onnx": model_bytes}, runtime, int8)
+
+    ov = import_runtime("openvino", profile.backend, "'pip install openvino nncf' (or lapp-edge[openvino])")
+    if route == "nncf":
+        from lapp_edge.backends.openvino_cpu import nncf_model
+
+        assert calibration is not None
+        model = ov.Core().read_model(str(nncf_model(package.onnx_path, calibration.images, work)))
+        import nncf
+
+        int8["nncf_version"] = str(nncf.__version__)
+    else:
+        model = ov.convert_model(str(qdq or package.onnx_path))
+    canonical_layer_names(model)
+    xml = work / "ir" / "model.xml"
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    runtime = {"module": "openvino", "version_at_build": str(ov.get_version()), "model": "model.xml", "weights": "model.bin",
+               "settings": openvino_config(profile.precision, profile.threads), "inference_precision": profile.precision}
+    return Artifact({"model.xml": xml.read_bytes(), "model.bin": xml.with_suffix(".bin").read_bytes()}, runtime, int8)
+
+
+class ArtifactRunner(Runner):
+    """The unpacked artifact in its runtime, loaded as the device runner loads it
+    (lapp_edge_runtime.engines): recorded settings, OpenVINO at a static batch."""
+
+    def __init__(self, directory: Path, runtime: dict[str, Any], input_name: str, input_shape: tuple[int, int, int],
+                 threads: int, batch: int) -> None:
+        self.batch = batch
+        if runtime["module"] == "onnxruntime":
+            from lapp_edge.backends.onnxruntime_cpu import session_options
+
+            ort = import_runtime("onnxruntime", "onnxruntime-cpu", "'pip install onnxruntime'")
+            self.session = ort.InferenceSession(str(directory / runtime["model"]), sess_options=session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+            self.input_name = input_name
+            self.compiled_precision = runtime["inference_precision"]
+            version = str(ort.__version__)
+        else:
+            ov = import_runtime("openvino", "openvino-cpu", "'pip install openvino nncf'")
+            core = ov.Core()
+            model = core.read_model(str(directory / runtime["model"]))
+            model.reshape({model.input(0).get_any_name(): [batch, *input_shape]})
+            self.compiled = core.compile_model(model, "CPU", dict(runtime["settings"]))
+            self.request = self.compiled.create_infer_request()
+            self.padded = np.zeros((batch, *input_shape), dtype=np.float32)
+            hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+            self.compiled_precision = str(hint.to_string() if hasattr(hint, "to_string") else hint)
+            version = str(ov.get_version())
+        self.info = RunnerInfo(runtime["module"], version, runtime["inference_precision"], self.compiled_precision,
+                               threads, batch, model_path=runtime["model"])
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """float32 N x C x H x W (N <= the batch) -> float32 N x classes."""
+        data = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.info.backend == "onnxruntime":
+            return np.asarray(self.session.run(None, {self.input_name: data})[0], dtype=np.float32)
+        count = len(data)
+        if count > self.batch:
+            raise ValueError(f"batch {count} exceeds the compiled static batch {self.batch}")
+        self.padded[:count] = data
+        self.padded[count:] = 0.0
+        return np.array(self.request.infer([self.padded])[self.compiled.output(0)][:count], dtype=np.float32)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    stream = io.BytesIO()
+    np.save(stream, np.ascontiguousarray(array), allow_pickle=False)
+    return stream.getvalue()
+
+
+def _json_bytes(payload: Any) -> bytes:
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def archive_bytes(members: dict[str, bytes]) -> bytes:
+    """A gzip-compressed tar of `members` (name -> bytes) that depends on nothing else:
+    sorted names, regular files with mode 0644, mtime 0, uid/gid 0, no user names (ustar);
+    gzip header with mtime 0 and no file name."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name in sorted(members):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(members[name]), ARCHIVE_MTIME, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            archive.addfile(info, io.BytesIO(members[name]))
+    return gzip.compress(buffer.getvalue(), compresslevel=9, mtime=ARCHIVE_MTIME)
+
+
+def _protocol_dict(protocol: LatencyProtocol) -> dict[str, Any]:
+    return {"warmup_iterations": protocol.warmup_iterations, "min_iterations": protocol.min_iterations,
+            "min_seconds": float(protocol.min_seconds), "max_seconds": float(protocol.max_seconds)}
+
+
+def _load_samples(package: ModelPackage, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    from lapp_edge.data import InMemorySplit, load_dataset
+
+    dataset_name = str(package.manifest.get("dataset", ""))
+    test = load_dataset(dataset_name, data_dir).test
+    if not isinstance(test, InMemorySplit) or len(test) < SAMPLE_COUNT:
+        raise UserError(f"bundles embed {SAMPLE_COUNT} test images of an in-memory dataset; {dataset_name} is not one")
+    images = test.images[:SAMPLE_COUNT].numpy().astype(np.uint8)
+    if images.shape[1:] != package.input_shape:
+        raise UserError(f"{dataset_name} test images are {list(images.shape[1:])}; {package.name} takes {list(package.input_shape)}")
+    return images, test.labels[:SAMPLE_COUNT].numpy().astype(np.int64), f"{dataset_name} test split, images 0-{SAMPLE_COUNT - 1}"
+
+
+def _embedded_latency(path: str | Path, profile: TargetProfile) -> bytes:
+    """The latency JSON at `path` as an archive member, if it is for this target and protocol."""
+    from lapp_edge.fileio import read_json
+
+    payload = read_json(path)
+    if not isinstance(payload, dict) or payload.get("kind") != LATENCY_KIND or not isinstance(payload.get("batches"), list):
+        raise UserError(f"{path} is not a bundle latency file (a <bundle>{SIDECAR_SUFFIX} sidecar)")
+    if payload.get("target") != profile.name or payload.get("protocol") != _protocol_dict(profile.latency):
+        raise UserError(f"{path} was measured for target {payload.get('target')} with protocol {payload.get('protocol')}; "
+                        f"{profile.name} uses {_protocol_dict(profile.latency)}")
+    payload.pop("bundle_sha256", None)
+    payload.pop("bundle", None)
+    return _json_bytes(payload)
+
+
+def measure_bundle_latency(directory: Path, runtime: dict[str, Any], package: ModelPackage, profile: TargetProfile,
+                           inputs: np.ndarray) -> list[LatencyStats]:
+    """Latency of the unpacked artifact at each profile batch, with the profile's protocol, on
+    `inputs` (the normalised samples) tiled to the batch, as `lapp-edge-run --bench` does."""
+    results = []
+    for batch in profile.batch_sizes:
+        runner = ArtifactRunner(directory, runtime, package.input_name, package.input_shape, profile.threads, batch)
+        data = np.concatenate([inputs] * -(-batch // len(inputs)), axis=0)[:batch]
+        results.append(measure_latency(runner, data, profile.latency))
+    return results
+
+
+def build_bundle(package_dir: str | Path, profile_path: str | Path, out_dir: str | Path, data_dir: str | None = None,
+                 expected_latency_from: str | Path | None = None) -> Path:
+    """Build `<out_dir>/<package>-<target>.tar.gz` for one target profile and return its path.
+
+    Also writes the measured expected latency to `<archive>.latency.json`, unless
+    `expected_latency_from` (a latency JSON for this target and protocol) is given, whose
+    content is then embedded in the archive instead. Raises UserError for a tampered or
+    missing package, a bad profile or one for a non-CPU backend, an input-shape mismatch,
+    missing data or calibration set, or a missing runtime."""
+    package = load_package(package_dir)
+    profile = load_target(profile_path)
+    if profile.backend not in RUNTIME_MODULES:
+        raise UserError(f"target {profile.name}: bundles are built for {', '.join(RUNTIME_MODULES)} targets, not {profile.backend}")
+    if profile.input_shape != package.input_shape:
+        raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; {package.name} takes {list(package.input_shape)}")
+    channels = package.input_shape[0]
+    if channels not in IMAGE_MODES:
+        raise UserError(f"{package.name} takes {channels} channels; bundles take 1 (L) or 3 (RGB) channel images")
+    manifest = package.manifest
+    mean, std = list(manifest["input"]["mean"]), list(manifest["input"]["std"])
+    images, labels, source = _load_samples(package, data_dir)
+    calibration = None
+    if profile.precision == "int8":
+        definition = load_definition(profile.calibration, (Path(profile.path).resolve().parent.parent / "calibration",))
+        calibration = draw_calibration(definition, mean, std, data_dir=data_dir)
+    embedded = _embedded_latency(expected_latency_from, profile) if expected_latency_from else None
+    name = f"{package.name}-{profile.name}"
+    out = Path(out_dir) / f"{name}{SUFFIX}"
+    inputs = normalize_uint8(images, mean, std)
+    with tempfile.TemporaryDirectory(prefix="lapp-ship-") as temporary:
+        work, unpacked = Path(temporary) / "work", Path(temporary) / "bundle"
+        artifact = make_artifact(package, profile, calibration, work)
+        for member, data in artifact.files.items():
+            (unpacked / member).parent.mkdir(parents=True, exist_ok=True)
+            (unpacked / member).write_bytes(data)
+        runner = ArtifactRunner(unpacked, artifact.runtime, package.input_name, package.input_shape, profile.threads, len(inputs))
+        expected = runner.infer(inputs)
+        runtime = {**artifact.runtime, "compiled_precision_on_build_cpu": runner.compiled_precision}
+        if artifact.int8:
+            runtime["int8"] = artifact.int8
+        members = dict(artifact.files)
+        members["samples/images.npy"] = _npy(images)
+        members["samples/labels.npy"] = _npy(labels)
+        members["samples/expected.npy"] = _npy(expected.astype(np.float32))
+        if embedded is not None:
+            members[EXPECTED_LATENCY] = embedded
+        rtol, atol = TOLERANCES[profile.precision]
+        bundle_manifest = {
+            "format": FORMAT, "kind": KIND, "name": name,
+            "target": {"name": profile.name, "backend": profile.backend, "precision": profile.precision,
+                       "threads": profile.threads, "batch_sizes": list(profile.batch_sizes),
+                       "latency_protocol": _protocol_dict(profile.latency)},
+            "runtime": runtime,
+            "model": {"family": str(manifest.get("model", "")), "dataset": str(manifest.get("dataset", "")),
+                      "package": package.name, "package_manifest_sha256": sha256_of(package.directory / PACKAGE_MANIFEST),
+                      "input_name": package.input_name, "output_name": str(manifest["output"]["name"]),
+                      "num_classes": int(manifest["output"]["num_classes"])},
+            "preprocessing": {"shape": list(package.input_shape), "image_mode": IMAGE_MODES[channels], "layout": "NCHW",
+                              "dtype": "float32", "mean": mean, "std": std,
+                              "formula": "(pixels / 255 - mean) / std per channel, in float32",
+                              "other_size_or_mode": "refused: no resize, no mode conversion"},
+            "class_names": list(manifest["class_names"]),
+            "samples": {"images": "samples/images.npy", "labels": "samples/labels.npy",
+                        "expected_outputs": "samples/expected.npy", "count": len(images), "source": source,
+                        "outputs_computed_on": cpu_model()},
+            "tolerance": {"rtol": rtol, "atol": atol, "rule": "|y - e| <= atol + rtol * max|e| per sample"},
+            "expected_latency": EXPECTED_LATENCY if embedded is not None else None,
+            "files": {member: hashlib.sha256(data).hexdigest() for member, data in sorted(members.items())},
+        }
+        members[MANIFEST] = _json_bytes(bundle_manifest)
+        data = archive_bytes(members)
+        atomic_write_bytes(out, data)
+        if embedded is None:
+            stats = measure_bundle_latency(unpacked, artifact.runtime, package, profile, inputs)
+            atomic_write_json(Path(str(out) + SIDECAR_SUFFIX), {
+                "format": FORMAT, "kind": LATENCY_KIND, "bundle": out.name, "bundle_sha256": hashlib.sha256(data).hexdigest(),
+                "target": profile.name, "cpu_model": cpu_model(), "runtime": f"{runtime['module']} {runtime['version_at_build']}",
+                "compiled_precision": runner.compiled_precision, "threads": profile.threads,
+                "protocol": _protocol_dict(profile.latency),
+                "batches": [{"batch": s.batch, "median_ms": s.median_ms, "p90_ms": s.p90_ms, "p99_ms": s.p99_ms,
+                             "iterations": s.iterations, "seconds": s.seconds} for s in stats],
+            })
+    return out
+
+
+def build_bundles(package_dir: str | Path, profile_paths: Sequence[str | Path], out_dir: str | Path,
+                  data_dir: str | None = None, expected_latency_dir: str | Path | None = None) -> list[Path]:
+    """`build_bundle` for each profile (all profiles are read first, so a bad one stops before any work).
+    With `expected_latency_dir`, each bundle embeds `<dir>/<archive name>.latency.json`."""
+    for path in profile_paths:
+        load_target(path)
+    package_name = load_package(package_dir).name
+    built = []
+    for path in profile_paths:
+        pinned = None
+        if expected_latency_dir is not None:
+            pinned = Path(expected_latency_dir) / f"{package_name}-{load_target(path).name}{SUFFIX}{SIDECAR_SUFFIX}"
+            if not pinned.is_file():
+                raise UserError(f"no expected latency {pinned} for target {load_target(path).name}")
+        built.append(build_bundle(package_dir, path, out_dir, data_dir, pinned))
+    return built
+
+
+def add_ship_command(subparsers: argparse._SubParsersAction) -> None:
+    """`lapp-edge ship PACKAGE --target PROFILE.yaml [...] --out DIR` (for lapp_edge.cli to wire in)."""
+    p = subparsers.add_parser("ship", help="build one device bundle per target profile (run with lapp-edge-run)")
+    _add_arguments(p)
+    p.set_defaults(handler=_run_ship)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("package", help="model package directory (model.onnx + manifest.json)")
+    p.add_argument("--target", action="append", required=True, help="target profile YAML (repeat for several)")
+    p.add_argument("--out", required=True, help="directory for the bundles (and their .latency.json sidecars)")
+    p.add_argument("--data-dir", default=None, help="dataset directory (default: the dataset's standard place)")
+    p.add_argument("--expected-latency-from", default=None, metavar="DIR",
+                   help="embed <DIR>/<bundle>.latency.json in each bundle instead of measuring (reproducible release)")
+
+
+def _run_ship(args: argparse.Namespace) -> int:
+    for path in build_bundles(args.package, args.target, args.out, args.data_dir, args.expected_latency_from):
+        sidecar = Path(str(path) + SIDECAR_SUFFIX)
+        note = f", expected latency in {sidecar.name}" if not args.expected_latency_from else ", expected latency embedded"
+        print(f"{path} ({path.stat().st_size} bytes, sha256 {sha256_of(path)[:16]}{note})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lapp_edge.ship ...`: the ship command on its own; UserError -> one line, exit 2."""
+    parser = argparse.ArgumentParser(prog="lapp-edge ship", description="build one device bundle per target profile")
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return _run_ship(args)
+    except UserError as error:
+        print(f"lapp-edge: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
