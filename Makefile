@@ -99,14 +99,14 @@ models/lapp40-m1/manifest.json: $(LATENCY_M1_RUN)/report.json
 	rm -rf models/lapp40-m1
 	$(LAPP) export $(LATENCY_M1_RUN) --out models/lapp40-m1
 
-# Device bundles: one reproducible archive per CPU target profile in targets/ for the demo
+# Device bundles: one reproducible archive per CPU target profile for the demo
 # model package, in dist/, each with <bundle>.latency.json (expected latency measured here).
 # On the device: pip install './runtime[onnxruntime]' (or [openvino]); lapp-edge-run BUNDLE --check
 # (docs/SHIP.md).
-SHIP_TARGETS = $(shell grep -l '^backend: *\(onnxruntime-cpu\|openvino-cpu\)' targets/*.yaml)
+SHIP_TARGETS := $(ORT_TARGETS) $(OPENVINO_TARGETS)
 .PHONY: ship
 ship: setup $(DEMO_MODEL)/manifest.json
-	$(PYTHON) -m lapp_edge.ship $(DEMO_MODEL) $(addprefix --target ,$(SHIP_TARGETS)) --out dist
+	$(LAPP) ship $(DEMO_MODEL) $(addprefix --target ,$(SHIP_TARGETS)) --out dist
 
 $(DEMO_MODEL)/manifest.json:
 	$(MAKE) demo

@@ -19,12 +19,9 @@ from lapp_edge.deploy.bench import load_test_set
 from lapp_edge.deploy.calibration_set import CalibrationSet, draw_calibration, load_definition
 from lapp_edge.cli import main
 from lapp_edge.data.torch_data import Dataset
-from lapp_edge.export.package_writer import export_run
-from lapp_edge.deploy.package import ModelPackage, load_package
+from lapp_edge.deploy.package import ModelPackage
 from lapp_edge.models.spec import load_slim_model
 from lapp_edge.deploy.targets import load_target
-from lapp_edge.training.trainer import Trainer
-from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = TARGETS_DIR

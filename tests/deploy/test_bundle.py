@@ -1,7 +1,7 @@
-"""Device bundles (lapp_edge.ship) and the torch-free runner (runtime/, lapp-edge-run).
+"""Device bundles (lapp_edge.deploy.bundle) and the torch-free runner (runtime/, lapp-edge-run).
 
-One small LAPP model is trained and packaged once per module, and a bundle is built for
-every CPU target profile in targets/ (latency protocol shortened for the tests). The
+The deploy tests' small model (tests/deploy/conftest.py) is packaged, and a bundle is built for
+every shipped CPU target profile (latency protocol shortened for the tests). The
 runner is called in-process for most checks (runtime/ put on sys.path), in a subprocess
 where the absence of torch and of tracebacks matters, and in fresh virtual environments
 holding only the runner and one runtime for the end-to-end accuracy checks.
@@ -27,22 +27,23 @@ import pytest
 import yaml
 from PIL import Image
 
-from lapp_edge.backends import LoadRequest, get_backend, run_batched
-from lapp_edge.calibration import normalize_uint8
-from lapp_edge.data import Dataset
+from lapp_edge.data.readers import Dataset
+from lapp_edge.deploy.backends import LoadRequest, get_backend, run_batched
+from lapp_edge.deploy.bundle import SIDECAR_SUFFIX, archive_bytes, build_bundle, build_bundles
+from lapp_edge.deploy.calibration_set import normalize_uint8
+from lapp_edge.deploy.package import load_package
 from lapp_edge.errors import UserError
-from lapp_edge.export import export_run
-from lapp_edge.package import load_package
-from lapp_edge.ship import SIDECAR_SUFFIX, archive_bytes, build_bundle, build_bundles
-from lapp_edge.train import Trainer
-from tests.conftest import FMNIST_DIR, tiny_config
+from lapp_edge.export.package_writer import export_run
+from lapp_edge.resources import TARGETS_DIR
+from tests.conftest import FMNIST_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_DIR = ROOT / "runtime"
 sys.path.insert(0, str(RUNTIME_DIR))
 from lapp_edge_runtime.cli import main as run_main  # noqa: E402
 
-TARGETS = sorted(p.stem for p in (ROOT / "targets").glob("*.yaml"))
+CPU_BACKENDS = ("onnxruntime-cpu", "openvino-cpu")
+TARGETS = sorted(p.stem for p in TARGETS_DIR.glob("*.yaml") if yaml.safe_load(p.read_text())["backend"] in CPU_BACKENDS)
 FAST_LATENCY = {"warmup_iterations": 3, "min_iterations": 10, "min_seconds": 0.05, "max_seconds": 5.0}
 ERROR_PREFIX = "lapp-edge-run: error: "
 VENV_IMAGES = 300
@@ -51,12 +52,10 @@ VENV_IMAGES = 300
 # --- fixtures ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory, fmnist: Dataset) -> Path:
-    """A ResNet-20 LAPP run on 1500 images (2 epochs), exported as a model package named 'tiny'."""
-    out = tmp_path_factory.mktemp("ship") / "run"
-    Trainer(tiny_config(out, train_subset=1500), fmnist).run()
-    package_dir = out.parent / "models" / "tiny"
-    export_run(out, package_dir, images=200)
+def package(trained_run: Path) -> Path:
+    """The deploy tests' dense ResNet-20 run, exported as a model package named 'tiny' (the directory)."""
+    package_dir = trained_run.parent / "models" / "tiny"
+    export_run(trained_run, package_dir, images=200)      # a no-op re-verification when conftest made it already
     return package_dir
 
 
@@ -66,7 +65,7 @@ def profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("targets")
     result = {}
     for name in TARGETS:
-        payload = yaml.safe_load((ROOT / "targets" / f"{name}.yaml").read_text())
+        payload = yaml.safe_load((TARGETS_DIR / f"{name}.yaml").read_text())
         payload["latency"] = dict(FAST_LATENCY)
         (directory / f"{name}.yaml").write_text(yaml.safe_dump(payload))
         result[name] = directory / f"{name}.yaml"
@@ -460,9 +459,12 @@ def test_fresh_venv_openvino_bundle_classifies_like_in_process(bundles: dict[str
 def test_ship_command_pins_expected_latency_from_a_directory(bundles: dict[str, Path], package: Path,
                                                              profiles: dict[str, Path], tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    """`python -m lapp_edge.ship ... --expected-latency-from DIR` (the release path): sidecars of an
+    """`lapp-edge ship ... --expected-latency-from DIR` (the release path): sidecars of an
     earlier build are embedded, the archives are deterministic; a missing sidecar is one line, exit 2."""
-    from lapp_edge.ship import main as ship_main
+    from lapp_edge.cli import main as cli_main
+
+    def ship_main(argv: list[str]) -> int:
+        return cli_main(["ship", *argv])
 
     args = [str(package), "--target", str(profiles["x86-ort-fp32"]), "--target", str(profiles["x86-ort-int8"]),
             "--expected-latency-from", str(bundles["x86-ort-fp32"].parent)]

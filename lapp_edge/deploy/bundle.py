@@ -42,13 +42,11 @@ package, profile, data directory or latency file, or a missing runtime.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
 import json
 import re
-import sys
 import tarfile
 import tempfile
 from collections.abc import Sequence
@@ -58,15 +56,16 @@ from typing import Any
 
 import numpy as np
 
-from lapp_edge.backends import Runner, RunnerInfo
-from lapp_edge.backends.base import import_runtime
-from lapp_edge.backends.measure import LatencyProtocol, LatencyStats, cpu_model, measure_latency
-from lapp_edge.calibration import CalibrationSet, draw_calibration, load_definition, normalize_uint8
+from lapp_edge.deploy.backends import Runner, RunnerInfo
+from lapp_edge.deploy.backends.base import import_runtime
+from lapp_edge.deploy.measure import LatencyProtocol, LatencyStats, cpu_model, measure_latency
+from lapp_edge.deploy.compile import int8_route
+from lapp_edge.deploy.calibration_set import CalibrationSet, draw_calibration, load_definition, normalize_uint8
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_bytes, atomic_write_json
-from lapp_edge.package import MANIFEST as PACKAGE_MANIFEST
-from lapp_edge.package import ModelPackage, load_package, sha256_of
-from lapp_edge.targets import TargetProfile, load_target
+from lapp_edge.deploy.package import MANIFEST as PACKAGE_MANIFEST
+from lapp_edge.deploy.package import ModelPackage, load_package, sha256_of
+from lapp_edge.deploy.targets import TargetProfile, load_target
 
 FORMAT = 1
 KIND = "lapp-edge-bundle"
@@ -99,7 +98,7 @@ class Artifact:
 
 def ort_settings(threads: int) -> dict[str, Any]:
     """The onnxruntime session settings of the onnxruntime-cpu backend, by name (for bundle.json)."""
-    from lapp_edge.backends.onnxruntime_cpu import session_options
+    from lapp_edge.deploy.backends.onnxruntime_cpu import session_options
 
     options = session_options(threads)
     return {
@@ -112,7 +111,7 @@ def ort_settings(threads: int) -> dict[str, Any]:
 
 def openvino_config(precision: str, threads: int) -> dict[str, Any]:
     """The compile config of the openvino-cpu backend (`OpenVinoCpu.load`) for `precision`."""
-    from lapp_edge.backends.openvino_cpu import HINTS
+    from lapp_edge.deploy.backends.openvino_cpu import HINTS
 
     return {"INFERENCE_PRECISION_HINT": HINTS[precision], "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
@@ -127,17 +126,9 @@ def canonical_layer_names(model: Any) -> None:
             op.set_friendly_name(f"{name.rsplit('_', 1)[0]}_n{index}")
 
 
-def _int8_route(profile: TargetProfile) -> str:
-    if profile.precision != "int8":
-        return ""
-    if profile.int8_routes:
-        return profile.int8_routes[0]
-    return "qdq-u8s8" if profile.backend == "onnxruntime-cpu" else "nncf"
-
-
 def make_artifact(package: ModelPackage, profile: TargetProfile, calibration: CalibrationSet | None, work: Path) -> Artifact:
     """The artifact the target's runtime runs, made as its backend makes it (files in memory)."""
-    route = _int8_route(profile)
+    route = int8_route(profile)
     int8: dict[str, Any] = {}
     if calibration is not None:
         definition = calibration.definition
@@ -146,7 +137,7 @@ def make_artifact(package: ModelPackage, profile: TargetProfile, calibration: Ca
                                                 "fingerprint": calibration.fingerprint}}
     qdq = None
     if route in ("qdq-u8s8", "ort-qdq"):
-        from lapp_edge.backends.onnxruntime_cpu import qdq_model
+        from lapp_edge.deploy.backends.onnxruntime_cpu import qdq_model
 
         assert calibration is not None
         qdq = qdq_model(package.onnx_path, package.input_name, calibration.images, work)
@@ -159,7 +150,7 @@ def make_artifact(package: ModelPackage, profile: TargetProfile, calibration: Ca
 
     ov = import_runtime("openvino", profile.backend, "'pip install openvino nncf' (or lapp-edge[openvino])")
     if route == "nncf":
-        from lapp_edge.backends.openvino_cpu import nncf_model
+        from lapp_edge.deploy.backends.openvino_cpu import nncf_model
 
         assert calibration is not None
         model = ov.Core().read_model(str(nncf_model(package.onnx_path, calibration.images, work)))
@@ -185,7 +176,7 @@ class ArtifactRunner(Runner):
                  threads: int, batch: int) -> None:
         self.batch = batch
         if runtime["module"] == "onnxruntime":
-            from lapp_edge.backends.onnxruntime_cpu import session_options
+            from lapp_edge.deploy.backends.onnxruntime_cpu import session_options
 
             ort = import_runtime("onnxruntime", "onnxruntime-cpu", "'pip install onnxruntime'")
             self.session = ort.InferenceSession(str(directory / runtime["model"]), sess_options=session_options(threads),
@@ -251,16 +242,16 @@ def _protocol_dict(protocol: LatencyProtocol) -> dict[str, Any]:
 
 
 def _load_samples(package: ModelPackage, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
-    from lapp_edge.data import InMemorySplit, load_dataset
+    from lapp_edge.data.readers import InMemorySplit, load_arrays
 
     dataset_name = str(package.manifest.get("dataset", ""))
-    test = load_dataset(dataset_name, data_dir).test
+    test = load_arrays(dataset_name, data_dir).test
     if not isinstance(test, InMemorySplit) or len(test) < SAMPLE_COUNT:
         raise UserError(f"bundles embed {SAMPLE_COUNT} test images of an in-memory dataset; {dataset_name} is not one")
-    images = test.images[:SAMPLE_COUNT].numpy().astype(np.uint8)
+    images = test.images[:SAMPLE_COUNT].astype(np.uint8)
     if images.shape[1:] != package.input_shape:
         raise UserError(f"{dataset_name} test images are {list(images.shape[1:])}; {package.name} takes {list(package.input_shape)}")
-    return images, test.labels[:SAMPLE_COUNT].numpy().astype(np.int64), f"{dataset_name} test split, images 0-{SAMPLE_COUNT - 1}"
+    return images, test.labels[:SAMPLE_COUNT].astype(np.int64), f"{dataset_name} test split, images 0-{SAMPLE_COUNT - 1}"
 
 
 def _embedded_latency(path: str | Path, profile: TargetProfile) -> bytes:
@@ -391,43 +382,3 @@ def build_bundles(package_dir: str | Path, profile_paths: Sequence[str | Path], 
                 raise UserError(f"no expected latency {pinned} for target {load_target(path).name}")
         built.append(build_bundle(package_dir, path, out_dir, data_dir, pinned))
     return built
-
-
-def add_ship_command(subparsers: argparse._SubParsersAction) -> None:
-    """`lapp-edge ship PACKAGE --target PROFILE.yaml [...] --out DIR` (for lapp_edge.cli to wire in)."""
-    p = subparsers.add_parser("ship", help="build one device bundle per target profile (run with lapp-edge-run)")
-    _add_arguments(p)
-    p.set_defaults(handler=_run_ship)
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("package", help="model package directory (model.onnx + manifest.json)")
-    p.add_argument("--target", action="append", required=True, help="target profile YAML (repeat for several)")
-    p.add_argument("--out", required=True, help="directory for the bundles (and their .latency.json sidecars)")
-    p.add_argument("--data-dir", default=None, help="dataset directory (default: the dataset's standard place)")
-    p.add_argument("--expected-latency-from", default=None, metavar="DIR",
-                   help="embed <DIR>/<bundle>.latency.json in each bundle instead of measuring (reproducible release)")
-
-
-def _run_ship(args: argparse.Namespace) -> int:
-    for path in build_bundles(args.package, args.target, args.out, args.data_dir, args.expected_latency_from):
-        sidecar = Path(str(path) + SIDECAR_SUFFIX)
-        note = f", expected latency in {sidecar.name}" if not args.expected_latency_from else ", expected latency embedded"
-        print(f"{path} ({path.stat().st_size} bytes, sha256 {sha256_of(path)[:16]}{note})")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m lapp_edge.ship ...`: the ship command on its own; UserError -> one line, exit 2."""
-    parser = argparse.ArgumentParser(prog="lapp-edge ship", description="build one device bundle per target profile")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return _run_ship(args)
-    except UserError as error:
-        print(f"lapp-edge: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
