@@ -59,8 +59,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, fmnist: Dataset) -> Path:
     data = root / "data"
     data.mkdir()
     for prefix, split, count in (("train", fmnist.train, 64), ("t10k", fmnist.test, 32)):
-        write_idx(data / f"{prefix}-images-idx3-ubyte", split.images[:count, 0].numpy())  # type: ignore[attr-defined]
-        write_idx(data / f"{prefix}-labels-idx1-ubyte", split.labels[:count].numpy().astype(np.uint8))  # type: ignore[attr-defined]
+        write_idx(data / f"{prefix}-images-idx3-ubyte", split.images[:count, 0])  # type: ignore[attr-defined]
+        write_idx(data / f"{prefix}-labels-idx1-ubyte", split.labels[:count].astype(np.uint8))  # type: ignore[attr-defined]
     (root / "notes.txt").write_text("keep me\n")
     return root
 

@@ -208,7 +208,7 @@ def test_check_passes_on_an_untouched_bundle(bundles: dict[str, Path], target: s
 
 def test_classify_matches_the_package_in_onnxruntime(bundles: dict[str, Path], package: Path, fmnist: Dataset,
                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pixels = fmnist.test.images[100:140].numpy()  # type: ignore[attr-defined]
+    pixels = fmnist.test.images[100:140]
     paths = [write_png(image[0], tmp_path / f"{i}.png") for i, image in enumerate(pixels)]
     code, out, err = run([bundles["x86-ort-fp32"], *paths, "--json"], capsys)
     assert code == 0, err
@@ -366,7 +366,7 @@ def test_missing_runtime_is_one_line(bundles: dict[str, Path], target: str, modu
 
 def test_runner_process_imports_no_torch_and_prints_no_traceback(bundles: dict[str, Path], fmnist: Dataset,
                                                                  tmp_path: Path) -> None:
-    image = write_png(fmnist.test.images[0, 0].numpy(), tmp_path / "shoe.png")  # type: ignore[attr-defined]
+    image = write_png(fmnist.test.images[0, 0], tmp_path / "shoe.png")  # type: ignore[attr-defined]
     bad = write_png(np.zeros((27, 28), np.uint8), tmp_path / "bad.png")
     probe = (
         "import sys\n"
@@ -424,8 +424,8 @@ def _venv_accuracy(bundles: dict[str, Path], package: Path, fmnist: Dataset, tmp
     if not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     venv = _fresh_venv(tmp_path, extra)
-    pixels = fmnist.test.images[:VENV_IMAGES].numpy()  # type: ignore[attr-defined]
-    labels = fmnist.test.labels[:VENV_IMAGES].numpy()  # type: ignore[attr-defined]
+    pixels = fmnist.test.images[:VENV_IMAGES]
+    labels = fmnist.test.labels[:VENV_IMAGES]
     images = tmp_path / "images"
     images.mkdir()
     paths = [str(write_png(image[0], images / f"{i:04d}.png")) for i, image in enumerate(pixels)]

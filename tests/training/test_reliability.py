@@ -55,8 +55,8 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 def write_small_fmnist(directory: Path, data: Dataset, train: int = 320, test: int = 200) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for prefix, split, count in (("train", data.train, train), ("t10k", data.test, test)):
-        write_idx(directory / f"{prefix}-images-idx3-ubyte", split.images[:count, 0].numpy())  # type: ignore[attr-defined]
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte", split.labels[:count].numpy().astype(np.uint8))  # type: ignore[attr-defined]
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", split.images[:count, 0])  # type: ignore[attr-defined]
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", split.labels[:count].astype(np.uint8))  # type: ignore[attr-defined]
     return directory
 
 
