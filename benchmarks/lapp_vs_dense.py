@@ -24,7 +24,9 @@ from lapp_edge.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 
 CONFIGURATIONS: dict[str, list[str]] = {
     "dense": ["--dense"],
-    "lapp": [],
+    "lapp": [],                                        # coupled groups (stage widths pruned), group score = sum
+    "lapp-inner": ["--no-groups"],                     # inner convs only (the layout before coupled groups)
+    "lapp-groups-max": ["--group-reduce", "max"],      # coupled groups, group score = max of the producers'
     "lapp-no-bypass": ["--no-bypass"],
 }
 
@@ -103,7 +105,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--configs", default=",".join(CONFIGURATIONS), help="comma-separated subset of: " + ", ".join(CONFIGURATIONS))
+    parser.add_argument("--configs", default="dense,lapp,lapp-no-bypass", help="comma-separated subset of: " + ", ".join(CONFIGURATIONS))
     args = parser.parse_args()
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGURATIONS]

@@ -24,7 +24,7 @@ from torch import nn
 
 from lapp_edge.lapp.cost import CostModel
 from lapp_edge.lapp.schedule import annealed_target
-from lapp_edge.lapp.scores import get_scorer, standardize
+from lapp_edge.lapp.scores import get_scorer, group_score, standardize
 from lapp_edge.models.slicing import consumer_input_weights, slim_site
 from lapp_edge.lapp.widths import choose_widths
 from lapp_edge.models.units import PrunableSite
@@ -43,6 +43,7 @@ class LappConfig:
     anneal_fraction: float = 0.75    # share of the pruning steps over which the target anneals
     min_channels: int = 1            # never keep fewer channels than this (or one multiple) in a layer
     scorer: str = "bn_weight_norm"
+    group_reduce: str = "sum"        # how a coupled group's channel score combines its producers' (sum | max)
     tolerance: float = 0.01          # the slim network must land within +-tolerance of the target ratio
 
     def to_dict(self) -> dict[str, float | int | str]:
@@ -78,7 +79,7 @@ class LappController(nn.Module):
     # --- masks on the units ------------------------------------------------------------
     def _set_mask(self, index: int, mask: torch.Tensor | None) -> None:
         site = self.sites[index]
-        for unit in (site.producer, *site.followers):
+        for unit in site.units:
             unit.channel_mask = mask
 
     def detach_masks(self) -> None:
@@ -87,7 +88,7 @@ class LappController(nn.Module):
 
     # --- masks -------------------------------------------------------------------------
     def scores(self) -> list[torch.Tensor]:
-        return [standardize(self.scorer(site.producer).float()) for site in self.sites]
+        return [standardize(group_score(self.scorer, site, self.config.group_reduce).float()) for site in self.sites]
 
     def _min_keep(self, channels: int) -> int:
         return min(channels, max(1, self.config.min_channels, self.config.channel_multiple))

@@ -80,9 +80,8 @@ def build_flops_cost(model: nn.Module, sites: list[PrunableSite], input_shape: t
     out_site_of: dict[int, int] = {}
     in_site_of: dict[int, int] = {}
     for index, site in enumerate(sites):
-        out_site_of[id(site.producer.conv)] = index
-        for follower in site.followers:
-            out_site_of[id(follower.conv)] = index
+        for unit in site.units:
+            out_site_of[id(unit.conv)] = index
         for consumer in site.consumers:
             in_site_of[id(consumer.conv if isinstance(consumer, ConvBN) else consumer)] = index
 

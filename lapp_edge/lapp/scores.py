@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from lapp_edge.errors import UserError
-from lapp_edge.models.units import ConvBN
+from lapp_edge.models.units import ConvBN, PrunableSite
 
 Scorer = Callable[[ConvBN], torch.Tensor]
 
@@ -46,6 +46,24 @@ def get_scorer(name: str) -> Scorer:
     if name not in SCORERS:
         raise UserError(f"unknown scorer '{name}'; choose one of: {', '.join(SCORERS)}")
     return SCORERS[name]
+
+
+GROUP_REDUCTIONS = ("sum", "max")
+
+
+def group_score(scorer: Scorer, site: PrunableSite, reduce: str = "sum") -> torch.Tensor:
+    """Per-channel score of a (possibly coupled) site from its producers' scores.
+
+    "sum" (default): a residual add sums the producers' outputs channel by channel, so a
+    channel's size in the summed tensor is bounded by the sum of each producer's |gamma| * ||W||;
+    "max": the channel is as important as its most important producer. Where a site has one
+    producer both equal that producer's score."""
+    scores = torch.stack([scorer(unit).float() for unit in site.producers])
+    if reduce == "sum":
+        return scores.sum(0)
+    if reduce == "max":
+        return scores.max(0).values
+    raise UserError(f"unknown group score reduction '{reduce}'; choose one of: {', '.join(GROUP_REDUCTIONS)}")
 
 
 def standardize(score: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Model registry: one constructor per name, all taking in_channels, num_classes and bypass."""
+"""Model registry: one constructor per name, all taking in_channels, num_classes, bypass and coupled.
+
+`coupled=True` makes a family's residual-coupled channels prunable as groups (see each
+family's `prunable_sites`); `coupled=False` gives the inner-conv sites only (the layout of runs
+made before coupled groups existed, and the "groups off" ablation)."""
 
 from __future__ import annotations
 
@@ -13,26 +17,27 @@ from lapp_edge.models.torchvision_resnet import TorchvisionResNet
 from lapp_edge.models.units import ConvBN, PrunableSite
 from lapp_edge.models.vgg import CifarVGG
 
-ModelBuilder = Callable[[int, int, bool], nn.Module]
+ModelBuilder = Callable[[int, int, bool, bool], nn.Module]     # (in_channels, num_classes, bypass, coupled)
 
 MODEL_BUILDERS: dict[str, ModelBuilder] = {
-    "resnet20": lambda c, n, b: CifarResNet(20, c, n, b),
-    "resnet32": lambda c, n, b: CifarResNet(32, c, n, b),
-    "resnet56": lambda c, n, b: CifarResNet(56, c, n, b),
-    "resnet110": lambda c, n, b: CifarResNet(110, c, n, b),
-    "vgg16_bn": lambda c, n, b: CifarVGG(c, n, b),
-    "mobilenetv2": lambda c, n, b: CifarMobileNetV2(c, n, b),
-    "resnet18": lambda c, n, b: TorchvisionResNet(18, c, n, b),
-    "resnet34": lambda c, n, b: TorchvisionResNet(34, c, n, b),
-    "resnet50": lambda c, n, b: TorchvisionResNet(50, c, n, b),
+    "resnet20": lambda c, n, b, g: CifarResNet(20, c, n, b, g),
+    "resnet32": lambda c, n, b, g: CifarResNet(32, c, n, b, g),
+    "resnet56": lambda c, n, b, g: CifarResNet(56, c, n, b, g),
+    "resnet110": lambda c, n, b, g: CifarResNet(110, c, n, b, g),
+    "vgg16_bn": lambda c, n, b, g: CifarVGG(c, n, b),
+    "mobilenetv2": lambda c, n, b, g: CifarMobileNetV2(c, n, b, g),
+    "resnet18": lambda c, n, b, g: TorchvisionResNet(18, c, n, b, g),
+    "resnet34": lambda c, n, b, g: TorchvisionResNet(34, c, n, b, g),
+    "resnet50": lambda c, n, b, g: TorchvisionResNet(50, c, n, b, g),
 }
 
 
-def build_model(name: str, in_channels: int, num_classes: int, bypass: bool = False) -> nn.Module:
-    """Build a dense model by registry name."""
+def build_model(name: str, in_channels: int, num_classes: int, bypass: bool = False, coupled: bool = False) -> nn.Module:
+    """Build a dense model by registry name (UserError for an unknown name). `bypass` adds the 1x1
+    bypass branch to every inner prunable conv; `coupled` makes residual-coupled groups prunable."""
     if name not in MODEL_BUILDERS:
         raise UserError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_BUILDERS)}")
-    return MODEL_BUILDERS[name](in_channels, num_classes, bypass)
+    return MODEL_BUILDERS[name](in_channels, num_classes, bypass, coupled)
 
 
 def prunable_sites(model: nn.Module) -> list[PrunableSite]:

@@ -2,6 +2,9 @@
 
 The expansion 1x1 conv of each inverted-residual block with t > 1 is prunable; its
 channels run one-to-one through the depthwise conv (a follower) into the projection conv.
+With `coupled=True` also: the stem (followed by the first block's depthwise conv), each
+stage's projection group (the projections of all its blocks, summed by the residual adds;
+consumers: the next blocks' expansions or the head) and the head (consumer: the classifier).
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ class InvertedResidual(nn.Module):
 
 
 class CifarMobileNetV2(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, bypass: bool = False) -> None:
+    def __init__(self, in_channels: int, num_classes: int, bypass: bool = False, coupled: bool = False) -> None:
         super().__init__()
+        self.coupled = coupled
         self.stem = ConvBN(in_channels, 32, 3, 1)
         self.act = nn.ReLU6(inplace=True)
         blocks: list[nn.Module] = []
@@ -55,9 +59,32 @@ class CifarMobileNetV2(nn.Module):
         x = self.act(self.head(x))
         return self.classifier(torch.flatten(self.pool(x), 1))
 
+    def stages(self) -> list[list[int]]:
+        """Block indices of each stage (blocks sharing one output width, as configured)."""
+        result, start = [], 0
+        for _, _, repeats, _ in MOBILENETV2_CIFAR_CONFIG:
+            result.append(list(range(start, start + repeats)))
+            start += repeats
+        return result
+
     def prunable_sites(self) -> list[PrunableSite]:
+        blocks = list(self.blocks)
         sites = []
-        for index, block in enumerate(self.blocks):
-            if block.expand is not None:
-                sites.append(PrunableSite(f"blocks.{index}.expand", block.expand, [block.depthwise], [block.project]))
+        if self.coupled and blocks[0].expand is None:
+            sites.append(PrunableSite("stem", [self.stem], [blocks[0].depthwise], [blocks[0].project]))
+        stages = self.stages()
+        for stage_index, indices in enumerate(stages):
+            for index in indices:
+                block = blocks[index]
+                if block.expand is not None:
+                    sites.append(PrunableSite(f"blocks.{index}.expand", [block.expand], [block.depthwise], [block.project]))
+            if self.coupled:
+                consumers: list[nn.Module] = [blocks[i].expand for i in indices[1:]]
+                if stage_index + 1 < len(stages):
+                    consumers.append(blocks[stages[stage_index + 1][0]].expand)
+                else:
+                    consumers.append(self.head)
+                sites.append(PrunableSite(f"stage{stage_index}.projection", [blocks[i].project for i in indices], [], consumers))
+        if self.coupled:
+            sites.append(PrunableSite("head", [self.head], [], [self.classifier]))
         return sites

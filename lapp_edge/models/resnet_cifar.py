@@ -1,8 +1,11 @@
 """CIFAR-style ResNet-20/32/56/110 (He et al. 2016, 3 stages of 16/32/64 channels).
 
 Shortcuts that change shape use a 1x1 conv + BN projection (option B), which exports to
-plain ONNX convs. The inner conv of each basic block is prunable; the block outputs are
-tied together by the residual adds and stay at full width.
+plain ONNX convs. The inner conv of each basic block is prunable. With `coupled=True` each
+stage's residual stream is prunable too, as one group: the stem (stage 1, whose first
+shortcut is the identity) or the stage's projection shortcut, and every block's second conv,
+all summed by the residual adds; its consumers are each block's first conv, the next stage's
+first conv and projection, and the classifier.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, in_channels: int, num_classes: int, bypass: bool = False) -> None:
+    def __init__(self, depth: int, in_channels: int, num_classes: int, bypass: bool = False, coupled: bool = False) -> None:
         super().__init__()
+        self.coupled = coupled
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         blocks_per_stage = (depth - 2) // 6
@@ -59,8 +63,20 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
     def prunable_sites(self) -> list[PrunableSite]:
+        """Per stage: its residual group (when coupled), then each block's inner conv."""
+        stages = [list(getattr(self, name)) for name in ("layer1", "layer2", "layer3")]
         sites = []
-        for stage_name in ("layer1", "layer2", "layer3"):
-            for index, block in enumerate(getattr(self, stage_name)):
-                sites.append(PrunableSite(f"{stage_name}.{index}.conv1", block.conv1, [], [block.conv2]))
+        for stage_index, (stage_name, blocks) in enumerate(zip(("layer1", "layer2", "layer3"), stages)):
+            if self.coupled:
+                first = blocks[0]
+                entry = first.shortcut if isinstance(first.shortcut, ConvBN) else self.stem
+                consumers: list[nn.Module] = [b.conv1 for b in (blocks if entry is self.stem else blocks[1:])]
+                if stage_index + 1 < len(stages):
+                    following = stages[stage_index + 1][0]
+                    consumers += [following.conv1, following.shortcut]
+                else:
+                    consumers.append(self.fc)
+                sites.append(PrunableSite(f"{stage_name}.residual", [entry, *(b.conv2 for b in blocks)], [], consumers))
+            for index, block in enumerate(blocks):
+                sites.append(PrunableSite(f"{stage_name}.{index}.conv1", [block.conv1], [], [block.conv2]))
         return sites

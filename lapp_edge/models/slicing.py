@@ -91,9 +91,8 @@ def select_input_channels(module: nn.Module, index: torch.Tensor, optimizer: tor
 def slim_site(site: PrunableSite, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Remove every channel of `site` not in `keep` (sorted indices), wherever it appears."""
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
-    select_output_channels(site.producer, keep, optimizer)
-    for follower in site.followers:
-        select_output_channels(follower, keep, optimizer)
+    for unit in site.units:
+        select_output_channels(unit, keep, optimizer)
     for consumer in site.consumers:
         select_input_channels(consumer, keep, optimizer)
 

@@ -36,6 +36,7 @@ class ArchitectureSpec:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
+    coupled: bool = False          # residual-coupled groups are sites (specs written before groups existed: False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,7 +50,9 @@ class ArchitectureSpec:
 
 
 def build_from_spec(spec: ArchitectureSpec) -> nn.Module:
-    model = build_model(spec.model, spec.in_channels, spec.num_classes, spec.bypass)
+    """The family's dense model resized to the spec's widths (random weights; load a state dict
+    after). Raises UserError for an unknown family or widths naming layers it does not have."""
+    model = build_model(spec.model, spec.in_channels, spec.num_classes, spec.bypass, spec.coupled)
     sites = prunable_sites(model)
     unknown = set(spec.widths) - {site.name for site in sites}
     if unknown:

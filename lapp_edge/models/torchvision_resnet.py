@@ -3,7 +3,12 @@
 The torchvision model is built as is (random init, no weights download); each prunable
 conv and the BatchNorm after it are wrapped into one `ConvBN` (the block's own BN slot
 becomes an Identity), so the block's forward is unchanged. Prunable: conv1 of a basic
-block; conv1 and conv2 of a bottleneck.
+block; conv1 and conv2 of a bottleneck. With `coupled=True` the stem conv, each block's last
+conv and each downsample projection are wrapped too, and each stage's residual stream is one
+group (its projection, or the stem where the first shortcut is the identity, plus every
+block's last conv; consumers: the blocks' first convs, the next stage's first conv and
+projection, the classifier). Where the first shortcut projects (ResNet-50), the stem is a
+site of its own.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ def _wrap(block: nn.Module, conv_name: str, bn_name: str, bypass: bool) -> ConvB
 
 
 class TorchvisionResNet(nn.Module):
-    def __init__(self, depth: int, in_channels: int, num_classes: int, bypass: bool = False) -> None:
+    def __init__(self, depth: int, in_channels: int, num_classes: int, bypass: bool = False, coupled: bool = False) -> None:
         super().__init__()
+        self.coupled = coupled
         # imported here: torchvision takes seconds to import and only these models need it
         from torchvision.models import resnet
 
@@ -36,6 +42,13 @@ class TorchvisionResNet(nn.Module):
             _wrap(block, "conv1", "bn1", bypass)
             if isinstance(block, resnet.Bottleneck):
                 _wrap(block, "conv2", "bn2", bypass)
+            if coupled:
+                _wrap(block, *(("conv3", "bn3") if isinstance(block, resnet.Bottleneck) else ("conv2", "bn2")), False)
+                if block.downsample is not None:
+                    conv, bn = block.downsample[0], block.downsample[1]
+                    block.downsample = ConvBN(0, 0, 0, conv=conv, bn=bn)
+        if coupled:
+            _wrap(self.net, "conv1", "bn1", False)
 
     def _blocks(self) -> list[nn.Module]:
         return [b for layer in (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4) for b in layer]
@@ -44,11 +57,25 @@ class TorchvisionResNet(nn.Module):
         return self.net(x)
 
     def prunable_sites(self) -> list[PrunableSite]:
+        layers = [list(layer) for layer in (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4)]
         sites = []
-        for layer_index, layer in enumerate((self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4)):
-            for block_index, block in enumerate(layer):
+        if self.coupled and layers[0][0].downsample is not None:
+            sites.append(PrunableSite("net.conv1", [self.net.conv1], [], [layers[0][0].conv1, layers[0][0].downsample]))
+        for layer_index, blocks in enumerate(layers):
+            if self.coupled:
+                first = blocks[0]
+                entry = first.downsample if first.downsample is not None else self.net.conv1
+                last = [b.conv3 if hasattr(b, "conv3") else b.conv2 for b in blocks]
+                consumers: list[nn.Module] = [b.conv1 for b in (blocks if entry is self.net.conv1 else blocks[1:])]
+                if layer_index + 1 < len(layers):
+                    following = layers[layer_index + 1][0]
+                    consumers += [following.conv1, following.downsample]
+                else:
+                    consumers.append(self.net.fc)
+                sites.append(PrunableSite(f"net.layer{layer_index + 1}.residual", [entry, *last], [], consumers))
+            for block_index, block in enumerate(blocks):
                 prefix = f"net.layer{layer_index + 1}.{block_index}"
-                sites.append(PrunableSite(f"{prefix}.conv1", block.conv1, [], [block.conv2]))
+                sites.append(PrunableSite(f"{prefix}.conv1", [block.conv1], [], [block.conv2]))
                 if hasattr(block, "conv3"):  # a bottleneck
-                    sites.append(PrunableSite(f"{prefix}.conv2", block.conv2, [], [block.conv3]))
+                    sites.append(PrunableSite(f"{prefix}.conv2", [block.conv2], [], [block.conv3]))
         return sites

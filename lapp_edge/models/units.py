@@ -9,9 +9,11 @@ attribute, never saved). It is applied inside BatchNorm's affine transform,
 BN(x) * m = x_hat * (gamma * m) + beta * m, so masking costs no extra pass over the
 activations and the mask's gradient comes out of BN's own gamma/beta gradient.
 
-`PrunableSite` describes one group of output channels that can be removed: the unit that
-produces them, the depthwise units whose channels follow them one-to-one, and the modules
-that consume them as input channels.
+`PrunableSite` describes one group of output channels that are kept or removed together
+(a coupled-channel group): every unit that produces them (one conv, or every conv whose
+outputs a residual add sums: a stage's stem or projection shortcut and each block's last
+conv), the depthwise units whose channels follow them one-to-one, and the modules that
+consume them as input channels.
 """
 
 from __future__ import annotations
@@ -92,19 +94,38 @@ class ConvBN(nn.Module):
 
 @dataclass
 class PrunableSite:
-    """One prunable group of output channels.
+    """One prunable group of output channels (kept or removed together).
 
-    name:      the producer's module path; the key of the site's width in an architecture spec
-    producer:  the ConvBN whose output channels are kept or removed
-    followers: depthwise ConvBNs whose channels map one-to-one onto the producer's
+    name:      the key of the site's width in an architecture spec (a producer's module path,
+               or a stage name for a residual group)
+    producers: the ConvBNs whose output channels are kept or removed; more than one where a
+               residual add sums their outputs (their channels are coupled one to one)
+    followers: depthwise ConvBNs whose channels map one-to-one onto the producers'
     consumers: modules (ConvBN, nn.Conv2d, nn.Linear) reading these channels as input
     """
 
     name: str
-    producer: ConvBN
+    producers: list[ConvBN]
     followers: list[ConvBN] = field(default_factory=list)
     consumers: list[nn.Module] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not self.producers:
+            raise ValueError(f"site {self.name} has no producer")
+        widths = {unit.out_channels for unit in self.producers}
+        if len(widths) != 1:
+            raise ValueError(f"site {self.name}: coupled producers have different widths {sorted(widths)}")
+
+    @property
+    def producer(self) -> ConvBN:
+        """The first producer (the site's only one where nothing is coupled)."""
+        return self.producers[0]
+
+    @property
+    def units(self) -> list[ConvBN]:
+        """Every unit whose output channels this site's mask and slicing touch."""
+        return [*self.producers, *self.followers]
+
     @property
     def channels(self) -> int:
-        return self.producer.out_channels
+        return self.producers[0].out_channels

@@ -41,5 +41,5 @@ class CifarVGG(nn.Module):
         sites = []
         for position, (name, unit) in enumerate(units):
             consumer: nn.Module = units[position + 1][1] if position + 1 < len(units) else self.classifier
-            sites.append(PrunableSite(name, unit, [], [consumer]))
+            sites.append(PrunableSite(name, [unit], [], [consumer]))
         return sites

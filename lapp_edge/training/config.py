@@ -56,6 +56,9 @@ class TrainConfig:
     channel_multiple: int = option(8, "kept widths are multiples of this (1: no rounding)")
     dense: bool = option(False, "train the dense baseline (no LAPP)")
     bypass: bool = option(True, "no 1x1 bypass branch on prunable convs", flag="--no-bypass")
+    coupled_groups: bool = option(True, "prune only inner convs: leave residual-coupled channel groups (stage widths) at full width",
+                                  flag="--no-groups")
+    group_reduce: str = option("sum", "how a coupled group's channel score combines its producers' scores", choices=("sum", "max"))
     batch_size: int = option(128, "images per training batch")
     lr: float = option(0.1, "peak learning rate (SGD, Nesterov momentum)")
     momentum: float = option(0.9, "SGD momentum, in [0, 1)")
@@ -77,7 +80,7 @@ class TrainConfig:
 
         return LappConfig(
             target=self.flops_target, channel_multiple=self.channel_multiple, scorer=self.scorer,
-            min_channels=max(1, self.channel_multiple),
+            min_channels=max(1, self.channel_multiple), group_reduce=self.group_reduce,
         )
 
 
@@ -121,6 +124,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"--seed must lie in [0, 2^32), got {config.seed}")
     if config.scorer not in SCORERS:
         raise UserError(f"unknown scorer '{config.scorer}'; choose one of: {', '.join(SCORERS)}")
+    if config.group_reduce not in ("sum", "max"):
+        raise UserError(f"--group-reduce must be sum or max, got '{config.group_reduce}'")
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"--lr-schedule must be cosine or step, got '{config.lr_schedule}'")
     if config.train_subset < 0 or config.test_subset < 0:
@@ -163,6 +168,7 @@ def config_from_saved(saved: object, path: Path) -> TrainConfig:
             raise UserError(f"{path}: '{key}' has the wrong type ({type(value).__name__}: {str(value)[:40]!r})")
         values[key] = value
     values["out"] = str(path.parent)
+    values.setdefault("coupled_groups", False)     # runs saved before coupled groups existed pruned inner convs only
     return TrainConfig(**values)
 
 

@@ -92,7 +92,8 @@ class Trainer:
         self.amp = self.device.type == "cuda"
 
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, info.in_channels, info.num_classes, config.bypass and not config.dense)
+        self.model = build_model(config.model, info.in_channels, info.num_classes, config.bypass and not config.dense,
+                                 config.coupled_groups and not config.dense)
         self.sites = prunable_sites(self.model)
         self.dense_widths = {site.name: site.channels for site in self.sites}
         self.cost: CostModel = build_flops_cost(self.model, self.sites, self.input_shape)
@@ -320,6 +321,7 @@ class Trainer:
             input_size=info.input_size, bypass=self.config.bypass and not self.config.dense,
             widths=dict(self.state.widths), dense_widths=dict(self.dense_widths),
             mean=list(info.mean), std=list(info.std), class_names=list(info.class_names),
+            coupled=self.config.coupled_groups and not self.config.dense,
         )
 
     def write_slim_model(self) -> None:

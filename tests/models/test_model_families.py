@@ -1,7 +1,8 @@
 """Every registered model family gets the same checks (a new family is one file in
 lapp_edge/models/ plus its registry line; it is tested here without a new test):
 
-- prunable sites are found, each with a producer and at least one consumer;
+- prunable sites are found, each with a producer and at least one consumer, with residual-coupled
+  groups as sites (coupled=True, the default for training) and without them;
 - a masked network equals the physically slimmed one (same logits, <= 1e-5);
 - BN and bypass folding is exact in eval mode;
 - the FLOPs cost model equals torch's FlopCounterMode, dense and slim;
@@ -36,10 +37,14 @@ def flop_counter_macs(model: nn.Module, shape: tuple[int, int, int]) -> float:
     return counter.get_total_flops() / 2
 
 
-def family(name: str, bypass: bool = True) -> tuple[nn.Module, tuple[int, int, int]]:
+COUPLED = [(name, coupled) for name in MODEL_BUILDERS for coupled in (True, False)]
+COUPLED_IDS = [f"{name}-{'groups' if coupled else 'inner'}" for name, coupled in COUPLED]
+
+
+def family(name: str, bypass: bool = True, coupled: bool = True) -> tuple[nn.Module, tuple[int, int, int]]:
     channels, size = INPUTS[name]
     torch.manual_seed(0)
-    model = build_model(name, channels, 10, bypass=bypass).eval()
+    model = build_model(name, channels, 10, bypass=bypass, coupled=coupled).eval()
     randomize_batchnorm(model, torch.Generator().manual_seed(1))
     return model, (channels, size, size)
 
@@ -52,19 +57,26 @@ def random_keep(sites: list, generator: torch.Generator) -> list[torch.Tensor]:
     return keeps
 
 
-@pytest.mark.parametrize("name", list(MODEL_BUILDERS))
-def test_sites_are_found(name: str) -> None:
-    model, _ = family(name)
+@pytest.mark.parametrize(("name", "coupled"), COUPLED, ids=COUPLED_IDS)
+def test_sites_are_found(name: str, coupled: bool) -> None:
+    model, _ = family(name, coupled=coupled)
     sites = prunable_sites(model)
     assert sites, f"{name} has no prunable site"
     assert len({site.name for site in sites}) == len(sites)
+    units = [id(unit) for site in sites for unit in site.units]
+    assert len(units) == len(set(units)), "a unit belongs to two sites"
     for site in sites:
-        assert isinstance(site.producer, ConvBN) and site.consumers and site.channels > 1
+        assert all(isinstance(p, ConvBN) for p in site.producers) and site.consumers and site.channels > 1
+    groups = [site for site in sites if len(site.producers) > 1]
+    if not coupled or name == "vgg16_bn":
+        assert not groups                       # VGG has no residual add; inner-only layout has no group
+    else:
+        assert groups and all(site.name.endswith((".residual", ".projection")) for site in groups)
 
 
-@pytest.mark.parametrize("name", list(MODEL_BUILDERS))
-def test_masked_equals_slim_and_flops_match_the_flop_counter(name: str) -> None:
-    model, shape = family(name)
+@pytest.mark.parametrize(("name", "coupled"), COUPLED, ids=COUPLED_IDS)
+def test_masked_equals_slim_and_flops_match_the_flop_counter(name: str, coupled: bool) -> None:
+    model, shape = family(name, coupled=coupled)
     sites = prunable_sites(model)
     cost = build_flops_cost(model, sites, shape)
     assert cost.dense_macs == flop_counter_macs(model, shape)
@@ -72,7 +84,7 @@ def test_masked_equals_slim_and_flops_match_the_flop_counter(name: str) -> None:
     for site, keep in zip(sites, keeps):
         mask = torch.zeros(site.channels)
         mask[keep] = 1.0
-        for unit in (site.producer, *site.followers):
+        for unit in site.units:
             unit.channel_mask = mask
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -81,7 +93,7 @@ def test_masked_equals_slim_and_flops_match_the_flop_counter(name: str) -> None:
     slim_sites = prunable_sites(slim)
     for site, keep in zip(slim_sites, keeps):
         slim_site(site, keep)
-        for unit in (site.producer, *site.followers):
+        for unit in site.units:
             unit.channel_mask = None
     with torch.no_grad():
         result = slim(x)
