@@ -15,7 +15,7 @@ setup: $(VENV)/.installed data
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet -e '.[dev,openvino]'
+	$(PYTHON) -m pip install --quiet -e '.[dev,openvino,gpu]'
 	touch $@
 
 data: $(FMNIST)
@@ -110,3 +110,17 @@ ship: setup $(DEMO_MODEL)/manifest.json
 
 $(DEMO_MODEL)/manifest.json:
 	$(MAKE) demo
+
+# GPU: TensorRT fp16 and int8 engines of the demo package (models/demo, from `make demo`): build
+# (cached in bench-results/tensorrt-work), top-1 vs the fp32 ONNX Runtime reference on the test
+# split, GPU latency as trtexec measures it (docs/GPU.md). Needs an NVIDIA GPU, a CUDA build of
+# torch and TensorRT 10/11 (`pip install tensorrt`); without them it prints one line and exits 2.
+TENSORRT_TARGETS := gpu-tensorrt-fp16 gpu-tensorrt-int8
+.PHONY: tensorrt
+tensorrt: setup $(VENV)/.installed-gpu
+	$(PYTHON) benchmarks/tensorrt_check.py --package $(DEMO_PACKAGE) $(addprefix --target ,$(TENSORRT_TARGETS)) \
+		--out bench-results/tensorrt.json --work-dir bench-results/tensorrt-work
+
+$(VENV)/.installed-gpu: pyproject.toml
+	$(PYTHON) -m pip install --quiet -e '.[gpu]'
+	touch $@

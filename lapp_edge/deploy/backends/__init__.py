@@ -17,9 +17,11 @@ import importlib.util
 from lapp_edge.deploy.backends.base import Backend, BackendUnavailable, LoadRequest, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.backends.onnxruntime_cpu import OnnxRuntimeCpu
 from lapp_edge.deploy.backends.openvino_cpu import OpenVinoCpu
+from lapp_edge.deploy.backends.tensorrt import TensorRt
+from lapp_edge.deploy.backends.torch_cuda import TorchCuda
 from lapp_edge.errors import UserError
 
-BACKEND_CLASSES: tuple[type[Backend], ...] = (OnnxRuntimeCpu, OpenVinoCpu)
+BACKEND_CLASSES: tuple[type[Backend], ...] = (OnnxRuntimeCpu, OpenVinoCpu, TensorRt, TorchCuda)
 BACKENDS: dict[str, Backend] = {cls.name: cls() for cls in BACKEND_CLASSES}
 
 
