@@ -36,7 +36,13 @@ demo: setup
 	$(LAPP) verify $(DEMO_MODEL)
 
 test: setup
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow and not latency"
+
+# Latency regression per target against this machine's recorded baselines (run on a quiet machine;
+# TARGET=NAME for one target; record baselines with `lapp-edge baseline --target NAME`).
+.PHONY: latency-test
+latency-test: setup
+	LAPP_EDGE_LATENCY_TARGET=$(TARGET) $(PYTHON) -m pytest -q -m latency tests/latency
 
 test-slow: setup
 	$(PYTHON) -m pytest -q -m slow

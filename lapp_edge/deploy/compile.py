@@ -66,6 +66,18 @@ def int8_calibration(profile: TargetProfile, mean: tuple[float, ...] | list[floa
     return draw_calibration(load_definition(profile.calibration), list(mean), list(std), data_dir=data_dir)
 
 
+def dataset_calibration(profile: TargetProfile, data_dir: str | None = None) -> np.ndarray | None:
+    """The profile's int8 calibration images normalised with their own dataset's mean/std (for
+    models that carry none, such as the latency reference models), or None for a non-int8 profile."""
+    if profile.precision != "int8":
+        return None
+    from lapp_edge.data.readers import load_arrays
+
+    info = load_arrays(load_definition(profile.calibration).dataset, data_dir).info
+    drawn = int8_calibration(profile, info.mean, info.std, data_dir)
+    return None if drawn is None else drawn.images
+
+
 def compile_runner(model: ModelPackage | OnnxModel, profile: TargetProfile, batch: int, work_dir: Path,
                    calibration: np.ndarray | None = None, route: str | None = None, data_dir: str | None = None) -> Runner:
     """Compile `model` for `profile` at `batch` (artifacts in `work_dir`) and return its runner

@@ -163,6 +163,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# Instruction-set features that change which kernels a CPU runtime picks (and so its latency ratios).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def machine_key() -> str:
+    """The CPU as latency baselines are keyed: model name and the ISA flags that pick kernels
+    ("AMD EPYC; avx2 avx512_bf16 avx512f"): two machines with the same model name can differ."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return f"{cpu_model()}; {' '.join(sorted(flags & set(ISA_FLAGS))) or 'no listed ISA flags'}"
+
+
 @dataclass
 class QuietRatios:
     """Block ratios A/B from the quietest of up to `retries + 1` attempts."""

@@ -10,11 +10,15 @@ found by name or path through `lapp_edge.resources.find_profile`).
     calibration: fashion-mnist-train-512   # int8 only: a definition in calibration-sets/
     int8_routes: [nncf, ort-qdq]      # optional, backend-specific; the first is the target's
     latency: {warmup_iterations: 20, min_iterations: 100, min_seconds: 2.0}   # optional
-    baselines:                        # what the latency regression test holds the target to
+    baselines:                        # what the latency regression tests hold the target to (deploy/regression.py)
       reference_target: x86-ort-fp32
-      model: resnet20 dense, fused, 1x28x28
-      ratio_to_reference: {1: 0.62}   # latency / reference latency, measured in one process
-      tolerance: 0.25                 # allowed relative excess over the ratio
+      model: resnet20, fused, 1x28x28 (dense and the shipped slim reference)
+      tolerance: 0.25                 # allowed relative shortfall / excess
+      machines:                       # per machine (deploy.measure.machine_key: CPU model + ISA flags)
+        "AMD EPYC; avx2":
+          ratio_to_reference: {1: 0.62}   # dense latency on this target / on the reference target, one process
+          speedup: {1: 1.9, 32: 2.1}      # dense / shipped slim latency on this target, one process
+          recorded: "2026-11-30T09:00:00+00:00"   # plus versions, load: what `lapp-edge baseline` wrote
 
 Every problem is one line (UserError). Imports no runtime.
 """
@@ -37,11 +41,23 @@ KNOWN = (*REQUIRED, "calibration", "int8_routes", "latency", "baselines", "descr
 
 
 @dataclass(frozen=True)
+class MachineBaseline:
+    """A target's latency ratios as recorded on one machine (all measured interleaved in one process)."""
+
+    ratio_to_reference: dict[int, float]       # per batch: dense latency here / dense latency on the reference target
+    speedup: dict[int, float]                  # per batch: dense latency / shipped slim reference latency on this target
+    recorded: str = ""
+    details: dict[str, Any] = field(default_factory=dict)   # versions, load, command
+
+
+@dataclass(frozen=True)
 class LatencyBaselines:
+    """What the latency regression tests hold a target to, per machine."""
+
     reference_target: str
     model: str
-    ratio_to_reference: dict[int, float]
     tolerance: float
+    machines: dict[str, MachineBaseline] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -67,25 +83,41 @@ def _positive_int(value: Any, where: str) -> int:
     return value
 
 
+def _ratios(payload: Any, where: str) -> dict[int, float]:
+    if payload is None:
+        return {}
+    if not isinstance(payload, dict):
+        raise UserError(f"{where} must map batch sizes to ratios")
+    parsed: dict[int, float] = {}
+    for batch, ratio in payload.items():
+        _positive_int(batch, f"{where}: batch")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1e6:
+            raise UserError(f"{where}: the ratio for batch {batch} must be a positive number")
+        parsed[int(batch)] = float(ratio)
+    return parsed
+
+
 def _baselines(payload: Any, where: str) -> LatencyBaselines:
     if not isinstance(payload, dict):
         raise UserError(f"{where}: baselines must be a mapping")
-    missing = [key for key in ("reference_target", "model", "ratio_to_reference", "tolerance") if key not in payload]
+    missing = [key for key in ("reference_target", "model", "tolerance") if key not in payload]
     if missing:
         raise UserError(f"{where}: baselines miss field(s): {', '.join(missing)}")
-    ratios = payload["ratio_to_reference"]
-    if not isinstance(ratios, dict) or not ratios:
-        raise UserError(f"{where}: baselines.ratio_to_reference must map batch sizes to ratios")
-    parsed: dict[int, float] = {}
-    for batch, ratio in ratios.items():
-        _positive_int(batch, f"{where}: baselines batch")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
-            raise UserError(f"{where}: baselines ratio for batch {batch} must be a positive number")
-        parsed[int(batch)] = float(ratio)
     tolerance = payload["tolerance"]
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
         raise UserError(f"{where}: baselines.tolerance must be in (0, 1)")
-    return LatencyBaselines(str(payload["reference_target"]), str(payload["model"]), parsed, float(tolerance))
+    machines_payload = payload.get("machines") or {}
+    if not isinstance(machines_payload, dict):
+        raise UserError(f"{where}: baselines.machines must map machine keys to recorded ratios")
+    machines: dict[str, MachineBaseline] = {}
+    for key, entry in machines_payload.items():
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: baselines.machines[{str(key)[:60]!r}] must be a mapping")
+        machines[str(key)] = MachineBaseline(
+            _ratios(entry.get("ratio_to_reference"), f"{where}: baselines ratio_to_reference"),
+            _ratios(entry.get("speedup"), f"{where}: baselines speedup"), str(entry.get("recorded", "")),
+            {k: v for k, v in entry.items() if k not in ("ratio_to_reference", "speedup", "recorded")})
+    return LatencyBaselines(str(payload["reference_target"]), str(payload["model"]), float(tolerance), machines)
 
 
 def _latency(payload: Any, where: str) -> LatencyProtocol:

@@ -42,11 +42,10 @@ import torch
 from torch import nn
 
 from lapp_edge.costs.latency_fit import FIT_FORMAT, BatchFit, LatencyFit, choose_fit, fit_file_name, write_fit_json
-from lapp_edge.data.readers import load_arrays
 from lapp_edge.deploy.backends import Runner
-from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration
+from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
 from lapp_edge.deploy.measure import (
-    RatioProtocol, cpu_model, cpu_snapshot, measure_latency, other_cpu_share_since, quiet_block_ratios,
+    RatioProtocol, cpu_model, cpu_snapshot, machine_key, measure_latency, other_cpu_share_since, quiet_block_ratios,
 )
 from lapp_edge.deploy.targets import TargetProfile, load_target
 from lapp_edge.errors import UserError
@@ -143,14 +142,38 @@ def dense_widths_of(model: str, in_channels: int) -> dict[str, int]:
 
 
 def build_fused(model: str, widths: dict[str, int], dense_widths: dict[str, int], input_shape: tuple[int, int, int],
-                num_classes: int = NUM_CLASSES) -> nn.Module:
+                num_classes: int = NUM_CLASSES, coupled: bool = False) -> nn.Module:
     """The fused (deployed) model of a family at these widths, random weights."""
     from lapp_edge.models.fuse import fuse_model
     from lapp_edge.models.spec import ArchitectureSpec, build_from_spec
 
     spec = ArchitectureSpec(model=model, in_channels=input_shape[0], num_classes=num_classes, input_size=input_shape[1],
-                            bypass=False, widths=dict(widths), dense_widths=dict(dense_widths))
+                            bypass=False, widths=dict(widths), dense_widths=dict(dense_widths), coupled=coupled)
     return fuse_model(build_from_spec(spec).eval())
+
+
+def write_reference_models(spec_path: Path, out: Path, seed: int = 0) -> Path:
+    """The latency regression references (deploy/regression.py): the dense family member and the slim
+    network of a run's architecture.json, random weights (latency does not depend on them), as ONNX
+    files plus `reference-models.json` (files, widths, MACs) in `out`. Returns the JSON's path."""
+    import json
+
+    from lapp_edge.fileio import read_json
+    from lapp_edge.models.spec import ArchitectureSpec
+
+    spec = ArchitectureSpec.from_dict(read_json(spec_path))
+    shape = (spec.in_channels, spec.input_size, spec.input_size)
+    torch.manual_seed(seed)
+    info: dict[str, Any] = {"input_shape": list(shape), "model": spec.model,
+                            "description": f"{spec.model} dense and LAPP-slim (widths of {spec_path.parent.name}), random weights"}
+    for role, widths in (("dense", spec.dense_widths), ("slim", spec.widths)):
+        fused = build_fused(spec.model, widths, spec.dense_widths, shape, spec.num_classes, spec.coupled)
+        name = dense_reference_name(spec.model, shape) if role == "dense" else f"slim-{spec.model}-{'x'.join(map(str, shape))}.onnx"
+        export_config(fused, shape, out / name)
+        info[role] = {"file": name, "widths": dict(widths), "macs": deployed_figures(fused, shape).macs}
+    path = out / "reference-models.json"
+    atomic_write_bytes(path, (json.dumps(info, indent=1) + "\n").encode("utf-8"))
+    return path
 
 
 def export_config(fused: nn.Module, input_shape: tuple[int, int, int], path: Path) -> Path:
@@ -163,17 +186,6 @@ def export_config(fused: nn.Module, input_shape: tuple[int, int, int], path: Pat
 def dense_reference_name(model: str, input_shape: tuple[int, int, int]) -> str:
     """File name of a family's dense reference ONNX (random weights, NUM_CLASSES outputs) in the latency data."""
     return f"dense-{model}-{'x'.join(map(str, input_shape))}.onnx"
-
-
-def calibration_images(profile: TargetProfile) -> np.ndarray | None:
-    """The profile's int8 calibration images (normalised with their dataset's statistics), or None."""
-    if profile.precision != "int8":
-        return None
-    from lapp_edge.deploy.calibration_set import load_definition
-
-    info = load_arrays(load_definition(profile.calibration).dataset).info
-    drawn = int8_calibration(profile, info.mean, info.std)
-    return None if drawn is None else drawn.images
 
 
 # --- the whole calibration ---------------------------------------------------------------------
@@ -204,7 +216,7 @@ def calibrate(target_path: str | Path, model: str = "resnet20", configs: int = 2
     input_shape = profile.input_shape
     dense_widths = dense_widths_of(model, input_shape[0])       # unknown model -> UserError here, before any work
     width_configs = draw_configs(dense_widths, configs, seed)
-    calibration = calibration_images(profile)
+    calibration = dataset_calibration(profile)
     rng = np.random.default_rng(seed)
     data = {b: rng.standard_normal((b, *input_shape)).astype(np.float32) for b in batch_sizes}
 
@@ -282,7 +294,7 @@ def finish(profile: TargetProfile, model: str, seed: int, out: Path, batch_sizes
         load={"other_cpu_share_median": float(np.median(shares)), "other_cpu_share_max": float(np.max(shares)),
               "other_cpu_share_over_all_measuring": overall_share,
               "flagged_measurements": sum(1 for m in measurements for b in batch_sizes if m.flagged[b]),
-              "cpu": cpu_model(), "cpu_count": _cpu_count()},
+              "cpu": cpu_model(), "machine": machine_key(), "cpu_count": _cpu_count()},
         versions=_versions(reference_info.backend, reference_info.runtime_version),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command,
         dense_reference=dense_reference_name(model, profile.input_shape),

@@ -14,7 +14,6 @@ import yaml
 
 from lapp_edge.resources import TARGETS_DIR
 from lapp_edge.deploy.backends import BackendUnavailable, LoadRequest, Runner, get_backend, run_batched
-from lapp_edge.deploy.measure import interleaved_ratio, other_cpu_share
 from lapp_edge.deploy.bench import load_test_set
 from lapp_edge.deploy.calibration_set import CalibrationSet, draw_calibration, load_definition
 from lapp_edge.cli import main
@@ -191,28 +190,4 @@ def test_shipped_profiles_are_valid() -> None:
         profile = load_target(TARGETS / f"{name}.yaml")
         assert profile.name == name and profile.batch_sizes == (1, 32) and profile.input_shape == (1, 28, 28)
         assert profile.baselines is not None and profile.baselines.reference_target == "x86-ort-fp32"
-
-
-@pytest.mark.latency
-@pytest.mark.parametrize("target", ["x86-ort-int8", "x86-openvino-f32", "x86-openvino-bf16", "x86-openvino-int8"])
-def test_latency_ratio_within_baseline(package: ModelPackage, test_images: tuple[np.ndarray, np.ndarray],
-                                       calibration: CalibrationSet, target: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Batch-1 latency relative to ORT fp32 on the same dense ResNet-20, interleaved in one process,
-    one thread each (the protocol that held on a shared 2-core machine): never absolute times."""
-    profile = load_target(TARGETS / f"{target}.yaml")
-    assert profile.baselines is not None
-    work = tmp_path_factory.getbasetemp() / "int8-work"
-    reference = load(package, "onnxruntime-cpu", "fp32", work, batch=1, threads=1)
-    runner = load(package, profile.backend, profile.precision, work, batch=1, threads=1,
-                  calibration=calibration if profile.precision == "int8" else None,
-                  route=profile.int8_routes[0] if profile.int8_routes else "")
-    limit = profile.baselines.ratio_to_reference[1] * (1 + profile.baselines.tolerance)
-    ratio, busy = float("inf"), 0.0
-    for _ in range(3):                                   # retry when another process loads the machine
-        ratio = min(ratio, interleaved_ratio(runner, reference, test_images[0][:1]))
-        busy = other_cpu_share(0.3)
-        if ratio <= limit or busy < 0.2:
-            break
-    if ratio > limit and busy >= 0.2:
-        pytest.skip(f"{target}: {ratio:.3f} x ORT fp32 while other processes used {busy:.0%} of the CPU: not judgeable")
-    assert ratio <= limit, f"{target}: {ratio:.3f} x ORT fp32, baseline {profile.baselines.ratio_to_reference[1]}"
+        assert profile.baselines.machines, f"{name} records no machine's baseline"

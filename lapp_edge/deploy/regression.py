@@ -1,0 +1,235 @@
+"""Latency regression per target: is a pruned model still as much faster as it was?
+
+For one target profile, two reference models shipped in the latency data are compiled the way
+every target compiles (`deploy.compile.compile_runner`) and measured interleaved in one process
+(`measure.quiet_block_ratios`: blocks alternating A/B, order reversed each block, retried while
+other processes load the machine):
+
+- speedup = dense latency / slim latency on this target (the shipped slim reference is a LAPP
+  ResNet-20 with coupled groups; its widths and MACs are in `reference-models.json`);
+- ratio to reference = dense latency on this target / dense latency on the profile's reference
+  target (e.g. int8 or bf16 against ORT fp32).
+
+A result fails when the speedup falls below the profile's recorded baseline for this machine x
+(1 - tolerance), when the ratio to the reference target exceeds its baseline x (1 + tolerance),
+or when the speedup misses the one predicted by the target's latency fit (FLOPs today) by more
+than the tolerance. Baselines are per machine (`measure.machine_key`: CPU model + ISA flags),
+since the same profile runs different kernels on an AVX2, an AVX-512 or an AMX CPU; a machine
+without a baseline is reported as such (`lapp-edge baseline --target NAME` records one).
+Absolute times are never compared. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lapp_edge.costs.latency_fit import fit_file_name, load_fit
+from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
+from lapp_edge.deploy.measure import RatioProtocol, cpu_snapshot, machine_key, other_cpu_share_since, quiet_block_ratios
+from lapp_edge.deploy.targets import TargetProfile, load_target
+from lapp_edge.errors import UserError
+from lapp_edge.fileio import atomic_write_text
+from lapp_edge.resources import find_latency_file, find_profile
+
+REFERENCE_MODELS = "reference-models.json"      # {"dense": {...}, "slim": {...}}: file, widths, macs per model
+
+
+@dataclass
+class ReferenceModels:
+    """The dense and slim reference ONNX files of the latency data, with their MACs."""
+
+    dense: Path
+    slim: Path
+    input_shape: tuple[int, int, int]
+    macs_ratio: float                           # slim MACs / dense MACs
+    description: str
+
+
+def reference_models() -> ReferenceModels:
+    """The shipped reference models (UserError when the latency data lacks them)."""
+    info_path = find_latency_file(REFERENCE_MODELS)
+    if info_path is None:
+        raise UserError(f"the latency data holds no {REFERENCE_MODELS}: the regression reference models are missing")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    files = {role: find_latency_file(info[role]["file"]) for role in ("dense", "slim")}
+    missing = [info[role]["file"] for role, path in files.items() if path is None]
+    if missing:
+        raise UserError(f"the latency data lacks the reference model(s) {', '.join(missing)}")
+    assert files["dense"] is not None and files["slim"] is not None
+    return ReferenceModels(files["dense"], files["slim"], tuple(info["input_shape"]),  # type: ignore[arg-type]
+                           float(info["slim"]["macs"]) / float(info["dense"]["macs"]), str(info.get("description", "")))
+
+
+@dataclass
+class RegressionResult:
+    """One target at one batch: what was measured, what it is held to, and what failed."""
+
+    target: str
+    batch: int
+    machine: str
+    speedup: float                              # dense / slim on this target (median of block ratios)
+    speedup_iqr: list[float]
+    ratio_to_reference: float | None            # dense here / dense on the reference target
+    other_cpu_share: float
+    flagged: bool                               # measured while other processes loaded the machine beyond the limit
+    tolerance: float
+    expected_speedup: float | None = None       # this machine's recorded baseline
+    expected_ratio_to_reference: float | None = None
+    predicted_speedup: float | None = None      # from the target's latency fit (when recorded on this machine)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def measure_target(profile: TargetProfile, batches: list[int], work_dir: Path, protocol: RatioProtocol | None = None,
+                   slim_override: Path | None = None) -> list[RegressionResult]:
+    """Measure one target's speedup (and ratio to its reference target) at each batch and check
+    them against its baselines. `slim_override` swaps in another slim model (a test uses a
+    deliberately widened one to show the check fails)."""
+    protocol = protocol or RatioProtocol()
+    models = reference_models()
+    if profile.input_shape != models.input_shape:
+        raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; the regression references "
+                        f"take {list(models.input_shape)}")
+    calibration = dataset_calibration(profile)
+    dense = OnnxModel(models.dense, "input", models.input_shape)
+    slim = OnnxModel(slim_override or models.slim, "input", models.input_shape)
+    baselines = profile.baselines
+    machine = machine_key()
+    recorded = baselines.machines.get(machine) if baselines else None
+    reference_profile = None
+    if baselines is not None and baselines.reference_target != profile.name:
+        reference_profile = load_target(baselines.reference_target)
+    rng = np.random.default_rng(0)
+    results = []
+    for batch in batches:
+        data = rng.standard_normal((batch, *models.input_shape)).astype(np.float32)
+        start = cpu_snapshot()
+        with compile_runner(dense, profile, batch, work_dir, calibration) as dense_runner, \
+                compile_runner(slim, profile, batch, work_dir, calibration) as slim_runner:
+            quiet = quiet_block_ratios(dense_runner, slim_runner, data, protocol)
+            ratio_to_reference = None
+            if reference_profile is not None:
+                with compile_runner(dense, reference_profile, batch, work_dir, dataset_calibration(reference_profile)) as ref:
+                    ratio_to_reference = float(np.median(quiet_block_ratios(dense_runner, ref, data, protocol).block_ratios))
+            elif baselines is not None:
+                ratio_to_reference = 1.0
+        ratios = quiet.block_ratios
+        result = RegressionResult(
+            target=profile.name, batch=batch, machine=machine, speedup=float(np.median(ratios)),
+            speedup_iqr=[float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))],
+            ratio_to_reference=ratio_to_reference, other_cpu_share=other_cpu_share_since(start), flagged=quiet.flagged,
+            tolerance=baselines.tolerance if baselines else 0.0,
+        )
+        if recorded is not None:
+            result.expected_speedup = recorded.speedup.get(batch)
+            result.expected_ratio_to_reference = recorded.ratio_to_reference.get(batch)
+        result.predicted_speedup = predicted_speedup(profile, models, batch, machine, result)
+        check(result)
+        results.append(result)
+    return results
+
+
+def predicted_speedup(profile: TargetProfile, models: ReferenceModels, batch: int, machine: str,
+                      result: RegressionResult) -> float | None:
+    """dense / slim latency as the target's fit predicts it from the slim reference's MACs ratio,
+    where a fit for resnet20 exists and was recorded on this machine (else None, with a note)."""
+    path = find_latency_file(fit_file_name(profile.name, "resnet20"))
+    if path is None:
+        result.notes.append(f"no latency fit for {profile.name}: no prediction to hold the speedup to")
+        return None
+    fit = load_fit(path)
+    fit_machine = fit.load.get("machine") or ""
+    if fit_machine != machine:
+        result.notes.append(f"the latency fit was recorded on '{fit_machine or fit.load.get('cpu', '?')}', not this machine: "
+                            "prediction not checked (re-run calibrate-latency here)")
+        return None
+    if batch not in fit.batches:
+        return None
+    return 1.0 / fit.predict_ratio(batch, {"macs_ratio": models.macs_ratio})
+
+
+def check(result: RegressionResult) -> None:
+    """Fill `result.problems` (one line each, naming the target, the expected and the measured figure)."""
+    tolerance = result.tolerance
+    where = f"target {result.target}, batch {result.batch}"
+    if result.expected_speedup is None and result.expected_ratio_to_reference is None:
+        result.notes.append(f"no baseline recorded for this machine ({result.machine}): "
+                            f"record one with `lapp-edge baseline --target {result.target}`")
+    if result.expected_speedup is not None and result.speedup < result.expected_speedup * (1 - tolerance):
+        result.problems.append(f"{where}: dense/slim speedup {result.speedup:.3f}, expected >= {result.expected_speedup:.3f} "
+                               f"x (1 - {tolerance:g}) = {result.expected_speedup * (1 - tolerance):.3f}")
+    expected_ratio = result.expected_ratio_to_reference
+    if expected_ratio is not None and result.ratio_to_reference is not None and \
+            result.ratio_to_reference > expected_ratio * (1 + tolerance):
+        result.problems.append(f"{where}: latency {result.ratio_to_reference:.3f} x the reference target's, expected <= "
+                               f"{expected_ratio:.3f} x (1 + {tolerance:g}) = {expected_ratio * (1 + tolerance):.3f}")
+    if result.predicted_speedup is not None and abs(result.speedup / result.predicted_speedup - 1) > tolerance:
+        result.problems.append(f"{where}: dense/slim speedup {result.speedup:.3f}, the target's latency model predicts "
+                               f"{result.predicted_speedup:.3f} (allowed +-{tolerance:g})")
+
+
+def record_baseline(profile: TargetProfile, results: list[RegressionResult], command: str = "") -> Path:
+    """Write this machine's measured ratios into the profile's YAML file (atomically), keeping the
+    other machines' baselines and the file's leading comment. Returns the file written."""
+    path = find_profile(profile.path or profile.name)
+    text = path.read_text(encoding="utf-8")
+    payload: Any = yaml.safe_load(text)
+    header = "".join(re.match(r"((?:#[^\n]*\n)*)", text).group(1))  # type: ignore[union-attr]
+    baselines = payload.setdefault("baselines", {"reference_target": "x86-ort-fp32",
+                                                 "model": "resnet20, fused, 1x28x28 (dense, and the shipped slim reference)",
+                                                 "tolerance": 0.25})
+    machines = baselines.setdefault("machines", {}) or {}
+    baselines["machines"] = machines
+    machines[results[0].machine] = {
+        "ratio_to_reference": {r.batch: round(r.ratio_to_reference, 4) for r in results if r.ratio_to_reference is not None},
+        "speedup": {r.batch: round(r.speedup, 4) for r in results},
+        "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load": {"other_cpu_share_max": round(max(r.other_cpu_share for r in results), 3),
+                 "flagged": any(r.flagged for r in results)},
+        "versions": runtime_versions(),
+        "command": command,
+    }
+    atomic_write_text(path, header + yaml.safe_dump(payload, sort_keys=False, default_flow_style=None, width=120))
+    return path
+
+
+def runtime_versions() -> dict[str, str]:
+    """Installed versions of the runtimes and numpy (for baseline records)."""
+    import importlib.metadata
+
+    versions = {}
+    for package in ("onnxruntime", "openvino", "nncf", "numpy", "lapp-edge"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def format_results(results: list[RegressionResult]) -> str:
+    """One line per target and batch, then problems and notes."""
+    lines = [f"{'target':22s} {'batch':>5s} {'speedup':>8s} {'expected':>9s} {'predicted':>9s} {'x ref':>6s} {'exp x ref':>9s} {'others':>6s}"]
+    for r in results:
+        def cell(value: float | None, width: int) -> str:
+            return f"{value:{width}.3f}" if value is not None else f"{'-':>{width}s}"
+
+        lines.append(f"{r.target:22s} {r.batch:5d} {r.speedup:8.3f} {cell(r.expected_speedup, 9)} {cell(r.predicted_speedup, 9)} "
+                     f"{cell(r.ratio_to_reference, 6)} {cell(r.expected_ratio_to_reference, 9)} {r.other_cpu_share:6.2f}"
+                     + ("  (measured under load)" if r.flagged else ""))
+    for r in results:
+        lines += [f"FAIL {p}" for p in r.problems] + [f"note {r.target}/b{r.batch}: {n}" for n in r.notes]
+    lines.append("speedup = dense / slim reference latency on the target; x ref = dense latency on the target / on its "
+                 "reference target; all interleaved in one process; others = other processes' CPU share while measuring")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def results_json(results: list[RegressionResult]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in results]

@@ -1,0 +1,86 @@
+"""Latency regression per target (deploy/regression.py): ratios measured interleaved in one process,
+never absolute times.
+
+- The failing direction (default run): a deliberately widened model swapped in for the slim
+  reference fails, with a message naming the target, the expected and the measured speedup.
+- The cheapest target, short (default run): on ORT fp32 the slim reference is faster than dense.
+- Every target against this machine's recorded baselines (marker `latency`, `make latency-test`,
+  `make latency-test TARGET=x86-ort-int8` for one): skipped with the reason where the machine has
+  no baseline yet, the runtime or GPU is missing, or others loaded the CPU while measuring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from lapp_edge.deploy.backends import runtime_available
+from lapp_edge.deploy.measure import RatioProtocol, machine_key
+from lapp_edge.deploy.regression import check, measure_target, reference_models
+from lapp_edge.deploy.targets import LatencyBaselines, MachineBaseline, load_target
+from lapp_edge.resources import profile_names
+
+QUICK = RatioProtocol(blocks=6, calls_batch1=15, warmup=10, retries=1)
+GPU_BACKENDS = ("tensorrt", "torch-cuda")
+
+
+def test_widened_model_fails_with_target_expected_and_measured(tmp_path: Path) -> None:
+    profile = load_target("x86-ort-fp32")
+    [measured] = measure_target(profile, [1], tmp_path, QUICK)
+    assert measured.speedup > 1.2, f"the slim reference should be clearly faster than dense, got {measured.speedup:.3f}"
+    # Hold the target to what the real slim model just did here; then swap in the dense model (every width restored).
+    held = dataclasses.replace(profile, baselines=LatencyBaselines(
+        "x86-ort-fp32", "resnet20", 0.2, {machine_key(): MachineBaseline({1: 1.0}, {1: measured.speedup})}))
+    [widened] = measure_target(held, [1], tmp_path, QUICK, slim_override=reference_models().dense)
+    assert 0.8 < widened.speedup < 1.25
+    assert len(widened.problems) == 1
+    problem = widened.problems[0]
+    assert "target x86-ort-fp32" in problem and f"{widened.speedup:.3f}" in problem and f"{measured.speedup:.3f}" in problem
+
+
+def test_check_flags_each_kind_of_miss() -> None:
+    from lapp_edge.deploy.regression import RegressionResult
+
+    ok = RegressionResult("t", 1, "m", 2.0, [1.9, 2.1], 0.5, 0.0, False, 0.1, expected_speedup=2.0,
+                          expected_ratio_to_reference=0.5, predicted_speedup=2.0)
+    check(ok)
+    assert ok.problems == []
+    slow = dataclasses.replace(ok, speedup=1.7, problems=[])
+    check(slow)
+    assert len(slow.problems) == 2 and "expected >= 2.000" in slow.problems[0] and "predicts 2.000" in slow.problems[1]
+    heavy = dataclasses.replace(ok, ratio_to_reference=0.6, problems=[])
+    check(heavy)
+    assert len(heavy.problems) == 1 and "expected <= 0.500" in heavy.problems[0]
+    unknown = dataclasses.replace(ok, expected_speedup=None, expected_ratio_to_reference=None, predicted_speedup=None,
+                                  problems=[], notes=[])
+    check(unknown)
+    assert unknown.problems == [] and "lapp-edge baseline --target t" in unknown.notes[0]
+
+
+def targets() -> list[str]:
+    chosen = os.environ.get("LAPP_EDGE_LATENCY_TARGET")
+    return [chosen] if chosen else profile_names()
+
+
+@pytest.mark.latency
+@pytest.mark.parametrize("target", targets())
+def test_target_holds_its_baseline(target: str, tmp_path: Path) -> None:
+    profile = load_target(target)
+    if profile.backend in GPU_BACKENDS:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None or not __import__("torch").cuda.is_available():
+            pytest.skip(f"{target}: no CUDA GPU here: its latency regression was NOT run")
+    available, why = runtime_available(profile.backend)
+    if not available:
+        pytest.skip(f"{target}: {why}")
+    if profile.baselines is None or machine_key() not in profile.baselines.machines:
+        pytest.skip(f"{target}: no baseline recorded for this machine ({machine_key()}): lapp-edge baseline --target {target}")
+    results = measure_target(profile, list(profile.batch_sizes), tmp_path)
+    problems = [p for r in results for p in r.problems]
+    if problems and any(r.flagged for r in results):
+        pytest.skip(f"{target}: measured while other processes loaded the CPU: not judgeable ({problems[0]})")
+    assert not problems, "\n".join(problems)
