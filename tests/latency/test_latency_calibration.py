@@ -174,7 +174,6 @@ def test_calibrate_latency_bad_input_is_one_line_and_exit_2(tmp_path: Path, caps
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.latency
 def test_calibrate_latency_end_to_end_on_ort_fp32_and_bench_prediction(tmp_path: Path) -> None:
     from lapp_edge.deploy.bench import compare_with_fit
     from lapp_edge.deploy.compile import OnnxModel, compile_runner
