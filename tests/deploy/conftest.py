@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lapp_edge.data.torch_data import Dataset
 from lapp_edge.deploy.package import ModelPackage, load_package
 from lapp_edge.export.package_writer import export_run
+from lapp_edge.resources import TARGETS_DIR
 from lapp_edge.training.trainer import Trainer
 from tests.conftest import tiny_config
 
@@ -26,3 +28,16 @@ def package(trained_run: Path) -> ModelPackage:
     out = trained_run.parent / "models" / "tiny"
     export_run(trained_run, out, images=200)
     return load_package(out)
+
+
+def changed_profile(name: str, tmp_path: Path, **changes: object) -> Path:
+    """A copy of shipped profile `name` with fields changed (a value of None removes the field)."""
+    payload = yaml.safe_load((TARGETS_DIR / f"{name}.yaml").read_text())
+    for key, value in changes.items():
+        if value is None:
+            payload.pop(key)
+        else:
+            payload[key] = value
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(payload))
+    return path

@@ -22,6 +22,8 @@ from lapp_edge.deploy.package import ModelPackage
 from lapp_edge.models.spec import load_slim_model
 from lapp_edge.deploy.targets import load_target
 
+from tests.deploy.conftest import changed_profile
+
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = TARGETS_DIR
 CALIBRATION = "fashion-mnist-train-512"
@@ -139,15 +141,7 @@ def test_missing_runtime_is_one_line_and_other_targets_run(
 
 
 def _profile(tmp_path: Path, **changes: object) -> Path:
-    payload = yaml.safe_load((TARGETS / "x86-ort-int8.yaml").read_text())
-    for key, value in changes.items():
-        if value is None:
-            payload.pop(key)
-        else:
-            payload[key] = value
-    path = tmp_path / "profile.yaml"
-    path.write_text(yaml.safe_dump(payload))
-    return path
+    return changed_profile("x86-ort-int8", tmp_path, **changes)
 
 
 BAD_PROFILES = [

@@ -40,8 +40,7 @@ from lapp_edge.models.fuse import fuse_model
 from lapp_edge.models import build_model
 from lapp_edge.models.spec import load_slim_model
 from lapp_edge.deploy.targets import load_target
-from lapp_edge.training.trainer import Trainer
-from tests.conftest import tiny_config
+from tests.deploy.conftest import changed_profile
 from tests.models.test_fuse import randomize_batchnorm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,14 +72,6 @@ def random_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("gpu-random") / "model.onnx"
     path.write_bytes(export_onnx(fuse_model(model), INPUT))
     return path
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, fmnist: Dataset) -> Path:
-    """A dense ResNet-20 trained 2 epochs on 3000 real Fashion-MNIST images (~80% top-1)."""
-    out = tmp_path_factory.mktemp("gpu-trained") / "run"
-    Trainer(tiny_config(out, dense=True, epochs=2, prune_epochs=1, train_subset=3000, test_subset=500), fmnist).run()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -131,18 +122,8 @@ def test_gpu_profiles_load_and_name_registered_backends() -> None:
     ({"calibration": None}, "needs a calibration set"),
 ])
 def test_gpu_profile_errors_are_one_line(tmp_path: Path, changes: dict[str, object], message: str) -> None:
-    import yaml
-
-    payload = yaml.safe_load((TARGETS / "gpu-tensorrt-int8.yaml").read_text())
-    for key, value in changes.items():
-        if value is None:
-            payload.pop(key)
-        else:
-            payload[key] = value
-    path = tmp_path / "profile.yaml"
-    path.write_text(yaml.safe_dump(payload))
     with pytest.raises(UserError, match=message) as error:
-        load_target(path)
+        load_target(changed_profile("gpu-tensorrt-int8", tmp_path, **changes))
     assert "\n" not in str(error.value)
 
 

@@ -44,19 +44,16 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lapp_edge.deploy.backends.base import artifact_key, import_runtime
+from lapp_edge.deploy.backends.base import import_runtime
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_bytes
 
 GPU_HINT = "'pip install onnxconverter-common' (or lapp-edge[gpu])"
-ORT_HINT = "'pip install onnxruntime'"
-CALIBRATION_BATCH = 32
 QUANTIZED_OPS = ["Conv", "Add"]
 SYMMETRIC_QDQ_OPTIONS: dict[str, Any] = {
     "ActivationSymmetric": True,
@@ -116,43 +113,11 @@ def qdq_symmetric_model(onnx_path: Path, input_name: str, calibration: np.ndarra
     Raises BackendUnavailable (one line, naming `backend`) without ONNX Runtime's quantization
     tools, UserError when the result fails onnx.checker.
     """
-    import_runtime("onnxruntime", backend, ORT_HINT)
-    quantization = import_runtime("onnxruntime.quantization", backend, ORT_HINT)
-    import onnx
+    from lapp_edge.deploy.backends.onnxruntime_cpu import static_qdq
 
-    work_dir.mkdir(parents=True, exist_ok=True)
-    key = artifact_key(onnx_path, calibration)
-    output = work_dir / f"{Path(onnx_path).stem}.int8-qdq-s8s8.{key}.onnx"
-    if output.is_file():
-        return output
-    prepared = work_dir / f"{Path(onnx_path).stem}.preprocessed-s8s8.{key}.onnx"
-    quantization.quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+    def finish(model: Any) -> None:
+        drop_unused_opsets(model)
+        _check(model, "int8 Q/DQ")
 
-    class Reader(quantization.CalibrationDataReader):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            self.batches: Iterator[np.ndarray] = iter(
-                calibration[start : start + CALIBRATION_BATCH] for start in range(0, len(calibration), CALIBRATION_BATCH)
-            )
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-
-    temporary = work_dir / f"{output.stem}.tmp.onnx"
-    quantization.quantize_static(
-        str(prepared), str(temporary), Reader(),
-        quant_format=quantization.QuantFormat.QDQ,
-        activation_type=quantization.QuantType.QInt8,
-        weight_type=quantization.QuantType.QInt8,
-        per_channel=True,
-        calibrate_method=quantization.CalibrationMethod.MinMax,
-        op_types_to_quantize=list(QUANTIZED_OPS),
-        extra_options=dict(SYMMETRIC_QDQ_OPTIONS),
-    )
-    model = onnx.load(str(temporary))
-    drop_unused_opsets(model)
-    _check(model, "int8 Q/DQ")
-    atomic_write_bytes(output, model.SerializeToString())
-    temporary.unlink(missing_ok=True)
-    prepared.unlink(missing_ok=True)
-    return output
+    return static_qdq(onnx_path, input_name, calibration, work_dir, "qdq-s8s8", "QInt8", backend,
+                      op_types=list(QUANTIZED_OPS), extra_options=dict(SYMMETRIC_QDQ_OPTIONS), postprocess=finish)

@@ -17,7 +17,7 @@ float Conv between Q/DQ pairs.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +47,23 @@ def session_options(threads: int, optimized_path: Path | None = None) -> Any:
     return options
 
 
-def qdq_model(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path) -> Path:
-    """The U8S8 per-channel Q/DQ model of `onnx_path` calibrated on `calibration` (cached in work_dir)."""
-    _ort()
-    quantization = import_runtime("onnxruntime.quantization", NAME, INSTALL_HINT)
+def static_qdq(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path, tag: str, activation_type: str,
+               backend: str = NAME, op_types: list[str] | None = None, extra_options: dict[str, Any] | None = None,
+               postprocess: Callable[[Any], None] | None = None) -> Path:
+    """ORT static quantization of `onnx_path` into `work_dir/<stem>.int8-<tag>.<key>.onnx` (cached by the
+    model bytes and the calibration images): `quant_pre_process`, then `quantize_static` in QDQ format
+    with `activation_type` ("QUInt8" or "QInt8") activations, per-channel int8 weights and MinMax
+    calibration over `calibration` (float32 N x C x H x W, normalised; fed in batches of 32).
+    `postprocess` edits the ONNX model before it is written (atomically). BackendUnavailable
+    (naming `backend`) without ONNX Runtime's quantization tools."""
+    import_runtime("onnxruntime", backend, INSTALL_HINT)
+    quantization = import_runtime("onnxruntime.quantization", backend, INSTALL_HINT)
     work_dir.mkdir(parents=True, exist_ok=True)
     key = artifact_key(onnx_path, calibration)
-    output = work_dir / f"{Path(onnx_path).stem}.int8-qdq.{key}.onnx"
+    output = work_dir / f"{Path(onnx_path).stem}.int8-{tag}.{key}.onnx"
     if output.is_file():
         return output
-    prepared = work_dir / f"{Path(onnx_path).stem}.preprocessed.{key}.onnx"
+    prepared = work_dir / f"{Path(onnx_path).stem}.preprocessed-{tag}.{key}.onnx"
     quantization.quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
 
     class Reader(quantization.CalibrationDataReader):  # type: ignore[misc, name-defined]
@@ -69,18 +76,36 @@ def qdq_model(onnx_path: Path, input_name: str, calibration: np.ndarray, work_di
             batch = next(self.batches, None)
             return None if batch is None else {input_name: np.ascontiguousarray(batch, dtype=np.float32)}
 
-    temporary = output.with_suffix(".tmp.onnx")
+    temporary = work_dir / f"{output.stem}.tmp.onnx"
+    options: dict[str, Any] = {"op_types_to_quantize": op_types} if op_types else {}
     quantization.quantize_static(
         str(prepared), str(temporary), Reader(),
         quant_format=quantization.QuantFormat.QDQ,
-        activation_type=quantization.QuantType.QUInt8,
+        activation_type=getattr(quantization.QuantType, activation_type),
         weight_type=quantization.QuantType.QInt8,
         per_channel=True,
         calibrate_method=quantization.CalibrationMethod.MinMax,
+        extra_options=dict(extra_options or {}),
+        **options,
     )
-    temporary.replace(output)
+    if postprocess is None:
+        temporary.replace(output)
+    else:
+        import onnx
+
+        model = onnx.load(str(temporary))
+        postprocess(model)
+        from lapp_edge.fileio import atomic_write_bytes
+
+        atomic_write_bytes(output, model.SerializeToString())
+        temporary.unlink(missing_ok=True)
     prepared.unlink(missing_ok=True)
     return output
+
+
+def qdq_model(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path) -> Path:
+    """The U8S8 per-channel Q/DQ model of `onnx_path` calibrated on `calibration` (cached in work_dir)."""
+    return static_qdq(onnx_path, input_name, calibration, work_dir, "qdq", "QUInt8")
 
 
 def _count_ops(path: Path) -> dict[str, int]:
