@@ -518,10 +518,13 @@ def _masked_equals_sliced(model: "TracedModel", x: torch.Tensor, indices: list[i
                 unit.channel_mask = None
     sliced = copy.deepcopy(model)
     sliced_sites = sliced.prunable_sites()
-    for index, keep in keeps.items():
-        slim_site(sliced_sites[index], keep)
-    with torch.no_grad():
-        return _outputs_match(masked, sliced(x))
+    try:
+        for index, keep in keeps.items():
+            slim_site(sliced_sites[index], keep)
+        with torch.no_grad():
+            return _outputs_match(masked, sliced(x))
+    except (RuntimeError, ValueError, TypeError):   # a shape the trace did not see (an add of the network input)
+        return False
 
 
 def _inexact_sites(model: "TracedModel", example: torch.Tensor) -> list[int]:
