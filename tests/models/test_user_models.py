@@ -345,3 +345,19 @@ def test_cli_accepts_torchvision_names_for_one_channel_data(tmp_path: Path, fmni
     assert report["model"] == "torchvision:resnet18"
     assert abs(report["flops"]["slim_macs"] / report["flops"]["dense_macs"] - 0.4) <= 0.01
     assert not capsys.readouterr().err.strip()
+
+
+# --- docs/BYOM.md ------------------------------------------------------------------------------------
+
+def test_byom_doc_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "BYOM.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)  # type: ignore[union-attr]
+    assert len(code.strip().splitlines()) < 15
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    namespace: dict[str, object] = {}
+    exec(compile(code, "docs/BYOM.md", "exec"), namespace)  # noqa: S102 - the documented example, run as written
+    net, pruner = namespace["net"], namespace["pruner"]
+    assert (tmp_path / "resnet18-slim.onnx").is_file()
+    ratio = flop_counter_macs(net, (3, 32, 32)) / pruner.cost.dense_macs  # type: ignore[attr-defined, arg-type]
+    assert abs(ratio - 0.5) <= 0.01
