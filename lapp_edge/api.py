@@ -15,6 +15,7 @@ torchvision:mobilenet_v3_small` or `--model mypkg.nets:build`. Every failure on 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,7 @@ def export(model: nn.Module, path: str | Path, *, input_shape: tuple[int, int, i
     if shape is None:
         raise UserError("input_shape (C, H, W) is needed to export")
     shape = tuple(int(s) for s in shape)
-    reference = model.eval().cpu()
+    reference = copy.deepcopy(model).cpu().eval()      # the caller's model keeps its device and mode
     fused = fuse_model(reference)
     data = export_onnx(fused, shape)  # type: ignore[arg-type]
     graph = check_graph(data, fused)

@@ -505,8 +505,8 @@ def _masked_equals_sliced(model: "TracedModel", x: torch.Tensor, indices: list[i
         site = sites[index]
         width = max(1, site.channels // 2)
         keeps[index] = torch.randperm(site.channels, generator=generator)[:width].sort().values
-        mask = torch.zeros(site.channels)
-        mask[keeps[index]] = 1.0
+        mask = torch.zeros(site.channels, device=x.device)
+        mask[keeps[index].to(x.device)] = 1.0
         for unit in site.units:
             unit.channel_mask = mask
     try:
@@ -533,7 +533,7 @@ def _inexact_sites(model: "TracedModel", example: torch.Tensor) -> list[int]:
     probe = copy.deepcopy(model).eval()
     generator = torch.Generator().manual_seed(0)
     _randomize_batchnorm(probe, generator)
-    x = torch.randn(2, *example.shape[1:], generator=generator)
+    x = torch.randn(2, *example.shape[1:], generator=generator).to(example.device)
     count = len(probe.site_layouts)
     if count == 0 or _masked_equals_sliced(probe, x, list(range(count)), torch.Generator().manual_seed(1)):
         return []

@@ -16,7 +16,6 @@ numerically unsafe activation, the CLI (`--model module:function` / `torchvision
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from pathlib import Path
