@@ -39,7 +39,11 @@ def run_train_command(args: argparse.Namespace) -> int:
         config.out = args.out  # the directory asked for, even if the run was moved or copied since
     else:
         config = TrainConfig(**given)
-    report = run_training(config, resume=args.resume)
+    from lapp_edge.cli.oneline import one_line_warnings
+    from lapp_edge.models.traced import UnprunableLayersWarning
+
+    with one_line_warnings(UnprunableLayersWarning):     # a user model's unprunable layers, named in one line
+        report = run_training(config, resume=args.resume)
     print(format_report(report))
     return 0
 

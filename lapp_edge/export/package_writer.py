@@ -35,7 +35,7 @@ from lapp_edge.export.onnx import EXPORTER, INPUT_NAME, OPSET, OUTPUT_NAME, Grap
 from lapp_edge.export.verify import VERIFY_IMAGES, Verification, compare_with_torch, ort_session, verify_package
 from lapp_edge.fileio import atomic_write_bytes, atomic_write_json, read_json
 from lapp_edge.lapp.flops import deployed_figures
-from lapp_edge.models import build_model
+from lapp_edge.models import rebuild_model
 from lapp_edge.models.fuse import fuse_model
 from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec, load_slim_model
 
@@ -69,7 +69,8 @@ def package_figures(model: nn.Module, spec: ArchitectureSpec) -> tuple[dict[str,
     elements of the deployed network, dense (the family at full width) and slim. `figures` is what
     the deploy side predicts latency from, without rebuilding a PyTorch model."""
     input_shape = (spec.in_channels, spec.input_size, spec.input_size)
-    dense = deployed_figures(build_model(spec.model, spec.in_channels, spec.num_classes, False), input_shape)
+    dense_model = rebuild_model(spec.model, spec.in_channels, spec.num_classes, False, input_size=spec.input_size)
+    dense = deployed_figures(dense_model, input_shape)
     slim = deployed_figures(model, input_shape)
     flops = {
         "unit": "MACs (multiply-accumulates) of convs and linear layers of the deployed network; FLOPs = 2 x MACs",

@@ -82,6 +82,8 @@ def build_flops_cost(model: nn.Module, sites: list[PrunableSite], input_shape: t
     for index, site in enumerate(sites):
         for unit in site.units:
             out_site_of[id(unit.conv)] = index
+        for gate in site.gates:
+            out_site_of[id(gate)] = index
         for consumer in site.consumers:
             in_site_of[id(consumer.conv if isinstance(consumer, ConvBN) else consumer)] = index
 

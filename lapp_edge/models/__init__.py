@@ -2,7 +2,10 @@
 
 `coupled=True` makes a family's residual-coupled channels prunable as groups (see each
 family's `prunable_sites`); `coupled=False` gives the inner-conv sites only (the layout of runs
-made before coupled groups existed, and the "groups off" ablation)."""
+made before coupled groups existed, and the "groups off" ablation).
+
+Besides the registry names, a model can be named by reference: `torchvision:<name>` or
+`module:function` (a user's own model, made LAPP-ready by tracing: `models/traced.py`)."""
 
 from __future__ import annotations
 
@@ -32,12 +35,32 @@ MODEL_BUILDERS: dict[str, ModelBuilder] = {
 }
 
 
-def build_model(name: str, in_channels: int, num_classes: int, bypass: bool = False, coupled: bool = False) -> nn.Module:
-    """Build a dense model by registry name (UserError for an unknown name). `bypass` adds the 1x1
-    bypass branch to every inner prunable conv; `coupled` makes residual-coupled groups prunable."""
+def build_model(name: str, in_channels: int, num_classes: int, bypass: bool = False, coupled: bool = False,
+                input_size: int | None = None) -> nn.Module:
+    """Build a dense model by registry name or by reference (UserError for an unknown name). `bypass`
+    adds the 1x1 bypass branch to every inner prunable conv; `coupled` makes residual-coupled groups
+    prunable; `input_size` (H = W) is what a referenced model is traced at (registry models ignore it)."""
+    if ":" in name:  # torchvision:<name> or module:function
+        from lapp_edge.models.traced import build_reference
+
+        return build_reference(name, in_channels, num_classes, input_size, bypass, coupled)
     if name not in MODEL_BUILDERS:
-        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_BUILDERS)}")
+        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_BUILDERS)}, "
+                        "or torchvision:<name>, or module:function")
     return MODEL_BUILDERS[name](in_channels, num_classes, bypass, coupled)
+
+
+def rebuild_model(name: str, in_channels: int, num_classes: int, bypass: bool = False, coupled: bool = False,
+                  input_size: int | None = None) -> nn.Module:
+    """`build_model` for a model that was built before (a spec, a report's dense reference): a user
+    model's unprunable layers, named when it was made LAPP-ready, are not named again."""
+    import warnings
+
+    from lapp_edge.models.traced import UnprunableLayersWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnprunableLayersWarning)
+        return build_model(name, in_channels, num_classes, bypass, coupled, input_size)
 
 
 def prunable_sites(model: nn.Module) -> list[PrunableSite]:
@@ -45,4 +68,4 @@ def prunable_sites(model: nn.Module) -> list[PrunableSite]:
     return model.prunable_sites()  # type: ignore[operator]
 
 
-__all__ = ["MODEL_BUILDERS", "ConvBN", "PrunableSite", "build_model", "prunable_sites"]
+__all__ = ["MODEL_BUILDERS", "ConvBN", "PrunableSite", "build_model", "prunable_sites", "rebuild_model"]

@@ -88,11 +88,25 @@ def select_input_channels(module: nn.Module, index: torch.Tensor, optimizer: tor
         raise TypeError(f"cannot slice the input channels of {type(module).__name__}")
 
 
+def select_gate_outputs(module: nn.Module, index: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Keep only `index` output channels of a gate (a Conv2d or Linear without BatchNorm)."""
+    if isinstance(module, nn.Conv2d):
+        _select_conv_out(module, index, optimizer)
+    elif isinstance(module, nn.Linear):
+        _select(module, "weight", index, 0, optimizer)
+        _select(module, "bias", index, 0, optimizer)
+        module.out_features = len(index)
+    else:
+        raise TypeError(f"cannot slice the output channels of {type(module).__name__}")
+
+
 def slim_site(site: PrunableSite, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Remove every channel of `site` not in `keep` (sorted indices), wherever it appears."""
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     for unit in site.units:
         select_output_channels(unit, keep, optimizer)
+    for gate in site.gates:
+        select_gate_outputs(gate, keep, optimizer)
     for consumer in site.consumers:
         select_input_channels(consumer, keep, optimizer)
 

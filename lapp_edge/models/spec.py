@@ -3,7 +3,9 @@
 A spec names the model family, its input and output sizes, whether it carries bypass
 branches, and the kept width of every prunable site. `build_from_spec` builds the dense
 family member and resizes it to those widths; the weights are then loaded from a plain
-state dict (never a pickled module).
+state dict (never a pickled module). A user's model is named by reference (`torchvision:<name>`
+or `module:function`, `models/traced.py`): rebuilding it imports and calls that builder, so
+load such a spec only from a source you trust (torchvision references call only torchvision).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from lapp_edge.errors import UserError
 from lapp_edge.fileio import read_json
 from lapp_edge.torch_io import safe_torch_load
 from lapp_edge.models.slicing import resize_to_widths
-from lapp_edge.models import build_model, prunable_sites
+from lapp_edge.models import prunable_sites, rebuild_model
 
 SLIM_WEIGHTS = "slim_model.pt"
 SLIM_SPEC = "architecture.json"
@@ -52,7 +54,7 @@ class ArchitectureSpec:
 def build_from_spec(spec: ArchitectureSpec) -> nn.Module:
     """The family's dense model resized to the spec's widths (random weights; load a state dict
     after). Raises UserError for an unknown family or widths naming layers it does not have."""
-    model = build_model(spec.model, spec.in_channels, spec.num_classes, spec.bypass, spec.coupled)
+    model = rebuild_model(spec.model, spec.in_channels, spec.num_classes, spec.bypass, spec.coupled, input_size=spec.input_size)
     sites = prunable_sites(model)
     unknown = set(spec.widths) - {site.name for site in sites}
     if unknown:

@@ -61,12 +61,12 @@ class ConvBN(nn.Module):
             in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False
         )
         self.bn = bn or nn.BatchNorm2d(out_channels)
-        k = self.conv.kernel_size[0]
-        if self.conv.padding[0] != k // 2 or self.conv.kernel_size[0] != self.conv.kernel_size[1]:
-            raise ValueError("ConvBN needs a square kernel with 'same' padding (k // 2)")
         self.bypass_conv: nn.Conv2d | None = None
         self.bypass_bn: nn.BatchNorm2d | None = None
         if bypass:
+            k = self.conv.kernel_size[0]
+            if self.conv.padding[0] != k // 2 or self.conv.kernel_size[0] != self.conv.kernel_size[1]:
+                raise ValueError("a ConvBN bypass needs a square kernel with 'same' padding (k // 2)")
             self.bypass_conv = nn.Conv2d(
                 self.conv.in_channels, self.conv.out_channels, 1, self.conv.stride,
                 0, groups=self.conv.groups, bias=False,
@@ -102,12 +102,16 @@ class PrunableSite:
                residual add sums their outputs (their channels are coupled one to one)
     followers: depthwise ConvBNs whose channels map one-to-one onto the producers'
     consumers: modules (ConvBN, nn.Conv2d, nn.Linear) reading these channels as input
+    gates:     modules (nn.Conv2d, nn.Linear, no BatchNorm) whose output channels only multiply
+               these channels one to one (squeeze-excitation's expanding layer): sliced with the
+               site, never masked (a gate times a masked zero is zero)
     """
 
     name: str
     producers: list[ConvBN]
     followers: list[ConvBN] = field(default_factory=list)
     consumers: list[nn.Module] = field(default_factory=list)
+    gates: list[nn.Module] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.producers:

@@ -47,7 +47,8 @@ class TrainConfig:
     """Everything that defines a training run (dense, or LAPP from scratch)."""
 
     out: str = field(metadata={"help": "run directory (must be new, unless --resume)", "required": True})
-    model: str = option("resnet20", "model family", choices=_model_names())
+    model: str = option("resnet20", "model: a registry name (" + ", ".join(_model_names()) + "), torchvision:<name> "
+                        "(e.g. torchvision:mobilenet_v3_small) or module:function returning your nn.Module (docs/BYOM.md)")
     dataset: str = option("fashion-mnist", "dataset", choices=DATASETS)
     data_dir: str | None = option(None, "dataset directory (default: the dataset's standard place)")
     epochs: int = option(30, "training epochs in all (pruning phase included)")
@@ -94,8 +95,13 @@ def validate_config(config: TrainConfig) -> None:
     from lapp_edge.lapp.scores import SCORERS
     from lapp_edge.models import MODEL_BUILDERS
 
-    if config.model not in MODEL_BUILDERS:
-        raise UserError(f"unknown model '{config.model}'; choose one of: {', '.join(MODEL_BUILDERS)}")
+    if ":" in config.model:     # torchvision:<name> or module:function (models/traced.py); imported, not yet called
+        from lapp_edge.models.traced import resolve_builder
+
+        resolve_builder(config.model)
+    elif config.model not in MODEL_BUILDERS:
+        raise UserError(f"unknown model '{config.model}'; choose one of: {', '.join(MODEL_BUILDERS)}, "
+                        "or torchvision:<name>, or module:function")
     if config.dataset not in DATASETS:
         raise UserError(f"unknown dataset '{config.dataset}'; choose one of: {', '.join(DATASETS)}")
     if config.epochs <= 0:

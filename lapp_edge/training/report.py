@@ -12,7 +12,7 @@ import torch
 
 from lapp_edge.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lapp_edge.lapp.flops import count_deployed_macs, count_deployed_params
-from lapp_edge.models import build_model
+from lapp_edge.models import rebuild_model
 from lapp_edge.models.fuse import fuse_model
 
 from lapp_edge.training.run_dir import RunState
@@ -62,7 +62,7 @@ def build_report(summary: RunSummary) -> dict[str, Any]:
     """The run report (a JSON-able dict): per-layer kept widths, MACs and params dense vs slim
     (cross-checked with FlopCounterMode), test top-1, median epoch times per phase, the history."""
     config, state, model, input_shape = summary.config, summary.state, summary.model, summary.input_shape
-    dense_reference = build_model(config["model"], input_shape[0], summary.num_classes, False)
+    dense_reference = rebuild_model(config["model"], input_shape[0], summary.num_classes, False, input_size=input_shape[1])
     dense_macs, slim_macs = count_deployed_macs(dense_reference, input_shape), count_deployed_macs(model, input_shape)
     freeze = state.freeze or {}
     layers = []

@@ -93,7 +93,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, info.in_channels, info.num_classes, config.bypass and not config.dense,
-                                 config.coupled_groups and not config.dense)
+                                 config.coupled_groups and not config.dense, input_size=info.input_size)
         self.sites = prunable_sites(self.model)
         self.dense_widths = {site.name: site.channels for site in self.sites}
         self.cost: CostModel = build_flops_cost(self.model, self.sites, self.input_shape)
