@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from lapp_edge.deploy.backends.base import Backend, LoadRequest, Runner, RunnerInfo, artifact_key, import_runtime
+from lapp_edge.deploy import artifacts
+from lapp_edge.deploy.backends.base import Backend, LoadRequest, Runner, RunnerInfo, content_digest, import_runtime
+from lapp_edge.fileio import atomic_write_bytes
 
 NAME = "onnxruntime-cpu"
 INSTALL_HINT = "'pip install onnxruntime'"
@@ -48,15 +50,20 @@ def session_options(threads: int, optimized_path: Path | None = None) -> Any:
 
 
 def qdq_model(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path) -> Path:
-    """The U8S8 per-channel Q/DQ model of `onnx_path` calibrated on `calibration` (cached in work_dir)."""
+    """The U8S8 per-channel Q/DQ model of `onnx_path` calibrated on `calibration`, as a private
+    copy to load. Cached in work_dir: reused only when its authenticated sidecar and sha256
+    check out (`deploy/artifacts.py`), else built afresh and published there."""
     _ort()
     quantization = import_runtime("onnxruntime.quantization", NAME, INSTALL_HINT)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    key = artifact_key(onnx_path, calibration)
-    output = work_dir / f"{Path(onnx_path).stem}.int8-qdq.{key}.onnx"
-    if output.is_file():
-        return output
-    prepared = work_dir / f"{Path(onnx_path).stem}.preprocessed.{key}.onnx"
+    work_dir = artifacts.work_directory(work_dir)
+    digest = content_digest(onnx_path, calibration)
+    name = f"{Path(onnx_path).stem}.int8-qdq.{digest[:12]}"
+    cached = artifacts.fetch(work_dir, name, digest, (f"{name}.onnx",))
+    if cached is not None:
+        return cached[f"{name}.onnx"]
+    private = artifacts.private_directory()
+    output = private / f"{name}.onnx"
+    prepared = private / f"{Path(onnx_path).stem}.preprocessed.onnx"
     quantization.quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
 
     class Reader(quantization.CalibrationDataReader):  # type: ignore[misc, name-defined]
@@ -80,6 +87,7 @@ def qdq_model(onnx_path: Path, input_name: str, calibration: np.ndarray, work_di
     )
     temporary.replace(output)
     prepared.unlink(missing_ok=True)
+    artifacts.publish(work_dir, name, digest, {output.name: output})
     return output
 
 
@@ -114,12 +122,16 @@ class OnnxRuntimeCpu(Backend):
         if request.precision == "int8":
             assert request.calibration is not None
             model_path = qdq_model(model_path, request.input_name, request.calibration, request.work_dir)
-        request.work_dir.mkdir(parents=True, exist_ok=True)
-        optimized = request.work_dir / f"{model_path.stem}.ort-optimized.onnx"
+        work_dir = artifacts.work_directory(request.work_dir)
+        # ORT writes its dump by path (following links): into our private directory, never the work dir
+        optimized = artifacts.private_directory() / f"{model_path.stem}.ort-optimized.onnx"
         session = ort.InferenceSession(
             str(model_path), sess_options=session_options(request.threads, optimized), providers=["CPUExecutionProvider"]
         )
         ops = _count_ops(optimized) if optimized.is_file() else {}
+        if optimized.is_file():   # for inspection only (never read back): replaced atomically, not written through
+            atomic_write_bytes(work_dir / optimized.name, optimized.read_bytes())
+            optimized.unlink()
         int8_ops = sum(count for op, count in ops.items() if op.startswith("QLinear") or op in ("ConvInteger", "MatMulInteger"))
         float_convs = sum(count for op, count in ops.items() if op.endswith("Conv") and not op.startswith("QLinear"))
         used = "int8" if request.precision == "int8" and int8_ops > 0 else "fp32"
