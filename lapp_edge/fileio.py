@@ -308,48 +308,83 @@ def regular_files_under(root: str | os.PathLike[str], where: str, skip: tuple[st
 
 
 class DirectoryLock:
-    """An exclusive lock file in a run directory (O_CREAT | O_EXCL), holding the owner's pid.
-    A lock left by a process that no longer exists is taken over."""
+    """The one-writer lock of a run directory: `fcntl.flock(LOCK_EX | LOCK_NB)` on `<dir>/.lock`.
+
+    Why flock and not a pid in the file: the kernel drops the lock when the holder's last
+    descriptor closes, i.e. when the process exits however it dies (SIGKILL, OOM kill), so a
+    lock is held exactly while its run is alive. A pid file has to guess: a reused pid, a
+    zombie or a pid from another machine or container makes a dead run look alive, and a
+    garbage file makes a live run look dead. The holder writes its pid into the file, for
+    the message only; the file's content never decides anything. `.lock` is opened without
+    following links; a `.lock` that is a link, a directory or another special file is
+    refused with what to do. The file is removed on release; after a crash it stays, holds no
+    lock and is simply reused.
+    """
 
     def __init__(self, directory: Path) -> None:
-        self.path = directory / ".lock"
+        self.path = Path(directory) / ".lock"
         self.held = False
+        self._handle: int | None = None
 
     def acquire(self) -> None:
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(5):
             try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._owner_alive():
-                    raise UserError(f"{self.path.parent} is in use by another run (lock file {self.path})") from None
-                self.path.unlink(missing_ok=True)
+                handle = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+            except OSError as error:
+                raise UserError(self._unusable(error)) from None
+            if not stat.S_ISREG(os.fstat(handle).st_mode):
+                os.close(handle)
+                raise UserError(f"{self.path} is not a lock file (a special file): remove it and run again")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._owner(handle)
+                os.close(handle)
+                raise UserError(
+                    f"{self.path.parent} is in use by another run{owner}: wait for it to finish or stop it; "
+                    f"the lock frees itself when that process exits (do not delete {self.path.name} while it runs)") from None
+            # The file we locked must still be the one at the path (a releasing holder unlinks it).
+            try:
+                same = os.path.samestat(os.fstat(handle), os.stat(self.path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(handle)
                 continue
-            with os.fdopen(handle, "w") as stream:
-                stream.write(str(os.getpid()))
+            os.ftruncate(handle, 0)
+            os.write(handle, str(os.getpid()).encode())
+            self._handle = handle
             self.held = True
             return
-        raise UserError(f"cannot take the lock {self.path}")
+        raise UserError(f"cannot take the lock {self.path}: it keeps being replaced; is another process removing it?")
 
-    def _owner_alive(self) -> bool:
+    def _unusable(self, error: OSError) -> str:
+        if error.errno == errno.ELOOP:
+            return f"{self.path} is a symbolic link, not a lock file: remove it (rm {self.path}) and run again"
+        if error.errno == errno.EISDIR or self.path.is_dir():
+            return f"{self.path} is a directory, not a lock file: remove it (rmdir {self.path}) and run again"
+        return f"cannot open the lock {self.path}: {error.strerror}"
+
+    @staticmethod
+    def _owner(handle: int) -> str:
+        """' (pid N)' from the lock file's content, for the message only."""
         try:
-            pid = int(self.path.read_text().strip() or "0")
-        except (OSError, ValueError):
-            return False
-        if pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+            text = os.pread(handle, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return ""
+        return f" (pid {text})" if text.isdigit() and len(text) <= 10 else ""
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.held and self._handle is not None:
+            try:
+                self.path.unlink(missing_ok=True)   # while still locked: a waiter re-checks the inode
+            finally:
+                os.close(self._handle)
+                self._handle = None
+                self.held = False
 
     def __enter__(self) -> "DirectoryLock":
         self.acquire()
