@@ -13,9 +13,11 @@ DEMO_MODEL := models/demo
 
 setup: $(VENV)/.installed data
 
-$(VENV)/.installed: pyproject.toml
+# Versions are pinned by constraints.txt (the exact set a passing `make test` ran with);
+# README "Dependencies" says how to update it (tools/update_constraints.py).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet -e '.[dev,openvino]'
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,openvino]'
 	touch $@
 
 data: $(FMNIST)
@@ -35,11 +37,12 @@ demo: setup
 	$(LAPP) export $(DEMO_RUN) --out $(DEMO_MODEL)
 	$(LAPP) verify $(DEMO_MODEL)
 
+# LAPP_EDGE_REQUIRE_DATA=1: a missing Fashion-MNIST fails the tests instead of skipping them.
 test: setup
-	$(PYTHON) -m pytest -q -m "not slow"
+	LAPP_EDGE_REQUIRE_DATA=1 $(PYTHON) -m pytest -q -m "not slow"
 
 test-slow: setup
-	$(PYTHON) -m pytest -q -m slow
+	LAPP_EDGE_REQUIRE_DATA=1 $(PYTHON) -m pytest -q -m slow
 
 bench: setup
 	$(PYTHON) benchmarks/lapp_vs_dense.py --out bench-results/lapp_vs_dense
