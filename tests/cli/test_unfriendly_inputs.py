@@ -94,3 +94,25 @@ def test_garbage_model_onnx_with_matching_hash_is_one_line_for_every_reader(tmp_
     rehash(package)
     for args in (["verify", str(package)], ["bench", str(package), "--target", "x86-ort-fp32"]):
         assert "is not an ONNX model" in one_line_error(args, capsys)
+
+
+def test_onnx_that_parses_but_the_runtime_cannot_load_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    package = write_tiny_package(tmp_path / "pkg")
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["input"], ["logits"], domain="nowhere")], "bad",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("nowhere", 1)])
+    (package / MODEL_FILE).write_bytes(model.SerializeToString())
+    rehash(package)
+    data = tmp_path / "data"
+    data.mkdir()
+    for prefix, count in (("train", 8), ("t10k", 4)):
+        (data / f"{prefix}-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + b"".join(
+            d.to_bytes(4, "big") for d in (count, 28, 28)) + bytes(count * 784))
+        (data / f"{prefix}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + count.to_bytes(4, "big") + bytes(count))
+    err = one_line_error(["bench", str(package), "--target", "x86-ort-fp32", "--data-dir", str(data)], capsys)
+    assert "cannot load" in err and "onnxruntime-cpu" in err, err
+    assert onnx.load(str(package / MODEL_FILE)).graph.node[0].op_type == "NoSuchOp"

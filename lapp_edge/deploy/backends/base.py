@@ -42,6 +42,14 @@ def import_runtime(module: str, backend: str, install_hint: str) -> ModuleType:
         ) from None
 
 
+def runtime_refused(backend: str, path: Path | str, error: BaseException) -> UserError:
+    """A runtime's refusal to load or compile a model (a package can hold an ONNX file that
+    parses but that the runtime cannot run) as one line, not a traceback."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return UserError(f"backend {backend} cannot load {path}: {first[:300]}")
+
+
 @dataclass(frozen=True)
 class LoadRequest:
     """What to compile: one ONNX model (input NCHW, dynamic batch) for one precision."""

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from lapp_edge.deploy import artifacts
-from lapp_edge.deploy.backends.base import Backend, LoadRequest, Runner, RunnerInfo, content_digest, import_runtime
+from lapp_edge.deploy.backends.base import (
+    Backend, LoadRequest, Runner, RunnerInfo, content_digest, import_runtime, runtime_refused,
+)
 from lapp_edge.fileio import atomic_write_bytes
 
 NAME = "onnxruntime-cpu"
@@ -64,7 +66,10 @@ def qdq_model(onnx_path: Path, input_name: str, calibration: np.ndarray, work_di
     private = artifacts.private_directory()
     output = private / f"{name}.onnx"
     prepared = private / f"{Path(onnx_path).stem}.preprocessed.onnx"
-    quantization.quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+    try:
+        quantization.quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+    except Exception as error:  # noqa: BLE001 - a model the quantizer cannot read is bad input
+        raise runtime_refused(NAME, onnx_path, error) from None
 
     class Reader(quantization.CalibrationDataReader):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -125,9 +130,12 @@ class OnnxRuntimeCpu(Backend):
         work_dir = artifacts.work_directory(request.work_dir)
         # ORT writes its dump by path (following links): into our private directory, never the work dir
         optimized = artifacts.private_directory() / f"{model_path.stem}.ort-optimized.onnx"
-        session = ort.InferenceSession(
-            str(model_path), sess_options=session_options(request.threads, optimized), providers=["CPUExecutionProvider"]
-        )
+        try:
+            session = ort.InferenceSession(
+                str(model_path), sess_options=session_options(request.threads, optimized), providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # noqa: BLE001 - ORT's own exception types; a model it cannot load is bad input
+            raise runtime_refused(NAME, request.onnx_path, error) from None
         ops = _count_ops(optimized) if optimized.is_file() else {}
         if optimized.is_file():   # for inspection only (never read back): replaced atomically, not written through
             atomic_write_bytes(work_dir / optimized.name, optimized.read_bytes())

@@ -27,7 +27,10 @@ from typing import Any
 import numpy as np
 
 from lapp_edge.deploy import artifacts
-from lapp_edge.deploy.backends.base import Backend, LoadRequest, Runner, RunnerInfo, content_digest, import_runtime
+from lapp_edge.deploy.backends.base import (
+    Backend, LoadRequest, Runner, RunnerInfo, content_digest, import_runtime, runtime_refused,
+)
+from lapp_edge.errors import UserError
 
 NAME = "openvino-cpu"
 INSTALL_HINT = "'pip install openvino nncf' (or lapp-edge[openvino])"
@@ -151,19 +154,24 @@ class OpenVinoCpu(Backend):
 
             assert request.calibration is not None
             model_path = qdq_model(model_path, request.input_name, request.calibration, request.work_dir)
-        if route == NNCF_ROUTE:
-            assert request.calibration is not None
-            model = ov.Core().read_model(str(nncf_model(model_path, request.calibration, request.work_dir)))
-        else:
-            model = ov.convert_model(str(model_path))
-        model.reshape({model.input(0).get_any_name(): [request.batch, *request.input_shape]})
         config = {
             "INFERENCE_PRECISION_HINT": HINTS[request.precision],
             "INFERENCE_NUM_THREADS": request.threads,
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
         }
-        compiled = ov.Core().compile_model(model, "CPU", config)
+        try:
+            if route == NNCF_ROUTE:
+                assert request.calibration is not None
+                model = ov.Core().read_model(str(nncf_model(model_path, request.calibration, request.work_dir)))
+            else:
+                model = ov.convert_model(str(model_path))
+            model.reshape({model.input(0).get_any_name(): [request.batch, *request.input_shape]})
+            compiled = ov.Core().compile_model(model, "CPU", config)
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - OpenVINO's own exception types; a model it cannot convert is bad input
+            raise runtime_refused(NAME, request.onnx_path, error) from None
         kernels = runtime_kernels(compiled)
         properties = {
             key: _property(compiled, key)
