@@ -14,7 +14,22 @@ import torch
 
 from lapp_edge.errors import UserError
 from lapp_edge.models import build_model, prunable_sites
+from lapp_edge.models import spec as spec_module
 from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec, build_from_spec, load_slim_model
+
+
+@pytest.fixture(autouse=True)
+def resize_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail (instead of allocating gigabytes) if a width above the family's reaches the resize:
+    these tests must stay safe to run with a check removed."""
+    real = spec_module.resize_to_widths
+
+    def guarded(model, sites, widths):  # noqa: ANN001, ANN202
+        for site in sites:
+            assert site.name not in widths or 1 <= int(widths[site.name]) <= site.channels, "a bad width reached the resize"
+        return real(model, sites, widths)
+
+    monkeypatch.setattr(spec_module, "resize_to_widths", guarded)
 
 
 def spec_dir(directory: Path) -> Path:
