@@ -13,9 +13,11 @@ DEMO_MODEL := models/demo
 
 setup: $(VENV)/.installed data
 
-$(VENV)/.installed: pyproject.toml
+# Versions are pinned by constraints.txt (the exact set a passing `make test` ran with);
+# README "Dependencies" says how to update it (tools/update_constraints.py).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet -e '.[dev,openvino,gpu]'
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,openvino,gpu]'
 	touch $@
 
 data: $(FMNIST)
@@ -35,8 +37,9 @@ demo: setup
 	$(LAPP) export $(DEMO_RUN) --out $(DEMO_MODEL)
 	$(LAPP) verify $(DEMO_MODEL)
 
+# LAPP_EDGE_REQUIRE_DATA=1: a missing Fashion-MNIST fails the tests instead of skipping them.
 test: setup
-	$(PYTHON) -m pytest -q -m "not slow and not latency"
+	LAPP_EDGE_REQUIRE_DATA=1 $(PYTHON) -m pytest -q -m "not slow and not latency"
 
 # Latency regression per target against this machine's recorded baselines (run on a quiet machine;
 # TARGET=NAME for one target; record baselines with `lapp-edge baseline --target NAME`).
@@ -45,7 +48,7 @@ latency-test: setup
 	LAPP_EDGE_LATENCY_TARGET=$(TARGET) $(PYTHON) -m pytest -q -m latency tests/latency
 
 test-slow: setup
-	$(PYTHON) -m pytest -q -m slow
+	LAPP_EDGE_REQUIRE_DATA=1 $(PYTHON) -m pytest -q -m slow
 
 bench: setup
 	$(PYTHON) benchmarks/lapp_vs_dense.py --out bench-results/lapp_vs_dense

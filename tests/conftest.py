@@ -1,9 +1,12 @@
-"""Shared fixtures: real Fashion-MNIST (skipped with a reason where it is not installed),
-and small, seeded training configurations that finish in seconds on a CPU."""
+"""Shared fixtures: real Fashion-MNIST (skipped with a reason where it is not installed, but a
+failure where the environment says the data must be there: CI or LAPP_EDGE_REQUIRE_DATA set,
+as `make test` does), and small, seeded training configurations that finish in seconds on a CPU."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import os
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from lapp_edge.data.torch_data import DEFAULT_DATA_DIRS, Dataset, load_dataset
 from lapp_edge.training.trainer import TrainConfig
 
 FMNIST_DIR = Path(DEFAULT_DATA_DIRS["fashion-mnist"])
+REQUIRE_DATA = ("CI", "LAPP_EDGE_REQUIRE_DATA")     # either set (not "", "0" or "false"): a missing dataset fails
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +26,10 @@ def _seed_and_threads() -> None:
 @pytest.fixture(scope="session")
 def fmnist() -> Dataset:
     if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        required = [name for name in REQUIRE_DATA if os.environ.get(name, "").lower() not in ("", "0", "false")]
+        if required:
+            pytest.fail(f"Fashion-MNIST is not installed in {FMNIST_DIR} and {'/'.join(required)} says it must be "
+                        "(make data installs dataset-fashion-mnist)", pytrace=False)
         pytest.skip("Fashion-MNIST is not installed (make test installs dataset-fashion-mnist)")
     return load_dataset("fashion-mnist")
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from lapp_edge.errors import UserError
+from lapp_edge.errors import UserError, one_line
 
 EXIT_USAGE = 2
 
@@ -59,11 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             _needs_torch(names, subparsers, error)
     return parser
-
-
-def one_line(message: str) -> str:
-    """`message` with control characters (newlines included) shown escaped: an error is always one line."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

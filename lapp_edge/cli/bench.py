@@ -13,16 +13,18 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
                    help="target profile: a name (lapp-edge targets lists them) or a YAML path; repeat for several")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--data-dir", default=None, help="dataset directory (default: the dataset's standard place)")
-    p.add_argument("--work-dir", default=None, help="keep quantized artifacts here (default: a temporary directory)")
+    p.add_argument("--work-dir", default=None, help="keep quantized artifacts here for reuse (default: a temporary directory); "
+                   "a reused artifact is checked against its authenticated sidecar first")
     p.set_defaults(handler=run_bench_command)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
+    from lapp_edge.errors import one_line
     from lapp_edge.deploy.bench import format_bench, run_bench
 
     report = run_bench(args.package, args.target, args.out, args.data_dir, args.work_dir)
     print(format_bench(report))
     unavailable = [t for t in report.targets if t.status != "ok"]
     for target in unavailable:
-        print(f"lapp-edge: error: target {target.target}: {target.message}", file=sys.stderr)
+        print(one_line(f"lapp-edge: error: target {target.target}: {target.message}"), file=sys.stderr)
     return 2 if unavailable else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from lapp_edge.cli.flags import add_dataclass_arguments, given_options
@@ -22,18 +23,17 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train_command(args: argparse.Namespace) -> int:
-    from lapp_edge.fileio import read_json
     from lapp_edge.training.config import TrainConfig, config_from_saved, merge_resume_options
     from lapp_edge.training.report import format_report
-    from lapp_edge.training.run_dir import CONFIG
+    from lapp_edge.training.run_dir import CONFIG, RunDirectory
     from lapp_edge.training.trainer import run_training
 
     given = given_options(args, TrainConfig)
     if args.resume:
         path = Path(args.out) / CONFIG
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise UserError(f"nothing to resume: {path} does not exist")
-        saved = config_from_saved(read_json(path), path)
+        saved = config_from_saved(RunDirectory(args.out, writer=False).read_config(), path)
         completed = _completed_epochs(Path(args.out))
         config = merge_resume_options(saved, given, completed)
         config.out = args.out  # the directory asked for, even if the run was moved or copied since

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lapp_edge.errors import UserError
+from lapp_edge.fileio import read_json
 
 FIT_FORMAT = "lapp-edge-latency-fit/1"
 FEATURES = ("macs_ratio", "params_ratio", "activations_ratio")   # what a measurement row carries
@@ -223,9 +224,13 @@ def fit_from_dict(payload: Any, where: str = "latency fit") -> LatencyFit:
             for batch, fit in payload["batches"].items()
         }
         values = {key: value for key, value in payload.items() if key != "batches"}
+        reference = values.get("dense_reference", "")
+        if reference and (not isinstance(reference, str) or "/" in reference or reference in (".", "..")
+                          or not reference.isprintable() or len(reference) > 255):
+            raise ValueError("dense_reference must be a plain file name beside the fit")
         return LatencyFit(batches=batches, **values)
     except (KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{where} is a malformed latency fit: {type(error).__name__}: {error}") from None
+        raise UserError(f"{where} is a malformed latency fit: {type(error).__name__}: {str(error)[:200]}") from None
 
 
 def write_fit_json(fit: LatencyFit) -> bytes:
@@ -238,7 +243,7 @@ def load_fit(path: str | Path) -> LatencyFit:
     if not file.is_file():
         raise UserError(f"latency fit {file} does not exist")
     try:
-        payload = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read latency fit {file}: {error}") from None
+        payload = read_json(file)      # bounded in size and nesting (fileio)
+    except UserError as error:
+        raise UserError(f"cannot read latency fit: {error}") from None
     return fit_from_dict(payload, str(file))

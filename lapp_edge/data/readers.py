@@ -9,6 +9,7 @@ training side wraps the same arrays in `lapp_edge.data.torch_data`.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import zlib
@@ -65,21 +66,62 @@ class Dataset:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+# What an IDX file may declare before anything is allocated: Fashion-MNIST is 60,000 x 28 x 28
+# (47 MB); EMNIST, the largest of its kind, ~700,000 images. A gzip file cannot honestly hold
+# more than MAX_GZIP_RATIO times its own size of image data (Fashion-MNIST: 1.8x, MNIST: 6x);
+# an all-zero "dataset" that compresses 1000x is a decompression bomb, not data.
+MAX_IDX_ITEMS = 1_000_000
+MAX_IDX_BYTES = 1 << 30
+MAX_GZIP_RATIO = 100
+_READ_CHUNK = 1 << 20
+
+
+def _idx_header(head: bytes, path: Path) -> tuple[int, ...]:
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08 or not 1 <= head[3] <= 4 or len(head) < 4 + 4 * head[3]:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes")
+    shape = tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(head[3]))
+    if shape[0] > MAX_IDX_ITEMS or any(d > 1 << 16 for d in shape[1:]):
+        raise UserError(f"{path} declares {list(shape)}; refusing more than {MAX_IDX_ITEMS} items or sides above 65536")
+    return shape
+
+
+def _read_exactly(stream: object, count: int, path: Path) -> bytes:
+    """`count` bytes from `stream` read in chunks (memory grows only as data really arrives),
+    then one more read that must find the end: a file longer than its header says is refused
+    after reading at most `count` + 1 bytes."""
+    chunks, got = [], 0
+    while got < count:
+        chunk = stream.read(min(_READ_CHUNK, count - got))  # type: ignore[attr-defined]
+        if not chunk:
+            raise UserError(f"{path} is truncated: expected {count} values, found {got}")
+        chunks.append(chunk)
+        got += len(chunk)
+    if stream.read(1):  # type: ignore[attr-defined]
+        raise UserError(f"{path} is longer than its header declares ({count} values); refusing it")
+    return b"".join(chunks)
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
+    """An IDX file (plain or .gz) as a uint8 array. The header is read first; the declared size
+    is checked against MAX_IDX_ITEMS / MAX_IDX_BYTES and against the file's size on disk (x1
+    for a plain file, x MAX_GZIP_RATIO for gzip) before the body is read, incrementally."""
+    compressed = path.suffix == ".gz"
     try:
-        with opener(path, "rb") as handle:
-            data = handle.read()
+        on_disk = path.stat().st_size
+        with (gzip.open if compressed else open)(path, "rb") as handle:
+            head = handle.read(4)
+            if len(head) == 4 and 1 <= head[3] <= 4:
+                head += handle.read(4 * head[3])
+            shape = _idx_header(head, path)
+            count = math.prod(shape)
+            limit = MAX_GZIP_RATIO * on_disk if compressed else on_disk - len(head)
+            if count > MAX_IDX_BYTES or (count > limit and compressed):
+                raise UserError(f"{path} declares {list(shape)} ({count} bytes) from {on_disk} bytes on disk; refusing it "
+                                f"(at most {MAX_IDX_BYTES} bytes, {MAX_GZIP_RATIO}x the compressed size)")
+            data = _read_exactly(handle, count, path)
     except (OSError, EOFError, zlib.error) as error:
         raise UserError(f"cannot read {path}: {error}") from None
-    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4 or len(data) < 4 + 4 * data[3]:
-        raise UserError(f"{path} is not an IDX file of unsigned bytes")
-    dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
-    if body.size != int(np.prod(shape)):
-        raise UserError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {body.size}")
-    return body.reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _find(directory: Path, stem: str) -> Path:
@@ -125,28 +167,56 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# The official files: data_batch_N 31 MB (10,000 images), CIFAR-100 train 155 MB (50,000).
+MAX_CIFAR_FILE_BYTES = 512 << 20
+MAX_CIFAR_BATCH = 60_000
+
+
 def _read_cifar_pickle(path: Path) -> dict[str, object]:
     try:
+        if path.stat().st_size > MAX_CIFAR_FILE_BYTES:
+            raise UserError(f"{path} is larger than {MAX_CIFAR_FILE_BYTES} bytes; not a CIFAR python pickle")
         with open(path, "rb") as stream:
             payload = _ArrayOnlyUnpickler(stream, encoding="latin1").load()
     except FileNotFoundError:
         raise UserError(f"{path} not found: unpack the CIFAR python archive (cifar-*-python.tar.gz) into --data-dir") from None
+    except UserError:
+        raise
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad or unsafe file
         raise UserError(f"{path} is not a CIFAR python pickle or is unsafe: {str(error)[:200]}") from None
-    if not isinstance(payload, dict):
+    if not isinstance(payload, dict) or len(payload) > 100:
         raise UserError(f"{path} is not a CIFAR python pickle")
-    return {key.decode("latin1") if isinstance(key, bytes) else str(key): value for key, value in payload.items()}
+    return {key.decode("latin1") if isinstance(key, bytes) else str(key)[:100]: value for key, value in payload.items()}
+
+
+def _cifar_labels(values: object, count: int, path: Path, label_key: str) -> np.ndarray:
+    """`count` integer labels from a batch, checked before anything is expanded: a list whose
+    items are ints, or a 1-D integer array. (A pickle can make one small list stand for 9**k
+    labels by sharing references; such a list is refused by its length or item types.)"""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or len(values) != count or values.dtype.kind not in "iu":
+            raise UserError(f"{path}: '{label_key}' must hold {count} integer labels, one per image")
+        return values.astype(np.int64)
+    if not isinstance(values, list) or len(values) != count:
+        size = len(values) if isinstance(values, (list, tuple)) else "no list of"
+        raise UserError(f"{path}: '{label_key}' holds {size} labels for {count} images")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        raise UserError(f"{path}: '{label_key}' must hold integers only")
+    if values and not all(-(1 << 31) <= v < 1 << 31 for v in values):
+        raise UserError(f"{path}: '{label_key}' holds labels outside any class range")
+    return np.asarray(values, dtype=np.int64)
 
 
 def _cifar_split(paths: list[Path], label_key: str) -> InMemorySplit:
     images, labels = [], []
     for path in paths:
         batch = _read_cifar_pickle(path)
-        data, batch_labels = batch.get("data"), batch.get(label_key)
-        if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or batch_labels is None:
-            raise UserError(f"{path} does not hold CIFAR images (N x 3072 uint8) and '{label_key}'")
-        images.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch_labels, dtype=np.int64))
+        data = batch.get("data")
+        if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32
+                or not 0 < data.shape[0] <= MAX_CIFAR_BATCH):
+            raise UserError(f"{path} does not hold CIFAR images (N x 3072 uint8, 0 < N <= {MAX_CIFAR_BATCH}) and '{label_key}'")
+        labels.append(_cifar_labels(batch.get(label_key), data.shape[0], path, label_key))
+        images.append(data.reshape(-1, 3, 32, 32))
     return InMemorySplit(np.concatenate(images), np.concatenate(labels))
 
 
@@ -164,7 +234,8 @@ def load_cifar(directory: Path, classes: int) -> Dataset:
         test = _cifar_split([folder / "test"], "fine_labels")
         names = _read_cifar_pickle(folder / "meta").get("fine_label_names")
         mean, std = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]
-    if not isinstance(names, list) or len(names) != classes:
+    if not isinstance(names, list) or len(names) != classes or any(
+            not isinstance(n, (str, bytes)) or len(n) > 256 for n in names):
         raise UserError(f"the CIFAR-{classes} meta file in {folder} does not list {classes} class names")
     for split in (train, test):
         if len(split) == 0 or int(split.labels.min()) < 0 or int(split.labels.max()) >= classes:

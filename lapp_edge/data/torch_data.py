@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from lapp_edge.data.readers import (
     DATASETS, DEFAULT_DATA_DIRS, Dataset, DatasetInfo, InMemorySplit, data_directory, load_arrays,
 )
+from lapp_edge.data.image_files import open_rgb_image
 from lapp_edge.errors import UserError
 
 __all__ = [
@@ -52,8 +53,8 @@ def load_imagefolder(directory: Path, input_size: int = 224) -> Dataset:
         if not (directory / split).is_dir():
             raise UserError(f"ImageFolder layout needs {directory / split}/<class>/<image> directories")
     try:
-        train = ImageFolder(str(directory / "train"), transform=train_tf)
-        test = ImageFolder(str(directory / "val"), transform=test_tf)
+        train = ImageFolder(str(directory / "train"), transform=train_tf, loader=open_rgb_image)
+        test = ImageFolder(str(directory / "val"), transform=test_tf, loader=open_rgb_image)
     except (FileNotFoundError, RuntimeError) as error:
         raise UserError(f"bad ImageFolder tree in {directory}: {error}") from None
     info = DatasetInfo("imagefolder", 3, len(train.classes), input_size, mean, std, list(train.classes))

@@ -29,16 +29,17 @@ from typing import Any
 
 import numpy as np
 
+from lapp_edge.deploy import artifacts
 from lapp_edge.costs.latency_fit import LatencyFit, fit_file_name, load_fit
 from lapp_edge.data.readers import InMemorySplit, load_arrays
 from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route
 from lapp_edge.deploy.measure import LatencyStats, RatioProtocol, interleaved_block_ratios, interleaved_ratio, measure_latency
-from lapp_edge.deploy.package import ModelPackage, load_package
+from lapp_edge.deploy.package import MAX_MODEL_BYTES, ModelPackage, check_external_data, load_package
 from lapp_edge.deploy.targets import TargetProfile, load_target
 from lapp_edge.errors import UserError
-from lapp_edge.fileio import atomic_write_json
+from lapp_edge.fileio import atomic_write_json, read_file_bytes
 from lapp_edge.resources import find_latency_file
 
 ACCURACY_BATCH = 32
@@ -167,6 +168,8 @@ def fit_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyFit |
     reference = find_latency_file(fit.dense_reference)
     if reference is None:
         return fit, None, f"the dense reference {fit.dense_reference} of {fit_path.name} is missing"
+    # calibrate-latency writes it self-contained: external data (read by the runtime from beside it) is refused
+    check_external_data(read_file_bytes(reference, MAX_MODEL_BYTES), str(reference), {})
     if list(package.input_shape) != list(fit.input_shape):
         return fit, None, f"{fit_path.name} is for inputs {fit.input_shape}, the package takes {list(package.input_shape)}"
     return fit, reference, ""
@@ -259,7 +262,7 @@ def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None 
     test = load_test_set(package, data_dir)
     threads = reference_threads or min(p.threads for p in profiles)
     with tempfile.TemporaryDirectory(prefix="lapp-bench-") as temporary:
-        work = Path(work_dir) if work_dir else Path(temporary)
+        work = artifacts.work_directory(work_dir) if work_dir else Path(temporary)
         reference = Reference(package, test, threads, work)
         results = [bench_target(package, profile, test, reference, work, data_dir) for profile in profiles]
     report = BenchReport(

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import yaml
 
 from lapp_edge.data.readers import DATASETS, Dataset, InMemorySplit, load_arrays
 from lapp_edge.errors import UserError
+from lapp_edge.fileio import read_yaml, shown
 from lapp_edge.resources import find_calibration_set
+
+MAX_COUNT = 100_000        # calibration images (ours: 512)
 
 
 @dataclass(frozen=True)
@@ -39,29 +41,27 @@ class CalibrationSet:
 
 
 def load_definition(name: str) -> CalibrationDefinition:
-    """A calibration-set definition by name or path. Raises UserError for a missing file or
-    a bad field (one line naming the file and the field)."""
+    """A calibration-set definition by name or path. Raises UserError for a missing file, a
+    file that is too large or uses YAML anchors/aliases (fileio.read_yaml), or a bad field
+    (one line naming the file and the field)."""
     path = find_calibration_set(name)
-    try:
-        payload: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read calibration definition {path}: {error}") from None
+    payload: Any = read_yaml(path)
     if not isinstance(payload, dict):
         raise UserError(f"{path} must be a mapping with name, dataset, split, count, seed")
     missing = [key for key in ("name", "dataset", "split", "count", "seed") if key not in payload]
     if missing:
         raise UserError(f"{path} is missing field(s): {', '.join(missing)}")
-    if payload["dataset"] not in DATASETS:
-        raise UserError(f"{path}: unknown dataset {payload['dataset']!r}; choose one of: {', '.join(DATASETS)}")
-    if payload["split"] not in ("train", "test"):
-        raise UserError(f"{path}: split must be train or test, not {payload['split']!r}")
-    if isinstance(payload["count"], bool) or not isinstance(payload["count"], int) or payload["count"] <= 0:
-        raise UserError(f"{path}: count must be a positive integer")
+    if not isinstance(payload["name"], str) or not 0 < len(payload["name"]) <= 100 or not payload["name"].isprintable():
+        raise UserError(f"{path}: name must be a printable string of 1-100 characters, not {shown(payload['name'])}")
+    if not isinstance(payload["dataset"], str) or payload["dataset"] not in DATASETS:
+        raise UserError(f"{path}: unknown dataset {shown(payload['dataset'])}; choose one of: {', '.join(DATASETS)}")
+    if not isinstance(payload["split"], str) or payload["split"] not in ("train", "test"):
+        raise UserError(f"{path}: split must be train or test, not {shown(payload['split'])}")
+    if isinstance(payload["count"], bool) or not isinstance(payload["count"], int) or not 0 < payload["count"] <= MAX_COUNT:
+        raise UserError(f"{path}: count must be a positive integer (at most {MAX_COUNT})")
     if isinstance(payload["seed"], bool) or not isinstance(payload["seed"], int) or not 0 <= payload["seed"] < 2**32:
         raise UserError(f"{path}: seed must be an integer in [0, 2^32)")
-    return CalibrationDefinition(str(payload["name"]), str(payload["dataset"]), payload["split"], payload["count"], payload["seed"])
+    return CalibrationDefinition(payload["name"], payload["dataset"], payload["split"], payload["count"], payload["seed"])
 
 
 def normalize_uint8(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:

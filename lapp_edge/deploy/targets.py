@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lapp_edge.deploy.backends import BACKENDS
 from lapp_edge.deploy.measure import LatencyProtocol
 from lapp_edge.errors import UserError
+from lapp_edge.fileio import read_yaml, shown
 from lapp_edge.resources import find_profile
+
+MAX_NAME_CHARS = 100
 
 REQUIRED = ("name", "backend", "precision", "threads", "batch_sizes", "input_size")
 KNOWN = (*REQUIRED, "calibration", "int8_routes", "latency", "baselines", "description")
@@ -77,9 +78,16 @@ class TargetProfile:
     path: str = ""
 
 
-def _positive_int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"{where} must be a positive integer, not {value!r}")
+def _positive_int(value: Any, where: str, high: int = 1 << 16) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
+        raise UserError(f"{where} must be a positive integer (at most {high}), not {shown(value)}")
+    return value
+
+
+def _name(value: Any, where: str) -> str:
+    """A short printable name (a profile or set name, a reference target, a model label)."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS or not value.isprintable():
+        raise UserError(f"{where} must be a printable string of 1-{MAX_NAME_CHARS} characters, not {shown(value)}")
     return value
 
 
@@ -117,7 +125,8 @@ def _baselines(payload: Any, where: str) -> LatencyBaselines:
             _ratios(entry.get("ratio_to_reference"), f"{where}: baselines ratio_to_reference"),
             _ratios(entry.get("speedup"), f"{where}: baselines speedup"), str(entry.get("recorded", "")),
             {k: v for k, v in entry.items() if k not in ("ratio_to_reference", "speedup", "recorded")})
-    return LatencyBaselines(str(payload["reference_target"]), str(payload["model"]), float(tolerance), machines)
+    return LatencyBaselines(_name(payload["reference_target"], f"{where}: baselines.reference_target"),
+                            _name(payload["model"], f"{where}: baselines.model"), float(tolerance), machines)
 
 
 def _latency(payload: Any, where: str) -> LatencyProtocol:
@@ -131,8 +140,8 @@ def _latency(payload: Any, where: str) -> LatencyProtocol:
         raise UserError(f"{where}: unknown latency field(s): {', '.join(sorted(unknown))}")
     values: dict[str, Any] = {}
     for key, value in payload.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise UserError(f"{where}: latency.{key} must be a non-negative number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1e6:
+            raise UserError(f"{where}: latency.{key} must be a number in [0, 1e6]")
         values[key] = int(value) if key.endswith("iterations") else float(value)
     return LatencyProtocol(**values)
 
@@ -147,13 +156,14 @@ def parse_profile(payload: Any, where: str) -> TargetProfile:
     unknown = sorted(set(payload) - set(KNOWN))
     if unknown:
         raise UserError(f"{where}: unknown field(s): {', '.join(unknown)}")
-    backend = str(payload["backend"])
-    if backend not in BACKENDS:
-        raise UserError(f"{where}: unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-    precision = str(payload["precision"])
+    name = _name(payload["name"], f"{where}: name")
+    backend = payload["backend"]
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise UserError(f"{where}: unknown backend {shown(backend)}; choose one of: {', '.join(BACKENDS)}")
+    precision = payload["precision"]
     precisions = BACKENDS[backend].precisions
-    if precision not in precisions:
-        raise UserError(f"{where}: backend {backend} has no precision '{precision}'; choose one of: {', '.join(precisions)}")
+    if not isinstance(precision, str) or precision not in precisions:
+        raise UserError(f"{where}: backend {backend} has no precision {shown(precision)}; choose one of: {', '.join(precisions)}")
     threads = _positive_int(payload["threads"], f"{where}: threads")
     batches = payload["batch_sizes"]
     if not isinstance(batches, list) or not batches:
@@ -162,19 +172,21 @@ def parse_profile(payload: Any, where: str) -> TargetProfile:
     size = payload["input_size"]
     if not isinstance(size, list) or len(size) != 3:
         raise UserError(f"{where}: input_size must be [C, H, W]")
-    c, h, w = (_positive_int(v, f"{where}: input_size entry") for v in size)
+    c, h, w = (_positive_int(v, f"{where}: input_size entry", 4096) for v in size)
     calibration = payload.get("calibration") or ""
     if precision == "int8" and not calibration:
         raise UserError(f"{where}: an int8 target needs a calibration set (field 'calibration')")
+    if calibration:
+        calibration = _name(calibration, f"{where}: calibration")
     routes = payload.get("int8_routes") or []
     known_routes = BACKENDS[backend].int8_routes
-    if not isinstance(routes, list) or any(r not in known_routes for r in routes):
+    if not isinstance(routes, list) or any(not isinstance(r, str) or r not in known_routes for r in routes):
         raise UserError(f"{where}: int8_routes must be a list drawn from: {', '.join(known_routes)}")
     if routes and precision != "int8":
         raise UserError(f"{where}: int8_routes only apply to an int8 target")
     baselines = _baselines(payload["baselines"], where) if payload.get("baselines") is not None else None
     return TargetProfile(
-        name=str(payload["name"]), backend=backend, precision=precision, threads=threads, batch_sizes=batch_sizes,
+        name=name, backend=backend, precision=precision, threads=threads, batch_sizes=batch_sizes,
         input_shape=(c, h, w), calibration=str(calibration), int8_routes=tuple(routes),
         latency=_latency(payload.get("latency"), where), baselines=baselines, path=where,
     )
@@ -182,12 +194,8 @@ def parse_profile(payload: Any, where: str) -> TargetProfile:
 
 def load_target(name_or_path: str | Path) -> TargetProfile:
     """A target profile by path or by name (`x86-ort-fp32`). Raises UserError, one line naming
-    the file and the field, for a missing file, bad YAML or a bad field."""
+    the file and the field, for a missing file, bad YAML or a bad field. The file is read
+    bounded (fileio.MAX_YAML_BYTES) and without YAML anchors or aliases (an alias bomb is
+    refused before any node is built)."""
     file = find_profile(str(name_or_path))
-    try:
-        payload = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise UserError(f"{file} is not valid YAML: {str(error).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read target profile {file}: {error}") from None
-    return parse_profile(payload, str(file))
+    return parse_profile(read_yaml(file), str(file))

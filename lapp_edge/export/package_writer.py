@@ -33,7 +33,9 @@ from lapp_edge.deploy.package import MANIFEST, MODEL_FILE, PACKAGE_FORMAT, load_
 from lapp_edge.errors import UserError
 from lapp_edge.export.onnx import EXPORTER, INPUT_NAME, OPSET, OUTPUT_NAME, GraphCheck, check_graph, export_onnx
 from lapp_edge.export.verify import VERIFY_IMAGES, Verification, compare_with_torch, ort_session, verify_package
-from lapp_edge.fileio import atomic_write_bytes, atomic_write_json, read_json
+from lapp_edge.fileio import (
+    atomic_write_bytes, atomic_write_json, open_regular_under, read_bounded, read_json_under, regular_files_under,
+)
 from lapp_edge.lapp.flops import deployed_figures
 from lapp_edge.models import rebuild_model
 from lapp_edge.models.fuse import fuse_model
@@ -41,11 +43,13 @@ from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec, loa
 
 RUN_REPORT = "report.json"
 RUN_CONFIG = "config.json"
+MAX_REPORT_BYTES = 64 << 20
+MAX_WEIGHTS_BYTES = 16 << 30
 
 
 def run_dataset(run_dir: Path, report: dict[str, Any]) -> tuple[str, str | None]:
     """The run's dataset name and data directory (config.json, else the report)."""
-    config = read_json(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).is_file() else report.get("config", {})
+    config = read_json_under(run_dir, RUN_CONFIG, 1 << 20) if os.path.lexists(run_dir / RUN_CONFIG) else report.get("config", {})
     if not isinstance(config, dict):
         raise UserError(f"{run_dir / RUN_CONFIG} is not a run configuration")
     name = config.get("dataset") or report.get("dataset")
@@ -56,9 +60,9 @@ def run_dataset(run_dir: Path, report: dict[str, Any]) -> tuple[str, str | None]
 
 
 def read_run_report(run_dir: Path) -> dict[str, Any]:
-    if not (run_dir / RUN_REPORT).is_file():
+    if not os.path.lexists(run_dir / RUN_REPORT):
         raise UserError(f"{run_dir} holds no finished model ({RUN_REPORT} is missing)")
-    report = read_json(run_dir / RUN_REPORT)
+    report = read_json_under(run_dir, RUN_REPORT, MAX_REPORT_BYTES)
     if not isinstance(report, dict) or not isinstance(report.get("flops"), dict) or not isinstance(report.get("accuracy"), dict):
         raise UserError(f"{run_dir / RUN_REPORT} is not a lapp-edge run report")
     return report
@@ -87,7 +91,7 @@ def package_figures(model: nn.Module, spec: ArchitectureSpec) -> tuple[dict[str,
 
 def check_report_matches(run_dir: Path, report: dict[str, Any], flops: dict[str, Any], params: dict[str, Any]) -> None:
     reported_macs = report["flops"].get("slim_macs")
-    reported_params = report.get("params", {}).get("slim")
+    reported_params = report["params"].get("slim") if isinstance(report.get("params"), dict) else None
     if not isinstance(reported_macs, (int, float)) or not math.isclose(reported_macs, flops["slim_macs"], rel_tol=1e-9):
         raise UserError(f"{run_dir / RUN_REPORT} reports {reported_macs} slim MACs, the slim model has {flops['slim_macs']:.0f}: "
                         "the report does not belong to this model")
@@ -98,10 +102,17 @@ def check_report_matches(run_dir: Path, report: dict[str, Any], flops: dict[str,
 def accuracy_from_report(report: dict[str, Any]) -> dict[str, Any]:
     epochs = report.get("epochs") or []
     config = report.get("config") or {}
+
+    def fraction(value: Any) -> float | None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+        return float(value) if number else None
+
+    last = epochs[-1] if isinstance(epochs, list) and epochs and isinstance(epochs[-1], dict) else {}
+    subset = config.get("test_subset") if isinstance(config, dict) else None
     return {
-        "test_top1": report["accuracy"].get("test_top1"),
-        "test_images": config.get("test_subset") or "all",
-        "train_top1_last_epoch": epochs[-1].get("train_top1") if epochs else None,
+        "test_top1": fraction(report["accuracy"].get("test_top1")),
+        "test_images": subset if isinstance(subset, int) and not isinstance(subset, bool) and subset > 0 else "all",
+        "train_top1_last_epoch": fraction(last.get("train_top1")),
         "note": "from the run's report.json; train top-1 is the running figure over the last epoch's augmented batches",
     }
 
@@ -174,9 +185,11 @@ def export_run(
     run, out = Path(run_dir), Path(out_dir)
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist")
+    regular_files_under(run, f"run directory {run}", skip=(".lock",))    # no link or special file anywhere in it
     report = read_run_report(run)
     model, spec = load_slim_model(run)
-    weights_bytes, spec_bytes = (run / SLIM_WEIGHTS).read_bytes(), (run / SLIM_SPEC).read_bytes()
+    weights_bytes = read_bounded(open_regular_under(run, SLIM_WEIGHTS, str(run)), MAX_WEIGHTS_BYTES, str(run / SLIM_WEIGHTS))
+    spec_bytes = read_bounded(open_regular_under(run, SLIM_SPEC, str(run)), 1 << 20, str(run / SLIM_SPEC))
     weights_sha, spec_sha = hashlib.sha256(weights_bytes).hexdigest(), hashlib.sha256(spec_bytes).hexdigest()
     if prepare_out_dir(out, weights_sha, spec_sha):
         verify_package(out, data_dir, images)

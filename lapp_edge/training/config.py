@@ -9,12 +9,14 @@ written once: here.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, field, fields
+import re
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lapp_edge.data.readers import DATASETS
 from lapp_edge.errors import UserError
+from lapp_edge.fileio import shown
 
 if TYPE_CHECKING:
     from lapp_edge.lapp.controller import LappConfig
@@ -152,8 +154,9 @@ def validate_config(config: TrainConfig) -> None:
 
 
 def config_from_saved(saved: object, path: Path) -> TrainConfig:
-    """A TrainConfig from a run's config.json; wrong shapes or types are a UserError, not a
-    traceback. Unknown keys (from other versions) are ignored; `out` is the file's directory."""
+    """A TrainConfig from a run's config.json; wrong shapes, types or ranges are a UserError
+    naming the file and the field, not a traceback. Unknown keys (from other versions) are
+    ignored; `out` is the file's directory."""
     if not isinstance(saved, dict):
         raise UserError(f"{path} is not a run configuration (a JSON object)")
     known = defaults()
@@ -171,11 +174,21 @@ def config_from_saved(saved: object, path: Path) -> TrainConfig:
         else:
             expected = (type(default),)
         if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
-            raise UserError(f"{path}: '{key}' has the wrong type ({type(value).__name__}: {str(value)[:40]!r})")
+            raise UserError(f"{path}: '{key}' has the wrong type ({type(value).__name__}: {shown(value, 40)})")
+        if isinstance(value, str) and (len(value) > 4096 or not value.isprintable()):
+            raise UserError(f"{path}: '{key}' must be a printable string of at most 4096 characters, not {shown(value, 40)}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**63:
+            raise UserError(f"{path}: '{key}' is out of range ({shown(value, 40)})")
         values[key] = value
     values["out"] = str(path.parent)
     values.setdefault("coupled_groups", False)     # runs saved before coupled groups existed pruned inner convs only
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    try:   # ranges as for the flags; the device is checked when the resumed run starts (it may change)
+        validate_config(replace(config, device="cpu"))
+    except UserError as error:
+        field_message = re.sub(r"--([a-z][a-z0-9-]*)", lambda m: "'" + m.group(1).replace("-", "_") + "'", str(error))
+        raise UserError(f"{path}: {field_message}") from None
+    return config
 
 
 # Options a resumed run takes from the command line instead of its saved config: how it runs,

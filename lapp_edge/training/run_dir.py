@@ -4,6 +4,11 @@
     <out>/checkpoint.pt    model, optimizers, LAPP thresholds and RunState, atomically every epoch
     <out>/.lock            held by the one process that writes (see fileio.DirectoryLock)
 
+A run directory is read as a closed tree of regular files: a symbolic link or special file
+anywhere in it is refused (`check_entries`) before anything is read, and every file is
+opened without following links, so a run copied from elsewhere cannot make a resume or an
+export read or hash a file outside it.
+
 Where several processes train together (DistributedDataParallel), only the writer (rank 0)
 takes the lock and writes; the others read the same checkpoint to resume. Nothing here
 knows about models or training loops.
@@ -18,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from lapp_edge.errors import UserError
-from lapp_edge.fileio import DirectoryLock, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from lapp_edge.fileio import (
+    DirectoryLock, atomic_write_bytes, atomic_write_json, read_json_under, regular_files_under, remove_stale_temporaries,
+)
 from lapp_edge.torch_io import atomic_torch_save, safe_torch_load
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 CHECKPOINT_FORMAT = 1
+LOCK = ".lock"
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass
@@ -63,9 +72,20 @@ class RunDirectory:
         if resume:
             if not self.checkpoint_path.is_file() and not self.config_path.is_file():
                 raise UserError(f"nothing to resume: {self.checkpoint_path} does not exist")
+            self.check_entries()
             return
         if self.path.is_dir() and any(self.path.iterdir()):
             raise UserError(f"--out {self.path} already holds files; pass --resume to continue that run or choose another --out")
+
+    def check_entries(self) -> list[str]:
+        """The regular files of the run (relative names); UserError for a link or special file
+        anywhere in it (the lock file is DirectoryLock's to judge)."""
+        return regular_files_under(self.path, f"run directory {self.path}", skip=(LOCK,))
+
+    def read_config(self) -> Any:
+        """config.json, parsed (bounded, not followed if it is a link)."""
+        self.check_entries()
+        return read_json_under(self.path, CONFIG, MAX_CONFIG_BYTES)
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -88,7 +108,7 @@ class RunDirectory:
 
     def load_checkpoint(self) -> dict[str, Any]:
         """The checkpoint's payload (weights_only loading). UserError if corrupt or not ours."""
-        payload = safe_torch_load(self.checkpoint_path)
+        payload = safe_torch_load(CHECKPOINT, root=self.path)
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"checkpoint {self.checkpoint_path} is not a lapp-edge checkpoint")
         return payload

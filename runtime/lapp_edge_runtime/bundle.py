@@ -33,6 +33,7 @@ MANIFEST = "bundle.json"
 RUNTIMES = ("onnxruntime", "openvino")
 IMAGE_MODES = {1: "L", 3: "RGB"}
 MAX_BUNDLE_BYTES = 2 << 30          # 2 GiB unpacked: far above any CNN bundle, well below a decompression bomb
+MAX_JSON_BYTES = 1 << 20            # bundle.json and latency JSON: a real one is a few KiB
 LATENCY_KIND = "lapp-edge-bundle-latency"
 
 
@@ -46,6 +47,11 @@ def one_line(text: object) -> str:
         if line.strip():
             return line.strip()
     return type(text).__name__ if not isinstance(text, str) else "unknown error"
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (line breaks included) shown escaped: an error is one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -231,9 +237,13 @@ def open_bundle(path: str | Path, directory: str | Path) -> Bundle:
             by_name = {member.name: member for member in members}
             if MANIFEST not in by_name:
                 raise RunnerError(f"{archive_path} is not a bundle: it has no {MANIFEST}")
+            if by_name[MANIFEST].size > MAX_JSON_BYTES:
+                raise RunnerError(f"{MANIFEST} is larger than {MAX_JSON_BYTES} bytes")
             try:
                 manifest = json.loads(_read_member(archive, by_name[MANIFEST]).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            except RecursionError:
+                raise RunnerError(f"{MANIFEST} nests too deep") from None
+            except (UnicodeDecodeError, ValueError) as error:
                 raise RunnerError(f"{MANIFEST} is not valid JSON: {one_line(error)}") from None
             validate_manifest(manifest)
             files: dict[str, str] = manifest["files"]

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from lapp_edge_runtime.bundle import Bundle, RunnerError, one_line, open_bundle
+from lapp_edge_runtime.bundle import Bundle, RunnerError, open_bundle, printable
 from lapp_edge_runtime.engines import infer_all, load_engine
 from lapp_edge_runtime.latency import compare, cpu_model, expected_latency, measure, protocol_of, tiled
 from lapp_edge_runtime.preprocess import load_image, normalize, softmax
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
     except RunnerError as error:
-        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        print(f"{PROG}: error: {printable(str(error).strip()) or type(error).__name__}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lapp_edge_runtime.bundle import LATENCY_KIND, Bundle, RunnerError, one_line
+from lapp_edge_runtime.bundle import LATENCY_KIND, MAX_JSON_BYTES, Bundle, RunnerError, one_line
 from lapp_edge_runtime.engines import Engine
 
 SIDECAR_SUFFIX = ".latency.json"
@@ -94,10 +94,14 @@ def cpu_model() -> str:
 
 def _read_expected(path: Path) -> dict[str, Any]:
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise RunnerError(f"expected-latency file {path} is larger than {MAX_JSON_BYTES} bytes")
         payload = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RunnerError(f"expected-latency file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except RecursionError:
+        raise RunnerError(f"expected-latency file {path} nests too deep") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise RunnerError(f"expected-latency file {path} is not valid JSON: {one_line(error)}") from None
     if not isinstance(payload, dict) or payload.get("kind") != LATENCY_KIND or not isinstance(payload.get("batches"), list):
         raise RunnerError(f"{path} is not a lapp-edge expected-latency file")

@@ -350,9 +350,12 @@ def fake_package(directory: Path, run: Path) -> Path:
     for name in (SLIM_SPEC, SLIM_WEIGHTS):
         (directory / name).write_bytes((run / name).read_bytes())
     files = {name: sha256_of(directory / name) for name in (MODEL_FILE, SLIM_SPEC, SLIM_WEIGHTS)}
+    widths = json.loads((run / SLIM_SPEC).read_text())["widths"]
     manifest = {"format": 1, "model": "resnet20", "dataset": "fashion-mnist",
                 "input": {"name": "input", "shape": [1, 28, 28], "mean": [0.286], "std": [0.353]},
-                "output": {"name": "logits", "num_classes": 10}, "files": files}
+                "output": {"name": "logits", "num_classes": 10}, "class_names": [str(i) for i in range(10)],
+                "widths": widths, "dense_widths": widths, "flops": {"dense_macs": 1.0, "slim_macs": 1.0, "ratio": 1.0},
+                "params": {"dense": 1, "slim": 1}, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest))
     return directory
 

@@ -42,6 +42,14 @@ def import_runtime(module: str, backend: str, install_hint: str) -> ModuleType:
         ) from None
 
 
+def runtime_refused(backend: str, path: Path | str, error: BaseException) -> UserError:
+    """A runtime's refusal to load or compile a model (a package can hold an ONNX file that
+    parses but that the runtime cannot run) as one line, not a traceback."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return UserError(f"backend {backend} cannot load {path}: {first[:300]}")
+
+
 @dataclass(frozen=True)
 class LoadRequest:
     """What to compile: one ONNX model (input NCHW, dynamic batch) for one precision."""
@@ -124,11 +132,19 @@ class Backend(ABC):
             raise UserError(f"backend {self.name}: threads and batch must be positive")
 
 
-def artifact_key(onnx_path: Path, calibration: np.ndarray) -> str:
-    """A short content key for a derived artifact (quantized model): model bytes + calibration data."""
+def content_digest(onnx_path: Path, calibration: np.ndarray) -> str:
+    """The content key of a derived artifact (quantized model): sha256 of the model bytes and
+    the calibration data. Recorded in the artifact's sidecar (`deploy/artifacts.py`)."""
     digest = hashlib.sha256(Path(onnx_path).read_bytes())
     digest.update(np.ascontiguousarray(calibration, dtype=np.float32).tobytes())
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()
+
+
+def artifact_key(onnx_path: Path, calibration: np.ndarray) -> str:
+    """The short form of `content_digest` that names the artifact's files in the work directory.
+    Anyone holding the package can compute it: a file found under that name is reused only
+    if its authenticated sidecar and its own sha256 check out (`deploy/artifacts.py`)."""
+    return content_digest(onnx_path, calibration)[:12]
 
 
 def run_batched(runner: Runner, images: np.ndarray, batch: int) -> np.ndarray:

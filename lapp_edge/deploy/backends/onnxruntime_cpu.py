@@ -23,7 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from lapp_edge.deploy.backends.base import Backend, LoadRequest, Runner, RunnerInfo, artifact_key, import_runtime
+from lapp_edge.deploy import artifacts
+from lapp_edge.deploy.backends.base import (
+    Backend, LoadRequest, Runner, RunnerInfo, content_digest, import_runtime, runtime_refused,
+)
+from lapp_edge.fileio import atomic_write_bytes
 
 NAME = "onnxruntime-cpu"
 INSTALL_HINT = "'pip install onnxruntime'"
@@ -50,21 +54,28 @@ def session_options(threads: int, optimized_path: Path | None = None) -> Any:
 def static_qdq(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path, tag: str, activation_type: str,
                backend: str = NAME, op_types: list[str] | None = None, extra_options: dict[str, Any] | None = None,
                postprocess: Callable[[Any], None] | None = None) -> Path:
-    """ORT static quantization of `onnx_path` into `work_dir/<stem>.int8-<tag>.<key>.onnx` (cached by the
-    model bytes and the calibration images): `quant_pre_process`, then `quantize_static` in QDQ format
-    with `activation_type` ("QUInt8" or "QInt8") activations, per-channel int8 weights and MinMax
-    calibration over `calibration` (float32 N x C x H x W, normalised; fed in batches of 32).
-    `postprocess` edits the ONNX model before it is written (atomically). BackendUnavailable
-    (naming `backend`) without ONNX Runtime's quantization tools."""
+    """ORT static quantization of `onnx_path` as a private copy to load: `quant_pre_process`, then
+    `quantize_static` in QDQ format with `activation_type` ("QUInt8" or "QInt8") activations,
+    per-channel int8 weights and MinMax calibration over `calibration` (float32 N x C x H x W,
+    normalised; fed in batches of 32); `postprocess` edits the ONNX model before it is written.
+    Cached in work_dir as `<stem>.int8-<tag>.<digest>.onnx`: reused only when its authenticated
+    sidecar and sha256 check out (`deploy/artifacts.py`), else built afresh and published there.
+    BackendUnavailable (naming `backend`) without ONNX Runtime's quantization tools."""
     import_runtime("onnxruntime", backend, INSTALL_HINT)
     quantization = import_runtime("onnxruntime.quantization", backend, INSTALL_HINT)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    key = artifact_key(onnx_path, calibration)
-    output = work_dir / f"{Path(onnx_path).stem}.int8-{tag}.{key}.onnx"
-    if output.is_file():
-        return output
-    prepared = work_dir / f"{Path(onnx_path).stem}.preprocessed-{tag}.{key}.onnx"
-    quantization.quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+    work_dir = artifacts.work_directory(work_dir)
+    digest = content_digest(onnx_path, calibration)
+    name = f"{Path(onnx_path).stem}.int8-{tag}.{digest[:12]}"
+    cached = artifacts.fetch(work_dir, name, digest, (f"{name}.onnx",))
+    if cached is not None:
+        return cached[f"{name}.onnx"]
+    private = artifacts.private_directory()
+    output = private / f"{name}.onnx"
+    prepared = private / f"{Path(onnx_path).stem}.preprocessed-{tag}.onnx"
+    try:
+        quantization.quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+    except Exception as error:  # noqa: BLE001 - a model the quantizer cannot read is bad input
+        raise runtime_refused(backend, onnx_path, error) from None
 
     class Reader(quantization.CalibrationDataReader):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -76,7 +87,7 @@ def static_qdq(onnx_path: Path, input_name: str, calibration: np.ndarray, work_d
             batch = next(self.batches, None)
             return None if batch is None else {input_name: np.ascontiguousarray(batch, dtype=np.float32)}
 
-    temporary = work_dir / f"{output.stem}.tmp.onnx"
+    temporary = output.with_suffix(".tmp.onnx")
     options: dict[str, Any] = {"op_types_to_quantize": op_types} if op_types else {}
     quantization.quantize_static(
         str(prepared), str(temporary), Reader(),
@@ -95,16 +106,15 @@ def static_qdq(onnx_path: Path, input_name: str, calibration: np.ndarray, work_d
 
         model = onnx.load(str(temporary))
         postprocess(model)
-        from lapp_edge.fileio import atomic_write_bytes
-
         atomic_write_bytes(output, model.SerializeToString())
         temporary.unlink(missing_ok=True)
     prepared.unlink(missing_ok=True)
+    artifacts.publish(work_dir, name, digest, {output.name: output})
     return output
 
 
 def qdq_model(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path) -> Path:
-    """The U8S8 per-channel Q/DQ model of `onnx_path` calibrated on `calibration` (cached in work_dir)."""
+    """The U8S8 per-channel Q/DQ model of `onnx_path` calibrated on `calibration` (see `static_qdq`)."""
     return static_qdq(onnx_path, input_name, calibration, work_dir, "qdq", "QUInt8")
 
 
@@ -139,12 +149,19 @@ class OnnxRuntimeCpu(Backend):
         if request.precision == "int8":
             assert request.calibration is not None
             model_path = qdq_model(model_path, request.input_name, request.calibration, request.work_dir)
-        request.work_dir.mkdir(parents=True, exist_ok=True)
-        optimized = request.work_dir / f"{model_path.stem}.ort-optimized.onnx"
-        session = ort.InferenceSession(
-            str(model_path), sess_options=session_options(request.threads, optimized), providers=["CPUExecutionProvider"]
-        )
+        work_dir = artifacts.work_directory(request.work_dir)
+        # ORT writes its dump by path (following links): into our private directory, never the work dir
+        optimized = artifacts.private_directory() / f"{model_path.stem}.ort-optimized.onnx"
+        try:
+            session = ort.InferenceSession(
+                str(model_path), sess_options=session_options(request.threads, optimized), providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # noqa: BLE001 - ORT's own exception types; a model it cannot load is bad input
+            raise runtime_refused(NAME, request.onnx_path, error) from None
         ops = _count_ops(optimized) if optimized.is_file() else {}
+        if optimized.is_file():   # for inspection only (never read back): replaced atomically, not written through
+            atomic_write_bytes(work_dir / optimized.name, optimized.read_bytes())
+            optimized.unlink()
         int8_ops = sum(count for op, count in ops.items() if op.startswith("QLinear") or op in ("ConvInteger", "MatMulInteger"))
         float_convs = sum(count for op, count in ops.items() if op.endswith("Conv") and not op.startswith("QLinear"))
         used = "int8" if request.precision == "int8" and int8_ops > 0 else "fp32"

@@ -26,7 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from lapp_edge.deploy.backends.base import Backend, LoadRequest, Runner, RunnerInfo, artifact_key, import_runtime
+from lapp_edge.deploy import artifacts
+from lapp_edge.deploy.backends.base import (
+    Backend, LoadRequest, Runner, RunnerInfo, content_digest, import_runtime, runtime_refused,
+)
+from lapp_edge.errors import UserError
 
 NAME = "openvino-cpu"
 INSTALL_HINT = "'pip install openvino nncf' (or lapp-edge[openvino])"
@@ -63,13 +67,20 @@ def _property(compiled: Any, key: str) -> str:
 
 
 def nncf_model(onnx_path: Path, calibration: np.ndarray, work_dir: Path) -> Path:
-    """The NNCF-quantized OpenVINO IR of `onnx_path` (dynamic batch, f32 weights kept), cached in work_dir."""
+    """The NNCF-quantized OpenVINO IR of `onnx_path` (dynamic batch, f32 weights kept), as a private
+    copy to load (xml + bin). Cached in work_dir like `onnxruntime_cpu.qdq_model` (deploy/artifacts.py)."""
     ov = _ov()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    output = work_dir / f"{Path(onnx_path).stem}.int8-nncf.{artifact_key(onnx_path, calibration)}.xml"
-    if not output.is_file():
-        quantized = nncf_quantize(ov.convert_model(str(onnx_path)), calibration)
-        ov.save_model(quantized, str(output), compress_to_fp16=False)
+    work_dir = artifacts.work_directory(work_dir)
+    digest = content_digest(onnx_path, calibration)
+    name = f"{Path(onnx_path).stem}.int8-nncf.{digest[:12]}"
+    members = (f"{name}.xml", f"{name}.bin")
+    cached = artifacts.fetch(work_dir, name, digest, members)
+    if cached is not None:
+        return cached[members[0]]
+    output = artifacts.private_directory() / members[0]
+    quantized = nncf_quantize(ov.convert_model(str(onnx_path)), calibration)
+    ov.save_model(quantized, str(output), compress_to_fp16=False)
+    artifacts.publish(work_dir, name, digest, {member: output.parent / member for member in members})
     return output
 
 
@@ -135,6 +146,7 @@ class OpenVinoCpu(Backend):
     def load(self, request: LoadRequest) -> Runner:
         self.check_request(request)
         ov = _ov()
+        artifacts.work_directory(request.work_dir)
         route = (request.int8_route or NNCF_ROUTE) if request.precision == "int8" else ""
         model_path = Path(request.onnx_path)
         if route == QDQ_ROUTE:
@@ -142,19 +154,24 @@ class OpenVinoCpu(Backend):
 
             assert request.calibration is not None
             model_path = qdq_model(model_path, request.input_name, request.calibration, request.work_dir)
-        if route == NNCF_ROUTE:
-            assert request.calibration is not None
-            model = ov.Core().read_model(str(nncf_model(model_path, request.calibration, request.work_dir)))
-        else:
-            model = ov.convert_model(str(model_path))
-        model.reshape({model.input(0).get_any_name(): [request.batch, *request.input_shape]})
         config = {
             "INFERENCE_PRECISION_HINT": HINTS[request.precision],
             "INFERENCE_NUM_THREADS": request.threads,
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
         }
-        compiled = ov.Core().compile_model(model, "CPU", config)
+        try:
+            if route == NNCF_ROUTE:
+                assert request.calibration is not None
+                model = ov.Core().read_model(str(nncf_model(model_path, request.calibration, request.work_dir)))
+            else:
+                model = ov.convert_model(str(model_path))
+            model.reshape({model.input(0).get_any_name(): [request.batch, *request.input_shape]})
+            compiled = ov.Core().compile_model(model, "CPU", config)
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - OpenVINO's own exception types; a model it cannot convert is bad input
+            raise runtime_refused(NAME, request.onnx_path, error) from None
         kernels = runtime_kernels(compiled)
         properties = {
             key: _property(compiled, key)
