@@ -59,8 +59,8 @@ import numpy as np
 from lapp_edge.deploy.backends import Runner, RunnerInfo
 from lapp_edge.deploy.backends.base import import_runtime
 from lapp_edge.deploy.measure import LatencyProtocol, LatencyStats, cpu_model, measure_latency
-from lapp_edge.deploy.compile import int8_route
-from lapp_edge.deploy.calibration_set import CalibrationSet, draw_calibration, load_definition, normalize_uint8
+from lapp_edge.deploy.compile import int8_calibration, int8_route
+from lapp_edge.deploy.calibration_set import CalibrationSet, normalize_uint8
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_bytes, atomic_write_json
 from lapp_edge.deploy.package import MANIFEST as PACKAGE_MANIFEST
@@ -302,10 +302,7 @@ def build_bundle(package_dir: str | Path, profile_path: str | Path, out_dir: str
     manifest = package.manifest
     mean, std = list(manifest["input"]["mean"]), list(manifest["input"]["std"])
     images, labels, source = _load_samples(package, data_dir)
-    calibration = None
-    if profile.precision == "int8":
-        definition = load_definition(profile.calibration, (Path(profile.path).resolve().parent.parent / "calibration",))
-        calibration = draw_calibration(definition, mean, std, data_dir=data_dir)
+    calibration = int8_calibration(profile, mean, std, data_dir)
     embedded = _embedded_latency(expected_latency_from, profile) if expected_latency_from else None
     name = f"{package.name}-{profile.name}"
     out = Path(out_dir) / f"{name}{SUFFIX}"

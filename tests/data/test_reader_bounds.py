@@ -6,7 +6,6 @@ measured with tracemalloc, which sees numpy's buffers too."""
 
 from __future__ import annotations
 
-import gzip
 import pickle
 import struct
 import tracemalloc
