@@ -27,7 +27,7 @@ from lapp_edge.lapp.controller import FreezeResult, LappController
 from lapp_edge.lapp.cost import CostModel
 from lapp_edge.lapp.flops import build_flops_cost
 from lapp_edge.lapp.freeze import freeze
-from lapp_edge.lapp.widths import smallest_cost_ratio
+from lapp_edge.lapp.widths import allowed_widths, smallest_cost_ratio, target_widths
 from lapp_edge.models import build_model, prunable_sites
 from lapp_edge.models.slicing import resize_to_widths
 from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec
@@ -119,6 +119,8 @@ class Trainer:
         )
 
     def _check_target_reachable(self) -> None:
+        """Refuse, before anything is written, a target that no width combination meets: the floor
+        (every site at its smallest width), then the freeze's own width search from fixed starts."""
         lapp = self.config.lapp_config()
         floor = smallest_cost_ratio(self.cost, lapp.channel_multiple, lapp.min_channels)
         if floor > self.config.flops_target + lapp.tolerance:
@@ -126,6 +128,17 @@ class Trainer:
                 f"FLOPs target {self.config.flops_target} cannot be reached: with every prunable layer of "
                 f"{self.config.model} at its minimum width ({lapp.channel_multiple} channels) the network keeps "
                 f"{floor:.3f} of its FLOPs"
+            )
+        _, ratio = target_widths(self.cost, self.config.flops_target, lapp.channel_multiple, lapp.min_channels,
+                                 aim=lapp.tolerance * 0.4)
+        if abs(ratio - self.config.flops_target) > lapp.tolerance:
+            fixed = all(len(allowed_widths(c, lapp.channel_multiple, lapp.min_channels)) == 1 for c in self.cost.site_channels)
+            why = (f"with --channel-multiple {lapp.channel_multiple} every prunable layer of {self.config.model} "
+                   f"({min(self.cost.site_channels)}-{max(self.cost.site_channels)} channels) can only keep its full width"
+                   if fixed else f"the closest network with widths that are multiples of {lapp.channel_multiple} keeps {ratio:.4f}")
+            raise UserError(
+                f"FLOPs target {self.config.flops_target} cannot be met within +-{lapp.tolerance}: {why}; "
+                "choose another --flops-target or --channel-multiple"
             )
 
     # --- checkpointing -----------------------------------------------------------------
