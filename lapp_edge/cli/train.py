@@ -23,12 +23,13 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train_command(args: argparse.Namespace) -> int:
     from lapp_edge.fileio import read_json
-    from lapp_edge.training.config import TrainConfig, config_from_saved, merge_resume_options
+    from lapp_edge.training.config import TrainConfig, config_from_saved, merge_resume_options, refuse_ignored_options
     from lapp_edge.training.report import format_report
     from lapp_edge.training.run_dir import CONFIG
     from lapp_edge.training.trainer import run_training
 
     given = given_options(args, TrainConfig)
+    refuse_ignored_options(given)
     if args.resume:
         path = Path(args.out) / CONFIG
         if not path.is_file():

@@ -81,6 +81,18 @@ class TrainConfig:
         )
 
 
+# Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
+LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer")
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of TrainConfig field `name` (its metadata's `flag`, else --name-with-dashes)."""
+    for item in fields(TrainConfig):
+        if item.name == name:
+            return item.metadata.get("flag") or "--" + name.replace("_", "-")
+    return "--" + name.replace("_", "-")
+
+
 def defaults() -> dict[str, Any]:
     """Every field's default (the required `out` excluded)."""
     return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
@@ -140,6 +152,16 @@ def validate_config(config: TrainConfig) -> None:
             raise UserError("--device cuda was asked for but no CUDA GPU is available")
 
 
+def refuse_ignored_options(given: dict[str, Any]) -> None:
+    """Options given (on the command line, or in a run-all config) that the run would not use are
+    refused in one line, never silently dropped: LAPP-only options with --dense."""
+    if given.get("dense"):
+        ignored = [flag_name(name) for name in LAPP_ONLY if name in given]
+        if ignored:
+            raise UserError(f"--dense trains without LAPP, so {', '.join(ignored)} would be ignored; drop "
+                            f"{'it' if len(ignored) == 1 else 'them'} or train without --dense")
+
+
 def config_from_saved(saved: object, path: Path) -> TrainConfig:
     """A TrainConfig from a run's config.json; wrong shapes or types are a UserError, not a
     traceback. Unknown keys (from other versions) are ignored; `out` is the file's directory."""
@@ -174,17 +196,21 @@ RESUME_OVERRIDABLE = ("epochs", "data_dir", "device", "threads", "progress")
 def merge_resume_options(saved: TrainConfig, given: dict[str, Any], completed_epochs: int | None = None) -> TrainConfig:
     """The saved config with the options given on a resume applied: those in RESUME_OVERRIDABLE
     are honoured; any other option that differs from the saved value is refused (UserError),
-    never silently dropped."""
+    never silently dropped. A run with no completed epoch (`completed_epochs` None: killed or
+    refused before its first checkpoint) has trained nothing, so every given option is honoured."""
     values = {f.name: getattr(saved, f.name) for f in fields(TrainConfig)}
+    refused = []
     for key, value in given.items():
         if key == "out" or values.get(key) == value:
             continue
-        if key not in RESUME_OVERRIDABLE:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{flag} {value} differs from the run's saved {values[key]!r}; a resumed run keeps its "
-                            f"settings except {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE[:-1])}: "
-                            "start a new run to change it")
+        if key not in RESUME_OVERRIDABLE and completed_epochs is not None:
+            shown = flag_name(key) if isinstance(value, bool) else f"{flag_name(key)} {value}"
+            refused.append(f"{shown} (saved: {values[key]!r})")
+            continue
         values[key] = value
+    if refused:
+        raise UserError(f"--resume keeps the run's saved settings, but {'; '.join(refused)} differ; only "
+                        f"{', '.join(flag_name(k) for k in RESUME_OVERRIDABLE)} may change: start a new run to change the others")
     config = TrainConfig(**values)
     if completed_epochs is not None and config.epochs < completed_epochs:
         raise UserError(f"--epochs {config.epochs} is fewer than the {completed_epochs} epochs this run has already completed")
