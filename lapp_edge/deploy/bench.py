@@ -37,6 +37,7 @@ from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration
 from lapp_edge.deploy.measure import LatencyStats, RatioProtocol, interleaved_block_ratios, interleaved_ratio, measure_latency
 from lapp_edge.deploy.package import ModelPackage, load_package
 from lapp_edge.deploy.targets import TargetProfile, load_target
+from lapp_edge.deploy.tolerance import RUNTIME_FP32, compare_logits
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_json
 from lapp_edge.resources import find_latency_file
@@ -67,6 +68,10 @@ class Accuracy:
     agreement: float              # fraction of test images where the top-1 class equals the reference's
     max_abs_logit_diff: float
     images: int
+    max_rel_logit_diff: float = 0.0   # max over images of max|logit - reference| / max|reference logit|
+    # the logits against the reference under RUNTIME_FP32 (lapp_edge.deploy.tolerance), where the target
+    # computed in fp32 (bf16 falling back to f32 included); lossy precisions are reported, not checked
+    logit_check: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,7 +93,7 @@ class TargetResult:
     backend: str
     precision: str
     threads: int
-    status: str                   # ok | unavailable
+    status: str                   # ok | unavailable | mismatch (fp32 compute outside the tolerance)
     message: str = ""
     calibration: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, VariantResult] = field(default_factory=dict)
@@ -217,11 +222,22 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
             accuracy_runner = compile_runner(package, profile, ACCURACY_BATCH, work_dir, calibration, route)
             logits = run_batched(accuracy_runner, test.images, ACCURACY_BATCH)
             predicted = logits.argmax(1)
+            comparison = compare_logits(logits, reference.logits, RUNTIME_FP32)
+            checked = accuracy_runner.info.precision_used == "fp32"
             accuracy = Accuracy(
                 top1=float((predicted == test.labels).mean()), reference_top1=reference.top1,
-                agreement=float((predicted == reference.logits.argmax(1)).mean()),
-                max_abs_logit_diff=float(np.abs(logits - reference.logits).max()), images=len(test.labels),
+                agreement=comparison.top1_agreement, max_abs_logit_diff=comparison.max_abs_diff, images=len(test.labels),
+                max_rel_logit_diff=comparison.max_rel_diff,
+                logit_check={**comparison.to_dict(), "checked": checked,
+                             "note": "fp32 compute: must pass" if checked else
+                             f"{accuracy_runner.info.precision_used} is lossy: reported, not checked (accuracy judges it)"},
             )
+            if checked and not comparison.passed:
+                result.status = "mismatch"
+                result.message = (f"{route or profile.precision} computes in fp32 but its logits differ from the fp32 ONNX Runtime "
+                                  f"reference by {comparison.max_rel_diff:.2g} of max|logit| ({comparison.worst_excess:.3g} x "
+                                  f"the allowed {RUNTIME_FP32.atol} + {RUNTIME_FP32.rtol} * max|logit|), top-1 differs on "
+                                  f"{comparison.top1_disagreements} image(s) that are not near ties")
             latencies, ratios, used, runners = [], {}, {}, {}
             for batch in profile.batch_sizes:
                 runner: Runner = accuracy_runner if batch == ACCURACY_BATCH else compile_runner(
@@ -282,7 +298,7 @@ def format_bench(report: BenchReport) -> str:
     lines.append(header)
     lines.append("-" * len(header))
     for target in report.targets:
-        if target.status != "ok":
+        if target.status == "unavailable":
             lines.append(f"{target.target:20s} {target.message}")
             continue
         for variant, result in target.variants.items():
@@ -301,6 +317,12 @@ def format_bench(report: BenchReport) -> str:
             summary = details.get("conv_kernels") or {k: v for k, v in details.get("optimized_ops", {}).items() if "Conv" in k or "Gemm" in k}
             lines.append(f"  {target.target}/{variant}: {json.dumps(summary)}"
                          + (f" calibration {target.calibration['name']} #{target.calibration['fingerprint']}" if target.calibration else ""))
+            check = result.accuracy.logit_check
+            if check:
+                verdict = ("within" if check["passed"] else "OUTSIDE") + f" {check['tolerance']['atol']} + {check['tolerance']['rtol']} * max|logit|" \
+                    if check["checked"] else f"not checked: {check['note']}"
+                lines.append(f"  {target.target}/{variant}: logits vs reference max |diff| {result.accuracy.max_abs_logit_diff:.3g} "
+                             f"({result.accuracy.max_rel_logit_diff:.2g} of max|logit|), {verdict}")
             if result.prediction_note and not result.predicted_from_flops:
                 lines.append(f"  {target.target}/{variant}: no latency prediction: {result.prediction_note}")
             for c in result.predicted_from_flops:
