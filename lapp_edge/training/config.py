@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lapp_edge.data.imagefolder import AUGMENTATIONS
 from lapp_edge.data.readers import DATASETS
 from lapp_edge.errors import UserError
 
@@ -50,6 +51,15 @@ class TrainConfig:
     model: str = option("resnet20", "model family", choices=_model_names())
     dataset: str = option("fashion-mnist", "dataset", choices=DATASETS)
     data_dir: str | None = option(None, "dataset directory (default: the dataset's standard place)")
+    input_size: int = option(0, "side of the square input in pixels (0: from the data: fashion-mnist 28, cifar 32, "
+                             "imagefolder the median shorter side of its images, at most 224); only imagefolder images are "
+                             "resized (shorter side, then centre crop)")
+    augment: str = option("auto", "training augmentation: small = zero-pad 1/8 of the side (fashion-mnist 2 px), random "
+                          "crop, horizontal flip (CIFAR style); imagenet = random resized crop + flip (imagefolder only); "
+                          "none; auto = small for inputs up to 64 px, imagenet above", choices=AUGMENTATIONS)
+    mean: str = option("", "per-channel mean of pixels/255, comma-separated (empty: fashion-mnist/cifar the published "
+                       "values, imagefolder computed from the training images)")
+    std: str = option("", "per-channel standard deviation of pixels/255, comma-separated (empty: as --mean)")
     epochs: int = option(30, "training epochs in all (pruning phase included)")
     prune_epochs: int = option(3, "epochs of the LAPP pruning phase; then the network is slimmed and training goes on slim")
     flops_target: float = option(0.4, "kept share of the dense network's FLOPs, in (0, 1]; the slim network lands within +-1%%")
@@ -135,6 +145,17 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"unknown scorer '{config.scorer}'; choose one of: {', '.join(SCORERS)}")
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"--lr-schedule must be cosine or step, got '{config.lr_schedule}'")
+    if config.input_size < 0:
+        raise UserError(f"--input-size must not be negative (0: from the data), got {config.input_size}")
+    if config.augment not in AUGMENTATIONS:
+        raise UserError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got '{config.augment}'")
+    for flag, text in (("--mean", config.mean), ("--std", config.std)):
+        try:
+            values = [float(part) for part in text.split(",")] if text else []
+        except ValueError:
+            raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+        if not all(math.isfinite(v) for v in values) or (flag == "--std" and any(v <= 0 for v in values)):
+            raise UserError(f"{flag} values must be finite{' and positive' if flag == '--std' else ''}, got {text!r}")
     if config.train_subset < 0 or config.test_subset < 0:
         raise UserError("--train-subset and --test-subset must not be negative")
     if config.threads < 0:
