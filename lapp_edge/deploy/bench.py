@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 
 from lapp_edge.costs.latency_fit import LatencyFit, fit_file_name, load_fit
-from lapp_edge.data.readers import InMemorySplit, load_arrays
+from lapp_edge.data.imagefolder import layout_from_manifest, load_eval_split
+from lapp_edge.data.readers import InMemorySplit, data_directory, load_arrays
 from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route
 from lapp_edge.deploy.measure import LatencyStats, RatioProtocol, interleaved_block_ratios, interleaved_ratio, measure_latency
-from lapp_edge.deploy.package import ModelPackage, load_package
+from lapp_edge.deploy.package import ModelPackage, load_package, recorded_data_dir
 from lapp_edge.deploy.targets import TargetProfile, load_target
 from lapp_edge.deploy.tolerance import RUNTIME_FP32, compare_logits
 from lapp_edge.errors import UserError
@@ -114,18 +115,38 @@ class TestSet:
     labels: np.ndarray
 
 
+def load_test_split(package: ModelPackage, data_dir: str | None, count: int | None = None) -> InMemorySplit:
+    """The (first `count`) uint8 test images of the package's dataset, from `data_dir` or the data
+    directory its manifest records (else the standard place). ImageFolder data: val/, labelled with
+    the package's class names and preprocessed as its manifest says."""
+    manifest = package.manifest
+    name = str(manifest.get("dataset", ""))
+    directory = data_dir or recorded_data_dir(manifest)
+    if name == "imagefolder":
+        return load_eval_split(data_directory(name, directory), list(manifest.get("class_names") or []),
+                               layout_from_manifest(manifest), count)
+    split = load_arrays(name, directory).test
+    if not isinstance(split, InMemorySplit):
+        raise UserError(f"{name} has no test split in memory")
+    return split if count is None else InMemorySplit(split.images[:count], split.labels[:count])
+
+
 def load_test_set(package: ModelPackage, data_dir: str | None) -> TestSet:
     """The package's dataset's test split, normalised with the package's mean/std (float32 NCHW).
-    Raises UserError when the dataset is not in memory or its images do not fit the package."""
+    Raises UserError when its images do not fit the package."""
     manifest = package.manifest
-    dataset = load_arrays(str(manifest.get("dataset", "")), data_dir)
-    split = dataset.test
-    if not isinstance(split, InMemorySplit):
-        raise UserError(f"bench needs an in-memory test split; {manifest.get('dataset')} is not one")
+    split = load_test_split(package, data_dir)
     images = normalize_uint8(split.images, manifest["input"]["mean"], manifest["input"]["std"])
     if images.shape[1:] != package.input_shape:
         raise UserError(f"test images are {images.shape[1:]}, the package expects {package.input_shape}")
     return TestSet(images, split.labels)
+
+
+def batch_of(images: np.ndarray, batch: int) -> np.ndarray:
+    """`batch` test images for latency: the first ones, repeated when the test split is smaller."""
+    if len(images) >= batch:
+        return images[:batch]
+    return np.concatenate([images] * -(-batch // len(images)))[:batch]
 
 
 def reference_profile(package: ModelPackage, threads: int) -> TargetProfile:
@@ -211,7 +232,9 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
     if profile.input_shape != package.input_shape:
         raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; {package.name} takes {list(package.input_shape)}")
     try:
-        drawn = int8_calibration(profile, package.manifest["input"]["mean"], package.manifest["input"]["std"], data_dir)
+        folder = ((layout_from_manifest(package.manifest), list(package.manifest.get("class_names") or []))
+                  if package.manifest.get("dataset") == "imagefolder" else None)
+        drawn = int8_calibration(profile, package.manifest["input"]["mean"], package.manifest["input"]["std"], data_dir, folder)
         calibration = None if drawn is None else drawn.images
         if drawn is not None:
             definition = drawn.definition
@@ -242,11 +265,11 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
             for batch in profile.batch_sizes:
                 runner: Runner = accuracy_runner if batch == ACCURACY_BATCH else compile_runner(
                     package, profile, batch, work_dir, calibration, route)
-                stats = measure_latency(runner, test.images[:batch], profile.latency)
+                stats = measure_latency(runner, batch_of(test.images, batch), profile.latency)
                 latencies.append(stats)
                 runners[batch] = runner
                 used[batch] = runner.info.precision_used
-                ratios[batch] = interleaved_ratio(runner, reference.runner, test.images[:batch])
+                ratios[batch] = interleaved_ratio(runner, reference.runner, batch_of(test.images, batch))
             variant = VariantResult(accuracy_runner.info, accuracy, latencies, ratios, used)
             if route == routes[0]:                                  # the fit describes the target's own route
                 fit, reference_onnx, note = fit_for(profile, package)
@@ -272,6 +295,7 @@ def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None 
         if profile.precision == "int8":
             load_definition(profile.calibration)
     package = load_package(package_dir)
+    data_dir = data_dir or recorded_data_dir(package.manifest)     # where the package says its data came from
     test = load_test_set(package, data_dir)
     threads = reference_threads or min(p.threads for p in profiles)
     with tempfile.TemporaryDirectory(prefix="lapp-bench-") as temporary:

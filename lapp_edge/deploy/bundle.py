@@ -246,12 +246,12 @@ def _protocol_dict(protocol: LatencyProtocol) -> dict[str, Any]:
 
 
 def _load_samples(package: ModelPackage, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
-    from lapp_edge.data.readers import InMemorySplit, load_arrays
+    from lapp_edge.deploy.bench import load_test_split
 
     dataset_name = str(package.manifest.get("dataset", ""))
-    test = load_arrays(dataset_name, data_dir).test
-    if not isinstance(test, InMemorySplit) or len(test) < SAMPLE_COUNT:
-        raise UserError(f"bundles embed {SAMPLE_COUNT} test images of an in-memory dataset; {dataset_name} is not one")
+    test = load_test_split(package, data_dir, SAMPLE_COUNT)
+    if len(test) < SAMPLE_COUNT:
+        raise UserError(f"bundles embed {SAMPLE_COUNT} test images; the {dataset_name} test split has {len(test)}")
     images = test.images[:SAMPLE_COUNT].astype(np.uint8)
     if images.shape[1:] != package.input_shape:
         raise UserError(f"{dataset_name} test images are {list(images.shape[1:])}; {package.name} takes {list(package.input_shape)}")

@@ -4,7 +4,7 @@ same real test images (max |logit difference| and top-1 agreement), and of a who
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from lapp_edge.data.torch_data import InMemorySplit, iterate_batches, load_dataset
-from lapp_edge.deploy.package import MANIFEST, load_package
+from lapp_edge.data.imagefolder import FolderLayout, layout_from_manifest, load_eval_split
+from lapp_edge.data.readers import data_directory
+from lapp_edge.data.torch_data import DatasetInfo, InMemorySplit, iterate_batches, load_dataset
+from lapp_edge.deploy.package import MANIFEST, load_package, recorded_data_dir
 from lapp_edge.deploy.tolerance import EXPORT_FP32, LogitComparison, compare_logits
 from lapp_edge.errors import UserError
 from lapp_edge.export.onnx import check_graph
 from lapp_edge.models.fuse import fuse_model
-from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, load_slim_model
+from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec, load_slim_model
 
 VERIFY_IMAGES = 1000
 VERIFY_BATCH = 128            # 1000 images -> batches of 128 and a last one of 104 (exercises the dynamic axis)
@@ -78,23 +80,37 @@ def verification_split(split: object, count: int) -> object:
     return torch.utils.data.Subset(split, range(min(count, size)))  # type: ignore[arg-type]
 
 
+def verification_data(dataset_name: str, data_dir: str | None, images: int, spec: ArchitectureSpec,
+                      layout: FolderLayout | None = None) -> tuple[object, DatasetInfo]:
+    """The first `images` test images, normalised as the model was trained (the spec's mean/std).
+    ImageFolder data: val/ labelled with the model's class names, preprocessed with `layout`
+    (the package's; default: resize to the input size), only those images decoded."""
+    if dataset_name == "imagefolder":
+        layout = layout or FolderLayout(spec.input_size, spec.in_channels, spec.input_size)
+        split = load_eval_split(data_directory(dataset_name, data_dir), list(spec.class_names), layout, images)
+        info = DatasetInfo(dataset_name, spec.in_channels, spec.num_classes, spec.input_size, list(spec.mean), list(spec.std),
+                           list(spec.class_names))
+        return split, info
+    data = load_dataset(dataset_name, data_dir)
+    info = replace(data.info, mean=list(spec.mean) or data.info.mean, std=list(spec.std) or data.info.std)
+    if (info.in_channels, info.input_size) != (spec.in_channels, spec.input_size):
+        raise UserError(f"{dataset_name} images are {info.in_channels}x{info.input_size}x{info.input_size}; the model takes "
+                        f"{spec.in_channels}x{spec.input_size}x{spec.input_size}")
+    return verification_split(data.test, images), info
+
+
 @torch.no_grad()
 def compare_with_torch(
-    session: Any, reference: nn.Module, dataset_name: str, data_dir: str | None = None,
-    images: int = VERIFY_IMAGES, expected_stats: tuple[list[float], list[float]] | None = None,
+    session: Any, reference: nn.Module, dataset_name: str, spec: ArchitectureSpec, data_dir: str | None = None,
+    images: int = VERIFY_IMAGES, layout: FolderLayout | None = None,
 ) -> Verification:
     """Run the ONNX session and the PyTorch eval model on the first `images` test images."""
-    data = load_dataset(dataset_name, data_dir)
-    if expected_stats is not None and (
-        not np.allclose(expected_stats[0], data.info.mean) or not np.allclose(expected_stats[1], data.info.std)
-    ):
-        raise UserError(f"the model's normalisation {expected_stats} differs from {dataset_name}'s ({data.info.mean}, {data.info.std})")
+    split, info = verification_data(dataset_name, data_dir, images, spec, layout)
     reference = reference.eval()
     input_name = session.get_inputs()[0].name
     comparison: LogitComparison | None = None
     onnx_correct, torch_correct, seen = 0, 0, 0
-    split = verification_split(data.test, images)
-    for batch, labels in iterate_batches(split, data.info, VERIFY_BATCH, torch.device("cpu")):
+    for batch, labels in iterate_batches(split, info, VERIFY_BATCH, torch.device("cpu")):
         expected = reference(batch).numpy()
         result = session.run(None, {input_name: batch.numpy()})[0]
         if result.shape != expected.shape:
@@ -114,7 +130,8 @@ def compare_with_torch(
 
 def verify_package(directory: str | Path, data_dir: str | None = None, images: int = VERIFY_IMAGES) -> Verification:
     """Check every file's sha256, rebuild the PyTorch reference from the package's own spec and
-    weights, and re-run the ONNX Runtime comparison. Raises UserError on any failure."""
+    weights, and re-run the ONNX Runtime comparison on the test images of the data directory the
+    manifest records (`data_dir` overrides it). Raises UserError on any failure."""
     package = load_package(directory)
     manifest = package.manifest
     try:
@@ -135,7 +152,11 @@ def verify_package(directory: str | Path, data_dir: str | None = None, images: i
     graph = check_graph(package.onnx_path.read_bytes(), fuse_model(model))
     if graph.problem():
         raise UserError(f"{package.onnx_path}: {graph.problem()}")
-    verification = compare_with_torch(session, model, dataset, data_dir, images, expected_stats=(mean, std))
+    if not (np.allclose(mean, spec.mean) and np.allclose(std, spec.std)):
+        raise UserError(f"{package.directory / MANIFEST}: the normalisation it states ({mean}, {std}) differs from "
+                        f"{SLIM_SPEC}'s ({spec.mean}, {spec.std})")
+    layout = layout_from_manifest(manifest) if dataset == "imagefolder" else None
+    verification = compare_with_torch(session, model, dataset, spec, data_dir or recorded_data_dir(manifest), images, layout)
     if not verification.passed:
         raise UserError(f"{package.directory} failed verification: {verification.failure()}")
     return verification
