@@ -17,7 +17,8 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     add_dataclass_arguments(p, TrainConfig)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (--epochs, --data-dir, --device, --threads, "
-                        "--quiet may change; other options must match the saved run)")
+                        "--quiet may change; other options must match the saved run, else one line, exit 2; a run with no "
+                        "completed epoch takes any option)")
     p.set_defaults(handler=run_train_command)
 
 
