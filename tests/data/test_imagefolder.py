@@ -171,6 +171,8 @@ def test_options_are_applied_or_refused(tmp_path: Path) -> None:
     assert data.info.mean == [0.5, 0.5, 0.5] and data.info.std == [0.25, 0.25, 0.25]
     with pytest.raises(UserError, match="--mean needs 3"):
         load_dataset("imagefolder", tmp_path, DataOptions(mean="0.5,0.5"))
+    subset = load_dataset("imagefolder", tmp_path, DataOptions(train_subset=4, test_subset=1))     # applied, not ignored
+    assert (len(subset.train), len(subset.test)) == (4, 1)
     with pytest.raises(UserError, match="--train-subset 10 is more than"):
         load_dataset("imagefolder", tmp_path, DataOptions(train_subset=10))
 
