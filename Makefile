@@ -6,8 +6,9 @@ LAPP := $(VENV)/bin/lapp-edge
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 FMNIST := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEMO_RUN := runs/demo
-DEMO_MODEL := models/demo
+DEMO_DIR := runs/demo
+DEMO_RUN := $(DEMO_DIR)/slim
+DEMO_MODEL := $(DEMO_DIR)/models/slim
 
 .PHONY: setup data demo test test-slow bench clean
 
@@ -26,16 +27,15 @@ $(FMNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
-# LAPP-train ResNet-20 on Fashion-MNIST to 40% FLOPs (about 5 minutes on 2 CPU cores),
-# then print the pruning report; then fuse, export, verify and package it as models/demo and
-# print its summary. The demo owns runs/demo and models/demo and starts them afresh each time.
+# The whole mission in one command (configs/demo.yaml, ~10 minutes on 2 CPU cores): LAPP-train
+# ResNet-20 on Fashion-MNIST to 40% of its FLOPs and the dense baseline, export both as verified
+# packages, bench the slim one on every CPU target profile this machine can run with the dense one
+# measured side by side; prints per target the accuracy (dense, slim), measured vs predicted latency
+# and the speedup, draws accuracy vs latency, and says where the files are. The demo owns runs/demo
+# and starts it afresh each time.
 demo: setup
-	rm -rf $(DEMO_RUN)
-	$(LAPP) train --model resnet20 --dataset fashion-mnist --flops-target 0.4 \
-		--epochs 4 --prune-epochs 1 --train-subset 20000 --out $(DEMO_RUN)
-	rm -rf $(DEMO_MODEL)
-	$(LAPP) export $(DEMO_RUN) --out $(DEMO_MODEL)
-	$(LAPP) verify $(DEMO_MODEL)
+	rm -rf $(DEMO_DIR)
+	$(LAPP) run-all configs/demo.yaml --out $(DEMO_DIR)
 
 # LAPP_EDGE_REQUIRE_DATA=1: a missing Fashion-MNIST fails the tests instead of skipping them.
 test: setup
@@ -63,9 +63,9 @@ bench-export: setup
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# CPU targets: bench every profile of one runtime on the demo model package (compile,
+# CPU targets: bench every profile of one runtime on the demo's slim package (compile,
 # top-1 vs the fp32 ORT reference on the full test split, latency at batch 1 and 32).
-DEMO_PACKAGE := models/demo
+DEMO_PACKAGE := $(DEMO_MODEL)
 ORT_TARGETS := x86-ort-fp32 x86-ort-int8
 OPENVINO_TARGETS := x86-openvino-f32 x86-openvino-bf16 x86-openvino-int8
 
@@ -120,7 +120,7 @@ ship: setup $(DEMO_MODEL)/manifest.json
 $(DEMO_MODEL)/manifest.json:
 	$(MAKE) demo
 
-# GPU: TensorRT fp16 and int8 engines of the demo package (models/demo, from `make demo`): build
+# GPU: TensorRT fp16 and int8 engines of the demo slim package (runs/demo/models/slim, from `make demo`): build
 # (cached in bench-results/tensorrt-work), top-1 vs the fp32 ONNX Runtime reference on the test
 # split, GPU latency as trtexec measures it (docs/GPU.md). Needs an NVIDIA GPU, a CUDA build of
 # torch and TensorRT 10/11 (`pip install tensorrt`); without them it prints one line and exits 2.

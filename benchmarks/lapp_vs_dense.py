@@ -51,10 +51,11 @@ def launch(name: str, args: argparse.Namespace) -> subprocess.Popen[bytes] | Non
         return None
     common = [
         "--out", str(out), "--model", args.model, "--dataset", "fashion-mnist", "--epochs", str(args.epochs),
-        "--prune-epochs", str(args.prune_epochs), "--flops-target", str(args.flops_target),
         "--train-subset", str(args.train_subset), "--seed", str(args.seed), "--threads", str(args.threads),
         "--device", args.device, "--quiet",
     ]
+    if name != "dense":  # a dense run refuses LAPP-only options
+        common += ["--prune-epochs", str(args.prune_epochs), "--flops-target", str(args.flops_target)]
     if (out / "checkpoint.pt").is_file():
         common = ["--out", str(out), "--resume", "--quiet"]
     log = open(Path(args.out) / f"{name}.log", "ab")  # noqa: SIM115 - closed when the process ends

@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--package", default="models/demo", help="model package directory (default: models/demo, from `make demo`)")
+    parser.add_argument("--package", default="runs/demo/models/slim", help="model package directory (default: runs/demo/models/slim, from `make demo`)")
     parser.add_argument("--target", action="append", default=None, help="GPU target profile (repeat; default: the two TensorRT ones)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--data-dir", default=None, help="dataset directory (default: the dataset's standard place)")

@@ -13,7 +13,7 @@ PACKAGE = ROOT / "lapp_edge"
 RUNTIMES = ("onnxruntime", "openvino", "nncf", "tensorrt")
 TORCH = ("torch", "torchvision")
 # Modules that must run on a device without torch (the deploy side, and what it reads with).
-DEPLOY_SIDE = ("lapp_edge.deploy", "lapp_edge.resources", "lapp_edge.costs", "lapp_edge.data.readers",
+DEPLOY_SIDE = ("lapp_edge.deploy", "lapp_edge.resources", "lapp_edge.costs", "lapp_edge.data.readers", "lapp_edge.data.imagefolder",
                "lapp_edge.fileio", "lapp_edge.errors")
 TORCH_BACKENDS = ("lapp_edge.deploy.backends.torch_cuda",)    # its runtime *is* torch (imported when it loads)
 TRAINING_SIDE = ("lapp_edge.lapp", "lapp_edge.training", "lapp_edge.models", "lapp_edge.data.torch_data", "lapp_edge.torch_io")

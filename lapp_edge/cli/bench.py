@@ -15,6 +15,9 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="dataset directory (default: the dataset's standard place)")
     p.add_argument("--work-dir", default=None, help="keep quantized artifacts here for reuse (default: a temporary directory); "
                    "a reused artifact is checked against its authenticated sidecar first")
+    p.add_argument("--baseline", default=None, metavar="PACKAGE",
+                   help="another package of the same data (the dense network), compiled the same way on every target and "
+                        "measured side by side: its top-1 there and the speedup over it, interleaved in one process")
     p.set_defaults(handler=run_bench_command)
 
 
@@ -22,7 +25,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from lapp_edge.errors import one_line
     from lapp_edge.deploy.bench import format_bench, run_bench
 
-    report = run_bench(args.package, args.target, args.out, args.data_dir, args.work_dir)
+    report = run_bench(args.package, args.target, args.out, args.data_dir, args.work_dir, baseline_dir=args.baseline)
     print(format_bench(report))
     unavailable = [t for t in report.targets if t.status != "ok"]
     for target in unavailable:

@@ -19,12 +19,13 @@ def add_export_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from lapp_edge.export.package_writer import export_run
+    from lapp_edge.export.package_writer import export_run, tolerance_text
 
     manifest = export_run(args.run, args.out, args.data_dir)
     check = manifest["verification"]
     print(f"exported {args.run} -> {args.out}: {manifest['model']}, opset {manifest['export']['opset']}, "
-          f"ORT vs PyTorch on {check['images']} test images max |diff| {check['max_abs_diff']:.2e}, "
+          f"ORT vs PyTorch on {check['images']} test images max |diff| {check['max_abs_diff']:.2e} "
+          f"({check.get('max_rel_diff', 0.0):.1e} of max|logit|; {tolerance_text(check['tolerance'])}), "
           f"top-1 agreement {check['top1_agreement']:.4f} (lapp-edge verify {args.out} prints the summary)")
     return 0
 

@@ -18,17 +18,19 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     add_dataclass_arguments(p, TrainConfig)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (--epochs, --data-dir, --device, --threads, "
-                        "--quiet may change; other options must match the saved run)")
+                        "--quiet may change; other options must match the saved run, else one line, exit 2; a run with no "
+                        "completed epoch takes any option)")
     p.set_defaults(handler=run_train_command)
 
 
 def run_train_command(args: argparse.Namespace) -> int:
-    from lapp_edge.training.config import TrainConfig, config_from_saved, merge_resume_options
+    from lapp_edge.training.config import TrainConfig, config_from_saved, merge_resume_options, refuse_ignored_options
     from lapp_edge.training.report import format_report
     from lapp_edge.training.run_dir import CONFIG, RunDirectory
     from lapp_edge.training.trainer import run_training
 
     given = given_options(args, TrainConfig)
+    refuse_ignored_options(given)
     if args.resume:
         path = Path(args.out) / CONFIG
         if not os.path.lexists(path):

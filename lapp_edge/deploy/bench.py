@@ -31,16 +31,18 @@ import numpy as np
 
 from lapp_edge.deploy import artifacts
 from lapp_edge.costs.latency_fit import LatencyFit, fit_file_name, load_fit
-from lapp_edge.data.readers import InMemorySplit, load_arrays
+from lapp_edge.data.imagefolder import layout_from_manifest, load_eval_split
+from lapp_edge.data.readers import InMemorySplit, data_directory, load_arrays
 from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route
 from lapp_edge.deploy.measure import LatencyStats, RatioProtocol, interleaved_block_ratios, interleaved_ratio, measure_latency
-from lapp_edge.deploy.package import MAX_MODEL_BYTES, ModelPackage, check_external_data, load_package
+from lapp_edge.deploy.package import MAX_MODEL_BYTES, ModelPackage, check_external_data, load_package, recorded_data_dir
 from lapp_edge.deploy.targets import TargetProfile, load_target
+from lapp_edge.deploy.tolerance import RUNTIME_FP32, compare_logits
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_json, read_file_bytes
-from lapp_edge.resources import find_latency_file
+from lapp_edge.resources import find_latency_file, find_profile, profile_names
 
 ACCURACY_BATCH = 32
 REFERENCE = "onnxruntime-cpu fp32"
@@ -68,6 +70,10 @@ class Accuracy:
     agreement: float              # fraction of test images where the top-1 class equals the reference's
     max_abs_logit_diff: float
     images: int
+    max_rel_logit_diff: float = 0.0   # max over images of max|logit - reference| / max|reference logit|
+    # the logits against the reference under RUNTIME_FP32 (lapp_edge.deploy.tolerance), where the target
+    # computed in fp32 (bf16 falling back to f32 included); lossy precisions are reported, not checked
+    logit_check: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +86,22 @@ class VariantResult:
     # latency predicted from FLOPs by the target's fit (latency-fit-<target>-<model>.json), if one exists
     predicted_from_flops: list[FitComparison] = field(default_factory=list)
     prediction_note: str = ""     # why there is no prediction, where there is none
+    baseline: "BaselineComparison | None" = None   # with --baseline: the other package on the same target
+
+
+@dataclass
+class BaselineComparison:
+    """Another package (the dense network) compiled the same way on the same target, measured side by
+    side with this one: its accuracy on the same test images, and the latency ratio interleaved in one
+    process (the speedup is its inverse)."""
+
+    package: str
+    top1: float
+    macs_ratio: float                   # this package's MACs / the baseline's (deployed networks)
+    latency_ratio: dict[int, float]     # this package's latency / the baseline's, interleaved (median of blocks)
+    speedup: dict[int, float]           # 1 / latency_ratio
+    baseline_median_ms: dict[int, float]  # this package's median / latency_ratio (derived, not measured alone)
+    precision_used: str
 
 
 @dataclass
@@ -89,7 +111,7 @@ class TargetResult:
     backend: str
     precision: str
     threads: int
-    status: str                   # ok | unavailable
+    status: str                   # ok | unavailable | mismatch (fp32 compute outside the tolerance)
     message: str = ""
     calibration: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, VariantResult] = field(default_factory=dict)
@@ -102,6 +124,7 @@ class BenchReport:
     dataset: str
     reference: dict[str, Any]
     targets: list[TargetResult]
+    baseline: str | None = None
 
 
 @dataclass
@@ -110,18 +133,38 @@ class TestSet:
     labels: np.ndarray
 
 
+def load_test_split(package: ModelPackage, data_dir: str | None, count: int | None = None) -> InMemorySplit:
+    """The (first `count`) uint8 test images of the package's dataset, from `data_dir` or the data
+    directory its manifest records (else the standard place). ImageFolder data: val/, labelled with
+    the package's class names and preprocessed as its manifest says."""
+    manifest = package.manifest
+    name = str(manifest.get("dataset", ""))
+    directory = data_dir or recorded_data_dir(manifest)
+    if name == "imagefolder":
+        return load_eval_split(data_directory(name, directory), list(manifest.get("class_names") or []),
+                               layout_from_manifest(manifest), count)
+    split = load_arrays(name, directory).test
+    if not isinstance(split, InMemorySplit):
+        raise UserError(f"{name} has no test split in memory")
+    return split if count is None else InMemorySplit(split.images[:count], split.labels[:count])
+
+
 def load_test_set(package: ModelPackage, data_dir: str | None) -> TestSet:
     """The package's dataset's test split, normalised with the package's mean/std (float32 NCHW).
-    Raises UserError when the dataset is not in memory or its images do not fit the package."""
+    Raises UserError when its images do not fit the package."""
     manifest = package.manifest
-    dataset = load_arrays(str(manifest.get("dataset", "")), data_dir)
-    split = dataset.test
-    if not isinstance(split, InMemorySplit):
-        raise UserError(f"bench needs an in-memory test split; {manifest.get('dataset')} is not one")
+    split = load_test_split(package, data_dir)
     images = normalize_uint8(split.images, manifest["input"]["mean"], manifest["input"]["std"])
     if images.shape[1:] != package.input_shape:
         raise UserError(f"test images are {images.shape[1:]}, the package expects {package.input_shape}")
     return TestSet(images, split.labels)
+
+
+def batch_of(images: np.ndarray, batch: int) -> np.ndarray:
+    """`batch` test images for latency: the first ones, repeated when the test split is smaller."""
+    if len(images) >= batch:
+        return images[:batch]
+    return np.concatenate([images] * -(-batch // len(images)))[:batch]
 
 
 def reference_profile(package: ModelPackage, threads: int) -> TargetProfile:
@@ -156,23 +199,48 @@ def package_features(package: ModelPackage) -> dict[str, float]:
     return features
 
 
-def fit_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyFit | None, Path | None, str]:
-    """The target's latency fit for the package's family and the fit's dense reference ONNX, or a note why not."""
+def fit_for(profile: TargetProfile, package: ModelPackage, precision_used: str = "") -> tuple[LatencyFit | None, Path | None, Path | None, str]:
+    """The target's latency fit for the package's family, its path and the fit's dense reference ONNX,
+    or a note why not. Where the fit was measured with other kernels than this CPU compiled (bf16 fit,
+    no bf16 here), the fit of a profile of the same backend and threads measured with the precision
+    compiled here is used instead, and the note says so."""
     model = str(package.manifest.get("model", ""))
     fit_path = find_latency_file(fit_file_name(profile.name, model))
     if fit_path is None:
-        return None, None, f"no latency fit for {profile.name}/{model} (lapp-edge calibrate-latency --target {profile.name} --model {model})"
+        return None, None, None, f"no latency fit for {profile.name}/{model} (lapp-edge calibrate-latency --target {profile.name} --model {model})"
     fit = load_fit(fit_path)
+    note = ""
+    if precision_used and fit.precision_used != precision_used:
+        substitute = _fit_measured_with(profile, model, precision_used)
+        if substitute is None:
+            return None, None, None, (f"{fit_path.name} was measured with {fit.precision_used} kernels; this CPU compiled "
+                                      f"{precision_used} and no {profile.backend} fit measured with {precision_used} exists")
+        note = (f"{fit_path.name} was measured with {fit.precision_used} kernels, this CPU compiled {precision_used}: "
+                f"predicted with {substitute[1].name}")
+        fit, fit_path = substitute
     if not fit.dense_reference:
-        return fit, None, f"{fit_path.name} names no dense reference model (re-run calibrate-latency)"
+        return fit, fit_path, None, f"{fit_path.name} names no dense reference model (re-run calibrate-latency)"
     reference = find_latency_file(fit.dense_reference)
     if reference is None:
-        return fit, None, f"the dense reference {fit.dense_reference} of {fit_path.name} is missing"
+        return fit, fit_path, None, f"the dense reference {fit.dense_reference} of {fit_path.name} is missing"
     # calibrate-latency writes it self-contained: external data (read by the runtime from beside it) is refused
     check_external_data(read_file_bytes(reference, MAX_MODEL_BYTES), str(reference), {})
     if list(package.input_shape) != list(fit.input_shape):
-        return fit, None, f"{fit_path.name} is for inputs {fit.input_shape}, the package takes {list(package.input_shape)}"
-    return fit, reference, ""
+        return fit, fit_path, None, f"{fit_path.name} is for inputs {fit.input_shape}, the package takes {list(package.input_shape)}"
+    return fit, fit_path, reference, note
+
+
+def _fit_measured_with(profile: TargetProfile, model: str, precision_used: str) -> tuple[LatencyFit, Path] | None:
+    """A shipped profile's fit for `model` with the same backend and threads, measured with `precision_used` kernels."""
+    for name in profile_names():
+        other = load_target(find_profile(name))
+        path = find_latency_file(fit_file_name(other.name, model))
+        if other.backend != profile.backend or other.threads != profile.threads or path is None:
+            continue
+        fit = load_fit(path)
+        if fit.precision_used == precision_used:
+            return fit, path
+    return None
 
 
 def compare_with_fit(fit: LatencyFit, fit_path: str, reference_onnx: Path, package: ModelPackage, profile: TargetProfile,
@@ -200,8 +268,29 @@ def compare_with_fit(fit: LatencyFit, fit_path: str, reference_onnx: Path, packa
     return comparisons
 
 
+def compare_with_baseline(baseline: ModelPackage, package: ModelPackage, profile: TargetProfile, test: TestSet,
+                          runners: dict[int, Runner], latencies: list[LatencyStats], work_dir: Path,
+                          calibration: np.ndarray | None, route: str) -> BaselineComparison:
+    """Compile `baseline` like the package (same profile, route and calibration images) and measure it
+    side by side with the package's runners: top-1 on the test images, latency ratio per batch."""
+    accuracy_runner = compile_runner(baseline, profile, ACCURACY_BATCH, work_dir, calibration, route)
+    top1 = float((run_batched(accuracy_runner, test.images, ACCURACY_BATCH).argmax(1) == test.labels).mean())
+    ratios, medians = {}, {s.batch: s.median_ms for s in latencies}
+    for batch, runner in runners.items():
+        baseline_runner = accuracy_runner if batch == ACCURACY_BATCH else compile_runner(
+            baseline, profile, batch, work_dir, calibration, route)
+        ratios[batch] = interleaved_ratio(runner, baseline_runner, batch_of(test.images, batch))
+        if baseline_runner is not accuracy_runner:
+            baseline_runner.close()
+    used = accuracy_runner.info.precision_used
+    accuracy_runner.close()
+    macs = float(package.manifest["flops"]["slim_macs"]) / float(baseline.manifest["flops"]["slim_macs"])
+    return BaselineComparison(str(baseline.directory), top1, macs, ratios, {b: 1.0 / r for b, r in ratios.items()},
+                              {b: medians[b] / r for b, r in ratios.items()}, used)
+
+
 def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, reference: Reference, work_dir: Path,
-                 data_dir: str | None = None) -> TargetResult:
+                 data_dir: str | None = None, baseline: ModelPackage | None = None) -> TargetResult:
     """Compile the package for one target (every int8 route the profile lists), then accuracy
     against the reference and latency at each profile batch. A missing runtime makes the
     result `unavailable` with its one-line message instead of raising."""
@@ -209,7 +298,9 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
     if profile.input_shape != package.input_shape:
         raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; {package.name} takes {list(package.input_shape)}")
     try:
-        drawn = int8_calibration(profile, package.manifest["input"]["mean"], package.manifest["input"]["std"], data_dir)
+        folder = ((layout_from_manifest(package.manifest), list(package.manifest.get("class_names") or []))
+                  if package.manifest.get("dataset") == "imagefolder" else None)
+        drawn = int8_calibration(profile, package.manifest["input"]["mean"], package.manifest["input"]["std"], data_dir, folder)
         calibration = None if drawn is None else drawn.images
         if drawn is not None:
             definition = drawn.definition
@@ -220,26 +311,40 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
             accuracy_runner = compile_runner(package, profile, ACCURACY_BATCH, work_dir, calibration, route)
             logits = run_batched(accuracy_runner, test.images, ACCURACY_BATCH)
             predicted = logits.argmax(1)
+            comparison = compare_logits(logits, reference.logits, RUNTIME_FP32)
+            checked = accuracy_runner.info.precision_used == "fp32"
             accuracy = Accuracy(
                 top1=float((predicted == test.labels).mean()), reference_top1=reference.top1,
-                agreement=float((predicted == reference.logits.argmax(1)).mean()),
-                max_abs_logit_diff=float(np.abs(logits - reference.logits).max()), images=len(test.labels),
+                agreement=comparison.top1_agreement, max_abs_logit_diff=comparison.max_abs_diff, images=len(test.labels),
+                max_rel_logit_diff=comparison.max_rel_diff,
+                logit_check={**comparison.to_dict(), "checked": checked,
+                             "note": "fp32 compute: must pass" if checked else
+                             f"{accuracy_runner.info.precision_used} is lossy: reported, not checked (accuracy judges it)"},
             )
+            if checked and not comparison.passed:
+                result.status = "mismatch"
+                result.message = (f"{route or profile.precision} computes in fp32 but its logits differ from the fp32 ONNX Runtime "
+                                  f"reference by {comparison.max_rel_diff:.2g} of max|logit| ({comparison.worst_excess:.3g} x "
+                                  f"the allowed {RUNTIME_FP32.atol} + {RUNTIME_FP32.rtol} * max|logit|), top-1 differs on "
+                                  f"{comparison.top1_disagreements} image(s) that are not near ties")
             latencies, ratios, used, runners = [], {}, {}, {}
             for batch in profile.batch_sizes:
                 runner: Runner = accuracy_runner if batch == ACCURACY_BATCH else compile_runner(
                     package, profile, batch, work_dir, calibration, route)
-                stats = measure_latency(runner, test.images[:batch], profile.latency)
+                stats = measure_latency(runner, batch_of(test.images, batch), profile.latency)
                 latencies.append(stats)
                 runners[batch] = runner
                 used[batch] = runner.info.precision_used
-                ratios[batch] = interleaved_ratio(runner, reference.runner, test.images[:batch])
+                ratios[batch] = interleaved_ratio(runner, reference.runner, batch_of(test.images, batch))
             variant = VariantResult(accuracy_runner.info, accuracy, latencies, ratios, used)
+            if baseline is not None:
+                variant.baseline = compare_with_baseline(baseline, package, profile, test, runners, latencies,
+                                                         work_dir / "baseline", calibration, route)
             if route == routes[0]:                                  # the fit describes the target's own route
-                fit, reference_onnx, note = fit_for(profile, package)
-                if fit is not None and reference_onnx is not None:
+                fit, fit_path, reference_onnx, note = fit_for(profile, package, accuracy_runner.info.precision_used)
+                if fit is not None and fit_path is not None and reference_onnx is not None:
                     variant.predicted_from_flops = compare_with_fit(
-                        fit, str(find_latency_file(fit_file_name(profile.name, fit.model))), reference_onnx, package, profile,
+                        fit, str(fit_path), reference_onnx, package, profile,
                         runners, {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route)
                 variant.prediction_note = note
             for runner in {id(r): r for r in runners.values()}.values():
@@ -250,26 +355,45 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
     return result
 
 
+def check_baseline(baseline: ModelPackage, package: ModelPackage) -> None:
+    """A baseline must take the same inputs, from the same data, normalised the same way (UserError otherwise)."""
+    a, b = package.manifest, baseline.manifest
+    for what, mine, theirs in (("input shape", package.input_shape, baseline.input_shape), ("dataset", a.get("dataset"), b.get("dataset")),
+                               ("mean/std", (a["input"]["mean"], a["input"]["std"]), (b["input"]["mean"], b["input"]["std"])),
+                               ("classes", a.get("class_names"), b.get("class_names"))):
+        if mine != theirs:
+            raise UserError(f"--baseline {baseline.directory} differs from {package.directory} in its {what} "
+                            f"({theirs} vs {mine}): they cannot be compared on the same test images")
+
+
 def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None = None, data_dir: str | None = None,
-              work_dir: str | None = None, reference_threads: int | None = None) -> BenchReport:
+              work_dir: str | None = None, reference_threads: int | None = None,
+              baseline_dir: str | Path | None = None) -> BenchReport:
     """Bench a package on every target (profiles by name or path); optionally write the report
-    as JSON to `out`. Every profile and calibration set is validated before any work (UserError)."""
+    as JSON to `out`. With `baseline_dir` (a package of the dense network), each target also
+    compiles the baseline the same way and measures it side by side: its accuracy, and the
+    package's speedup over it, interleaved in one process. Every profile, calibration set and the
+    baseline are validated before any work (UserError)."""
     profiles = [load_target(path) for path in target_paths]          # validate every profile before any work
     for profile in profiles:                                          # and every calibration set they name
         if profile.precision == "int8":
             load_definition(profile.calibration)
     package = load_package(package_dir)
+    baseline = load_package(baseline_dir) if baseline_dir is not None else None
+    if baseline is not None:
+        check_baseline(baseline, package)
+    data_dir = data_dir or recorded_data_dir(package.manifest)     # where the package says its data came from
     test = load_test_set(package, data_dir)
     threads = reference_threads or min(p.threads for p in profiles)
     with tempfile.TemporaryDirectory(prefix="lapp-bench-") as temporary:
         work = artifacts.work_directory(work_dir) if work_dir else Path(temporary)
         reference = Reference(package, test, threads, work)
-        results = [bench_target(package, profile, test, reference, work, data_dir) for profile in profiles]
+        results = [bench_target(package, profile, test, reference, work, data_dir, baseline) for profile in profiles]
     report = BenchReport(
         package=str(package.directory), model=str(package.manifest.get("model", "")), dataset=str(package.manifest.get("dataset", "")),
         reference={"runtime": REFERENCE, "threads": threads, "top1": reference.top1, "images": len(test.labels),
                    "runner": asdict(reference.runner.info)},
-        targets=results,
+        targets=results, baseline=str(baseline.directory) if baseline is not None else None,
     )
     if out:
         atomic_write_json(out, asdict(report))
@@ -285,7 +409,7 @@ def format_bench(report: BenchReport) -> str:
     lines.append(header)
     lines.append("-" * len(header))
     for target in report.targets:
-        if target.status != "ok":
+        if target.status == "unavailable":
             lines.append(f"{target.target:20s} {target.message}")
             continue
         for variant, result in target.variants.items():
@@ -304,8 +428,24 @@ def format_bench(report: BenchReport) -> str:
             summary = details.get("conv_kernels") or {k: v for k, v in details.get("optimized_ops", {}).items() if "Conv" in k or "Gemm" in k}
             lines.append(f"  {target.target}/{variant}: {json.dumps(summary)}"
                          + (f" calibration {target.calibration['name']} #{target.calibration['fingerprint']}" if target.calibration else ""))
-            if result.prediction_note and not result.predicted_from_flops:
-                lines.append(f"  {target.target}/{variant}: no latency prediction: {result.prediction_note}")
+            if target.precision != result.runner.precision_used and target.precision != "int8":
+                lines.append(f"  {target.target}/{variant}: asked {target.precision}, compiled {result.runner.precision_used}: "
+                             f"this CPU has no {target.precision} kernels, so the runtime fell back (latency and accuracy are "
+                             f"{result.runner.precision_used}'s)")
+            if result.baseline is not None:
+                b = result.baseline
+                lines.append(f"  {target.target}/{variant}: vs baseline {Path(b.package).name} ({b.precision_used}), measured side by side: "
+                             f"top-1 {b.top1:.4f} -> {result.accuracy.top1:.4f}, MACs x{b.macs_ratio:.3f}, speedup "
+                             + ", ".join(f"{b.speedup[batch]:.2f}x at batch {batch}" for batch in sorted(b.speedup)))
+            check = result.accuracy.logit_check
+            if check:
+                verdict = ("within" if check["passed"] else "OUTSIDE") + f" {check['tolerance']['atol']} + {check['tolerance']['rtol']} * max|logit|" \
+                    if check["checked"] else f"not checked: {check['note']}"
+                lines.append(f"  {target.target}/{variant}: logits vs reference max |diff| {result.accuracy.max_abs_logit_diff:.3g} "
+                             f"({result.accuracy.max_rel_logit_diff:.2g} of max|logit|), {verdict}")
+            if result.prediction_note:
+                lines.append(f"  {target.target}/{variant}: {'' if result.predicted_from_flops else 'no latency prediction: '}"
+                             f"{result.prediction_note}")
             for c in result.predicted_from_flops:
                 lines.append(f"  {target.target}/{variant}: latency predicted from FLOPs by the target's fit ({Path(c.fit).name}), batch {c.batch}: "
                              f"{c.predicted_ms:.3f} ms (x{c.predicted_ratio:.3f} of the dense model's {c.dense_median_ms:.3f} ms here, "

@@ -66,6 +66,7 @@ from lapp_edge.fileio import atomic_write_bytes, atomic_write_json
 from lapp_edge.deploy.package import MANIFEST as PACKAGE_MANIFEST
 from lapp_edge.deploy.package import ModelPackage, load_package, sha256_of
 from lapp_edge.deploy.targets import TargetProfile, load_target
+from lapp_edge.deploy.tolerance import Tolerance
 
 FORMAT = 1
 KIND = "lapp-edge-bundle"
@@ -83,7 +84,10 @@ IMAGE_MODES = {1: "L", 3: "RGB"}
 # may run other kernels than the build machine (bf16 falls back to f32 without native bf16;
 # int8 without VNNI); we expect that within a few % of max|e| but have not measured it (no
 # such device here). int8 vs fp32 itself differed by 20-60% of max|e| on a small test model.
-TOLERANCES = {"fp32": (1e-3, 1e-4), "bf16": (0.05, 0.01), "int8": (0.05, 0.01)}
+# The rule is lapp_edge.deploy.tolerance's (the one every numerical check uses); the runtime
+# package applies it on the device from bundle.json.
+TOLERANCES = {"fp32": Tolerance(rtol=1e-3, atol=1e-4), "bf16": Tolerance(rtol=0.05, atol=0.01),
+              "int8": Tolerance(rtol=0.05, atol=0.01)}
 _AUTO_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*_\d+")
 
 
@@ -242,12 +246,12 @@ def _protocol_dict(protocol: LatencyProtocol) -> dict[str, Any]:
 
 
 def _load_samples(package: ModelPackage, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
-    from lapp_edge.data.readers import InMemorySplit, load_arrays
+    from lapp_edge.deploy.bench import load_test_split
 
     dataset_name = str(package.manifest.get("dataset", ""))
-    test = load_arrays(dataset_name, data_dir).test
-    if not isinstance(test, InMemorySplit) or len(test) < SAMPLE_COUNT:
-        raise UserError(f"bundles embed {SAMPLE_COUNT} test images of an in-memory dataset; {dataset_name} is not one")
+    test = load_test_split(package, data_dir, SAMPLE_COUNT)
+    if len(test) < SAMPLE_COUNT:
+        raise UserError(f"bundles embed {SAMPLE_COUNT} test images; the {dataset_name} test split has {len(test)}")
     images = test.images[:SAMPLE_COUNT].astype(np.uint8)
     if images.shape[1:] != package.input_shape:
         raise UserError(f"{dataset_name} test images are {list(images.shape[1:])}; {package.name} takes {list(package.input_shape)}")
@@ -324,7 +328,6 @@ def build_bundle(package_dir: str | Path, profile_path: str | Path, out_dir: str
         members["samples/expected.npy"] = _npy(expected.astype(np.float32))
         if embedded is not None:
             members[EXPECTED_LATENCY] = embedded
-        rtol, atol = TOLERANCES[profile.precision]
         bundle_manifest = {
             "format": FORMAT, "kind": KIND, "name": name,
             "target": {"name": profile.name, "backend": profile.backend, "precision": profile.precision,
@@ -343,7 +346,7 @@ def build_bundle(package_dir: str | Path, profile_path: str | Path, out_dir: str
             "samples": {"images": "samples/images.npy", "labels": "samples/labels.npy",
                         "expected_outputs": "samples/expected.npy", "count": len(images), "source": source,
                         "outputs_computed_on": cpu_model()},
-            "tolerance": {"rtol": rtol, "atol": atol, "rule": "|y - e| <= atol + rtol * max|e| per sample"},
+            "tolerance": TOLERANCES[profile.precision].to_dict(),
             "expected_latency": EXPECTED_LATENCY if embedded is not None else None,
             "files": {member: hashlib.sha256(data).hexdigest() for member, data in sorted(members.items())},
         }

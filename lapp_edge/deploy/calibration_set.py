@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from lapp_edge.data.readers import DATASETS, Dataset, InMemorySplit, load_arrays
+from lapp_edge.data.imagefolder import FolderLayout, FolderSplit, decode_split, scan_split
+from lapp_edge.data.readers import DATASETS, Dataset, InMemorySplit, data_directory, load_arrays
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import read_yaml, shown
 from lapp_edge.resources import find_calibration_set
@@ -73,18 +74,30 @@ def normalize_uint8(images: np.ndarray, mean: list[float], std: list[float]) -> 
 
 def draw_calibration(
     definition: CalibrationDefinition, mean: list[float], std: list[float], dataset: Dataset | None = None,
-    data_dir: str | None = None,
+    data_dir: str | None = None, folder: tuple[FolderLayout, list[str]] | None = None,
 ) -> CalibrationSet:
     """Draw the definition's images (seeded, without replacement) and normalise them with the
     model's own `mean`/`std`. Returns float32 N x C x H x W images and their fingerprint.
-    Raises UserError when the dataset is not in memory or has fewer images than asked for."""
-    data = dataset or load_arrays(definition.dataset, data_dir)
-    split = data.train if definition.split == "train" else data.test
-    if not isinstance(split, InMemorySplit):
-        raise UserError(f"calibration draws from in-memory datasets only; {definition.dataset} is not one")
-    if definition.count > len(split):
-        raise UserError(f"calibration set {definition.name} asks for {definition.count} images; the split has {len(split)}")
-    indices = np.random.default_rng(definition.seed).choice(len(split), size=definition.count, replace=False)
-    raw = split.images[indices]
+    ImageFolder data needs `folder` (the model's image layout and class names): only the drawn
+    images are decoded. Raises UserError when the split has fewer images than asked for.""" 
+    if definition.dataset == "imagefolder" and dataset is None:
+        if folder is None:
+            raise UserError(f"calibration set {definition.name} draws from ImageFolder data: it needs the model's image layout")
+        layout, classes = folder
+        tree = scan_split(data_directory("imagefolder", data_dir) / ("train" if definition.split == "train" else "val"),
+                          list(classes) if definition.split == "test" else None)[0]
+        if definition.count > len(tree):
+            raise UserError(f"calibration set {definition.name} asks for {definition.count} images; the split has {len(tree)}")
+        indices = np.random.default_rng(definition.seed).choice(len(tree), size=definition.count, replace=False)
+        raw = decode_split(FolderSplit(tree.root, [tree.paths[i] for i in indices], tree.labels[indices], []), layout).images
+    else:
+        data = dataset or load_arrays(definition.dataset, data_dir)
+        split = data.train if definition.split == "train" else data.test
+        if not isinstance(split, InMemorySplit):
+            raise UserError(f"calibration draws from in-memory datasets only; {definition.dataset} is not one")
+        if definition.count > len(split):
+            raise UserError(f"calibration set {definition.name} asks for {definition.count} images; the split has {len(split)}")
+        indices = np.random.default_rng(definition.seed).choice(len(split), size=definition.count, replace=False)
+        raw = split.images[indices]
     fingerprint = hashlib.sha256(np.ascontiguousarray(raw).tobytes()).hexdigest()[:16]
     return CalibrationSet(definition, indices, normalize_uint8(raw, mean, std), fingerprint)

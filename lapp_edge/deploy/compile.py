@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lapp_edge.data.imagefolder import FolderLayout
 from lapp_edge.deploy.backends import LoadRequest, Runner, get_backend
 from lapp_edge.deploy.calibration_set import CalibrationSet, draw_calibration, load_definition
 from lapp_edge.deploy.package import ModelPackage
@@ -56,14 +57,14 @@ def int8_route(profile: TargetProfile, route: str | None = None) -> str:
 
 
 def int8_calibration(profile: TargetProfile, mean: tuple[float, ...] | list[float], std: tuple[float, ...] | list[float],
-                     data_dir: str | None = None) -> CalibrationSet | None:
+                     data_dir: str | None = None, folder: tuple[FolderLayout, list[str]] | None = None) -> CalibrationSet | None:
     """The profile's calibration set normalised with `mean`/`std`, or None for a non-int8 profile.
     Raises UserError for a missing definition or dataset."""
     if profile.precision != "int8":
         return None
     if not mean or not std:
         raise UserError(f"target {profile.name} is int8 but the model states no mean/std to normalise its calibration set")
-    return draw_calibration(load_definition(profile.calibration), list(mean), list(std), data_dir=data_dir)
+    return draw_calibration(load_definition(profile.calibration), list(mean), list(std), data_dir=data_dir, folder=folder)
 
 
 def dataset_calibration(profile: TargetProfile, data_dir: str | None = None) -> np.ndarray | None:

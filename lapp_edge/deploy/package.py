@@ -14,6 +14,9 @@ side, so shipped runners and backends can use it.
 Manifest fields every reader may rely on:
     format: 1
     model: family name (e.g. "resnet20"); dataset: e.g. "fashion-mnist"
+    data (optional, newer packages): {"dataset", "data_dir": absolute path the model was trained/verified
+            on, "test_split": "test" | "val", and for imagefolder "resize_shorter_side", "center_crop",
+            "image_mode": how an image becomes the input (resize the shorter side, centre crop, L/RGB)}
     input: {"name": str, "shape": [C, H, W] (the batch axis is dynamic), "mean": [...], "std": [...],
             "layout": "NCHW", "scale": "pixels/255 then (x - mean) / std"}
     output: {"name": str, "num_classes": int}
@@ -267,3 +270,10 @@ def load_package(directory: str | Path, check: bool = True) -> ModelPackage:
     if check:
         check_hashes(path, manifest)
     return ModelPackage(path, manifest)
+
+
+def recorded_data_dir(manifest: dict[str, Any]) -> str | None:
+    """The data directory a package's manifest records (None: older packages, or not recorded)."""
+    data = manifest.get("data")
+    directory = data.get("data_dir") if isinstance(data, dict) else None
+    return directory if isinstance(directory, str) and directory else None

@@ -9,6 +9,12 @@ layer up, another down), minimising lexicographically
   1. how far the cost ratio lies outside `aim` around the target, then
   2. the squared distance, in steps, from the learned widths.
 With multiple=1 the same search is the greedy add/drop repair that lands within a channel.
+
+The search is local, so where it ends outside `aim` from the learned widths it is run again
+from the end of a search from fixed starts (dense, uniform scalings, the smallest widths).
+`target_widths` runs that fixed-start search before training, so a run whose target no
+width combination it finds can meet is refused before anything is written, and the freeze
+meets the target wherever that check did (a descent that starts on target stays on it).
 """
 
 from __future__ import annotations
@@ -28,6 +34,64 @@ def allowed_widths(total: int, multiple: int, min_width: int) -> np.ndarray:
     return np.array(sorted(set(v for v in values if v >= 1)), dtype=np.int64)
 
 
+class _WidthSearch:
+    """The local search over one cost model's allowed widths (see the module docstring)."""
+
+    def __init__(self, cost: CostModel, target_ratio: float, multiple: int, min_width: int, aim: float,
+                 max_iterations: int) -> None:
+        self.options = [allowed_widths(total, multiple, min_width) for total in cost.site_channels]
+        self.cost, self.target, self.aim, self.max_iterations = cost, target_ratio, aim, max_iterations
+        self.step = float(max(1, multiple))
+        self.limits = np.array([len(opts) - 1 for opts in self.options])
+        count = len(self.options)
+        eye = np.eye(count, dtype=np.int64)
+        pair_moves = (eye[:, None, :] - eye[None, :, :]).reshape(-1, count)
+        pair_moves = pair_moves[np.abs(pair_moves).sum(axis=1) == 2]
+        self.moves = np.concatenate([eye, -eye, pair_moves])
+
+    def widths_of(self, positions: np.ndarray) -> np.ndarray:
+        return np.stack([self.options[s][positions[..., s]] for s in range(len(self.options))], axis=-1)
+
+    def objective(self, positions: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        widths = self.widths_of(positions).astype(np.float64)
+        excess = np.maximum(0.0, np.abs(self.cost.ratio(widths) - self.target) - self.aim)
+        distance = (((widths - reference) / self.step) ** 2).sum(axis=-1)
+        return np.round(excess, 12), distance
+
+    def run(self, start: np.ndarray, reference: np.ndarray) -> tuple[tuple[float, float], np.ndarray]:
+        """Best-improvement descent from the allowed widths nearest `start`, minimising (excess,
+        squared steps from `reference`); returns ((excess, distance), positions)."""
+        position = np.array([int(np.abs(opts - u).argmin()) for opts, u in zip(self.options, start)])
+        best_excess, best_distance = self.objective(position[None], reference)
+        for _ in range(self.max_iterations):
+            candidates = position[None] + self.moves
+            candidates = candidates[((candidates >= 0) & (candidates <= self.limits)).all(axis=1)]
+            if len(candidates) == 0:          # every site has a single allowed width
+                break
+            excess, distance = self.objective(candidates, reference)
+            best = np.lexsort((distance, excess))[0]
+            if (excess[best], distance[best]) >= (best_excess[0], best_distance[0]):
+                break
+            position = candidates[best]
+            best_excess, best_distance = excess[best : best + 1], distance[best : best + 1]
+        return (float(best_excess[0]), float(best_distance[0])), position
+
+    def from_fixed_starts(self) -> np.ndarray:
+        """The search from fixed starts (dense, uniform scalings around the target, smallest), each
+        measured against itself: the first end that meets the aim, else the one with least excess."""
+        full = np.array([float(opts[-1]) for opts in self.options])
+        best: tuple[tuple[float, float], np.ndarray] | None = None
+        for scale in (1.0, self.target ** 0.5, self.target, self.target ** 2, 0.0):
+            start = np.maximum(full * scale, 1.0)
+            result = self.run(start, start)
+            if best is None or result[0][0] < best[0][0]:
+                best = result
+            if best[0][0] == 0:
+                break
+        assert best is not None
+        return best[1]
+
+
 def choose_widths(
     unrounded: np.ndarray,
     cost: CostModel,
@@ -38,43 +102,30 @@ def choose_widths(
     max_iterations: int = 10_000,
 ) -> np.ndarray:
     """Widths (int64, one per site) near `unrounded` (learned kept counts, one per site) whose
-    cost ratio is within `aim` of `target_ratio` when reachable; otherwise the closest found."""
-    options = [allowed_widths(total, multiple, min_width) for total in cost.site_channels]
-    site_count = len(options)
-    if site_count == 0:
+    cost ratio is within `aim` of `target_ratio` when reachable; otherwise the closest found.
+    Where the search from `unrounded` misses the aim, it is run again from the widths
+    `target_widths` finds (which meet the aim wherever the check before training passed):
+    a descent never raises the excess, so it stays on target and moves towards `unrounded`."""
+    if len(cost.site_channels) == 0:
         return np.zeros(0, dtype=np.int64)
-    step = float(max(1, multiple))
+    search = _WidthSearch(cost, target_ratio, multiple, min_width, aim, max_iterations)
     unrounded = np.asarray(unrounded, dtype=np.float64)
-    position = np.array([int(np.abs(opts - u).argmin()) for opts, u in zip(options, unrounded)])
-    limits = np.array([len(opts) - 1 for opts in options])
+    result = search.run(unrounded, unrounded)
+    if result[0][0] > 0:
+        fallback = search.run(search.widths_of(search.from_fixed_starts()).astype(np.float64), unrounded)
+        result = min(result, fallback, key=lambda item: item[0])
+    return search.widths_of(result[1])
 
-    def widths_of(positions: np.ndarray) -> np.ndarray:
-        return np.stack([options[s][positions[..., s]] for s in range(site_count)], axis=-1)
 
-    def objective(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        widths = widths_of(positions).astype(np.float64)
-        excess = np.maximum(0.0, np.abs(cost.ratio(widths) - target_ratio) - aim)
-        distance = (((widths - unrounded) / step) ** 2).sum(axis=-1)
-        return np.round(excess, 12), distance
-
-    eye = np.eye(site_count, dtype=np.int64)
-    pair_moves = (eye[:, None, :] - eye[None, :, :]).reshape(-1, site_count)
-    pair_moves = pair_moves[np.abs(pair_moves).sum(axis=1) == 2]
-    moves = np.concatenate([eye, -eye, pair_moves])
-
-    best_excess, best_distance = objective(position[None])
-    for _ in range(max_iterations):
-        candidates = position[None] + moves
-        valid = ((candidates >= 0) & (candidates <= limits)).all(axis=1)
-        candidates = candidates[valid]
-        excess, distance = objective(candidates)
-        order = np.lexsort((distance, excess))
-        best = order[0]
-        if (excess[best], distance[best]) >= (best_excess[0], best_distance[0]):
-            break
-        position = candidates[best]
-        best_excess, best_distance = excess[best : best + 1], distance[best : best + 1]
-    return widths_of(position)
+def target_widths(cost: CostModel, target_ratio: float, multiple: int, min_width: int, aim: float,
+                  max_iterations: int = 10_000) -> tuple[np.ndarray, float]:
+    """Before training: the widths the freeze's fallback search reaches (from fixed starts, knowing
+    nothing learned) and their cost ratio. The freeze meets the aim wherever these do."""
+    if len(cost.site_channels) == 0:
+        return np.zeros(0, dtype=np.int64), 1.0
+    search = _WidthSearch(cost, target_ratio, multiple, min_width, aim, max_iterations)
+    widths = search.widths_of(search.from_fixed_starts())
+    return widths, float(cost.ratio(widths.astype(np.float64)))
 
 
 def smallest_cost_ratio(cost: CostModel, multiple: int, min_width: int) -> float:

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lapp_edge.data.imagefolder import AUGMENTATIONS
 from lapp_edge.data.readers import DATASETS
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import shown
@@ -53,6 +54,15 @@ class TrainConfig:
                         "(e.g. torchvision:mobilenet_v3_small) or module:function returning your nn.Module (docs/BYOM.md)")
     dataset: str = option("fashion-mnist", "dataset", choices=DATASETS)
     data_dir: str | None = option(None, "dataset directory (default: the dataset's standard place)")
+    input_size: int = option(0, "side of the square input in pixels (0: from the data: fashion-mnist 28, cifar 32, "
+                             "imagefolder the median shorter side of its images, at most 224); only imagefolder images are "
+                             "resized (shorter side, then centre crop)")
+    augment: str = option("auto", "training augmentation: small = zero-pad 1/8 of the side (fashion-mnist 2 px), random "
+                          "crop, horizontal flip (CIFAR style); imagenet = random resized crop + flip (imagefolder only); "
+                          "none; auto = small for inputs up to 64 px, imagenet above", choices=AUGMENTATIONS)
+    mean: str = option("", "per-channel mean of pixels/255, comma-separated (empty: fashion-mnist/cifar the published "
+                       "values, imagefolder computed from the training images)")
+    std: str = option("", "per-channel standard deviation of pixels/255, comma-separated (empty: as --mean)")
     epochs: int = option(30, "training epochs in all (pruning phase included)")
     prune_epochs: int = option(3, "epochs of the LAPP pruning phase; then the network is slimmed and training goes on slim")
     flops_target: float = option(0.4, "kept share of the dense network's FLOPs, in (0, 1]; the slim network lands within +-1%%")
@@ -85,6 +95,18 @@ class TrainConfig:
             target=self.flops_target, channel_multiple=self.channel_multiple, scorer=self.scorer,
             min_channels=max(1, self.channel_multiple), group_reduce=self.group_reduce,
         )
+
+
+# Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
+LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer")
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of TrainConfig field `name` (its metadata's `flag`, else --name-with-dashes)."""
+    for item in fields(TrainConfig):
+        if item.name == name:
+            return item.metadata.get("flag") or "--" + name.replace("_", "-")
+    return "--" + name.replace("_", "-")
 
 
 def defaults() -> dict[str, Any]:
@@ -136,6 +158,17 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"--group-reduce must be sum or max, got '{config.group_reduce}'")
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"--lr-schedule must be cosine or step, got '{config.lr_schedule}'")
+    if config.input_size < 0:
+        raise UserError(f"--input-size must not be negative (0: from the data), got {config.input_size}")
+    if config.augment not in AUGMENTATIONS:
+        raise UserError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got '{config.augment}'")
+    for flag, text in (("--mean", config.mean), ("--std", config.std)):
+        try:
+            values = [float(part) for part in text.split(",")] if text else []
+        except ValueError:
+            raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+        if not all(math.isfinite(v) for v in values) or (flag == "--std" and any(v <= 0 for v in values)):
+            raise UserError(f"{flag} values must be finite{' and positive' if flag == '--std' else ''}, got {text!r}")
     if config.train_subset < 0 or config.test_subset < 0:
         raise UserError("--train-subset and --test-subset must not be negative")
     if config.threads < 0:
@@ -151,6 +184,16 @@ def validate_config(config: TrainConfig) -> None:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but no CUDA GPU is available")
+
+
+def refuse_ignored_options(given: dict[str, Any]) -> None:
+    """Options given (on the command line, or in a run-all config) that the run would not use are
+    refused in one line, never silently dropped: LAPP-only options with --dense."""
+    if given.get("dense"):
+        ignored = [flag_name(name) for name in LAPP_ONLY if name in given]
+        if ignored:
+            raise UserError(f"--dense trains without LAPP, so {', '.join(ignored)} would be ignored; drop "
+                            f"{'it' if len(ignored) == 1 else 'them'} or train without --dense")
 
 
 def config_from_saved(saved: object, path: Path) -> TrainConfig:
@@ -199,17 +242,21 @@ RESUME_OVERRIDABLE = ("epochs", "data_dir", "device", "threads", "progress")
 def merge_resume_options(saved: TrainConfig, given: dict[str, Any], completed_epochs: int | None = None) -> TrainConfig:
     """The saved config with the options given on a resume applied: those in RESUME_OVERRIDABLE
     are honoured; any other option that differs from the saved value is refused (UserError),
-    never silently dropped."""
+    never silently dropped. A run with no completed epoch (`completed_epochs` None: killed or
+    refused before its first checkpoint) has trained nothing, so every given option is honoured."""
     values = {f.name: getattr(saved, f.name) for f in fields(TrainConfig)}
+    refused = []
     for key, value in given.items():
         if key == "out" or values.get(key) == value:
             continue
-        if key not in RESUME_OVERRIDABLE:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{flag} {value} differs from the run's saved {values[key]!r}; a resumed run keeps its "
-                            f"settings except {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE[:-1])}: "
-                            "start a new run to change it")
+        if key not in RESUME_OVERRIDABLE and completed_epochs is not None:
+            shown = flag_name(key) if isinstance(value, bool) else f"{flag_name(key)} {value}"
+            refused.append(f"{shown} (saved: {values[key]!r})")
+            continue
         values[key] = value
+    if refused:
+        raise UserError(f"--resume keeps the run's saved settings, but {'; '.join(refused)} differ; only "
+                        f"{', '.join(flag_name(k) for k in RESUME_OVERRIDABLE)} may change: start a new run to change the others")
     config = TrainConfig(**values)
     if completed_epochs is not None and config.epochs < completed_epochs:
         raise UserError(f"--epochs {config.epochs} is fewer than the {completed_epochs} epochs this run has already completed")

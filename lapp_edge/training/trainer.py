@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lapp_edge.data.torch_data import Dataset, batch_count, iterate_batches, load_dataset, subset_split
+from lapp_edge.data.torch_data import Dataset, DataOptions, batch_count, configure, iterate_batches, load_dataset, subset_split
 from lapp_edge.errors import UserError
 from lapp_edge.lapp.controller import FreezeResult, LappController
 from lapp_edge.lapp.cost import CostModel
 from lapp_edge.lapp.flops import build_flops_cost
 from lapp_edge.lapp.freeze import freeze
-from lapp_edge.lapp.widths import smallest_cost_ratio
+from lapp_edge.lapp.widths import allowed_widths, smallest_cost_ratio, target_widths
 from lapp_edge.models import build_model, prunable_sites
 from lapp_edge.models.slicing import resize_to_widths
 from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec
@@ -61,6 +61,12 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.lr * (0.1 ** (int(progress >= 0.5) + int(progress >= 0.75)))
 
 
+def data_options(config: TrainConfig) -> DataOptions:
+    """The data settings of a run (what `load_dataset` shapes the data by)."""
+    return DataOptions(config.input_size, config.augment, config.mean, config.std, config.train_subset, config.test_subset,
+                       config.seed)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,12 +87,21 @@ class Trainer:
         self.device = resolve_device(config.device)
         if config.threads > 0:
             torch.set_num_threads(config.threads)
-        self.data = dataset or load_dataset(config.dataset, config.data_dir)
+        options = data_options(config)
+        self.data = configure(dataset, options) if dataset is not None else load_dataset(config.dataset, config.data_dir, options)
+        # the data's decisions (input size, augmentation, mean/std) become the run's settings, so a
+        # resumed run reads exactly the same data and the config says what was trained on
+        self.config = config = replace(config, **self.data.extra["resolved"])
+        for flag, count, split in (("--train-subset", config.train_subset, self.data.train), ("--test-subset", config.test_subset, self.data.test)):
+            if count > len(split):  # type: ignore[arg-type]
+                raise UserError(f"{flag} {count} is more than the {len(split)} images there are")  # type: ignore[arg-type]
         self.train_split = subset_split(self.data.train, config.train_subset, config.seed)
         self.test_split = subset_split(self.data.test, config.test_subset, config.seed + 1)
+        if len(self.train_split) < 2:  # type: ignore[arg-type]
+            raise UserError(f"training needs at least 2 images (BatchNorm cannot train on one); the training split has {len(self.train_split)}")  # type: ignore[arg-type]
         info = self.data.info
         self.input_shape = (info.in_channels, info.input_size, info.input_size)
-        self.steps_per_epoch = batch_count(self.train_split, config.batch_size)
+        self.steps_per_epoch = batch_count(self.train_split, config.batch_size, train=True)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.prune_steps = 0 if config.dense else config.prune_epochs * self.steps_per_epoch
         self.amp = self.device.type == "cuda"
@@ -94,6 +109,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, info.in_channels, info.num_classes, config.bypass and not config.dense,
                                  config.coupled_groups and not config.dense, input_size=info.input_size)
+        self._check_model_takes_inputs()
         self.sites = prunable_sites(self.model)
         self.dense_widths = {site.name: site.channels for site in self.sites}
         self.cost: CostModel = build_flops_cost(self.model, self.sites, self.input_shape)
@@ -119,14 +135,65 @@ class Trainer:
             weight_decay=self.config.weight_decay, nesterov=True,
         )
 
+    def _check_model_takes_inputs(self) -> None:
+        """One image through the model in eval mode (nothing changes) before anything is written: an
+        input the model cannot take is refused, and so is --batch-size 1 where a BatchNorm layer
+        sees 1x1 maps (one value per channel cannot be normalised in training)."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        smallest: list[int] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: smallest.append(int(out[0, 0].numel()))) for m in norms]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(torch.zeros(1, *self.input_shape))
+        except (RuntimeError, ValueError) as error:
+            first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            c, h, w = self.input_shape
+            raise UserError(f"{self.config.model} cannot take {c}x{h}x{w} inputs: {first}; choose another --input-size or --model") from None
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.model.train()
+        if self.config.batch_size == 1 and smallest and min(smallest) == 1:
+            raise UserError(f"--batch-size 1: {self.config.model} on {self.input_shape[1]}x{self.input_shape[2]} inputs has "
+                            "BatchNorm layers on 1x1 maps, which cannot train on one image per batch; use --batch-size 2 or more")
+
+    def decisions(self) -> list[str]:
+        """What was decided before training, for the user: the data's lines, the batch arithmetic, the target."""
+        config, size = self.config, len(self.train_split)  # type: ignore[arg-type]
+        lines = list(self.data.extra.get("decisions", []))
+        batches = f"training: {size} images in batches of {config.batch_size}: {self.steps_per_epoch} step(s) per epoch"
+        if size % config.batch_size == 1 and size > 1:
+            batches += ("; the last batch of each epoch would hold 1 image and is dropped (BatchNorm cannot train on one image; "
+                        "shuffling puts it in another batch next epoch)")
+        lines.append(batches + f"; evaluation on {len(self.test_split)} images")  # type: ignore[arg-type]
+        if not config.dense:
+            lines.append(f"LAPP: FLOPs target {config.flops_target} with widths in multiples of {config.channel_multiple}: "
+                         f"reachable (the freeze's width search lands on {self.target_ratio:.4f} before training)")
+        return lines
+
     def _check_target_reachable(self) -> None:
+        """Refuse, before anything is written, a target that no width combination meets: the floor
+        (every site at its smallest width), then the freeze's own width search from fixed starts."""
         lapp = self.config.lapp_config()
         floor = smallest_cost_ratio(self.cost, lapp.channel_multiple, lapp.min_channels)
-        if floor > self.config.flops_target + lapp.tolerance:
+        fixed = all(len(allowed_widths(c, lapp.channel_multiple, lapp.min_channels)) == 1 for c in self.cost.site_channels)
+        if floor > self.config.flops_target + lapp.tolerance and not fixed:
             raise UserError(
                 f"FLOPs target {self.config.flops_target} cannot be reached: with every prunable layer of "
                 f"{self.config.model} at its minimum width ({lapp.channel_multiple} channels) the network keeps "
                 f"{floor:.3f} of its FLOPs"
+            )
+        _, ratio = target_widths(self.cost, self.config.flops_target, lapp.channel_multiple, lapp.min_channels,
+                                 aim=lapp.tolerance * 0.4)
+        self.target_ratio = ratio
+        if abs(ratio - self.config.flops_target) > lapp.tolerance:
+            why = (f"with --channel-multiple {lapp.channel_multiple} every prunable layer of {self.config.model} "
+                   f"({min(self.cost.site_channels)}-{max(self.cost.site_channels)} channels) can only keep its full width"
+                   if fixed else f"the closest network with widths that are multiples of {lapp.channel_multiple} keeps {ratio:.4f}")
+            raise UserError(
+                f"FLOPs target {self.config.flops_target} cannot be met within +-{lapp.tolerance}: {why}; "
+                "choose another --flops-target or --channel-multiple"
             )
 
     # --- checkpointing -----------------------------------------------------------------
@@ -336,4 +403,5 @@ def run_training(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     validate_config(config)
     RunDirectory(config.out).check_usable(resume)
     trainer = Trainer(config)
+    print("\n".join(trainer.decisions()), flush=True)
     return trainer.run(resume=resume)

@@ -117,6 +117,13 @@ BAD_OPTIONS = st.one_of(
               st.text(min_size=1, max_size=8).filter(lambda s: not _is_number(s))),
     # ("" is valid: the dataset's standard place)
     st.tuples(st.just("--data-dir"), st.sampled_from(["nonexistent", "notes.txt", "data/train-images-idx3-ubyte"])),
+    # issue 14: data options the data cannot apply (Fashion-MNIST is 28x28, one channel, not resized)
+    st.tuples(st.just("--input-size"), st.one_of(st.integers(max_value=-1), st.integers(1, 27), st.integers(min_value=29)).map(str)),
+    st.tuples(st.just("--augment"), st.one_of(st.just("imagenet"), names.filter(lambda s: s not in ("auto", "small", "imagenet", "none")))),
+    st.tuples(st.sampled_from(["--mean", "--std"]), st.text(min_size=1, max_size=8).filter(
+        lambda s: not _is_number(s) or not math.isfinite(float(s)))),
+    st.tuples(st.just("--std"), st.floats(max_value=0.0).map(_fmt)),
+    st.tuples(st.just("--train-subset"), st.integers(min_value=65, max_value=10**9).map(str)),      # the data has 64
 )
 
 

@@ -88,7 +88,8 @@ def test_imagefolder_tree(tmp_path: Path) -> None:
     data = load_dataset("imagefolder", tmp_path)
     assert data.info.class_names == ["cat", "dog"]
     images, labels = next(iterate_batches(data.test, data.info, 4, torch.device("cpu")))
-    assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32
+    # the images' own size (40x40), not ImageNet's 224 (issue 14); RGB because the PNGs are RGB
+    assert images.shape == (4, 3, 40, 40) and images.dtype == torch.float32
     with pytest.raises(UserError, match="ImageFolder layout"):
         load_dataset("imagefolder", tmp_path / "train")
 

@@ -151,7 +151,9 @@ def test_manifest_follows_the_contract(package: Path, trained_run: Path) -> None
     assert manifest["accuracy"]["test_top1"] == report["accuracy"]["test_top1"]
     verification = manifest["verification"]
     assert verification["images"] == VERIFY_IMAGES
-    assert verification["max_abs_diff"] <= 1e-4 and verification["top1_agreement"] == 1.0
+    assert verification["worst_excess"] <= 1.0 and verification["top1_disagreements"] == 0
+    assert verification["max_rel_diff"] <= 1e-5 and verification["top1_agreement"] == 1.0
+    assert verification["tolerance"] == {"rtol": 1e-4, "atol": 1e-4, "rule": "|y - e| <= atol + rtol * max|e| per sample"}
     assert manifest["export"]["opset"] == OPSET and set(manifest["export"]["versions"]) == {"torch", "onnx", "onnxruntime"}
     assert set(manifest["files"]) == {MODEL_FILE, SLIM_SPEC, SLIM_WEIGHTS}
     for name, digest in manifest["files"].items():
@@ -296,3 +298,43 @@ def test_a_model_that_fails_verification_is_not_written(trained_run: Path, tmp_p
         export_run(trained_run, out, images=FEW_IMAGES)
     assert not out.exists()
     assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
+
+
+# --- issue 14: the check is scale-aware -------------------------------------------------------
+
+def scaled_run(trained_run: Path, destination: Path, factor: float) -> Path:
+    """A copy of the run whose classifier is scaled by `factor` (logits x factor: the same model up
+    to scale, the same MACs)."""
+    run = copy_of(trained_run, destination)
+    state = torch.load(run / SLIM_WEIGHTS, weights_only=True)
+    state["fc.weight"] = state["fc.weight"] * factor
+    state["fc.bias"] = state["fc.bias"] * factor
+    torch.save(state, run / SLIM_WEIGHTS)
+    return run
+
+
+def test_a_correct_model_with_large_logits_is_exported(trained_run: Path, tmp_path: Path) -> None:
+    # logits in the thousands: fp32 rounding alone exceeds an absolute 1e-4, the scale-aware rule passes
+    run = scaled_run(trained_run, tmp_path / "run", 1000.0)
+    manifest = export_run(run, tmp_path / "models" / "big", images=FEW_IMAGES)
+    check = manifest["verification"]
+    assert check["max_abs_diff"] > 1e-4, "the test needs logits large enough to beat the old absolute limit"
+    assert check["worst_excess"] <= 1.0 and check["max_rel_diff"] <= 1e-5 and check["top1_disagreements"] == 0
+    assert verify_package(tmp_path / "models" / "big", images=FEW_IMAGES).passed
+
+
+@pytest.mark.parametrize("factor", [1.0, 1000.0])
+def test_a_wrong_model_is_refused_at_any_logit_scale(trained_run: Path, tmp_path: Path, monkeypatch, factor: float) -> None:
+    # a bias error of 0.01 x the logits' scale (about 1e-3 of them) is refused whether logits are ~10 or ~10^4
+    run = scaled_run(trained_run, tmp_path / "run", factor)
+
+    def broken_fuse(model: nn.Module) -> nn.Module:
+        fused = fuse_model(model)
+        with torch.no_grad():
+            fused.fc.bias.add_(0.01 * factor)  # type: ignore[union-attr]
+        return fused
+
+    monkeypatch.setattr(export_module, "fuse_model", broken_fuse)
+    with pytest.raises(UserError, match="was not exported.*of the largest \\|logit\\|"):
+        export_run(run, tmp_path / "models" / "bad", images=FEW_IMAGES)
+    assert not (tmp_path / "models" / "bad").exists()

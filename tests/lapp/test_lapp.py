@@ -12,7 +12,7 @@ from lapp_edge.data.torch_data import iterate_batches
 from lapp_edge.lapp.controller import LappConfig, LappController
 from lapp_edge.lapp.flops import build_flops_cost
 from lapp_edge.lapp.schedule import annealed_target
-from lapp_edge.lapp.widths import allowed_widths, choose_widths
+from lapp_edge.lapp.widths import allowed_widths, choose_widths, target_widths
 from lapp_edge.models import ConvBN, build_model, prunable_sites
 
 
@@ -150,6 +150,51 @@ def test_width_search_lands_on_target(name: str, target: float, multiple: int) -
     for width, site in zip(widths, sites):
         assert width % multiple == 0 or width == site.channels
         assert multiple <= width <= site.channels
+
+
+def resnet20_cost():  # noqa: ANN201
+    model = build_model("resnet20", 1, 10)
+    return build_flops_cost(model, prunable_sites(model), (1, 28, 28))
+
+
+@pytest.mark.parametrize("multiple", [64, 100])
+def test_a_multiple_at_or_above_every_width_keeps_full_widths(multiple: int) -> None:
+    # every site has one allowed width (its full width): the search has no move to make
+    cost = resnet20_cost()
+    widths = choose_widths(np.array([3.0] * len(cost.site_channels)), cost, 0.5, multiple, multiple)
+    assert widths.tolist() == list(cost.site_channels)
+    assert target_widths(cost, 1.0, multiple, multiple, 0.004)[1] == 1.0
+    assert target_widths(cost, 0.5, multiple, multiple, 0.004)[1] == 1.0
+
+
+def test_target_widths_tell_a_reachable_target_from_an_unreachable_one() -> None:
+    cost = resnet20_cost()
+    # multiples of 32: ResNet-20 keeps 0.898 or 0.942 of its FLOPs, nothing in between
+    assert abs(target_widths(cost, 0.90, 32, 32, 0.004)[1] - 0.90) <= 0.01
+    assert abs(target_widths(cost, 0.92, 32, 32, 0.004)[1] - 0.92) > 0.01
+
+
+def test_freeze_search_meets_the_target_where_the_learned_start_gets_stuck() -> None:
+    # from these learned widths the plain descent ends at 0.7525 (outside +-0.01 of 0.742); the
+    # fallback from the pre-training search's widths lands on target
+    cost = resnet20_cost()
+    learned, target = np.array([6.0, 10.0, 9.0, 30.0, 13.0, 7.0, 57.0, 58.0, 6.0]), 0.742
+    assert abs(target_widths(cost, target, 16, 16, 0.004)[1] - target) <= 0.01
+    widths = choose_widths(learned, cost, target, 16, 16)
+    assert abs(float(cost.ratio(widths.astype(float))) - target) <= 0.01
+
+
+@pytest.mark.parametrize("multiple", [8, 16, 32])
+def test_freeze_meets_every_target_the_check_before_training_accepts(multiple: int) -> None:
+    cost = resnet20_cost()
+    rng = np.random.default_rng(multiple)
+    for _ in range(40):
+        target = float(rng.uniform(0.2, 1.0))
+        if abs(target_widths(cost, target, multiple, multiple, 0.004)[1] - target) > 0.01:
+            continue
+        learned = np.array([rng.uniform(0.05, 1.0) * c for c in cost.site_channels])
+        widths = choose_widths(learned, cost, target, multiple, multiple)
+        assert abs(float(cost.ratio(widths.astype(float))) - target) <= 0.01, (target, learned)
 
 
 def test_allowed_widths_include_full_width() -> None:

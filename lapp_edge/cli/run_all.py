@@ -1,0 +1,241 @@
+"""`lapp-edge run-all CONFIG.yaml [--out DIR]`: the whole mission from one file, with the stage
+functions the other commands use: train the slim network (LAPP to a FLOPs budget) and the dense
+baseline, export both (verified packages), bench the slim package on every target with the dense
+one measured side by side, and write the finished report (table + plot).
+
+    out: runs/demo                      # where everything goes (--out overrides); relative to the working directory
+    model: resnet20
+    data: fashion-mnist                 # or a mapping: {dataset, data_dir, input_size, augment, mean, std,
+                                        #                train_subset, test_subset}
+    budget: 0.4                         # kept share of the dense network's FLOPs
+    epochs: 3
+    prune_epochs: 1                     # optional (TrainConfig's default otherwise)
+    targets: [x86-ort-fp32, x86-ort-int8]   # profile names or YAML paths ("target: NAME" for one; "available":
+                                        # every shipped profile whose runtime this machine has)
+    dense_baseline: true                # optional: train the dense network too and compare on every target
+    train: {threads: 2, batch_size: 128}    # optional: any other `lapp-edge train` setting (TrainConfig field names)
+
+Every key is used or refused (unknown keys, a setting given twice, a bad value: one line, exit 2),
+and everything is checked (settings, data, reachable budget, profiles, calibration sets) before
+anything is written. The config is stored in the output directory (`run-all.yaml`); running the
+same config again continues where it stopped (training resumes from its checkpoints, finished
+stages are kept); a different config for the same directory is refused.
+
+    DIR/run-all.yaml  DIR/slim/ DIR/dense/ (training runs)  DIR/models/{slim,dense}/ (packages)
+    DIR/bench.json  DIR/report.json  DIR/report.txt  DIR/accuracy_vs_latency.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from lapp_edge.errors import UserError
+
+CONFIG_NAME = "run-all.yaml"
+TOP_LEVEL = ("out", "model", "data", "budget", "epochs", "prune_epochs", "targets", "target", "dense_baseline", "train")
+DATA_KEYS = ("dataset", "data_dir", "input_size", "augment", "mean", "std", "train_subset", "test_subset")
+
+
+def add_run_all_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run-all", help="train slim + dense, export, bench every target, report (one YAML config)",
+                              description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="config keys:\n" + __doc__.split("\n\n")[1])
+    p.add_argument("config", help="the run's YAML config (stored in the output directory)")
+    p.add_argument("--out", default=None, help="output directory (default: the config's 'out')")
+    p.set_defaults(handler=run_all_command)
+
+
+def load_config(path: Path) -> tuple[dict[str, Any], str]:
+    """The config mapping and its text. UserError for a missing file, bad YAML or unknown keys."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        payload = yaml.safe_load(text)
+    except OSError as error:
+        raise UserError(f"cannot read run-all config {path}: {error.strerror or error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(payload, dict):
+        raise UserError(f"{path} must be a mapping with model, data, budget, epochs, targets")
+    unknown = sorted(str(k) for k in payload if k not in TOP_LEVEL)
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; a run-all config takes {', '.join(TOP_LEVEL)}")
+    return payload, text
+
+
+def train_configs(payload: dict[str, Any], out: Path, where: Path) -> tuple[Any, Any | None]:
+    """The slim (LAPP) TrainConfig and the dense one (None without dense_baseline), checked."""
+    from lapp_edge.training.config import LAPP_ONLY, TrainConfig, defaults, validate_config
+
+    missing = [key for key in ("model", "data", "budget", "epochs") if key not in payload]
+    if missing:
+        raise UserError(f"{where}: missing key(s) {', '.join(missing)}")
+    data = payload["data"]
+    data = {"dataset": data} if isinstance(data, str) else data
+    if not isinstance(data, dict) or "dataset" not in data:
+        raise UserError(f"{where}: data must be a dataset name or a mapping with 'dataset' (and {', '.join(DATA_KEYS[1:])})")
+    bad = sorted(str(k) for k in data if k not in DATA_KEYS)
+    if bad:
+        raise UserError(f"{where}: data: unknown key(s) {', '.join(bad)}; data takes {', '.join(DATA_KEYS)}")
+    train = payload.get("train") or {}
+    if not isinstance(train, dict):
+        raise UserError(f"{where}: train must be a mapping of `lapp-edge train` settings")
+    known = set(defaults())
+    reserved = {"out", "dense", "flops_target", "model", "epochs", "prune_epochs", *DATA_KEYS}
+    bad = sorted(str(k) for k in train if k not in known or k in reserved)
+    if bad:
+        raise UserError(f"{where}: train: {', '.join(bad)} cannot be set there (unknown, or set by model/data/budget/epochs/"
+                        "prune_epochs at the top level)")
+    common: dict[str, Any] = {"model": payload["model"], "epochs": payload["epochs"], **data, **train}
+    lapp: dict[str, Any] = {"flops_target": payload["budget"]}
+    if "prune_epochs" in payload:
+        lapp["prune_epochs"] = payload["prune_epochs"]
+    dense_baseline = payload.get("dense_baseline", True)
+    if not isinstance(dense_baseline, bool):
+        raise UserError(f"{where}: dense_baseline must be true or false")
+    try:
+        slim = TrainConfig(out=str(out / "slim"), **common, **lapp)
+        dense = TrainConfig(out=str(out / "dense"), dense=True, **{k: v for k, v in common.items() if k not in LAPP_ONLY}) \
+            if dense_baseline else None
+    except TypeError as error:
+        raise UserError(f"{where}: {error}") from None
+    for config in (slim, dense):
+        if config is not None:
+            _check_types(config, where)
+            validate_config(config)
+    return slim, dense
+
+
+def _check_types(config: Any, where: Path) -> None:
+    """YAML gives ints, floats, strings and booleans: each must fit its field (bool is not an int here)."""
+    from lapp_edge.training.config import defaults
+
+    for item in fields(config):
+        default, value = defaults().get(item.name), getattr(config, item.name)
+        if item.name == "out" or value == default:
+            continue
+        expected: tuple[type, ...] = (str, type(None)) if default is None else (bool,) if isinstance(default, bool) else \
+            (int, float) if isinstance(default, float) else (type(default),)
+        if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
+            raise UserError(f"{where}: {item.name} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
+
+
+def target_list(payload: dict[str, Any], where: Path) -> list[str]:
+    """The targets to bench: a list of profile names or paths, or `available`: every shipped profile
+    whose runtime this machine has (the others are named)."""
+    if "targets" in payload and "target" in payload:
+        raise UserError(f"{where}: give 'targets' (a list) or 'target' (one), not both")
+    targets = payload.get("targets", [payload["target"]] if "target" in payload else None)
+    if targets == "available":
+        from lapp_edge.deploy.backends import runtime_available
+        from lapp_edge.deploy.targets import load_target
+        from lapp_edge.resources import find_profile, profile_names
+
+        targets, skipped = [], []
+        for name in profile_names():
+            available, why = runtime_available(load_target(find_profile(name)).backend)
+            (targets if available else skipped).append(name if available else f"{name} ({why})")
+        if skipped:
+            print(f"targets: skipping {', '.join(skipped)}: not runnable here", flush=True)
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise UserError(f"{where}: targets must be a non-empty list of target profile names or paths")
+    return targets
+
+
+def run_all_command(args: argparse.Namespace) -> int:
+    from lapp_edge.deploy.bench import run_bench
+    from lapp_edge.deploy.calibration_set import load_definition
+    from lapp_edge.deploy.summary import format_mission, mission_rows, plot_mission
+    from lapp_edge.deploy.targets import load_target
+    from lapp_edge.export.package_writer import export_run
+    from lapp_edge.fileio import atomic_write_json, atomic_write_text, read_json
+    from lapp_edge.training.run_dir import RunDirectory
+    from lapp_edge.training.trainer import Trainer
+
+    import yaml
+
+    began = time.monotonic()
+    where = Path(args.config)
+    payload, text = load_config(where)
+    out_value = args.out or payload.get("out")
+    if not isinstance(out_value, str) or not out_value:
+        raise UserError(f"{where}: no output directory: set 'out' in the config or pass --out")
+    out = Path(out_value)
+    slim_config, dense_config = train_configs(payload, out, where)
+    targets = target_list(payload, where)
+    for profile in (load_target(t) for t in targets):          # every profile and calibration set, before any work
+        if profile.precision == "int8":
+            load_definition(profile.calibration)
+
+    # the output directory: new, or this very config's (then finished stages are kept and training resumes)
+    stored = out / CONFIG_NAME
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    resuming = stored.is_file()
+    if resuming:
+        previous = yaml.safe_load(stored.read_text(encoding="utf-8"))
+        if {k: v for k, v in (previous or {}).items() if k != "out"} != {k: v for k, v in payload.items() if k != "out"}:
+            raise UserError(f"{out} holds a run-all of another config ({stored}); use another --out or the same config")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} already holds files that are not a run-all; choose another --out")
+
+    runs = [("slim", slim_config)] + ([("dense", dense_config)] if dense_config is not None else [])
+    trainers = {}
+    for name, config in runs:                                    # data, sizes, budget: all checked before writing
+        run_dir = Path(config.out)
+        if (run_dir / "report.json").is_file():
+            continue
+        resume = resuming and run_dir.is_dir() and any(run_dir.iterdir())
+        RunDirectory(run_dir).check_usable(resume)
+        trainers[name] = (Trainer(config), resume)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        atomic_write_text(stored, text)
+    for name, (trainer, resume) in trainers.items():
+        print(f"== train {name}: {trainer.config.out}", flush=True)
+        print("\n".join(trainer.decisions()), flush=True)
+        trainer.run(resume=resume)
+    packages = {}
+    for name, config in runs:
+        package = out / "models" / name
+        print(f"== export {name}: {package}", flush=True)
+        manifest = export_run(config.out, package)
+        check = manifest["verification"]
+        print(f"   verified: ORT vs PyTorch on {check['images']} test images, max |diff| {check['max_abs_diff']:.2e} "
+              f"({check.get('max_rel_diff', 0.0):.1e} of max|logit|), top-1 agreement {check['top1_agreement']:.4f}", flush=True)
+        packages[name] = package
+    print(f"== bench {packages['slim']} on {', '.join(targets)}"
+          + (", dense measured side by side" if "dense" in packages else ""), flush=True)
+    report = run_bench(packages["slim"], targets, str(out / "bench.json"), baseline_dir=packages.get("dense"))
+    bench = asdict(report)
+    rows = mission_rows(bench)
+    slim_report = read_json(Path(slim_config.out) / "report.json")
+    title = (f"{slim_config.model} on {slim_config.dataset}: LAPP to {slim_report['flops']['ratio']:.3f} of the dense FLOPs "
+             f"(budget {slim_config.flops_target}), {slim_config.epochs} epochs")
+    table = format_mission(rows)
+    plot = out / "accuracy_vs_latency.png"
+    plot_mission(rows, plot, title=title)
+    files = {
+        "config": str(stored), "slim run": slim_config.out, "dense run": dense_config.out if dense_config else None,
+        "slim package": str(packages["slim"]), "dense package": str(packages.get("dense")) if "dense" in packages else None,
+        "bench": str(out / "bench.json"), "plot": str(plot), "report": str(out / "report.txt"),
+    }
+    summary = {"title": title, "targets": rows, "files": files, "seconds": round(time.monotonic() - began, 1)}
+    atomic_write_json(out / "report.json", summary)
+    atomic_write_text(out / "report.txt", f"{title}\n{table}\n")
+    print(f"\n{title}\n{table}")
+    print("files:\n" + "\n".join(f"  {what:14s} {path}" for what, path in files.items() if path))
+    minutes, seconds = divmod(int(summary["seconds"]), 60)
+    print(f"run-all took {minutes} min {seconds:02d} s (wall clock{', this invocation' if resuming else ''})")
+    failed = [row["target"] for row in rows if row.get("status") != "ok"]
+    if failed:
+        print(f"lapp-edge: error: target(s) {', '.join(failed)} did not run cleanly (see the table)", file=sys.stderr)
+        return 2
+    return 0

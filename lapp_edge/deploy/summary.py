@@ -1,0 +1,103 @@
+"""The mission at a glance, from a bench report with a dense baseline (no torch): per target, what
+precision was asked and compiled, dense and slim top-1 on that target, the slim network's measured
+latency next to the latency its target's fit predicts from FLOPs, and the speedup over the dense
+network measured side by side; plus one plot, accuracy vs measured latency per target.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from lapp_edge.fileio import atomic_write_bytes
+
+
+def mission_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per target (its own variant: the first int8 route), from `asdict(BenchReport)`."""
+    rows = []
+    for target in report["targets"]:
+        if target["status"] == "unavailable" or not target["variants"]:
+            rows.append({"target": target["target"], "precision": target["precision"], "status": target["status"],
+                         "message": target["message"]})
+            continue
+        variant_name, variant = next(iter(target["variants"].items()))
+        latency = {s["batch"]: s["median_ms"] for s in variant["latency"]}
+        baseline = variant.get("baseline") or {}
+        prediction = {c["batch"]: c for c in variant.get("predicted_from_flops") or []}
+        rows.append({
+            "target": target["target"], "precision": target["precision"], "variant": variant_name, "status": target["status"],
+            "message": target["message"], "used": variant["runner"]["precision_used"],
+            "slim_top1": variant["accuracy"]["top1"], "dense_top1": baseline.get("top1"),
+            "slim_ms": latency, "dense_ms": {int(b): v for b, v in (baseline.get("baseline_median_ms") or {}).items()},
+            "speedup": {int(b): v for b, v in (baseline.get("speedup") or {}).items()},
+            "macs_ratio": baseline.get("macs_ratio"),
+            # the fit's predicted ratio applied to what was measured interleaved (so ms and error agree):
+            # measured slim ms x predicted ratio / measured ratio to the dense model
+            "predicted_ms": {b: latency[b] * c["predicted_ratio"] / c["measured_ratio"] for b, c in prediction.items() if b in latency},
+            "prediction_error_pct": {b: c["error_pct"] for b, c in prediction.items()},
+            "prediction_note": variant.get("prediction_note", ""),
+        })
+    return rows
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:8.3f}" if value is not None else f"{'-':>8s}"
+
+
+def format_mission(rows: list[dict[str, Any]], batch: int = 1) -> str:
+    """The table: one line per target at `batch` (speedups at every batch measured)."""
+    header = (f"{'target':18s} {'asked':5s} {'ran':5s} {'dense top-1':>11s} {'slim top-1':>10s} {'slim ms':>8s} "
+              f"{'predicted':>9s} {'error':>7s} {'dense ms':>8s} {'speedup (measured side by side)':s}")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        if "slim_ms" not in row:
+            lines.append(f"{row['target']:18s} {row['precision']:5s} {row['status']}: {row['message']}")
+            continue
+        predicted = row["predicted_ms"].get(batch)
+        error = row["prediction_error_pct"].get(batch)
+        speedups = ", ".join(f"{row['speedup'][b]:.2f}x b{b}" for b in sorted(row["speedup"]))
+        dense_top1 = f"{row['dense_top1']:11.4f}" if row["dense_top1"] is not None else f"{'-':>11s}"
+        lines.append(f"{row['target']:18s} {row['precision']:5s} {row['used']:5s} {dense_top1} {row['slim_top1']:10.4f} "
+                     f"{_ms(row['slim_ms'].get(batch))} {_ms(predicted):>9s} "
+                     f"{(f'{error:+6.1f}%' if error is not None else '-'):>7s} {_ms(row['dense_ms'].get(batch))} {speedups}")
+    lines.append(f"latency: median ms at batch {batch}, one thread. predicted: the target's latency fit (a line in FLOPs) gives the "
+                 "slim/dense latency ratio, applied to the dense model measured interleaved with the slim one; error = "
+                 "predicted / measured ratio - 1 (- where the target has no fit). dense ms = slim ms / the measured ratio. "
+                 "speedup = dense / slim latency, measured interleaved in one process (robust to load from other processes)")
+    for row in rows:
+        if "slim_ms" in row and row["used"] != row["precision"] and row["precision"] != "int8":
+            lines.append(f"{row['target']}: asked {row['precision']}, this CPU ran {row['used']} (no {row['precision']} kernels here)")
+        if row.get("prediction_note"):
+            lines.append(f"{row['target']}: {row['prediction_note']}")
+    return "\n".join(lines)
+
+
+def plot_mission(rows: list[dict[str, Any]], path: str | Path, batch: int = 1, title: str = "") -> None:
+    """Top-1 vs measured latency at `batch`, one colour per target: dense (hollow) -> slim (filled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.5, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, row in enumerate(r for r in rows if "slim_ms" in r and batch in r["slim_ms"]):
+        colour = colours[index % len(colours)]
+        slim = (row["slim_ms"][batch], row["slim_top1"])
+        label = f"{row['target']} ({row['used']})"
+        axes.scatter(*slim, color=colour, marker="o", s=50, label=label, zorder=3)
+        if row["dense_top1"] is not None and batch in row["dense_ms"]:
+            dense = (row["dense_ms"][batch], row["dense_top1"])
+            axes.scatter(*dense, facecolors="none", edgecolors=colour, marker="s", s=50, zorder=3)
+            axes.annotate("", xy=slim, xytext=dense, arrowprops={"arrowstyle": "->", "color": colour, "alpha": 0.6})
+    axes.set_xlabel(f"measured latency, batch {batch} (ms, median, one thread)")
+    axes.set_ylabel("top-1 on the test split")
+    axes.set_title(title or "accuracy vs measured latency per target: dense (squares) -> slim (dots)", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(Path(path), buffer.getvalue())

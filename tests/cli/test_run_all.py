@@ -1,0 +1,103 @@
+"""`lapp-edge run-all CONFIG.yaml`: the mission from one file (train slim + dense, export, bench with
+the dense network side by side, report + plot), its config stored in the run; every key used or
+refused in one line before anything is written; the same config again continues."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lapp_edge.cli import main
+from lapp_edge.data.torch_data import Dataset
+from lapp_edge.resources import TARGETS_DIR
+
+
+def quick_profile(directory: Path) -> Path:
+    payload = yaml.safe_load((TARGETS_DIR / "x86-ort-fp32.yaml").read_text())
+    payload.update(batch_sizes=[1], latency={"warmup_iterations": 2, "min_iterations": 5, "min_seconds": 0.0})
+    path = directory / "x86-ort-fp32.yaml"
+    path.write_text(yaml.safe_dump(payload))
+    return path
+
+
+def write_config(directory: Path, **changes: object) -> Path:
+    config: dict[str, object] = {
+        "out": str(directory / "all"), "model": "resnet20",
+        "data": {"dataset": "fashion-mnist", "train_subset": 256, "test_subset": 200},
+        "budget": 0.5, "epochs": 2, "prune_epochs": 1, "targets": [str(quick_profile(directory))],
+        "train": {"threads": 1, "progress": False, "bn_recalibration_batches": 2},
+    }
+    config.update(changes)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_run_all_trains_exports_benches_and_reports(tmp_path: Path, fmnist: Dataset, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    out = tmp_path / "all"
+    assert main(["run-all", str(config)]) == 0
+    stdout = capsys.readouterr().out
+    assert (out / "run-all.yaml").read_text() == config.read_text()               # the config, stored in the run
+    for path in ("slim/report.json", "dense/report.json", "models/slim/manifest.json", "models/dense/manifest.json",
+                 "bench.json", "report.json", "report.txt", "accuracy_vs_latency.png"):
+        assert (out / path).is_file(), path
+    report = json.loads((out / "report.json").read_text())
+    [row] = report["targets"]
+    assert row["target"] == "x86-ort-fp32" and row["used"] == "fp32" and row["dense_top1"] is not None
+    assert row["speedup"]["1"] > 0 and row["macs_ratio"] == pytest.approx(0.5, abs=0.02)
+    assert "1" in row["predicted_ms"]                                           # the target's latency fit predicts it
+    assert "speedup (measured side by side)" in stdout and str(out / "accuracy_vs_latency.png") in stdout
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["baseline"].endswith("models/dense")
+
+    # the same config again: training and packages are kept, the bench and report are redone
+    before = (out / "slim" / "report.json").read_bytes()
+    assert main(["run-all", str(config)]) == 0
+    assert (out / "slim" / "report.json").read_bytes() == before
+
+
+BAD_CONFIGS = [
+    ({"epochs": "2"}, "epochs must be int"),
+    ({"budget": 1.5}, "--flops-target must lie in (0, 1]"),
+    ({"budget": 0.92, "train": {"channel_multiple": 32, "threads": 1}}, "cannot be met"),
+    ({"learning_rate": 0.1}, "unknown key(s) learning_rate"),
+    ({"train": {"flops_target": 0.3}}, "train: flops_target cannot be set there"),
+    ({"train": {"lr_warmup": 3}}, "train: lr_warmup cannot be set there"),
+    ({"data": {"dataset": "fashion-mnist", "resize": 32}}, "data: unknown key(s) resize"),
+    ({"data": {"dataset": "fashion-mnist", "input_size": 32}}, "--input-size 32: fashion-mnist images are 28x28"),
+    ({"targets": ["x86-nonexistent"]}, "target profile x86-nonexistent does not exist"),
+    ({"targets": []}, "targets must be a non-empty list"),
+    ({"dense_baseline": "yes"}, "dense_baseline must be true or false"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_CONFIGS)
+def test_a_bad_config_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     change: dict[str, object], message: str) -> None:
+    config = write_config(tmp_path, **change)
+    assert main(["run-all", str(config)]) == 2
+    assert message in one_error(capsys)
+    assert not (tmp_path / "all").exists()
+
+
+def test_another_config_for_the_same_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "all"
+    out.mkdir()
+    (out / "run-all.yaml").write_text(yaml.safe_dump({"model": "resnet20", "budget": 0.3}))
+    config = write_config(tmp_path)
+    assert main(["run-all", str(config)]) == 2
+    assert "holds a run-all of another config" in one_error(capsys)
+    (out / "run-all.yaml").unlink()
+    (out / "notes.txt").write_text("mine")
+    assert main(["run-all", str(config)]) == 2
+    assert "already holds files that are not a run-all" in one_error(capsys)

@@ -1,0 +1,64 @@
+"""The bench's honesty about what ran (bf16 asked, fp32 compiled: predicted with an fp32 fit, said so),
+latency batches from a small test split, and the mission table and plot from a bench report.
+Torch-free and fast: no training, no runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lapp_edge.deploy.bench import batch_of, fit_for
+from lapp_edge.deploy.package import ModelPackage
+from lapp_edge.deploy.summary import format_mission, mission_rows, plot_mission
+from lapp_edge.deploy.targets import load_target
+from lapp_edge.resources import find_profile
+
+PACKAGE = ModelPackage(Path("pkg"), {"model": "resnet20", "input": {"shape": [1, 28, 28]}})
+
+
+def test_a_bf16_fit_is_not_used_where_the_cpu_compiled_fp32() -> None:
+    profile = load_target(find_profile("x86-openvino-bf16"))
+    fit, path, reference, note = fit_for(profile, PACKAGE, "fp32")
+    assert fit is not None and fit.precision_used == "fp32" and path is not None and path.name.startswith("latency-fit-x86-openvino-f32")
+    assert reference is not None and "measured with bf16 kernels, this CPU compiled fp32" in note
+    fit, path, _, note = fit_for(profile, PACKAGE, "bf16")            # where bf16 ran, its own fit
+    assert fit is not None and fit.precision_used == "bf16" and note == ""
+    assert fit_for(load_target(find_profile("x86-ort-int8")), PACKAGE, "int8")[0] is None   # no int8 fit shipped: said
+
+
+def test_latency_batches_repeat_a_small_test_split() -> None:
+    images = np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1)
+    assert batch_of(images, 2).ravel().tolist() == [0, 1]
+    assert batch_of(images, 7).ravel().tolist() == [0, 1, 2, 0, 1, 2, 0]
+
+
+def bench_report() -> dict:
+    def variant(top1: float, used: str, ms: float, speedup: float, predicted: bool) -> dict:
+        return {
+            "runner": {"precision_used": used}, "accuracy": {"top1": top1},
+            "latency": [{"batch": 1, "median_ms": ms}, {"batch": 32, "median_ms": 20 * ms}],
+            "baseline": {"top1": 0.9, "macs_ratio": 0.4, "speedup": {"1": speedup, "32": speedup + 0.1},
+                         "baseline_median_ms": {"1": ms * speedup, "32": 20 * ms * speedup}},
+            "predicted_from_flops": [{"batch": 1, "predicted_ratio": 0.6, "measured_ratio": 0.5, "error_pct": 20.0}] if predicted else [],
+            "prediction_note": "" if predicted else "no latency fit for x86-ort-int8/resnet20",
+        }
+    return {"targets": [
+        {"target": "x86-ort-fp32", "precision": "fp32", "status": "ok", "message": "", "variants": {"fp32": variant(0.88, "fp32", 0.5, 1.8, True)}},
+        {"target": "x86-openvino-bf16", "precision": "bf16", "status": "ok", "message": "", "variants": {"bf16": variant(0.88, "fp32", 0.6, 1.6, True)}},
+        {"target": "x86-ort-int8", "precision": "int8", "status": "ok", "message": "", "variants": {"qdq-u8s8": variant(0.87, "int8", 0.3, 1.2, False)}},
+        {"target": "x86-gone", "precision": "fp32", "status": "unavailable", "message": "cannot import x", "variants": {}},
+    ]}
+
+
+def test_the_mission_table_says_what_ran_and_what_was_predicted(tmp_path: Path) -> None:
+    rows = mission_rows(bench_report())
+    fp32 = rows[0]
+    assert fp32["predicted_ms"][1] == 0.5 * 0.6 / 0.5 and fp32["dense_ms"][1] == 0.5 * 1.8
+    table = format_mission(rows)
+    assert "x86-openvino-bf16: asked bf16, this CPU ran fp32" in table
+    assert "no latency fit for x86-ort-int8" in table and "x86-gone" in table and "unavailable" in table
+    assert "1.80x b1, 1.90x b32" in table
+    plot = tmp_path / "plot.png"
+    plot_mission(rows, plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
