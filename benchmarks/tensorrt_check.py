@@ -7,7 +7,7 @@ latency as trtexec does (`runner.gpu_latency`: 200 ms warm-up, >= 10 iterations 
 CUDA events, compute apart from host<->device copies, CUDA graph where capture works).
 Writes a JSON report (--out) and prints a table.
 
-    .venv/bin/python benchmarks/tensorrt_check.py [--package models/demo] \
+    .venv/bin/python benchmarks/tensorrt_check.py [--package runs/demo/models/slim] \
         [--target gpu-tensorrt-fp16 --target ...] [--out bench-results/tensorrt.json]
 
 Exit codes: 0 all targets ran; 1 a target failed to build or run (the others still ran);
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tensorrt_check: not run: {problem}", file=sys.stderr)
         return 2
     if not (Path(args.package) / "manifest.json").is_file():
-        print(f"tensorrt_check: no model package at {args.package} (make demo builds models/demo)", file=sys.stderr)
+        print(f"tensorrt_check: no model package at {args.package} (make demo builds runs/demo/models/slim)", file=sys.stderr)
         return 2
     from lapp_edge.errors import UserError
 
