@@ -40,7 +40,10 @@ def run_train_command(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig(**given)
     report = run_training(config, resume=args.resume)
-    print(format_report(report))
+    from lapp_edge.training.distributed import is_main_process
+
+    if is_main_process():          # under torchrun every process returns the report; rank 0 prints it
+        print(format_report(report))
     return 0
 
 
