@@ -1,0 +1,229 @@
+"""Two processes (gloo, CPU) train LAPP like one process with the same global batch.
+
+The workers are started with torch.multiprocessing (spawn) and set the environment torchrun
+would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, a free MASTER_PORT), then go through
+`distributed.setup_from_env` and the Trainer as `torchrun -m lapp_edge train` does
+(benchmarks/gpu_check.py --cpu-smoke runs that command itself, tests/test_gpu_check.py).
+
+Each worker: a full run (2 epochs, 1 pruning) into `a/`, then the same run stopped after
+epoch 1 and resumed into `b/`. What is checked, and the tolerance against one process:
+
+- both processes end the pruning phase with bitwise equal thresholds and kept counts, plan the
+  same widths, and end with bitwise equal parameters (DDP averages the model's gradients, the
+  thresholds' are averaged explicitly);
+- only rank 0 touched the run directory (every open for writing, rename and mkdir under it is
+  recorded in rank 1: none), and rank 0 wrote what a single run writes;
+- the resumed run equals the uninterrupted one bitwise (every process loads rank 0's checkpoint);
+- against one process with batch 2 x 32: identical widths at freeze, and thresholds within
+  THRESHOLD_TOLERANCE (z units). They are not bitwise equal: each process normalises with the
+  BN statistics of its own 32 images, not of the 64 (and re-estimates BN at freeze on its
+  share), so the losses and gradients differ slightly. Measured on this schedule (10 pruning
+  steps): max |threshold difference| 1.5e-3 to 5e-3 depending on the run; widths identical.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.conftest import tiny_config
+
+WORLD = 2
+PER_PROCESS_BATCH = 32
+TOP1_TOLERANCE = 0.1
+SETTINGS: dict[str, Any] = dict(train_subset=640, test_subset=200, bn_recalibration_batches=4, threads=1, seed=3)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _record_writes_under(directory: Path, writes: list[str]) -> None:
+    """Record (in this process) every open for writing, rename and mkdir of a path under `directory`."""
+    root = str(directory)
+
+    def under(path: Any) -> bool:
+        return isinstance(path, (str, os.PathLike)) and os.path.abspath(os.fspath(path)).startswith(root)
+
+    real_open, real_os_open, real_replace, real_mkdir = builtins.open, os.open, os.replace, os.mkdir
+
+    def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if under(file) and any(flag in mode for flag in "wax+"):
+            writes.append(f"open {file} {mode}")
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if under(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            writes.append(f"os.open {path}")
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def replace(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        if under(source) or under(target):
+            writes.append(f"replace {target}")
+        real_replace(source, target, *args, **kwargs)
+
+    def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if under(path):
+            writes.append(f"mkdir {path}")
+        real_mkdir(path, *args, **kwargs)
+
+    builtins.open, os.open, os.replace, os.mkdir = open_, os_open, replace, mkdir  # type: ignore[assignment]
+
+
+def _capture_freeze(trainer: Any, into: dict[str, Any]) -> None:
+    """Record the thresholds and hard kept counts the trainer freezes with, and its plan."""
+    freeze = trainer.freeze
+
+    def recording_freeze() -> Any:
+        into["thresholds"] = trainer.controller.thresholds.detach().clone()
+        into["kept"] = trainer.controller.hard_counts()
+        plan = freeze()
+        into["widths"] = dict(plan.widths)
+        return plan
+
+    trainer.freeze = recording_freeze
+
+
+def _one_step_gradients(trainer: Any, bn_batch_statistics: bool) -> dict[str, Any]:
+    """Gradients of one LAPP step on the first (global) batch, thresholds' averaged over processes as
+    `LappTask.after_step` does; BN in training mode (batch statistics) or in eval mode (running
+    statistics: every image's loss then depends on that image alone)."""
+    import torch.nn.functional as F
+
+    trainer.model.train(bn_batch_statistics)
+    images, labels = next(iter(trainer._batches(trainer._generator(11))))
+    trainer.task.before_forward()
+    total = trainer.task.loss(F.cross_entropy(trainer._forward(images, trainer.train_model), labels), 0)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.task.zero_grad()
+    total.backward()
+    thresholds = trainer.controller.thresholds
+    trainer.dist.average_gradients([thresholds])
+    return {"thresholds": thresholds.grad.detach().clone(),
+            "weights": {k: p.grad.detach().clone() for k, p in trainer.model.named_parameters() if p.grad is not None}}
+
+
+def _worker(rank: int, port: int, root: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import shutil
+
+    from lapp_edge.data.torch_data import load_dataset
+    from lapp_edge.training.distributed import setup_from_env
+    from lapp_edge.training.run_dir import RunDirectory
+    from lapp_edge.training.trainer import Trainer
+
+    base = Path(root)
+    writes: list[str] = []
+    if rank != 0:
+        _record_writes_under(base / "a", writes)
+        _record_writes_under(base / "b", writes)
+    data = load_dataset("fashion-mnist")
+    dist = setup_from_env(torch.device("cpu"))
+    result: dict[str, Any] = {"rank": rank, "backend": dist.backend}
+    try:
+        probe = Trainer(tiny_config(base / "probe", batch_size=PER_PROCESS_BATCH, **SETTINGS), data, dist=dist)
+        result["step_eval_bn"] = _one_step_gradients(probe, bn_batch_statistics=False)
+        result["step_train_bn"] = _one_step_gradients(probe, bn_batch_statistics=True)
+
+        config = tiny_config(base / "a", batch_size=PER_PROCESS_BATCH, **SETTINGS)
+        RunDirectory(config.out, writer=dist.is_writer).check_usable(False)
+        dist.barrier()
+        trainer = Trainer(config, data, dist=dist)
+        _capture_freeze(trainer, result)
+
+        def keep_first_checkpoint(t: Trainer) -> None:
+            # the test (not the trainer) copies rank 0's epoch-1 checkpoint into b/ to resume from
+            if t.state.epoch == 1 and rank == 0:
+                (base / "b").mkdir()
+                for name in ("checkpoint.pt", "config.json"):
+                    shutil.copy(base / "a" / name, base / "b" / name)
+
+        report = trainer.run(on_epoch=keep_first_checkpoint)
+        result["trace_widths"] = list(trainer.state.trace_widths)
+        result["final_widths"] = dict(trainer.state.widths)
+        result["parameters"] = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+        result["report"] = report
+        dist.barrier()
+        resumed = Trainer(tiny_config(base / "b", batch_size=PER_PROCESS_BATCH, **SETTINGS), data, dist=dist)
+        resumed.run(resume=True)
+        result["resumed_parameters"] = {k: v.detach().clone() for k, v in resumed.model.named_parameters()}
+        result["resumed_epochs"] = [record["epoch"] for record in resumed.state.history]
+        result["writes"] = writes
+    finally:
+        dist.close()
+    torch.save(result, base / f"rank{rank}.pt")
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_two_processes_match_each_other_and_one_process(tmp_path: Path, fmnist) -> None:
+    from lapp_edge.training.trainer import Trainer
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    mp.spawn(_worker, args=(_free_port(), str(runs)), nprocs=WORLD, join=True)
+    ranks = [torch.load(runs / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    zero, one = ranks
+
+    # identical on both processes
+    assert zero["backend"] == one["backend"] == "gloo"
+    assert torch.equal(zero["thresholds"], one["thresholds"])
+    assert zero["kept"] == one["kept"] and zero["widths"] == one["widths"] == zero["final_widths"] == one["final_widths"]
+    assert zero["trace_widths"] == one["trace_widths"]
+    assert zero["parameters"].keys() == one["parameters"].keys()
+    assert all(torch.equal(zero["parameters"][k], one["parameters"][k]) for k in zero["parameters"])
+    assert zero["report"]["accuracy"] == one["report"]["accuracy"]          # sharded evaluation, counts summed
+    untimed = [[{k: v for k, v in e.items() if "seconds" not in k} for e in r["report"]["epochs"]] for r in ranks]
+    assert untimed[0] == untimed[1]                    # loss and top-1 summed over processes
+
+    # only rank 0 wrote, and wrote a whole run
+    assert one["writes"] == []
+    expected = {"config.json", "checkpoint.pt", "slim_model.pt", "architecture.json", "report.json", "report.txt", "kept_ratio.png"}
+    assert {p.name for p in (runs / "a").iterdir()} == expected
+    assert not (runs / "probe").exists()          # the probe trainer never ran, so nothing was written
+
+    # resume: every process loads rank 0's epoch-1 checkpoint and continues exactly
+    for rank in ranks:
+        assert rank["resumed_epochs"] == [1, 2]
+        assert all(torch.equal(rank["parameters"][k], rank["resumed_parameters"][k]) for k in rank["parameters"])
+    assert (runs / "b" / "report.json").is_file() and not (runs / "b" / ".lock").exists()
+
+    # one process, same global batch: one step's gradients are the same where BN has no batch statistics
+    single_config = tiny_config(tmp_path / "single", batch_size=WORLD * PER_PROCESS_BATCH, **SETTINGS)
+    probe = Trainer(tiny_config(tmp_path / "probe", batch_size=WORLD * PER_PROCESS_BATCH, **SETTINGS), fmnist)
+    eval_bn = _one_step_gradients(probe, bn_batch_statistics=False)
+    train_bn = _one_step_gradients(probe, bn_batch_statistics=True)
+    for rank in ranks:
+        assert _relative_difference(rank["step_eval_bn"]["thresholds"], eval_bn["thresholds"]) < 1e-4
+        for name, grad in eval_bn["weights"].items():
+            assert _relative_difference(rank["step_eval_bn"]["weights"][name], grad) < 1e-4, name
+    bn_effect = _relative_difference(zero["step_train_bn"]["thresholds"], train_bn["thresholds"])
+
+    # ... and a whole run differs by what per-process BN statistics make of a 10-step pruning phase
+    single: dict[str, Any] = {}
+    trainer = Trainer(single_config, fmnist)
+    _capture_freeze(trainer, single)
+    report = trainer.run()
+    assert trainer.steps_per_epoch == 640 // (WORLD * PER_PROCESS_BATCH)
+    threshold_gap = (single["thresholds"] - zero["thresholds"]).abs().max().item()
+    widths_equal = sum(single["widths"][k] == v for k, v in zero["widths"].items())
+    top1_gap = abs(report["accuracy"]["test_top1"] - zero["report"]["accuracy"]["test_top1"])
+    print(f"one vs two processes: step threshold-gradient relative difference {bn_effect:.1e} (BN batch statistics), "
+          f"run: max threshold difference {threshold_gap:.2f}, {widths_equal}/{len(zero['widths'])} widths equal, "
+          f"top-1 {report['accuracy']['test_top1']:.3f} vs {zero['report']['accuracy']['test_top1']:.3f}")
+    for flops in (report["flops"], zero["report"]["flops"]):
+        assert abs(flops["ratio"] - single_config.flops_target) <= 0.01
+    assert top1_gap <= TOP1_TOLERANCE
