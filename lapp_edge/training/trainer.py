@@ -18,6 +18,7 @@ augmented there with a CUDA generator; the step runs under bf16 autocast on chan
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -40,6 +41,7 @@ from lapp_edge.lapp.flops import build_flops_cost
 from lapp_edge.lapp.freeze import freeze
 from lapp_edge.lapp.widths import smallest_cost_ratio
 from lapp_edge.models import build_model, prunable_sites
+from lapp_edge.models.reparam import bake, use_bypass_mode
 from lapp_edge.models.slicing import resize_to_widths
 from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec
 from lapp_edge.training.config import TrainConfig, validate_config
@@ -112,6 +114,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, info.in_channels, info.num_classes, config.bypass and not config.dense,
                                  config.coupled_groups and not config.dense)
+        use_bypass_mode(self.model, config.bypass_mode)
         self.sites = prunable_sites(self.model)
         self.dense_widths = {site.name: site.channels for site in self.sites}
         self.cost: CostModel = build_flops_cost(self.model, self.sites, self.input_shape)
@@ -366,18 +369,25 @@ class Trainer:
                 write_report(self.out, report, self.state)
             return report
 
+    @property
+    def _reparam(self) -> bool:
+        return self.config.bypass and not self.config.dense and self.config.bypass_mode == "reparam"
+
     def architecture_spec(self) -> ArchitectureSpec:
         info = self.data.info
         return ArchitectureSpec(
             model=self.config.model, in_channels=info.in_channels, num_classes=info.num_classes,
-            input_size=info.input_size, bypass=self.config.bypass and not self.config.dense,
+            input_size=info.input_size, bypass=self.config.bypass and not self.config.dense and not self._reparam,
             widths=dict(self.state.widths), dense_widths=dict(self.dense_widths),
             mean=list(info.mean), std=list(info.std), class_names=list(info.class_names),
             coupled=self.config.coupled_groups and not self.config.dense,
         )
 
     def write_slim_model(self) -> None:
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        """slim_model.pt and architecture.json (writer only). Bypass mode "reparam": saved baked (each
+        bypass folded into its kxk kernel, exact), so the spec says no bypass."""
+        model = bake(copy.deepcopy(self.model)) if self._reparam else self.model
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         self.run_dir.torch_save(SLIM_WEIGHTS, state)
         self.run_dir.write_json(SLIM_SPEC, self.architecture_spec().to_dict())
 
