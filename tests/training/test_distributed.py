@@ -112,7 +112,7 @@ def _one_step_gradients(trainer: Any, bn_batch_statistics: bool) -> dict[str, An
             "weights": {k: p.grad.detach().clone() for k, p in trainer.model.named_parameters() if p.grad is not None}}
 
 
-def _worker(rank: int, port: int, root: str) -> None:
+def _worker(rank: int, port: int, root: str, settings: dict[str, Any]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -132,11 +132,11 @@ def _worker(rank: int, port: int, root: str) -> None:
     dist = setup_from_env(torch.device("cpu"))
     result: dict[str, Any] = {"rank": rank, "backend": dist.backend}
     try:
-        probe = Trainer(tiny_config(base / "probe", batch_size=PER_PROCESS_BATCH, **SETTINGS), data, dist=dist)
+        probe = Trainer(tiny_config(base / "probe", batch_size=PER_PROCESS_BATCH, **settings), data, dist=dist)
         result["step_eval_bn"] = _one_step_gradients(probe, bn_batch_statistics=False)
         result["step_train_bn"] = _one_step_gradients(probe, bn_batch_statistics=True)
 
-        config = tiny_config(base / "a", batch_size=PER_PROCESS_BATCH, **SETTINGS)
+        config = tiny_config(base / "a", batch_size=PER_PROCESS_BATCH, **settings)
         RunDirectory(config.out, writer=dist.is_writer).check_usable(False)
         dist.barrier()
         trainer = Trainer(config, data, dist=dist)
@@ -155,7 +155,7 @@ def _worker(rank: int, port: int, root: str) -> None:
         result["parameters"] = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
         result["report"] = report
         dist.barrier()
-        resumed = Trainer(tiny_config(base / "b", batch_size=PER_PROCESS_BATCH, **SETTINGS), data, dist=dist)
+        resumed = Trainer(tiny_config(base / "b", batch_size=PER_PROCESS_BATCH, **settings), data, dist=dist)
         resumed.run(resume=True)
         result["resumed_parameters"] = {k: v.detach().clone() for k, v in resumed.model.named_parameters()}
         result["resumed_epochs"] = [record["epoch"] for record in resumed.state.history]
@@ -174,7 +174,7 @@ def test_two_processes_match_each_other_and_one_process(tmp_path: Path, fmnist) 
 
     runs = tmp_path / "runs"
     runs.mkdir()
-    mp.spawn(_worker, args=(_free_port(), str(runs)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(runs), SETTINGS), nprocs=WORLD, join=True)
     ranks = [torch.load(runs / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     zero, one = ranks
 
