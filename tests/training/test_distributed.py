@@ -4,21 +4,31 @@ The workers are started with torch.multiprocessing (spawn) and set the environme
 would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, a free MASTER_PORT), then go through
 `distributed.setup_from_env` and the Trainer as `torchrun -m lapp_edge train` does
 (benchmarks/gpu_check.py --cpu-smoke runs that command itself, tests/test_gpu_check.py).
+Schedule: ResNet-20, 640 images, 2 epochs (1 pruning, 10 steps), 2 x 32 images per step.
 
-Each worker: a full run (2 epochs, 1 pruning) into `a/`, then the same run stopped after
-epoch 1 and resumed into `b/`. What is checked, and the tolerance against one process:
+What holds, and is checked:
 
 - both processes end the pruning phase with bitwise equal thresholds and kept counts, plan the
-  same widths, and end with bitwise equal parameters (DDP averages the model's gradients, the
-  thresholds' are averaged explicitly);
+  same widths, and end with bitwise equal parameters, loss/top-1 records and test top-1;
 - only rank 0 touched the run directory (every open for writing, rename and mkdir under it is
   recorded in rank 1: none), and rank 0 wrote what a single run writes;
-- the resumed run equals the uninterrupted one bitwise (every process loads rank 0's checkpoint);
-- against one process with batch 2 x 32: identical widths at freeze, and thresholds within
-  THRESHOLD_TOLERANCE (z units). They are not bitwise equal: each process normalises with the
-  BN statistics of its own 32 images, not of the 64 (and re-estimates BN at freeze on its
-  share), so the losses and gradients differ slightly. Measured on this schedule (10 pruning
-  steps): max |threshold difference| 1.5e-3 to 5e-3 depending on the run; widths identical.
+- a run resumed by both processes from rank 0's epoch-1 checkpoint ends bitwise equal to the
+  uninterrupted one;
+- against one process with a batch of 64: one LAPP step's gradients are equal to within 1e-4
+  (relative to the largest) for thresholds and every weight when BN uses running statistics
+  (eval mode: no image's loss depends on the others). Measured over seeds 0, 1, 3: thresholds
+  <= 1.2e-7, weights <= 1.1e-5. This is what DDP plus the explicit threshold all-reduce must give.
+- both runs land within +-1% of the FLOPs target.
+
+What does NOT hold, measured and printed but not asserted: with BN in training mode each process
+normalises with the statistics of its own 32 images, so one step's gradients differ from the
+64-image step by 0.3 to 1.3 (thresholds) and up to 1.6 (some BN parameters) relative to their
+largest entry, and over a 10-step pruning phase, where Adam moves each threshold by up to its
+learning rate (0.8 here) per step in the direction of the gradient's sign, the whole runs part:
+max |threshold difference| 2.1 to 3.6 z units, 5 or 6 of 12 widths equal, test top-1 0.035 to
+0.125 apart (200 test images, near chance after 20 tiny steps). So no run-level tolerance on
+thresholds or widths against one process holds with per-process BN; SyncBatchNorm would be
+needed for that (docs/GPU.md).
 """
 
 from __future__ import annotations
@@ -37,7 +47,6 @@ from tests.conftest import tiny_config
 
 WORLD = 2
 PER_PROCESS_BATCH = 32
-TOP1_TOLERANCE = 0.1
 SETTINGS: dict[str, Any] = dict(train_subset=640, test_subset=200, bn_recalibration_batches=4, threads=1, seed=3)
 
 
@@ -212,7 +221,7 @@ def test_two_processes_match_each_other_and_one_process(tmp_path: Path, fmnist) 
             assert _relative_difference(rank["step_eval_bn"]["weights"][name], grad) < 1e-4, name
     bn_effect = _relative_difference(zero["step_train_bn"]["thresholds"], train_bn["thresholds"])
 
-    # ... and a whole run differs by what per-process BN statistics make of a 10-step pruning phase
+    # ... and a whole run differs by what per-process BN statistics make of a 10-step pruning phase (not asserted)
     single: dict[str, Any] = {}
     trainer = Trainer(single_config, fmnist)
     _capture_freeze(trainer, single)
@@ -220,10 +229,8 @@ def test_two_processes_match_each_other_and_one_process(tmp_path: Path, fmnist) 
     assert trainer.steps_per_epoch == 640 // (WORLD * PER_PROCESS_BATCH)
     threshold_gap = (single["thresholds"] - zero["thresholds"]).abs().max().item()
     widths_equal = sum(single["widths"][k] == v for k, v in zero["widths"].items())
-    top1_gap = abs(report["accuracy"]["test_top1"] - zero["report"]["accuracy"]["test_top1"])
     print(f"one vs two processes: step threshold-gradient relative difference {bn_effect:.1e} (BN batch statistics), "
           f"run: max threshold difference {threshold_gap:.2f}, {widths_equal}/{len(zero['widths'])} widths equal, "
           f"top-1 {report['accuracy']['test_top1']:.3f} vs {zero['report']['accuracy']['test_top1']:.3f}")
     for flops in (report["flops"], zero["report"]["flops"]):
         assert abs(flops["ratio"] - single_config.flops_target) <= 0.01
-    assert top1_gap <= TOP1_TOLERANCE
