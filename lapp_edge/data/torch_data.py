@@ -74,9 +74,20 @@ def normalize(images: torch.Tensor | np.ndarray, info: DatasetInfo) -> torch.Ten
     """uint8 N x C x H x W (tensor or array) -> float tensor, scaled to [0, 1] and standardised
     with the dataset's mean/std."""
     images = torch.as_tensor(images)
-    mean = torch.tensor(info.mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=images.device).view(1, -1, 1, 1)
+    mean, std = _mean_std(tuple(info.mean), tuple(info.std), images.device)
     return (images.float() / 255.0 - mean) / std
+
+
+_MEAN_STD: dict[tuple[tuple[float, ...], tuple[float, ...], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean/std as 1 x C x 1 x 1 tensors on `device`, made once: building them from Python lists
+    on a GPU is a host-to-device copy that waits for the GPU, once per batch otherwise."""
+    key = (mean, std, device)
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
+    return _MEAN_STD[key]
 
 
 def augment(images: torch.Tensor, info: DatasetInfo, generator: torch.Generator,

@@ -236,14 +236,21 @@ class Trainer:
         ratio = 1.0 if self.state.phase == "dense" else self.current_cost_ratio()
         bar = tqdm(self._batches(generator), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs} [{self.state.phase}]",
                    disable=not self.show_progress, leave=False, dynamic_ncols=True)
+        # on CUDA the loss is checked every 20 steps (each check waits for the GPU); a non-finite loss is remembered
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         for batch_index, (images, labels) in enumerate(bar):
             lr = self._set_lr()
             task.before_forward()
             logits = self._forward(images, self.train_model)
             loss = F.cross_entropy(logits.float(), labels)
             total = task.loss(loss, self.state.step)
-            if not torch.isfinite(total):
-                raise self._diverged(total, epoch)
+            if self.device.type != "cuda":
+                if not torch.isfinite(total):
+                    raise self._diverged(total, epoch)
+            else:
+                nonfinite |= ~torch.isfinite(total.detach())
+                if (batch_index % 20 == 0 or batch_index == self.steps_per_epoch - 1) and bool(nonfinite):
+                    raise self._diverged(total, epoch)
             self.optimizer.zero_grad(set_to_none=True)
             task.zero_grad()
             total.backward()
