@@ -133,3 +133,12 @@ tensorrt: setup $(VENV)/.installed-gpu
 $(VENV)/.installed-gpu: pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[gpu]'
 	touch $@
+
+# GPU check, one call on a machine with an NVIDIA GPU and a CUDA build of torch (no TensorRT, no
+# network): dense vs LAPP ResNet-20/56 epoch times (pruning and slim, bypass branch/reparam/none),
+# the torch-cuda dense-vs-slim latency table (batch 1 and 256, speedup vs FLOPs speedup) and a
+# 2-process DDP run; bench-results/gpu-check/gpu-check.{json,txt}. Without a GPU: one line, exit 2.
+# `benchmarks/gpu_check.py --cpu-smoke` runs the same code paths tiny on the CPU (tests/test_gpu_check.py).
+.PHONY: gpu-check
+gpu-check: setup
+	$(PYTHON) benchmarks/gpu_check.py --out bench-results/gpu-check

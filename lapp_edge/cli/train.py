@@ -43,10 +43,12 @@ def run_train_command(args: argparse.Namespace) -> int:
         config = TrainConfig(**given)
     from lapp_edge.cli.oneline import one_line_warnings
     from lapp_edge.models.traced import UnprunableLayersWarning
+    from lapp_edge.training.distributed import is_main_process
 
     with one_line_warnings(UnprunableLayersWarning):     # a user model's unprunable layers, named in one line
         report = run_training(config, resume=args.resume)
-    print(format_report(report))
+    if is_main_process():          # under torchrun every process returns the report; rank 0 prints it
+        print(format_report(report))
     return 0
 
 

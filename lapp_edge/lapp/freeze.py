@@ -8,15 +8,17 @@ from lapp_edge.errors import UserError
 from lapp_edge.lapp.controller import FreezeResult, LappController
 
 
-def freeze(controller: LappController, optimizer: torch.optim.Optimizer | None = None) -> FreezeResult:
+def freeze(controller: LappController, optimizer: torch.optim.Optimizer | None = None,
+           plan: FreezeResult | None = None) -> FreezeResult:
     """Round the learned widths to the channel multiple (`choose_widths`), check that the cost
     target is met within the controller's tolerance, zero the outgoing weights of channels that
     come back, and remove every pruned channel (optimizer state sliced alongside). The masks
-    are detached afterwards: the model is a plain slim network.
+    are detached afterwards: the model is a plain slim network. `plan`: apply this plan instead of
+    planning here (several processes apply rank 0's, training/distributed.py).
 
     Raises UserError when no allowed width combination lands within the tolerance."""
     config = controller.config
-    plan = controller.plan_freeze()
+    plan = plan if plan is not None else controller.plan_freeze()
     if abs(plan.cost_ratio - config.target) > config.tolerance:
         raise UserError(
             f"{controller.cost.name} target {config.target} was not reached: the closest network with widths that are "

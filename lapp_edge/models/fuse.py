@@ -19,11 +19,14 @@ from lapp_edge.models.units import ConvBN
 
 def fuse_convbn(unit: ConvBN) -> nn.Conv2d:
     conv, bn = unit.conv, unit.bn
+    reparam = unit.bypass_mode == "reparam" and unit.bypass_conv is not None
+    # bypass mode "reparam" (models/reparam.py): the main BN normalises the merged kernel's output
+    kernel = unit.reparam_weight() if reparam else conv.weight
     weight, bias = fuse_conv_bn_weights(
-        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        kernel, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
     )
     weight, bias = weight.detach().clone(), bias.detach().clone()
-    if unit.bypass_conv is not None and unit.bypass_bn is not None:
+    if unit.bypass_conv is not None and unit.bypass_bn is not None and not reparam:
         bypass_bn = unit.bypass_bn
         bypass_weight, bypass_bias = fuse_conv_bn_weights(
             unit.bypass_conv.weight, None, bypass_bn.running_mean, bypass_bn.running_var,

@@ -73,6 +73,9 @@ class ConvBN(nn.Module):
             )
             self.bypass_bn = nn.BatchNorm2d(self.conv.out_channels)
         self.channel_mask: torch.Tensor | None = None
+        # "branch": the bypass is its own conv + BN; "reparam": folded into the kxk kernel at every
+        # forward (models/reparam.py; set with set_bypass_mode). A plain attribute, never saved.
+        self.bypass_mode = "branch"
 
     @property
     def out_channels(self) -> int:
@@ -85,8 +88,32 @@ class ConvBN(nn.Module):
     def _normalize(self, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
         return bn(x) if self.channel_mask is None else masked_batch_norm(bn, x, self.channel_mask)
 
+    def reparam_weight(self) -> torch.Tensor:
+        """The one kxk kernel of bypass mode "reparam": W_k + centre tap(s * W_1), s = bypass_bn.weight
+        (a per-channel linear scale; the bypass BN normalises nothing in this mode)."""
+        assert self.bypass_conv is not None and self.bypass_bn is not None
+        pad = self.conv.kernel_size[0] // 2
+        bypass = self.bypass_conv.weight * self.bypass_bn.weight.view(-1, 1, 1, 1)
+        return self.conv.weight + F.pad(bypass, (pad, pad, pad, pad))
+
+    def _merged_conv(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        return F.conv2d(x, self.reparam_weight(), conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def set_bypass_mode(self, mode: str) -> None:
+        """"reparam": `self.conv` computes with the merged kernel (its forward is replaced on this
+        instance, so it is still called as a module: hooks that read conv outputs, such as the
+        FLOPs cost's, see the one conv that runs); "branch": the plain conv again."""
+        self.bypass_mode = mode if self.bypass_conv is not None else "branch"
+        if self.bypass_mode == "reparam":
+            self.conv.forward = self._merged_conv     # type: ignore[method-assign]
+        else:
+            self.conv.__dict__.pop("forward", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._normalize(self.bn, self.conv(x))
+        if self.bypass_mode == "reparam":
+            return y                                  # the bypass is inside self.conv's kernel
         if self.bypass_conv is not None and self.bypass_bn is not None:
             y = y + self._normalize(self.bypass_bn, self.bypass_conv(x))
         return y

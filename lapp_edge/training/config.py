@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from lapp_edge.lapp.controller import LappConfig
 
 LR_SCHEDULES = ("cosine", "step")
+BYPASS_MODES = ("branch", "reparam")     # lapp_edge.models.reparam.BYPASS_MODES
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -69,6 +70,9 @@ class TrainConfig:
     channel_multiple: int = option(8, "kept widths are multiples of this (1: no rounding)")
     dense: bool = option(False, "train the dense baseline (no LAPP)")
     bypass: bool = option(True, "no 1x1 bypass branch on prunable convs", flag="--no-bypass")
+    bypass_mode: str = option("branch", "how the 1x1 bypass trains: branch (its own conv + BN, two convs per unit) or "
+                              "reparam (folded into the kxk kernel at every step: one conv, a linear scale instead of "
+                              "its BN, OREPA-style; a different function, see docs/GPU.md)", choices=BYPASS_MODES)
     coupled_groups: bool = option(True, "prune only inner convs: leave residual-coupled channel groups (stage widths) at full width",
                                   flag="--no-groups")
     group_reduce: str = option("sum", "how a coupled group's channel score combines its producers' scores", choices=("sum", "max"))
@@ -156,6 +160,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"unknown scorer '{config.scorer}'; choose one of: {', '.join(SCORERS)}")
     if config.group_reduce not in ("sum", "max"):
         raise UserError(f"--group-reduce must be sum or max, got '{config.group_reduce}'")
+    if config.bypass_mode not in BYPASS_MODES:
+        raise UserError(f"--bypass-mode must be branch or reparam, got '{config.bypass_mode}'")
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"--lr-schedule must be cosine or step, got '{config.lr_schedule}'")
     if config.input_size < 0:

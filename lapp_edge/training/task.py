@@ -5,13 +5,15 @@ The trainer's loop is the same for every phase; it calls the task at three point
     task.before_forward()            LAPP: recompute every site's mask from scores and thresholds
     total = task.loss(loss, step)    LAPP: task loss + penalty_weight * |cost ratio - target(step)|
     ... backward, optimizer.step() ...
-    task.after_step(step, state)     LAPP: Adam step on the thresholds, clamp, record kept widths
+    task.after_step(step, state)     LAPP: (average the threshold gradients over processes,)
+                                     Adam step on the thresholds, clamp, record kept widths
 
 `task.zero_grad()` clears the task's own parameters (the thresholds).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,10 +53,13 @@ class LappTask:
 
     name = "pruning"
 
-    def __init__(self, controller: LappController, prune_steps: int, trace_every: int) -> None:
+    def __init__(self, controller: LappController, prune_steps: int, trace_every: int,
+                 reduce_grads: Callable[[list[torch.Tensor]], None] | None = None) -> None:
         self.controller = controller
         self.prune_steps = prune_steps
         self.trace_every = trace_every
+        # several processes (distributed.py): averages the thresholds' gradients before their step
+        self.reduce_grads = reduce_grads
         threshold_lr = max(controller.config.threshold_lr, 8.0 / max(1, prune_steps))
         self.optimizer = torch.optim.Adam([controller.thresholds], lr=threshold_lr, weight_decay=0.0)
 
@@ -68,6 +73,8 @@ class LappTask:
         self.optimizer.zero_grad(set_to_none=True)
 
     def after_step(self, step: int, state: RunState) -> None:
+        if self.reduce_grads is not None:
+            self.reduce_grads([self.controller.thresholds])
         self.optimizer.step()
         self.controller.clamp_thresholds()
         if step % self.trace_every == 0:

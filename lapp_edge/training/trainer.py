@@ -6,11 +6,21 @@ at most one epoch and `resume=True` continues it exactly (CPU, fixed seed: shuff
 augmentation draw from a generator seeded per epoch, the learning rate is a pure function
 of the step). The loop is the same for every phase; what LAPP adds to a step lives in
 `task.LappTask`, and the report is built from the run's state (`report.RunSummary`).
+
+Several processes (`torchrun ... -m lapp_edge train`): `distributed.DistContext` holds the rank,
+the device and the collectives; `self.model` stays the plain module (checkpoints, freeze, the
+report) and `self.train_model` is its DDP wrapper, which the training step calls. Each hook is
+marked "distributed" below; with one process every one of them is a no-op.
+
+On CUDA, in-memory datasets are moved to the GPU once (`torch_data.to_device`) and shuffled and
+augmented there with a CUDA generator; the step runs under bf16 autocast on channels_last.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -21,7 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lapp_edge.data.torch_data import Dataset, DataOptions, batch_count, configure, iterate_batches, load_dataset, subset_split
+from lapp_edge.data.torch_data import (
+    Dataset, DataOptions, batch_count, configure, iterate_batches, load_dataset, shard_split, split_device, subset_split,
+    to_device,
+)
 from lapp_edge.errors import UserError
 from lapp_edge.lapp.controller import FreezeResult, LappController
 from lapp_edge.lapp.cost import CostModel
@@ -29,9 +42,11 @@ from lapp_edge.lapp.flops import build_flops_cost
 from lapp_edge.lapp.freeze import freeze
 from lapp_edge.lapp.widths import allowed_widths, smallest_cost_ratio, target_widths
 from lapp_edge.models import build_model, prunable_sites
+from lapp_edge.models.reparam import bake, use_bypass_mode
 from lapp_edge.models.slicing import resize_to_widths
 from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec
 from lapp_edge.training.config import TrainConfig, validate_config
+from lapp_edge.training.distributed import DistContext, setup_from_env, single_process
 from lapp_edge.training.run_dir import CHECKPOINT, CONFIG, RunDirectory, RunState, run_state_from
 from lapp_edge.training.task import DenseTask, LappTask
 
@@ -79,14 +94,19 @@ class Trainer:
     Raises UserError on bad settings, an unreachable cost target, a diverged loss or a
     checkpoint that does not fit."""
 
-    def __init__(self, config: TrainConfig, dataset: Dataset | None = None, run_dir: RunDirectory | None = None) -> None:
+    def __init__(self, config: TrainConfig, dataset: Dataset | None = None, run_dir: RunDirectory | None = None,
+                 dist: DistContext | None = None) -> None:
         validate_config(config)
         self.config = config
-        self.run_dir = run_dir or RunDirectory(config.out)
+        self.dist = dist or single_process(resolve_device(config.device))   # distributed: rank, device, collectives
+        self.run_dir = run_dir or RunDirectory(config.out, writer=self.dist.is_writer)
         self.out = self.run_dir.path
-        self.device = resolve_device(config.device)
+        self.device = self.dist.device
+        self.show_progress = config.progress and self.dist.is_writer
         if config.threads > 0:
             torch.set_num_threads(config.threads)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True      # shapes are fixed within a phase
         options = data_options(config)
         self.data = configure(dataset, options) if dataset is not None else load_dataset(config.dataset, config.data_dir, options)
         # the data's decisions (input size, augmentation, mean/std) become the run's settings, so a
@@ -95,13 +115,14 @@ class Trainer:
         for flag, count, split in (("--train-subset", config.train_subset, self.data.train), ("--test-subset", config.test_subset, self.data.test)):
             if count > len(split):  # type: ignore[arg-type]
                 raise UserError(f"{flag} {count} is more than the {len(split)} images there are")  # type: ignore[arg-type]
-        self.train_split = subset_split(self.data.train, config.train_subset, config.seed)
-        self.test_split = subset_split(self.data.test, config.test_subset, config.seed + 1)
+        # GPU-resident input pipeline: an in-memory split is moved to the GPU once (no-op on the CPU)
+        self.train_split = to_device(subset_split(self.data.train, config.train_subset, config.seed), self.device)
+        self.test_split = to_device(subset_split(self.data.test, config.test_subset, config.seed + 1), self.device)
         if len(self.train_split) < 2:  # type: ignore[arg-type]
             raise UserError(f"training needs at least 2 images (BatchNorm cannot train on one); the training split has {len(self.train_split)}")  # type: ignore[arg-type]
         info = self.data.info
         self.input_shape = (info.in_channels, info.input_size, info.input_size)
-        self.steps_per_epoch = batch_count(self.train_split, config.batch_size, train=True)
+        self.steps_per_epoch = batch_count(self.train_split, config.batch_size, self.dist.world_size, train=True)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.prune_steps = 0 if config.dense else config.prune_epochs * self.steps_per_epoch
         self.amp = self.device.type == "cuda"
@@ -110,6 +131,7 @@ class Trainer:
         self.model = build_model(config.model, info.in_channels, info.num_classes, config.bypass and not config.dense,
                                  config.coupled_groups and not config.dense, input_size=info.input_size)
         self._check_model_takes_inputs()
+        use_bypass_mode(self.model, config.bypass_mode)
         self.sites = prunable_sites(self.model)
         self.dense_widths = {site.name: site.channels for site in self.sites}
         self.cost: CostModel = build_flops_cost(self.model, self.sites, self.input_shape)
@@ -117,12 +139,15 @@ class Trainer:
         if self.amp:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = self._make_optimizer()
+        self.train_model = self.dist.wrap(self.model)        # distributed: DDP (the model itself for one process)
         self.task: DenseTask | LappTask = DenseTask()
         self.state = RunState(phase="dense" if config.dense else "pruning", widths=dict(self.dense_widths))
         if not config.dense:
             self._check_target_reachable()
+            # distributed: the thresholds sit outside DDP; their gradients are averaged explicitly
             self.task = LappTask(LappController(self.sites, self.cost, config.lapp_config()).to(self.device),
-                                 self.prune_steps, config.trace_every)
+                                 self.prune_steps, config.trace_every,
+                                 self.dist.average_gradients if self.dist.enabled else None)
 
     @property
     def controller(self) -> LappController | None:
@@ -225,6 +250,8 @@ class Trainer:
                     self.model.to(memory_format=torch.channels_last)
                 self.optimizer = self._make_optimizer()
             self.model.load_state_dict(payload["model"])
+            if state.phase == "slim":
+                self.train_model = self.dist.wrap(self.model)    # distributed: the slim model has new parameters
             self.optimizer.load_state_dict(payload["optimizer"])
             if isinstance(self.task, LappTask):
                 self.task.load_state_dict(payload)
@@ -240,12 +267,22 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _forward(self, images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        model = model or self.model
         if self.amp:
             images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.model(images)
-        return self.model(images)
+                return model(images)
+        return model(images)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        """A generator on the device the training images live on (CUDA for the GPU-resident pipeline)."""
+        return torch.Generator(device=split_device(self.train_split)).manual_seed(seed)
+
+    def _batches(self, generator: torch.Generator) -> Any:
+        """This process's shuffled, augmented training batches (distributed: its share of each global batch)."""
+        return iterate_batches(self.train_split, self.data.info, self.config.batch_size, self.device, generator,
+                               train=True, rank=self.dist.rank, world=self.dist.world_size)
 
     def _diverged(self, total: torch.Tensor, epoch: int) -> UserError:
         kept = (f"the last good checkpoint ({self.out / CHECKPOINT}, epoch {epoch}) was kept. Lower --lr and resume or restart"
@@ -257,7 +294,7 @@ class Trainer:
         (test_top1 is filled in by `run`). Raises UserError when the loss stops being finite."""
         config, task = self.config, self.task
         epoch = self.state.epoch
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        generator = self._generator(config.seed * 100_003 + epoch)
         self.model.train()
         started, cpu_started = time.perf_counter(), time.process_time()
         loss_sum = torch.zeros((), device=self.device)
@@ -265,17 +302,23 @@ class Trainer:
         seen = 0
         lr = self._set_lr()
         ratio = 1.0 if self.state.phase == "dense" else self.current_cost_ratio()
-        batches = iterate_batches(self.train_split, self.data.info, config.batch_size, self.device, generator, train=True)
-        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs} [{self.state.phase}]",
-                   disable=not config.progress, leave=False, dynamic_ncols=True)
+        bar = tqdm(self._batches(generator), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs} [{self.state.phase}]",
+                   disable=not self.show_progress, leave=False, dynamic_ncols=True)
+        # on CUDA the loss is checked every 20 steps (each check waits for the GPU); a non-finite loss is remembered
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         for batch_index, (images, labels) in enumerate(bar):
             lr = self._set_lr()
             task.before_forward()
-            logits = self._forward(images)
+            logits = self._forward(images, self.train_model)
             loss = F.cross_entropy(logits.float(), labels)
             total = task.loss(loss, self.state.step)
-            if not torch.isfinite(total):
-                raise self._diverged(total, epoch)
+            if self.device.type != "cuda":
+                if not torch.isfinite(total):
+                    raise self._diverged(total, epoch)
+            else:
+                nonfinite |= ~torch.isfinite(total.detach())
+                if (batch_index % 20 == 0 or batch_index == self.steps_per_epoch - 1) and bool(nonfinite):
+                    raise self._diverged(total, epoch)
             self.optimizer.zero_grad(set_to_none=True)
             task.zero_grad()
             total.backward()
@@ -292,8 +335,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-        return EpochRecord(epoch + 1, self.state.phase, seconds, cpu_seconds, loss_sum.item() / max(1, seen),
-                           correct.item() / max(1, seen), float("nan"), ratio, lr)
+        # distributed: the record holds the whole global batch's loss and accuracy (one collective per epoch)
+        total_loss, total_correct, total_seen = self.dist.sum_values([loss_sum.item(), float(correct.item()), float(seen)])
+        return EpochRecord(epoch + 1, self.state.phase, seconds, cpu_seconds, total_loss / max(1, total_seen),
+                           total_correct / max(1, total_seen), float("nan"), ratio, lr)
 
     def current_cost_ratio(self) -> float:
         """The cost ratio of the hard kept counts now (pruning) or of the current widths."""
@@ -304,15 +349,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> float:
-        """Top-1 accuracy (fraction) on the test split, with hard masks during pruning."""
+        """Top-1 accuracy (fraction) on the test split, with hard masks during pruning.
+        Distributed: rank 0's BN statistics are copied to every process, each evaluates a strided
+        share of the test split, and the counts are summed."""
         model = model or self.model
         model.eval()
         if self.controller is not None and self.state.phase == "pruning":
             self.controller.update_masks(with_grad=False)
+        self.dist.broadcast_tensors(list(model.buffers()))
         correct, seen = 0, 0
-        for images, labels in iterate_batches(self.test_split, self.data.info, 500, self.device):
-            correct += int((self._forward(images).argmax(1) == labels).sum())
+        test_split = shard_split(self.test_split, self.dist.rank, self.dist.world_size)
+        for images, labels in iterate_batches(test_split, self.data.info, 500, self.device):
+            correct += int((self._forward(images, model).argmax(1) == labels).sum())
             seen += len(labels)
+        correct, seen = self.dist.sum_values([float(correct), float(seen)])
         return correct / max(1, seen)
 
     @torch.no_grad()
@@ -325,26 +375,39 @@ class Trainer:
             norm.reset_running_stats()
             norm.momentum = None
         self.model.train()
-        generator = torch.Generator().manual_seed(self.config.seed + 7)
-        batch_iter = iterate_batches(self.train_split, self.data.info, self.config.batch_size, self.device, generator, train=True)
-        for index, (images, _) in enumerate(batch_iter):
+        generator = self._generator(self.config.seed + 7)
+        for index, (images, _) in enumerate(self._batches(generator)):
             if index >= batches:
                 break
             self._forward(images)
         for norm, momentum in zip(norms, saved_momentum):
             norm.momentum = momentum
+        # distributed: each process saw its share of the same global batches; average their statistics
+        self.dist.average_tensors([t for m in norms for t in (m.running_mean, m.running_var) if t is not None])
 
     def freeze(self) -> FreezeResult:
         """End of the pruning phase: round widths, fix masks, slim physically, recalibrate BN."""
         assert self.controller is not None
-        plan = freeze(self.controller, self.optimizer)
+        plan = agreed = None
+        if self.dist.enabled:
+            # distributed: thresholds and weights are equal on every process, so are the plans; check,
+            # and apply rank 0's everywhere
+            plan = self.controller.plan_freeze()
+            plan, agreed = self.dist.agree(plan)
+            if not agreed and self.dist.is_writer:
+                print("warning: the processes planned different widths at freeze; rank 0's plan is applied everywhere",
+                      file=sys.stderr, flush=True)
+        plan = freeze(self.controller, self.optimizer, plan)
         self.task = DenseTask()
         if self.amp:
             self.model.to(memory_format=torch.channels_last)
         self.recalibrate_batchnorm(self.config.bn_recalibration_batches)
+        self.train_model = self.dist.wrap(self.model)   # distributed: new parameters; copies rank 0's to every process
         self.state.phase = "slim"
         self.state.widths = dict(plan.widths)
         self.state.freeze = asdict(plan)
+        if self.dist.enabled:
+            self.state.freeze["processes"] = {"world_size": self.dist.world_size, "plans_identical": agreed}
         return plan
 
     def run(self, resume: bool = False, on_epoch: Callable[["Trainer"], None] | None = None) -> dict[str, Any]:
@@ -369,7 +432,7 @@ class Trainer:
                 record.test_top1 = self.evaluate()
                 self.state.history.append(asdict(record))
                 self.save_checkpoint()
-                if self.config.progress:
+                if self.show_progress:
                     print(f"epoch {record.epoch:3d} [{record.phase:7s}] {record.seconds:6.1f}s  loss {record.train_loss:.4f}  "
                           f"train {record.train_top1:.4f}  test {record.test_top1:.4f}  FLOPs {record.flops_ratio:.4f}", flush=True)
                 if on_epoch is not None:
@@ -381,27 +444,44 @@ class Trainer:
                 write_report(self.out, report, self.state)
             return report
 
+    @property
+    def _reparam(self) -> bool:
+        return self.config.bypass and not self.config.dense and self.config.bypass_mode == "reparam"
+
     def architecture_spec(self) -> ArchitectureSpec:
         info = self.data.info
         return ArchitectureSpec(
             model=self.config.model, in_channels=info.in_channels, num_classes=info.num_classes,
-            input_size=info.input_size, bypass=self.config.bypass and not self.config.dense,
+            input_size=info.input_size, bypass=self.config.bypass and not self.config.dense and not self._reparam,
             widths=dict(self.state.widths), dense_widths=dict(self.dense_widths),
             mean=list(info.mean), std=list(info.std), class_names=list(info.class_names),
             coupled=self.config.coupled_groups and not self.config.dense,
         )
 
     def write_slim_model(self) -> None:
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        """slim_model.pt and architecture.json (writer only). Bypass mode "reparam": saved baked (each
+        bypass folded into its kxk kernel, exact), so the spec says no bypass."""
+        model = bake(copy.deepcopy(self.model)) if self._reparam else self.model
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         self.run_dir.torch_save(SLIM_WEIGHTS, state)
         self.run_dir.write_json(SLIM_SPEC, self.architecture_spec().to_dict())
 
 
 def run_training(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Validate `config`, check the run directory (new, or resumable), train, and return the report.
-    Raises UserError for every bad input before anything is written."""
+    Raises UserError for every bad input before anything is written.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this: the process group is set up from the
+    environment (`distributed.setup_from_env`), every process checks the run directory before
+    rank 0 writes anything in it, and the group is left at the end."""
     validate_config(config)
-    RunDirectory(config.out).check_usable(resume)
-    trainer = Trainer(config)
-    print("\n".join(trainer.decisions()), flush=True)
-    return trainer.run(resume=resume)
+    dist = setup_from_env(resolve_device(config.device))
+    try:
+        RunDirectory(config.out, writer=dist.is_writer).check_usable(resume)
+        dist.barrier()                   # distributed: nobody writes before every process has checked
+        trainer = Trainer(config, dist=dist)
+        if dist.is_writer:
+            print("\n".join(trainer.decisions()), flush=True)
+        return trainer.run(resume=resume)
+    finally:
+        dist.close()
