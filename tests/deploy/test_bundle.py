@@ -446,11 +446,13 @@ def _venv_accuracy(bundles: dict[str, Path], package: Path, fmnist: Dataset, tmp
     assert float((device == reference).mean()) >= 0.99
 
 
+@pytest.mark.slow      # a fresh venv and a runtime download: ~60 s each on 2 cores; make test-slow runs them
 def test_fresh_venv_onnxruntime_bundle_classifies_like_in_process(bundles: dict[str, Path], package: Path,
                                                                   fmnist: Dataset, tmp_path: Path) -> None:
     _venv_accuracy(bundles, package, fmnist, tmp_path, "x86-ort-fp32", "onnxruntime", "onnxruntime-cpu")
 
 
+@pytest.mark.slow
 def test_fresh_venv_openvino_bundle_classifies_like_in_process(bundles: dict[str, Path], package: Path,
                                                                fmnist: Dataset, tmp_path: Path) -> None:
     _venv_accuracy(bundles, package, fmnist, tmp_path, "x86-openvino-f32", "openvino", "openvino-cpu")
