@@ -13,7 +13,9 @@ one measured side by side, and write the finished report (table + plot).
     targets: [x86-ort-fp32, x86-ort-int8]   # profile names or YAML paths ("target: NAME" for one; "available":
                                         # every shipped profile whose runtime this machine has)
     dense_baseline: true                # optional: train the dense network too and compare on every target
-    train: {threads: 2, batch_size: 128}    # optional: any other `lapp-edge train` setting (TrainConfig field names)
+    parallel_training: true             # optional: slim and dense train at the same time, each in its own
+                                        # process with half the cores (unless train.threads says otherwise)
+    train: {batch_size: 128}            # optional: any other `lapp-edge train` setting (TrainConfig field names)
 
 Every key is used or refused (unknown keys, a setting given twice, a bad value: one line, exit 2),
 and everything is checked (settings, data, reachable budget, profiles, calibration sets) before
@@ -28,6 +30,9 @@ stages are kept); a different config for the same directory is refused.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
 import sys
 import time
 from dataclasses import asdict, fields
@@ -37,7 +42,8 @@ from typing import Any
 from lapp_edge.errors import UserError
 
 CONFIG_NAME = "run-all.yaml"
-TOP_LEVEL = ("out", "model", "data", "budget", "epochs", "prune_epochs", "targets", "target", "dense_baseline", "train")
+TOP_LEVEL = ("out", "model", "data", "budget", "epochs", "prune_epochs", "targets", "target", "dense_baseline",
+             "parallel_training", "train")
 DATA_KEYS = ("dataset", "data_dir", "input_size", "augment", "mean", "std", "train_subset", "test_subset")
 
 
@@ -69,8 +75,9 @@ def load_config(path: Path) -> tuple[dict[str, Any], str]:
     return payload, text
 
 
-def train_configs(payload: dict[str, Any], out: Path, where: Path) -> tuple[Any, Any | None]:
-    """The slim (LAPP) TrainConfig and the dense one (None without dense_baseline), checked."""
+def train_configs(payload: dict[str, Any], out: Path, where: Path, parallel: bool = False) -> tuple[Any, Any | None]:
+    """The slim (LAPP) TrainConfig and the dense one (None without dense_baseline), checked. Trained in
+    parallel without `threads` given, each run takes half the machine's cores."""
     from lapp_edge.training.config import LAPP_ONLY, TrainConfig, defaults, validate_config
 
     missing = [key for key in ("model", "data", "budget", "epochs") if key not in payload]
@@ -93,6 +100,8 @@ def train_configs(payload: dict[str, Any], out: Path, where: Path) -> tuple[Any,
         raise UserError(f"{where}: train: {', '.join(bad)} cannot be set there (unknown, or set by model/data/budget/epochs/"
                         "prune_epochs at the top level)")
     common: dict[str, Any] = {"model": payload["model"], "epochs": payload["epochs"], **data, **train}
+    if parallel and payload.get("dense_baseline", True) is True and "threads" not in train:
+        common["threads"] = max(1, (os.cpu_count() or 2) // 2)
     lapp: dict[str, Any] = {"flops_target": payload["budget"]}
     if "prune_epochs" in payload:
         lapp["prune_epochs"] = payload["prune_epochs"]
@@ -124,6 +133,47 @@ def _check_types(config: Any, where: Path) -> None:
             (int, float) if isinstance(default, float) else (type(default),)
         if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
             raise UserError(f"{where}: {item.name} must be {' or '.join(t.__name__ for t in expected)}, got {value!r}")
+
+
+EPOCH_LINE = re.compile(r"^epoch +\d+ \[")
+
+
+def train_in_parallel(trainers: dict[str, tuple[Any, bool]]) -> None:
+    """Train the runs at the same time, each in its own `lapp-edge train --resume` process (its
+    config.json is written first, so it starts from epoch 0 or its last checkpoint), output in
+    <run>/train.log; each finished epoch is echoed here. A failure is one line naming the run."""
+    from lapp_edge.training.run_dir import RunDirectory
+
+    processes, logs = {}, {}
+    for name, (trainer, _) in trainers.items():
+        run_dir = RunDirectory(trainer.config.out)
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.write_config(asdict(trainer.config))
+        print(f"== train {name}: {trainer.config.out} (in parallel, {trainer.config.threads} thread(s), log {run_dir.path / 'train.log'})")
+        print("\n".join(f"   {line}" for line in trainer.decisions()), flush=True)
+        logs[name] = run_dir.path / "train.log"
+        with open(logs[name], "ab") as log:
+            processes[name] = subprocess.Popen([sys.executable, "-m", "lapp_edge.cli", "train", "--out", trainer.config.out, "--resume"],
+                                               stdout=log, stderr=subprocess.STDOUT)
+    trainers.clear()                                   # free the data the checks loaded
+    seen = {name: 0 for name in processes}
+    while True:
+        running = [name for name, process in processes.items() if process.poll() is None]
+        for name in processes:
+            text = logs[name].read_bytes()[seen[name]:].decode("utf-8", "replace")
+            complete = text.rfind("\n") + 1
+            seen[name] += len(text[:complete].encode("utf-8"))
+            for line in text[:complete].replace("\r", "\n").splitlines():
+                if EPOCH_LINE.match(line):
+                    print(f"   [{name}] {line}", flush=True)
+        if not running:
+            break
+        time.sleep(2)
+    for name, process in processes.items():
+        if process.returncode != 0:
+            lines = [l for l in logs[name].read_text(errors="replace").replace("\r", "\n").splitlines() if l.startswith("lapp-edge: error:")]
+            why = lines[-1].removeprefix("lapp-edge: error: ") if lines else f"exit code {process.returncode}"
+            raise UserError(f"training {name} failed: {why} (log {logs[name]}; run the same config again to resume)")
 
 
 def target_list(payload: dict[str, Any], where: Path) -> list[str]:
@@ -167,7 +217,10 @@ def run_all_command(args: argparse.Namespace) -> int:
     if not isinstance(out_value, str) or not out_value:
         raise UserError(f"{where}: no output directory: set 'out' in the config or pass --out")
     out = Path(out_value)
-    slim_config, dense_config = train_configs(payload, out, where)
+    parallel = payload.get("parallel_training", True)
+    if not isinstance(parallel, bool):
+        raise UserError(f"{where}: parallel_training must be true or false")
+    slim_config, dense_config = train_configs(payload, out, where, parallel)
     targets = target_list(payload, where)
     for profile in (load_target(t) for t in targets):          # every profile and calibration set, before any work
         if profile.precision == "int8":
@@ -198,10 +251,13 @@ def run_all_command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not resuming:
         atomic_write_text(stored, text)
-    for name, (trainer, resume) in trainers.items():
-        print(f"== train {name}: {trainer.config.out}", flush=True)
-        print("\n".join(trainer.decisions()), flush=True)
-        trainer.run(resume=resume)
+    if parallel and len(trainers) > 1:
+        train_in_parallel(trainers)
+    else:
+        for name, (trainer, resume) in trainers.items():
+            print(f"== train {name}: {trainer.config.out}", flush=True)
+            print("\n".join(trainer.decisions()), flush=True)
+            trainer.run(resume=resume)
     packages = {}
     for name, config in runs:
         package = out / "models" / name
