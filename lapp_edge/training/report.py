@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -16,9 +16,6 @@ from lapp_edge.models import rebuild_model
 from lapp_edge.models.fuse import fuse_model
 
 from lapp_edge.training.run_dir import RunState
-
-if TYPE_CHECKING:
-    from lapp_edge.training.trainer import Trainer
 
 REPORT_JSON = "report.json"
 REPORT_TEXT = "report.txt"
@@ -50,12 +47,6 @@ class RunSummary:
 
     def build(self) -> dict[str, Any]:
         return build_report(self)
-
-
-def summary_of(trainer: "Trainer") -> RunSummary:
-    """The summary of a finished Trainer's run."""
-    return RunSummary(asdict(trainer.config), trainer.state, trainer.model, trainer.input_shape,
-                      trainer.data.info.num_classes, dict(trainer.dense_widths), trainer.cost.name)
 
 
 def build_report(summary: RunSummary) -> dict[str, Any]:

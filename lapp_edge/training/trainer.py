@@ -47,6 +47,7 @@ from lapp_edge.models.slicing import resize_to_widths
 from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec
 from lapp_edge.training.config import TrainConfig, validate_config
 from lapp_edge.training.distributed import DistContext, setup_from_env, single_process
+from lapp_edge.training.report import RunSummary, write_report
 from lapp_edge.training.run_dir import CHECKPOINT, CONFIG, RunDirectory, RunState, run_state_from
 from lapp_edge.training.task import DenseTask, LappTask
 
@@ -413,8 +414,6 @@ class Trainer:
     def run(self, resume: bool = False, on_epoch: Callable[["Trainer"], None] | None = None) -> dict[str, Any]:
         """Train to the end (or from the last checkpoint), write the slim model and the report;
         returns the report (see `training.report.build_report`)."""
-        from lapp_edge.training.report import summary_of, write_report
-
         with self.run_dir.hold():
             if resume and self.run_dir.checkpoint_path.is_file():
                 self.load_checkpoint()
@@ -438,8 +437,7 @@ class Trainer:
                 if on_epoch is not None:
                     on_epoch(self)
             self.write_slim_model()
-            summary = summary_of(self)
-            report = summary.build()
+            report = self.summary().build()
             if self.run_dir.writer:
                 write_report(self.out, report, self.state)
             return report
@@ -447,6 +445,11 @@ class Trainer:
     @property
     def _reparam(self) -> bool:
         return self.config.bypass and not self.config.dense and self.config.bypass_mode == "reparam"
+
+    def summary(self) -> RunSummary:
+        """What the run's report is built from (the report module knows nothing of the Trainer)."""
+        return RunSummary(asdict(self.config), self.state, self.model, self.input_shape,
+                          self.data.info.num_classes, dict(self.dense_widths), self.cost.name)
 
     def architecture_spec(self) -> ArchitectureSpec:
         info = self.data.info
