@@ -36,7 +36,7 @@ from lapp_edge.data.readers import InMemorySplit, data_directory, load_arrays
 from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route
-from lapp_edge.deploy.measure import LatencyStats, RatioProtocol, interleaved_block_ratios, interleaved_ratio, measure_latency
+from lapp_edge.deploy.measure import LatencyStats, interleaved_ratio, measure_latency
 from lapp_edge.deploy.package import MAX_MODEL_BYTES, ModelPackage, check_external_data, load_package, recorded_data_dir
 from lapp_edge.deploy.targets import TargetProfile, load_target
 from lapp_edge.deploy.tolerance import RUNTIME_FP32, compare_logits
@@ -259,9 +259,7 @@ def compare_with_fit(fit: LatencyFit, fit_path: str, reference_onnx: Path, packa
         data = rng.standard_normal((batch, *package.input_shape)).astype(np.float32)
         with compile_runner(dense_model, profile, batch, work_dir, calibration, route) as dense_runner:
             dense_ms = measure_latency(dense_runner, data, profile.latency).median_ms
-            protocol = RatioProtocol()
-            measured = float(np.median(interleaved_block_ratios(runners[batch], dense_runner, data, protocol.blocks,
-                                                                protocol.calls_for(batch), protocol.warmup)))
+            measured = interleaved_ratio(runners[batch], dense_runner, data)
         predicted = fit.predict_ratio(batch, features)
         comparisons.append(FitComparison(fit_path, batch, features, predicted, measured, dense_ms, predicted * dense_ms,
                                          medians_ms[batch], 100.0 * (predicted / measured - 1.0)))
