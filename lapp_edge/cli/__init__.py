@@ -28,6 +28,7 @@ def _commands() -> list[tuple[tuple[str, ...], Callable[[argparse._SubParsersAct
     from lapp_edge.cli.baseline import add_baseline_commands
     from lapp_edge.cli.bench import add_bench_command
     from lapp_edge.cli.calibrate import add_calibrate_latency_command
+    from lapp_edge.cli.profile_layers import add_profile_layers_command
     from lapp_edge.cli.run_all import add_run_all_command
     from lapp_edge.cli.ship import add_ship_command
     from lapp_edge.cli.export import add_export_commands
@@ -35,7 +36,8 @@ def _commands() -> list[tuple[tuple[str, ...], Callable[[argparse._SubParsersAct
     from lapp_edge.cli.train import add_train_command
 
     return [(("train",), add_train_command), (("export", "verify"), add_export_commands), (("bench",), add_bench_command),
-            (("calibrate-latency",), add_calibrate_latency_command), (("ship",), add_ship_command),
+            (("calibrate-latency",), add_calibrate_latency_command), (("profile-layers",), add_profile_layers_command),
+            (("ship",), add_ship_command),
             (("baseline", "latency-check"), add_baseline_commands), (("targets",), add_targets_command),
             (("run-all",), add_run_all_command)]
 

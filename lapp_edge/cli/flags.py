@@ -24,6 +24,15 @@ def _value_type(annotation: Any) -> type:
     return hint if hint in (int, float, str, bool) else str
 
 
+class JoinedAppend(argparse.Action):
+    """A repeatable string flag stored as one comma-joined string (--target a --target b -> "a,b")."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        previous = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{previous},{values}" if previous else str(values))
+
+
 def flag_of(name: str, metadata: Any) -> str:
     return metadata.get("flag") or "--" + name.replace("_", "-")
 
@@ -45,6 +54,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
             # a flag that turns a default-True field off (--no-bypass, --quiet), or a default-False one on (--dense)
             action = "store_false" if item.default else "store_true"
             parser.add_argument(flag, dest=item.name, action=action, default=argparse.SUPPRESS, help=help_text)
+            continue
+        if meta.get("repeat"):
+            parser.add_argument(flag, dest=item.name, action=JoinedAppend, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
+                                help=f"{help_text}")
             continue
         choices = meta.get("choices")
         shown = f" (default {item.default})" if item.default not in (None, "") else ""

@@ -31,12 +31,13 @@ import numpy as np
 
 from lapp_edge.deploy import artifacts
 from lapp_edge.costs.latency_fit import LatencyFit, fit_file_name, load_fit
+from lapp_edge.costs.latency_table import LatencyTable, load_table, onnx_conv_layers, table_file_name
 from lapp_edge.data.imagefolder import layout_from_manifest, load_eval_split
 from lapp_edge.data.readers import InMemorySplit, data_directory, load_arrays
 from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route
-from lapp_edge.deploy.measure import LatencyStats, interleaved_ratio, measure_latency
+from lapp_edge.deploy.measure import LatencyStats, interleaved_ratio, machine_key, measure_latency
 from lapp_edge.deploy.package import MAX_MODEL_BYTES, ModelPackage, check_external_data, load_package, recorded_data_dir
 from lapp_edge.deploy.targets import TargetProfile, load_target
 from lapp_edge.deploy.tolerance import RUNTIME_FP32, compare_logits
@@ -86,6 +87,9 @@ class VariantResult:
     # latency predicted from FLOPs by the target's fit (latency-fit-<target>-<model>.json), if one exists
     predicted_from_flops: list[FitComparison] = field(default_factory=list)
     prediction_note: str = ""     # why there is no prediction, where there is none
+    # latency predicted by the target's layer table (layer-table-<target>-<model>-...json, profile-layers), if one exists
+    predicted_from_table: list[FitComparison] = field(default_factory=list)
+    table_note: str = ""          # why there is no table prediction, where there is none
     baseline: "BaselineComparison | None" = None   # with --baseline: the other package on the same target
 
 
@@ -266,6 +270,47 @@ def compare_with_fit(fit: LatencyFit, fit_path: str, reference_onnx: Path, packa
     return comparisons
 
 
+def table_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyTable | None, Path | None, Path | None, str]:
+    """This machine's layer table for the package's target, family and input, its path and its dense
+    reference ONNX, or a note why not (only a table measured on this CPU is used: training/latency.py)."""
+    model = str(package.manifest.get("model", ""))
+    name = table_file_name(profile.name, model, package.input_shape, machine_key())
+    path = find_latency_file(name)
+    if path is None:
+        return None, None, None, (f"no layer latency table for {profile.name}/{model} on this machine (lapp-edge profile-layers "
+                                  f"--target {profile.name} --model {model} --input {'x'.join(map(str, package.input_shape))})")
+    table = load_table(path)
+    reference = find_latency_file(table.dense_reference) if table.dense_reference else None
+    if reference is None:
+        return table, path, None, f"the dense reference {table.dense_reference or '(none named)'} of {path.name} is missing"
+    check_external_data(read_file_bytes(reference, MAX_MODEL_BYTES), str(reference), {})
+    return table, path, reference, ""
+
+
+def compare_with_table(table: LatencyTable, table_path: Path, reference_onnx: Path, package: ModelPackage, profile: TargetProfile,
+                       runners: dict[int, Runner], medians_ms: dict[int, float], work_dir: Path,
+                       calibration: np.ndarray | None, route: str) -> list[FitComparison]:
+    """Predict the package's latency ratio to the dense network from its ONNX graph's convs with the
+    target's layer table, and measure it against the table's dense reference compiled on the target,
+    interleaved in this process, at each batch both have."""
+    layers = onnx_conv_layers(package.onnx_path)
+    dense_model = OnnxModel(reference_onnx, "input", package.input_shape)
+    dense_layers = onnx_conv_layers(reference_onnx)
+    rng = np.random.default_rng(0)
+    comparisons = []
+    for batch in sorted(set(table.batches) & set(runners)):
+        batch_table = table.batches[batch]
+        predicted = float(batch_table.predict_ratio(layers) / batch_table.predict_ratio(dense_layers))
+        data = rng.standard_normal((batch, *package.input_shape)).astype(np.float32)
+        with compile_runner(dense_model, profile, batch, work_dir, calibration, route) as dense_runner:
+            dense_ms = measure_latency(dense_runner, data, profile.latency).median_ms
+            measured = interleaved_ratio(runners[batch], dense_runner, data)
+        comparisons.append(FitComparison(str(table_path), batch, {"table_ratio": float(batch_table.sum_ms(layers) / batch_table.sum_ms(dense_layers))},
+                                         predicted, measured, dense_ms, predicted * dense_ms, medians_ms[batch],
+                                         100.0 * (predicted / measured - 1.0)))
+    return comparisons
+
+
 def compare_with_baseline(baseline: ModelPackage, package: ModelPackage, profile: TargetProfile, test: TestSet,
                           runners: dict[int, Runner], latencies: list[LatencyStats], work_dir: Path,
                           calibration: np.ndarray | None, route: str) -> BaselineComparison:
@@ -345,6 +390,14 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
                         fit, str(fit_path), reference_onnx, package, profile,
                         runners, {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route)
                 variant.prediction_note = note
+                table, table_path, table_reference, variant.table_note = table_for(profile, package)
+                if table is not None and table_path is not None and table_reference is not None:
+                    try:
+                        variant.predicted_from_table = compare_with_table(
+                            table, table_path, table_reference, package, profile, runners,
+                            {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route)
+                    except UserError as error:          # a layer shape the table lacks: said, not fatal
+                        variant.table_note = str(error)
             for runner in {id(r): r for r in runners.values()}.values():
                 runner.close()
             result.variants[route or profile.precision] = variant
@@ -449,4 +502,11 @@ def format_bench(report: BenchReport) -> str:
                              f"{c.predicted_ms:.3f} ms (x{c.predicted_ratio:.3f} of the dense model's {c.dense_median_ms:.3f} ms here, "
                              f"MACs x{c.features['macs_ratio']:.3f}); measured {c.measured_ms:.3f} ms (x{c.measured_ratio:.3f} of dense, "
                              f"interleaved): prediction error {c.error_pct:+.1f}%")
+            if result.table_note:
+                lines.append(f"  {target.target}/{variant}: no layer-table prediction: {result.table_note}")
+            for c in result.predicted_from_table:
+                lines.append(f"  {target.target}/{variant}: latency predicted by the layer table ({Path(c.fit).name}), batch {c.batch}: "
+                             f"{c.predicted_ms:.3f} ms (x{c.predicted_ratio:.3f} of the dense model's {c.dense_median_ms:.3f} ms here); "
+                             f"measured {c.measured_ms:.3f} ms (x{c.measured_ratio:.3f} of dense, interleaved): prediction error "
+                             f"{c.error_pct:+.1f}%")
     return "\n".join(lines)

@@ -167,17 +167,21 @@ def cpu_model() -> str:
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
-def machine_key() -> str:
-    """The CPU as latency baselines are keyed: model name and the ISA flags that pick kernels
-    ("AMD EPYC; avx2 avx512_bf16 avx512f"): two machines with the same model name can differ."""
-    flags: set[str] = set()
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel lists them (/proc/cpuinfo; empty where unknown)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+                return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return set()
+
+
+def machine_key() -> str:
+    """The CPU as latency baselines are keyed: model name and the ISA flags that pick kernels
+    ("AMD EPYC; avx2 avx512_bf16 avx512f"): two machines with the same model name can differ."""
+    flags = cpu_flags()
     return f"{cpu_model()}; {' '.join(sorted(flags & set(ISA_FLAGS))) or 'no listed ISA flags'}"
 
 

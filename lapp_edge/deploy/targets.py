@@ -38,7 +38,8 @@ from lapp_edge.resources import find_profile
 MAX_NAME_CHARS = 100
 
 REQUIRED = ("name", "backend", "precision", "threads", "batch_sizes", "input_size")
-KNOWN = (*REQUIRED, "calibration", "int8_routes", "latency", "baselines", "description")
+KNOWN = (*REQUIRED, "calibration", "int8_routes", "latency", "baselines", "description", "channel_multiple")
+DEFAULT_CHANNEL_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class TargetProfile:
     latency: LatencyProtocol = field(default_factory=LatencyProtocol)
     baselines: LatencyBaselines | None = None
     path: str = ""
+    # widths a network shaped for this target rounds to, by the first CPU feature flag this machine
+    # has ("default" where none matches); see channel_multiple_for
+    channel_multiples: tuple[tuple[str, int], ...] = (("default", DEFAULT_CHANNEL_MULTIPLE),)
 
 
 def _positive_int(value: Any, where: str, high: int = 1 << 16) -> int:
@@ -189,7 +193,48 @@ def parse_profile(payload: Any, where: str) -> TargetProfile:
         name=name, backend=backend, precision=precision, threads=threads, batch_sizes=batch_sizes,
         input_shape=(c, h, w), calibration=str(calibration), int8_routes=tuple(routes),
         latency=_latency(payload.get("latency"), where), baselines=baselines, path=where,
+        channel_multiples=_channel_multiples(payload.get("channel_multiple"), where),
     )
+
+
+def _channel_multiples(payload: Any, where: str) -> tuple[tuple[str, int], ...]:
+    if payload is None:
+        return (("default", DEFAULT_CHANNEL_MULTIPLE),)
+    if not isinstance(payload, dict):
+        payload = {"default": payload}
+    items = tuple((str(key), _positive_int(value, f"{where}: channel_multiple {key}", 1024)) for key, value in payload.items())
+    if not any(key == "default" for key, _ in items):
+        raise UserError(f"{where}: channel_multiple needs a 'default' entry (for CPUs with none of the listed features)")
+    return items
+
+
+def channel_multiple_for(profile: TargetProfile, cpu_flags: set[str] | None = None) -> int:
+    """The channel multiple a network shaped for `profile` rounds its widths to on this machine:
+    the entry of the first listed CPU feature flag this CPU has (e.g. amx_int8: 32, avx512f: 16),
+    else the profile's default. Why these numbers: oneDNN's blocked layouts hold 8 fp32 channels per
+    AVX2 register and 16 per AVX-512 one, AMX tiles 32 int8 / 16 bf16 per row, and widths off those
+    blocks measured up to 1.66x slower (../shared/DEPLOY_NOTES.md); TensorRT's fp16 tensor cores take
+    multiples of 8, int8 ones 32."""
+    from lapp_edge.deploy.measure import cpu_flags as read_cpu_flags
+
+    flags = read_cpu_flags() if cpu_flags is None else cpu_flags
+    for key, multiple in profile.channel_multiples:
+        if key != "default" and key in flags:
+            return multiple
+    return dict(profile.channel_multiples)["default"]
+
+
+def runtime_version(backend: str) -> str:
+    """"<distribution> <version>" of the backend's runtime as installed here (e.g. "onnxruntime 1.20.1"),
+    read from the package metadata without importing the runtime; "not installed" where absent."""
+    import importlib.metadata
+
+    module = BACKENDS[backend].runtime_modules[0] if BACKENDS[backend].runtime_modules else backend
+    distribution = module.split(".")[0]
+    try:
+        return f"{distribution} {importlib.metadata.version(distribution)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{distribution} not installed"
 
 
 def load_target(name_or_path: str | Path) -> TargetProfile:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lapp_edge.costs.latency_table import layer_signature
 from lapp_edge.models.units import ConvBN, PrunableSite
 
 
@@ -74,9 +75,38 @@ def _deployed_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in bypass_convs]
 
 
-def build_flops_cost(model: nn.Module, sites: list[PrunableSite], input_shape: tuple[int, int, int]) -> FlopsCost:
-    """The FLOPs cost model of `model`: one forward pass at `input_shape` (C, H, W) reads every
-    layer's output size; each conv/linear becomes a term whose c_in / c_out are fixed or a site's count."""
+@dataclass(frozen=True)
+class DeployedLayer:
+    """One conv or linear layer of the deployed network, with where its widths come from:
+    `in_site` / `out_site` index the prunable site giving c_in / c_out (None: fixed at `in_fixed` /
+    `out_fixed`). Shapes are per image: `in_hw` the input's spatial size, `out_elements` H_out * W_out."""
+
+    kind: str                     # "conv" | "linear"
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    groups: int
+    in_hw: tuple[int, int]
+    out_elements: int
+    in_site: int | None
+    in_fixed: int
+    out_site: int | None
+    out_fixed: int
+
+    @property
+    def depthwise(self) -> bool:
+        return self.kind == "conv" and self.groups > 1 and self.groups == self.in_fixed == self.out_fixed
+
+    @property
+    def signature(self) -> str:
+        """What the layer's latency depends on besides its widths (costs.latency_table.layer_signature)."""
+        return layer_signature(self.kernel, self.stride, self.padding, self.depthwise, self.groups, self.in_hw)
+
+
+def deployed_layers(model: nn.Module, sites: list[PrunableSite], input_shape: tuple[int, int, int]) -> list[DeployedLayer]:
+    """Every conv and linear layer on the forward path of `model` as deployed (bypass convs are
+    folded away), in module order, read by one forward pass at `input_shape` (C, H, W); each
+    layer's c_in / c_out is tied to the site that prunes it, if any."""
     out_site_of: dict[int, int] = {}
     in_site_of: dict[int, int] = {}
     for index, site in enumerate(sites):
@@ -88,11 +118,14 @@ def build_flops_cost(model: nn.Module, sites: list[PrunableSite], input_shape: t
             in_site_of[id(consumer.conv if isinstance(consumer, ConvBN) else consumer)] = index
 
     layers = _deployed_layers(model)
-    spatial: dict[int, int] = {}
-    handles = [
-        layer.register_forward_hook(lambda m, i, o: spatial.__setitem__(id(m), o[0, 0].numel() if o.dim() == 4 else 1))
-        for layer in layers
-    ]
+    shapes: dict[int, tuple[tuple[int, int], int]] = {}
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        x = inputs[0]
+        in_hw = (int(x.shape[-2]), int(x.shape[-1])) if x.dim() == 4 else (1, 1)
+        shapes[id(module)] = (in_hw, int(output[0, 0].numel()) if output.dim() == 4 else 1)
+
+    handles = [layer.register_forward_hook(record) for layer in layers]
     was_training = model.training
     model.eval()
     try:
@@ -104,22 +137,36 @@ def build_flops_cost(model: nn.Module, sites: list[PrunableSite], input_shape: t
             handle.remove()
         model.train(was_training)
 
-    terms = []
+    result = []
     for layer in layers:
-        if id(layer) not in spatial:
+        if id(layer) not in shapes:
             continue  # not on the forward path
+        in_hw, out_elements = shapes[id(layer)]
         if isinstance(layer, nn.Linear):
-            terms.append(CostTerm(1.0, None, layer.out_features, in_site_of.get(id(layer)), layer.in_features))
+            result.append(DeployedLayer("linear", (1, 1), (1, 1), (0, 0), 1, (1, 1), 1,
+                                        in_site_of.get(id(layer)), layer.in_features, None, layer.out_features))
             continue
-        kernel = layer.kernel_size[0] * layer.kernel_size[1]
-        coefficient = float(kernel * spatial[id(layer)])
-        depthwise = layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
-        if layer.groups > 1 and not depthwise:
-            coefficient /= layer.groups
-        terms.append(CostTerm(
-            coefficient, out_site_of.get(id(layer)), layer.out_channels,
-            in_site_of.get(id(layer)), layer.in_channels, depthwise,
+        padding = layer.padding if isinstance(layer.padding, tuple) else (
+            (layer.kernel_size[0] // 2, layer.kernel_size[1] // 2) if layer.padding == "same" else (0, 0))
+        result.append(DeployedLayer(
+            "conv", tuple(layer.kernel_size), tuple(layer.stride), tuple(padding), layer.groups, in_hw, out_elements,  # type: ignore[arg-type]
+            in_site_of.get(id(layer)), layer.in_channels, out_site_of.get(id(layer)), layer.out_channels,
         ))
+    return result
+
+
+def build_flops_cost(model: nn.Module, sites: list[PrunableSite], input_shape: tuple[int, int, int]) -> FlopsCost:
+    """The FLOPs cost model of `model`: one forward pass at `input_shape` (C, H, W) reads every
+    layer's output size; each conv/linear becomes a term whose c_in / c_out are fixed or a site's count."""
+    terms = []
+    for layer in deployed_layers(model, sites, input_shape):
+        if layer.kind == "linear":
+            terms.append(CostTerm(1.0, None, layer.out_fixed, layer.in_site, layer.in_fixed))
+            continue
+        coefficient = float(layer.kernel[0] * layer.kernel[1] * layer.out_elements)
+        if layer.groups > 1 and not layer.depthwise:
+            coefficient /= layer.groups
+        terms.append(CostTerm(coefficient, layer.out_site, layer.out_fixed, layer.in_site, layer.in_fixed, layer.depthwise))
     return FlopsCost(terms, [site.channels for site in sites])
 
 

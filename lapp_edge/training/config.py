@@ -28,10 +28,11 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None,
-           cli: bool = True) -> Any:
+           cli: bool = True, repeat: bool = False) -> Any:
     """A config field with its CLI help. `flag` overrides the generated flag name (a bool field
-    whose flag starts with --no- or is --quiet stores False when given); `cli=False` keeps it off the CLI."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "cli": cli})
+    whose flag starts with --no- or is --quiet stores False when given); `cli=False` keeps it off the CLI;
+    `repeat`: a str field whose flag may be given several times (values joined with commas)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "cli": cli, "repeat": repeat})
 
 
 def _model_names() -> tuple[str, ...]:
@@ -67,7 +68,19 @@ class TrainConfig:
     epochs: int = option(30, "training epochs in all (pruning phase included)")
     prune_epochs: int = option(3, "epochs of the LAPP pruning phase; then the network is slimmed and training goes on slim")
     flops_target: float = option(0.4, "kept share of the dense network's FLOPs, in (0, 1]; the slim network lands within +-1%%")
-    channel_multiple: int = option(8, "kept widths are multiples of this (1: no rounding)")
+    channel_multiple: int = option(0, "kept widths are multiples of this (1: no rounding; 0: the --target profiles' "
+                                   "multiple on this CPU, their least common multiple for several, else 8)")
+    target: str = option("", "target profile to shape the network for (a name from lapp-edge targets, or a YAML path); "
+                         "repeat for several. With --latency-target or --latency-budget-ms LAPP constrains the latency "
+                         "each target's layer table predicts (lapp-edge profile-layers) instead of FLOPs", repeat=True)
+    latency_target: str = option("", "kept share of the dense network's latency on each --target at --latency-batch, in "
+                                 "(0, 1]: one value for all targets or one per target (repeat)", repeat=True)
+    latency_budget_ms: str = option("", "latency budget in ms on each --target at --latency-batch, instead of "
+                                    "--latency-target: one value for all targets or one per target (repeat)", repeat=True)
+    latency_batch: int = option(0, "batch size the latency constraint is for (0: the largest batch size of the target profile)")
+    latency_table: str = option("", "layer latency table file per --target, in the same order (repeat; default: found in "
+                                "latency-data/ or the shipped tables by target, model, input shape and this machine)",
+                                repeat=True)
     dense: bool = option(False, "train the dense baseline (no LAPP)")
     bypass: bool = option(True, "no 1x1 bypass branch on prunable convs", flag="--no-bypass")
     bypass_mode: str = option("branch", "how the 1x1 bypass trains: branch (its own conv + BN, two convs per unit) or "
@@ -91,18 +104,34 @@ class TrainConfig:
     scorer: str = option("bn_weight_norm", "channel importance score", choices=_scorer_names())
     progress: bool = option(True, "no progress bars or per-epoch lines", flag="--quiet")
 
-    def lapp_config(self) -> "LappConfig":
-        """LAPP's settings for this run (the FLOPs target becomes the cost target)."""
+    @property
+    def latency_constrained(self) -> bool:
+        """LAPP constrains predicted latency (a --latency-target or --latency-budget-ms was given)."""
+        return bool(self.latency_target or self.latency_budget_ms)
+
+    def lapp_config(self, target: float | None = None) -> "LappConfig":
+        """LAPP's settings for this run: the cost target is the FLOPs target, or `target` (the latency
+        budget as a ratio of the dense latency, training/latency.py) when LAPP constrains latency."""
         from lapp_edge.lapp.controller import LappConfig
 
+        multiple = self.channel_multiple or DEFAULT_CHANNEL_MULTIPLE
         return LappConfig(
-            target=self.flops_target, channel_multiple=self.channel_multiple, scorer=self.scorer,
-            min_channels=max(1, self.channel_multiple), group_reduce=self.group_reduce,
+            target=self.flops_target if target is None else target, channel_multiple=multiple, scorer=self.scorer,
+            min_channels=max(1, multiple), group_reduce=self.group_reduce,
         )
 
 
+DEFAULT_CHANNEL_MULTIPLE = 8       # without a target: 8 fp32 channels fill an AVX2 register (deploy/targets.py)
+
+
+def split_values(text: str) -> list[str]:
+    """The values of a repeatable option ("a,b" from --opt a --opt b)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 # Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
-LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer")
+LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer",
+             "latency_target", "latency_budget_ms", "latency_batch", "latency_table")
 
 
 def flag_name(name: str) -> str:
@@ -144,8 +173,9 @@ def validate_config(config: TrainConfig) -> None:
                 f"--prune-epochs ({config.prune_epochs}) must be smaller than --epochs ({config.epochs}): "
                 "the slim network needs epochs to train after pruning"
             )
-    if config.channel_multiple < 1:
-        raise UserError(f"--channel-multiple must be at least 1, got {config.channel_multiple}")
+    if config.channel_multiple < 0:
+        raise UserError(f"--channel-multiple must be at least 1 (or 0: the target's), got {config.channel_multiple}")
+    validate_latency_options(config)
     if config.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {config.batch_size}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
@@ -192,9 +222,40 @@ def validate_config(config: TrainConfig) -> None:
             raise UserError("--device cuda was asked for but no CUDA GPU is available")
 
 
+def validate_latency_options(config: TrainConfig) -> None:
+    """The latency-constraint options agree with each other (UserError, one line naming the flag)."""
+    targets = split_values(config.target)
+    if config.latency_target and config.latency_budget_ms:
+        raise UserError("give --latency-target or --latency-budget-ms, not both")
+    if config.latency_constrained and not targets:
+        raise UserError("--latency-target / --latency-budget-ms need --target PROFILE: latency is measured on a target")
+    flag = "--latency-target" if config.latency_target else "--latency-budget-ms"
+    for text in (config.latency_target, config.latency_budget_ms):
+        if not text:
+            continue
+        try:
+            values = [float(v) for v in split_values(text)]
+        except ValueError:
+            raise UserError(f"{flag} must be numbers, got {text!r}") from None
+        if len(values) not in (1, len(targets)):
+            raise UserError(f"{flag} takes one value for all targets or one per --target ({len(targets)}), got {len(values)}")
+        if text is config.latency_target and not all(0.0 < v <= 1.0 for v in values):
+            raise UserError(f"--latency-target must lie in (0, 1], got {text}")
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise UserError(f"{flag} must be positive, got {text}")
+    tables = split_values(config.latency_table)
+    if tables and len(tables) != len(targets):
+        raise UserError(f"--latency-table takes one file per --target ({len(targets)}), got {len(tables)}")
+    if config.latency_batch < 0:
+        raise UserError(f"--latency-batch must not be negative (0: the target's largest batch), got {config.latency_batch}")
+
+
 def refuse_ignored_options(given: dict[str, Any]) -> None:
     """Options given (on the command line, or in a run-all config) that the run would not use are
     refused in one line, never silently dropped: LAPP-only options with --dense."""
+    if ("latency_target" in given or "latency_budget_ms" in given) and "flops_target" in given:
+        raise UserError("--flops-target and a latency constraint (--latency-target / --latency-budget-ms) exclude each "
+                        "other: LAPP meets one cost target")
     if given.get("dense"):
         ignored = [flag_name(name) for name in LAPP_ONLY if name in given]
         if ignored:

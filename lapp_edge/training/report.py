@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,9 @@ class RunSummary:
     input_shape: tuple[int, int, int]  # C, H, W
     num_classes: int
     dense_widths: dict[str, int]
-    cost_name: str                     # what LAPP constrained ("flops")
+    cost_name: str                     # what LAPP constrained ("flops" or "latency")
+    shaped_for: list[dict[str, Any]] = field(default_factory=list)   # latency runs: per target, table and budget
+    latency_ratios: dict[str, float] = field(default_factory=dict)  # latency runs: per target, the ratio its table predicts
 
     def build(self) -> dict[str, Any]:
         return build_report(self)
@@ -72,7 +74,9 @@ def build_report(summary: RunSummary) -> dict[str, Any]:
         "dataset": config["dataset"],
         "mode": "dense" if config["dense"] else "lapp",
         "constraint": summary.cost_name,
-        "flops_target": None if config["dense"] else config["flops_target"],
+        "flops_target": None if config["dense"] or summary.shaped_for else config["flops_target"],
+        "shaped_for": summary.shaped_for,
+        "latency_predicted_ratio": summary.latency_ratios,
         "channel_multiple": config["channel_multiple"],
         "input_shape": list(input_shape),
         "flops": {
@@ -109,6 +113,9 @@ def format_report(report: dict[str, Any]) -> str:
     flops, params = report["flops"], report["params"]
     lines.append(f"MACs    dense {flops['dense_macs'] / 1e6:9.3f} M   slim {flops['slim_macs'] / 1e6:9.3f} M   "
                  f"ratio {flops['ratio']:.4f}" + (f" (target {report['flops_target']})" if report["flops_target"] else ""))
+    for entry in report.get("shaped_for") or []:
+        lines.append(f"latency on {entry['target']} (batch {entry['batch']}): predicted {report['latency_predicted_ratio'][entry['target']]:.4f} "
+                     f"of dense (budget {entry['budget_ratio']:.4f} = {entry['budget_ms']:.3f} ms; table {entry['table']})")
     lines.append(f"FlopCounterMode check: dense {flops['independent_dense_flops'] / 2e6:.3f} M MACs, "
                  f"slim {flops['independent_slim_flops'] / 2e6:.3f} M MACs")
     lines.append(f"params  dense {params['dense'] / 1e3:9.1f} k   slim {params['slim'] / 1e3:9.1f} k   "

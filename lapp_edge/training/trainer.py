@@ -39,6 +39,7 @@ from lapp_edge.errors import UserError
 from lapp_edge.lapp.controller import FreezeResult, LappController
 from lapp_edge.lapp.cost import CostModel
 from lapp_edge.lapp.flops import build_flops_cost
+from lapp_edge.training.latency import LatencyConstraint, latency_constraint, predicted_ratios, resolve_channel_multiple
 from lapp_edge.lapp.freeze import freeze
 from lapp_edge.lapp.widths import allowed_widths, smallest_cost_ratio, target_widths
 from lapp_edge.models import build_model, prunable_sites
@@ -67,6 +68,7 @@ class EpochRecord:
     test_top1: float
     flops_ratio: float
     lr: float
+    latency_ratio: float | None = None     # predicted by the target's layer table (latency-constrained runs)
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -112,7 +114,7 @@ class Trainer:
         self.data = configure(dataset, options) if dataset is not None else load_dataset(config.dataset, config.data_dir, options)
         # the data's decisions (input size, augmentation, mean/std) become the run's settings, so a
         # resumed run reads exactly the same data and the config says what was trained on
-        self.config = config = replace(config, **self.data.extra["resolved"])
+        self.config = config = replace(config, **self.data.extra["resolved"], channel_multiple=resolve_channel_multiple(config))
         for flag, count, split in (("--train-subset", config.train_subset, self.data.train), ("--test-subset", config.test_subset, self.data.test)):
             if count > len(split):  # type: ignore[arg-type]
                 raise UserError(f"{flag} {count} is more than the {len(split)} images there are")  # type: ignore[arg-type]
@@ -135,7 +137,13 @@ class Trainer:
         use_bypass_mode(self.model, config.bypass_mode)
         self.sites = prunable_sites(self.model)
         self.dense_widths = {site.name: site.channels for site in self.sites}
-        self.cost: CostModel = build_flops_cost(self.model, self.sites, self.input_shape)
+        self.flops_cost = build_flops_cost(self.model, self.sites, self.input_shape)
+        self.cost: CostModel = self.flops_cost
+        self.latency: LatencyConstraint | None = None
+        if config.latency_constrained and not config.dense:
+            self.latency = latency_constraint(config, self.model, self.sites, self.input_shape)
+            self.cost = self.latency.cost
+        self.lapp_settings = config.lapp_config(self.latency.target_ratio if self.latency else None)
         self.model.to(self.device)
         if self.amp:
             self.model.to(memory_format=torch.channels_last)
@@ -146,7 +154,7 @@ class Trainer:
         if not config.dense:
             self._check_target_reachable()
             # distributed: the thresholds sit outside DDP; their gradients are averaged explicitly
-            self.task = LappTask(LappController(self.sites, self.cost, config.lapp_config()).to(self.device),
+            self.task = LappTask(LappController(self.sites, self.cost, self.lapp_settings).to(self.device),
                                  self.prune_steps, config.trace_every,
                                  self.dist.average_gradients if self.dist.enabled else None)
 
@@ -193,7 +201,14 @@ class Trainer:
             batches += ("; the last batch of each epoch would hold 1 image and is dropped (BatchNorm cannot train on one image; "
                         "shuffling puts it in another batch next epoch)")
         lines.append(batches + f"; evaluation on {len(self.test_split)} images")  # type: ignore[arg-type]
-        if not config.dense:
+        if self.latency is not None:
+            for entry in self.latency.shaped_for:
+                lines.append(f"LAPP: latency on {entry['target']} at batch {entry['batch']} kept to {entry['budget_ratio']:.4f} of "
+                             f"the dense network's predicted {entry['dense_predicted_ms']:.3f} ms ({entry['budget_ms']:.3f} ms), "
+                             f"from {entry['table']}")
+            lines.append(f"LAPP: widths in multiples of {config.channel_multiple}: the tightest budget is reachable (the "
+                         f"freeze's width search lands on {self.target_ratio:.4f} before training)")
+        elif not config.dense:
             lines.append(f"LAPP: FLOPs target {config.flops_target} with widths in multiples of {config.channel_multiple}: "
                          f"reachable (the freeze's width search lands on {self.target_ratio:.4f} before training)")
         return lines
@@ -201,25 +216,25 @@ class Trainer:
     def _check_target_reachable(self) -> None:
         """Refuse, before anything is written, a target that no width combination meets: the floor
         (every site at its smallest width), then the freeze's own width search from fixed starts."""
-        lapp = self.config.lapp_config()
+        lapp = self.lapp_settings
+        what = (f"FLOPs target {self.config.flops_target}" if self.latency is None else
+                f"latency target {lapp.target:.4f} (of the dense latency on {', '.join(e['target'] for e in self.latency.shaped_for)})")
         floor = smallest_cost_ratio(self.cost, lapp.channel_multiple, lapp.min_channels)
         fixed = all(len(allowed_widths(c, lapp.channel_multiple, lapp.min_channels)) == 1 for c in self.cost.site_channels)
-        if floor > self.config.flops_target + lapp.tolerance and not fixed:
+        if floor > lapp.target + lapp.tolerance and not fixed:
             raise UserError(
-                f"FLOPs target {self.config.flops_target} cannot be reached: with every prunable layer of "
-                f"{self.config.model} at its minimum width ({lapp.channel_multiple} channels) the network keeps "
-                f"{floor:.3f} of its FLOPs"
+                f"{what} cannot be reached: with every prunable layer of {self.config.model} at its minimum width "
+                f"({lapp.channel_multiple} channels) the network keeps {floor:.3f} of its {self.cost.name}"
             )
-        _, ratio = target_widths(self.cost, self.config.flops_target, lapp.channel_multiple, lapp.min_channels,
-                                 aim=lapp.tolerance * 0.4)
+        _, ratio = target_widths(self.cost, lapp.target, lapp.channel_multiple, lapp.min_channels, aim=lapp.tolerance * 0.4)
         self.target_ratio = ratio
-        if abs(ratio - self.config.flops_target) > lapp.tolerance:
+        if abs(ratio - lapp.target) > lapp.tolerance:
             why = (f"with --channel-multiple {lapp.channel_multiple} every prunable layer of {self.config.model} "
                    f"({min(self.cost.site_channels)}-{max(self.cost.site_channels)} channels) can only keep its full width"
                    if fixed else f"the closest network with widths that are multiples of {lapp.channel_multiple} keeps {ratio:.4f}")
             raise UserError(
-                f"FLOPs target {self.config.flops_target} cannot be met within +-{lapp.tolerance}: {why}; "
-                "choose another --flops-target or --channel-multiple"
+                f"{what} cannot be met within +-{lapp.tolerance}: {why}; "
+                f"choose another {'--flops-target' if self.latency is None else '--latency-target'} or --channel-multiple"
             )
 
     # --- checkpointing -----------------------------------------------------------------
@@ -331,7 +346,7 @@ class Trainer:
             self.state.step += 1
             if batch_index % 20 == 0 or batch_index == self.steps_per_epoch - 1:
                 ratio = task.cost_ratio() or ratio
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}", flops=f"{ratio:.3f}")
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}", **{self.cost.name: f"{ratio:.3f}"})
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -341,12 +356,18 @@ class Trainer:
         return EpochRecord(epoch + 1, self.state.phase, seconds, cpu_seconds, total_loss / max(1, total_seen),
                            total_correct / max(1, total_seen), float("nan"), ratio, lr)
 
-    def current_cost_ratio(self) -> float:
-        """The cost ratio of the hard kept counts now (pruning) or of the current widths."""
+    def current_counts(self) -> torch.Tensor:
+        """Kept counts per site: the hard counts now (pruning) or the current widths."""
         if self.controller is not None:
-            return float(self.cost.ratio(torch.tensor(self.controller.hard_counts(), dtype=torch.float64)))
-        widths = [self.state.widths[s] for s in self.dense_widths]
-        return float(self.cost.ratio(torch.tensor(widths, dtype=torch.float64)))
+            return torch.tensor(self.controller.hard_counts(), dtype=torch.float64)
+        return torch.tensor([self.state.widths[s] for s in self.dense_widths], dtype=torch.float64)
+
+    def current_cost_ratio(self) -> float:
+        """The cost ratio (what LAPP constrains) of the current kept counts."""
+        return float(self.cost.ratio(self.current_counts()))
+
+    def current_flops_ratio(self) -> float:
+        return float(self.flops_cost.ratio(self.current_counts()))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> float:
@@ -427,13 +448,16 @@ class Trainer:
                 self.state.epoch += 1
                 if self.state.phase == "pruning" and self.state.epoch >= self.config.prune_epochs:
                     self.freeze()
-                    record.flops_ratio = self.current_cost_ratio()
+                record.flops_ratio = self.current_flops_ratio()
+                if self.latency is not None:
+                    record.latency_ratio = self.current_cost_ratio()
                 record.test_top1 = self.evaluate()
                 self.state.history.append(asdict(record))
                 self.save_checkpoint()
                 if self.show_progress:
                     print(f"epoch {record.epoch:3d} [{record.phase:7s}] {record.seconds:6.1f}s  loss {record.train_loss:.4f}  "
-                          f"train {record.train_top1:.4f}  test {record.test_top1:.4f}  FLOPs {record.flops_ratio:.4f}", flush=True)
+                          f"train {record.train_top1:.4f}  test {record.test_top1:.4f}  FLOPs {record.flops_ratio:.4f}"
+                          + (f"  latency {record.latency_ratio:.4f}" if record.latency_ratio is not None else ""), flush=True)
                 if on_epoch is not None:
                     on_epoch(self)
             self.write_slim_model()
@@ -449,7 +473,9 @@ class Trainer:
     def summary(self) -> RunSummary:
         """What the run's report is built from (the report module knows nothing of the Trainer)."""
         return RunSummary(asdict(self.config), self.state, self.model, self.input_shape,
-                          self.data.info.num_classes, dict(self.dense_widths), self.cost.name)
+                          self.data.info.num_classes, dict(self.dense_widths), self.cost.name,
+                          self.latency.shaped_for if self.latency else [],
+                          predicted_ratios(self.latency, self.current_counts()) if self.latency else {})
 
     def architecture_spec(self) -> ArchitectureSpec:
         info = self.data.info

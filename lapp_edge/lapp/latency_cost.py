@@ -1,0 +1,139 @@
+"""The latency cost model: a target's predicted latency as a differentiable function of kept counts.
+
+The second implementation of `lapp_edge.lapp.cost.CostModel` (FLOPs is the first). For one target
+and batch size, with the target's layer table (`costs.latency_table`, measured by
+`lapp-edge profile-layers`):
+
+    latency_ms(counts) = dense_ms * (a + b * S(counts) / S(dense)) / (a + b)
+    S(counts) = sum over deployed convs l of T_l(c_in_l, c_out_l)
+
+where c_in_l / c_out_l are the kept counts of the sites that prune layer l (or its fixed width)
+and T_l is bilinearly interpolated between the table's grid widths. Interpolation is linear in
+each count between grid points, so the soft (straight-through) kept counts of training get a
+gradient: the slope of the table's cell, which is what tells LAPP that a width step off the
+target's block costs more than its FLOPs say. The ratio (what LAPP's penalty and the width
+search use) is latency_ms(counts) / latency_ms(dense).
+
+Several targets at once (`TightestBudgetCost`): each target t has its cost ratio r_t and budget
+ratio B_t; the combined ratio is min_t(B_t) * max_t(r_t / B_t). It is 1 for the dense network,
+reaches min_t(B_t) exactly when the tightest target sits on its budget (the others then lie
+within theirs), and its gradient flows to the target that binds. LAPP's target is min_t(B_t).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from lapp_edge.costs.latency_table import BatchTable, LayerTable
+from lapp_edge.lapp.flops import DeployedLayer
+
+
+def _torch_axis(grid: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if grid.numel() == 1:
+        zero = torch.zeros_like(x, dtype=torch.long)
+        return zero, zero, torch.zeros_like(x)
+    lower = (torch.searchsorted(grid, x.detach().contiguous(), right=True) - 1).clamp(0, grid.numel() - 2)
+    weight = ((x - grid[lower]) / (grid[lower + 1] - grid[lower])).clamp(0.0, 1.0)
+    return lower, lower + 1, weight
+
+
+class _TorchLayer:
+    """A layer table as tensors on one device (built on first use)."""
+
+    def __init__(self, table: LayerTable, device: torch.device, dtype: torch.dtype) -> None:
+        self.tied = table.tied
+        self.grid_in = torch.tensor(table.c_in_grid, device=device, dtype=dtype)
+        self.grid_out = torch.tensor(table.c_out_grid, device=device, dtype=dtype)
+        self.values = torch.tensor(table.ms, device=device, dtype=dtype)
+
+    def lookup(self, c_in: torch.Tensor, c_out: torch.Tensor) -> torch.Tensor:
+        o0, o1, wo = _torch_axis(self.grid_out, c_out)
+        if self.tied:
+            return (1 - wo) * self.values[0, o0] + wo * self.values[0, o1]
+        i0, i1, wi = _torch_axis(self.grid_in, c_in)
+        return ((1 - wi) * (1 - wo) * self.values[i0, o0] + (1 - wi) * wo * self.values[i0, o1]
+                + wi * (1 - wo) * self.values[i1, o0] + wi * wo * self.values[i1, o1])
+
+
+class LatencyCost:
+    """Predicted latency in ms on one target at one batch, from its layer table (module docstring).
+
+    Raises UserError at construction when the table has no entry for one of the model's convs."""
+
+    name = "latency"
+    unit = "ms"
+
+    def __init__(self, layers: list[DeployedLayer], site_channels: list[int], table: BatchTable, target: str) -> None:
+        self.target = target
+        self.table = table
+        self.site_channels = list(site_channels)
+        self.entries: list[tuple[LayerTable, DeployedLayer]] = []
+        for layer in layers:
+            if layer.kind != "conv":
+                continue                           # the classifier: in the fitted constant
+            signature = layer.signature
+            table.sum_ms([(signature, layer.in_fixed, layer.out_fixed)])   # UserError for a shape the table lacks
+            self.entries.append((table.layers[signature], layer))
+        self._torch: dict[tuple[str, torch.dtype], list[_TorchLayer]] = {}
+        self.dense_sum = float(self.table_sum(np.array(self.site_channels, dtype=np.float64)))
+        self.dense_cost = float(table.dense_ms)
+
+    def _width(self, counts: Any, site: int | None, fixed: int) -> Any:
+        return counts[..., site] if site is not None else fixed
+
+    def table_sum(self, counts: Any) -> Any:
+        """Sum of the layer tables for kept counts `counts[..., s]` (torch: differentiable)."""
+        if isinstance(counts, torch.Tensor):
+            key = (str(counts.device), counts.dtype)
+            if key not in self._torch:
+                self._torch[key] = [_TorchLayer(t, counts.device, counts.dtype) for t, _ in self.entries]
+            total: Any = 0.0
+            for torch_layer, (_, layer) in zip(self._torch[key], self.entries):
+                c_in = self._width(counts, layer.in_site, layer.in_fixed)
+                c_out = self._width(counts, layer.out_site, layer.out_fixed)
+                shape = counts.shape[:-1]
+                total = total + torch_layer.lookup(torch.as_tensor(c_in, dtype=counts.dtype, device=counts.device).expand(shape),
+                                                   torch.as_tensor(c_out, dtype=counts.dtype, device=counts.device).expand(shape))
+            return total
+        counts = np.asarray(counts, dtype=np.float64)
+        total = np.zeros(counts.shape[:-1])
+        for table, layer in self.entries:
+            c_in = np.broadcast_to(self._width(counts, layer.in_site, layer.in_fixed), counts.shape[:-1])
+            c_out = np.broadcast_to(self._width(counts, layer.out_site, layer.out_fixed), counts.shape[:-1])
+            total = total + table.lookup(c_in, c_out)
+        return total
+
+    def ratio(self, counts: Any) -> Any:
+        """Predicted latency / dense latency on the target (torch: differentiable; numpy: any leading shape)."""
+        table = self.table
+        return (table.constant + table.scale * self.table_sum(counts) / self.dense_sum) / (table.constant + table.scale)
+
+    def cost(self, counts: Any) -> Any:
+        return self.dense_cost * self.ratio(counts)
+
+
+class TightestBudgetCost:
+    """Several targets' latency costs as one: min_t(B_t) * max_t(ratio_t / B_t) (module docstring)."""
+
+    name = "latency"
+    unit = "share of the dense latency on the tightest target"
+
+    def __init__(self, costs: list[LatencyCost], budgets: list[float]) -> None:
+        if len(costs) != len(budgets) or not costs:
+            raise ValueError("one budget ratio per target cost")
+        self.costs, self.budgets = costs, budgets
+        self.site_channels = costs[0].site_channels
+        self.tightest = min(budgets)
+        self.dense_cost = 1.0
+
+    def ratio(self, counts: Any) -> Any:
+        shares = [cost.ratio(counts) / budget for cost, budget in zip(self.costs, self.budgets)]
+        if isinstance(counts, torch.Tensor):
+            return self.tightest * torch.stack(shares, dim=-1).max(dim=-1).values
+        return self.tightest * np.max(np.stack(shares, axis=-1), axis=-1)
+
+    def cost(self, counts: Any) -> Any:
+        return self.ratio(counts)

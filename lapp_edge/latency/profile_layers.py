@@ -1,0 +1,356 @@
+"""`lapp-edge profile-layers`: measure a target's layer latency table for a model family.
+
+    lapp-edge profile-layers --target NAME --model resnet20 [--input 1x28x28] [--configs 24]
+        [--batch 1 --batch 32] [--channel-multiple N] [--no-groups] [--out latency-data/]
+
+1. The dense family member (coupled groups on, as LAPP trains it) is built and its deployed convs
+   listed with the prunable site each width comes from (`lapp.flops.deployed_layers`).
+2. Each distinct layer shape (`costs.latency_table.layer_signature`) is measured on the target
+   over the grid of widths it takes: every allowed width of the sites that prune it (multiples of
+   the target's channel multiple, `deploy.targets.channel_multiple_for`; at most `max_grid` per
+   axis, evenly spread, where a site is wide), fixed widths as they are. Each point is one ONNX
+   model (Conv with bias, then ReLU: what the fused export deploys; built with onnx.helper, random
+   weights) compiled through `deploy.compile.compile_runner` and timed with `measure_latency`.
+   A reference layer is re-measured every `REFERENCE_EVERY` points: its drift is the table's noise.
+3. `configs` whole networks at random widths (`latency.calibrate.draw_configs`, the dense one
+   first) are exported and measured as latency ratios to the dense network, interleaved in this
+   process with load checks (`quiet_block_ratios`, DEPLOY_NOTES' protocol).
+4. latency_ratio = a + b * table_ratio is fitted on all of them; the held-out error of that
+   prediction (median over 500 random 2/3 : 1/3 splits, `costs.latency_fit.held_out_errors`) is
+   recorded next to the FLOPs fit's (latency_ratio = a + b * macs_ratio) on the same splits, and
+   next to the raw table sum (no fit).
+The table is written atomically as JSON into `--out` (with the dense reference ONNX beside it,
+unless one is there already), named by target, model, input and machine (`table_file_name`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from lapp_edge.costs.latency_fit import fit_linear, held_out_errors
+from lapp_edge.costs.latency_table import (
+    TABLE_FORMAT, BatchTable, LatencyTable, LayerTable, PredictorError, table_file_name, write_table_json,
+)
+from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
+from lapp_edge.deploy.measure import (
+    LatencyProtocol, RatioProtocol, cpu_model, cpu_snapshot, machine_key, measure_latency, other_cpu_share_since,
+    quiet_block_ratios,
+)
+from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, load_target, runtime_version
+from lapp_edge.errors import UserError
+from lapp_edge.fileio import atomic_write_bytes
+from lapp_edge.lapp.flops import DeployedLayer, FlopsCost
+from lapp_edge.lapp.widths import allowed_widths
+
+MAX_GRID = 12                  # widths per axis measured for one layer shape (wider sites: evenly spread)
+REFERENCE_EVERY = 16           # re-measure the reference layer every this many points
+LAYER_PROTOCOL = LatencyProtocol(warmup_iterations=10, min_iterations=20, min_seconds=0.06, max_seconds=2.0)
+MIN_CONFIGS = 6                # a 2-coefficient fit with held-out points needs a few
+COPIES = 3                     # parallel copies of a layer whose extra cost is the layer's cost in a network
+MIN_SHARE = 0.02               # a layer point never counts less than this share of the layer alone (timing noise)
+
+
+@dataclass(frozen=True)
+class ModelLayers:
+    """The deployed convs of a dense model and the widths each site may take on the target."""
+
+    layers: list[DeployedLayer]
+    site_grids: list[list[int]]     # per site: widths measured
+    site_channels: list[int]
+    site_names: list[str]
+    flops: FlopsCost                # the same model's FLOPs cost (for the FLOPs fit it is compared with)
+
+
+def spread(values: np.ndarray, limit: int) -> list[int]:
+    """At most `limit` of the sorted `values`, evenly spread, always keeping the first and last."""
+    if len(values) <= limit:
+        return [int(v) for v in values]
+    picks = np.unique(np.round(np.linspace(0, len(values) - 1, limit)).astype(int))
+    return [int(values[i]) for i in picks]
+
+
+def layer_triples(layers: list[DeployedLayer], counts: np.ndarray | list[float]) -> list[tuple[str, float, float]]:
+    """(signature, c_in, c_out) of every conv for per-site widths `counts` (the classifier excluded)."""
+    triples = []
+    for layer in layers:
+        if layer.kind != "conv":
+            continue
+        c_in = counts[layer.in_site] if layer.in_site is not None else layer.in_fixed
+        c_out = counts[layer.out_site] if layer.out_site is not None else layer.out_fixed
+        triples.append((layer.signature, float(c_in), float(c_out)))
+    return triples
+
+
+def grid_points(model_layers: ModelLayers) -> dict[str, tuple[list[int], list[int], bool]]:
+    """Per layer shape: the c_in grid, the c_out grid, and whether the two are tied (depthwise)."""
+    grids: dict[str, tuple[set[int], set[int], bool]] = {}
+    for layer in model_layers.layers:
+        if layer.kind != "conv":
+            continue
+        c_in = set(model_layers.site_grids[layer.in_site]) if layer.in_site is not None else {layer.in_fixed}
+        c_out = set(model_layers.site_grids[layer.out_site]) if layer.out_site is not None else {layer.out_fixed}
+        if layer.depthwise:
+            c_out |= c_in
+            c_in = {0}
+        entry = grids.setdefault(layer.signature, (set(), set(), layer.depthwise))
+        entry[0].update(c_in)
+        entry[1].update(c_out)
+    return {name: (sorted(i), sorted(o), tied) for name, (i, o, tied) in grids.items()}
+
+
+def conv_onnx(c_in: int, c_out: int, layer: DeployedLayer, seed: int = 0, copies: int = 1) -> bytes:
+    """`copies` parallel copies of one layer as deployed (Conv with bias) on the same input, summed,
+    then ReLU; input N x c_in x H x W with a dynamic batch. One copy is the layer alone; the
+    difference between COPIES copies and one is the layer's cost inside a network (`profile_point`)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    groups = c_in if layer.depthwise else layer.groups
+    rng = np.random.default_rng(seed)
+    nodes, initializers = [], []
+    for copy in range(copies):
+        weight = rng.standard_normal((c_out, c_in // groups, *layer.kernel)).astype(np.float32) * 0.1
+        bias = rng.standard_normal(c_out).astype(np.float32) * 0.1
+        initializers += [numpy_helper.from_array(weight, f"weight{copy}"), numpy_helper.from_array(bias, f"bias{copy}")]
+        nodes.append(helper.make_node("Conv", ["input", f"weight{copy}", f"bias{copy}"], [f"conv{copy}"],
+                                      kernel_shape=list(layer.kernel), strides=list(layer.stride),
+                                      pads=[*layer.padding, *layer.padding], group=groups))
+    if copies > 1:
+        nodes.append(helper.make_node("Sum", [f"conv{c}" for c in range(copies)], ["summed"]))
+    nodes.append(helper.make_node("Relu", ["summed" if copies > 1 else "conv0"], ["output"]))
+    h, w = layer.in_hw
+    graph = helper.make_graph(
+        nodes, "layer", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", c_in, h, w])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", c_out, None, None])], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def profile_point(layer: DeployedLayer, c_in: int, c_out: int, batch: int, profile: TargetProfile, work: Path,
+                  rng: np.random.Generator, seed: int = 0, int8: bool = False) -> tuple[float, str]:
+    """A layer's latency in ms as it costs inside a network, and the precision the runtime compiled:
+    (t(COPIES parallel copies) - t(one copy)) / (COPIES - 1), both timed twice, alternating. A layer
+    measured alone also pays the call overhead and the input/output layout reorders (NCHW <-> the
+    runtime's blocked layout) that a network pays once; at batch 1 those dominate a small conv and made
+    a table of isolated layers predict whole networks worse than FLOPs (7.7% vs 2.7% held-out median on
+    ORT fp32, ResNet-20). Extra copies add only the conv (and its fused add), as a network does."""
+    shape = (c_in, *layer.in_hw)
+    data = rng.standard_normal((batch, *shape)).astype(np.float32)
+    target = replace(profile, input_shape=shape)
+    runners = []
+    for copies in (1, COPIES):
+        path = work.with_name(f"{work.name}-x{copies}.onnx")
+        atomic_write_bytes(path, conv_onnx(c_in, c_out, layer, seed, copies))
+        runners.append(compile_runner(OnnxModel(path, "input", shape), target, batch, work.parent, data if int8 else None))
+    try:
+        times: list[list[float]] = [[], []]
+        for _ in range(2):
+            for index, runner in enumerate(runners):
+                times[index].append(measure_latency(runner, data, LAYER_PROTOCOL).median_ms)
+        one, many = float(np.median(times[0])), float(np.median(times[1]))
+        return max((many - one) / (COPIES - 1), MIN_SHARE * one), runners[0].info.precision_used
+    finally:
+        for runner in runners:
+            runner.close()
+
+
+def describe_model(model: str, input_shape: tuple[int, int, int], coupled: bool, multiple: int,
+                   max_grid: int = MAX_GRID) -> ModelLayers:
+    """Build the dense model (random weights, no bypass) and list its deployed convs and site grids.
+    Raises UserError for an unknown model or one with no prunable site."""
+    from lapp_edge.lapp.flops import build_flops_cost, deployed_layers
+    from lapp_edge.latency.calibrate import NUM_CLASSES
+    from lapp_edge.models import build_model, prunable_sites
+
+    network = build_model(model, input_shape[0], NUM_CLASSES, False, coupled, input_size=input_shape[1])
+    sites = prunable_sites(network)
+    if not sites:
+        raise UserError(f"model {model} has no prunable layer: there is nothing to profile")
+    grids = [spread(allowed_widths(site.channels, multiple, multiple), max_grid) for site in sites]
+    return ModelLayers(deployed_layers(network, sites, input_shape), grids, [site.channels for site in sites],
+                       [site.name for site in sites], build_flops_cost(network, sites, input_shape))
+
+
+def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tuple[int, int, int] | None = None,
+                   configs: int = 24, batches: list[int] | None = None, channel_multiple: int = 0, coupled: bool = True,
+                   out: str | Path = "latency-data", seed: int = 0, max_grid: int = MAX_GRID,
+                   ratio_protocol: RatioProtocol | None = None, command: str = "", progress: bool = True) -> Path:
+    """Measure and write the layer latency table of `model` on `target` (see the module docstring).
+    Returns the table's path. Raises UserError for a bad target, model, input, batch or count
+    before anything is measured, and BackendUnavailable where the target's runtime is missing."""
+    from lapp_edge.latency.calibrate import (
+        DENSE, INPUT_NAME, build_fused, dense_reference_name, draw_configs, export_config,
+    )
+
+    profile = load_target(target)
+    shape = tuple(input_shape or profile.input_shape)
+    if configs < MIN_CONFIGS:
+        raise UserError(f"--configs must be at least {MIN_CONFIGS} (a fitted line and held-out points), not {configs}")
+    batch_sizes = sorted(set(batches or profile.batch_sizes))
+    if any(b <= 0 or b > 4096 for b in batch_sizes):
+        raise UserError("--batch must lie in [1, 4096]")
+    if max_grid < 2:
+        raise UserError(f"--max-grid must be at least 2, not {max_grid}")
+    multiple = channel_multiple or channel_multiple_for(profile)
+    described = describe_model(model, shape, coupled, multiple, max_grid)  # type: ignore[arg-type]
+    points = grid_points(described)
+    ratio_protocol = ratio_protocol or RatioProtocol()
+    layer_profile = replace(profile, latency=LAYER_PROTOCOL)
+    calibration = dataset_calibration(profile) if profile.precision == "int8" else None
+    total_points = sum(len(i) * len(o) for i, o, _ in points.values()) * len(batch_sizes)
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    say(f"profile-layers: {model} {'x'.join(map(str, shape))} on {profile.name}, channel multiple {multiple}: "
+        f"{len(points)} layer shapes, {total_points} layer points, then {configs} whole networks, batches {batch_sizes}")
+    rng = np.random.default_rng(seed)
+    load_start = cpu_snapshot()
+    with tempfile.TemporaryDirectory(prefix="lapp-profile-") as temporary:
+        work = Path(temporary)
+        # --- 2. layer tables -------------------------------------------------------------------
+        layer_of = {layer.signature: layer for layer in described.layers if layer.kind == "conv"}
+        tables: dict[int, dict[str, LayerTable]] = {b: {} for b in batch_sizes}
+        noise: dict[int, list[float]] = {b: [] for b in batch_sizes}
+        precision_used = ""
+        done = 0
+        # the reference: the largest layer point (a tiny one drifts tens of % on timer and cache effects alone)
+        work_of = {name: max(i or [1]) * max(o) * layer_of[name].kernel[0] * layer_of[name].kernel[1] * layer_of[name].out_elements
+                   for name, (i, o, _) in points.items()}
+        reference_name = max(work_of, key=work_of.__getitem__)
+        for batch in batch_sizes:
+            ref_layer = layer_of[reference_name]
+            ref_in, ref_out = max(points[reference_name][0]), max(points[reference_name][1])
+            ref_in = ref_out if points[reference_name][2] else ref_in
+            path = work / f"reference-{batch}.onnx"
+            atomic_write_bytes(path, conv_onnx(ref_in, ref_out, ref_layer, seed))
+            reference_data = rng.standard_normal((batch, ref_in, *ref_layer.in_hw)).astype(np.float32)
+            reference_runner = compile_runner(OnnxModel(path, "input", (ref_in, *ref_layer.in_hw)),
+                                              replace(layer_profile, input_shape=(ref_in, *ref_layer.in_hw)), batch, work,
+                                              reference_data if calibration is not None else None)
+            measure_latency(reference_runner, reference_data, LAYER_PROTOCOL)          # a cold start: not counted
+            reference_ms = measure_latency(reference_runner, reference_data, LAYER_PROTOCOL).median_ms
+            for signature, (c_in_grid, c_out_grid, tied) in points.items():
+                layer = layer_of[signature]
+                ms = np.zeros((1 if tied else len(c_in_grid), len(c_out_grid)))
+                for i, c_in in enumerate([0] if tied else c_in_grid):
+                    for o, c_out in enumerate(c_out_grid):
+                        channels_in = c_out if tied else c_in
+                        ms[i, o], precision_used = profile_point(layer, channels_in, c_out, batch, layer_profile, work / f"layer-{done}",
+                                                                 rng, seed, calibration is not None)
+                        done += 1
+                        if done % REFERENCE_EVERY == 0:
+                            again = measure_latency(reference_runner, reference_data, LAYER_PROTOCOL).median_ms
+                            noise[batch].append(100.0 * abs(again / reference_ms - 1.0))
+                            say(f"  layers {done}/{total_points} (reference drift {noise[batch][-1]:.1f}%)")
+                tables[batch][signature] = LayerTable(signature, [0] if tied else list(c_in_grid), list(c_out_grid),
+                                                      ms.tolist(), tied)
+            reference_runner.close()
+            say(f"batch {batch}: {len(tables[batch])} layer tables measured")
+
+        # --- 3. whole networks -----------------------------------------------------------------
+        dense_widths = dict(zip(described.site_names, described.site_channels))
+        width_configs = draw_configs(dense_widths, configs, seed, multiple)
+        flops = described.flops
+        runners: dict[str, dict[int, object]] = {}
+        counts: dict[str, np.ndarray] = {}
+        for index, config in enumerate(width_configs):
+            vector = np.array([config.widths[name] for name in described.site_names], dtype=np.float64)
+            counts[config.name] = vector
+            fused = build_fused(model, config.widths, dense_widths, shape, coupled=coupled)  # type: ignore[arg-type]
+            onnx_model = OnnxModel(export_config(fused, shape, work / f"{config.name}.onnx"), INPUT_NAME, shape)  # type: ignore[arg-type]
+            runners[config.name] = {b: compile_runner(onnx_model, profile, b, work, calibration) for b in batch_sizes}
+            say(f"network {index + 1}/{len(width_configs)} built: {config.name}, MACs x{float(flops.ratio(vector)):.3f}")
+        dense_onnx = OnnxModel(work / f"{DENSE}.onnx", INPUT_NAME, shape)  # type: ignore[arg-type]
+        batch_tables: dict[int, BatchTable] = {}
+        shares = []
+        for batch in batch_sizes:
+            data = rng.standard_normal((batch, *shape)).astype(np.float32)
+            with compile_runner(dense_onnx, profile, batch, work, calibration) as reference:
+                dense_ms = measure_latency(reference, data, profile.latency).median_ms
+                measured, table_ratio, macs_ratio = [], [], []
+                partial = BatchTable(batch, tables[batch], 0.0, 1.0, 1.0, dense_ms, 0.0)
+                dense_sum = float(partial.sum_ms(layer_triples(described.layers, np.array(described.site_channels))))
+                for config in width_configs:
+                    quiet = quiet_block_ratios(runners[config.name][batch], reference, data, ratio_protocol)  # type: ignore[arg-type]
+                    shares.append(quiet.other_cpu_share)
+                    measured.append(float(np.median(quiet.block_ratios)))
+                    table_ratio.append(float(partial.sum_ms(layer_triples(described.layers, counts[config.name]))) / dense_sum)
+                    macs_ratio.append(float(flops.ratio(counts[config.name])))
+                    say(f"  b{batch} {config.name:12s} measured x{measured[-1]:.3f}  table sum x{table_ratio[-1]:.3f}  "
+                        f"MACs x{macs_ratio[-1]:.3f}  (others' CPU {quiet.other_cpu_share:.2f})")
+            y, x_table, x_macs = np.array(measured), np.array(table_ratio), np.array(macs_ratio)
+            a, b = (float(v) for v in fit_linear(x_table, y))
+            table_error, macs_error = held_out_errors(x_table, y, seed=seed), held_out_errors(x_macs, y, seed=seed)
+            raw = 100.0 * np.abs(x_table / y - 1.0)
+            validation = {
+                "configurations": [{"name": c.name, "widths": [int(v) for v in counts[c.name]], "measured_ratio": m,
+                                    "table_ratio": t, "macs_ratio": f} for c, m, t, f in zip(width_configs, measured, table_ratio, macs_ratio)],
+                "table_fit": asdict(PredictorError(table_error.median_abs_pct, table_error.max_abs_pct, [a, b])),
+                "flops_fit": asdict(PredictorError(macs_error.median_abs_pct, macs_error.max_abs_pct,
+                                                   [float(v) for v in fit_linear(x_macs, y)])),
+                "raw_table_sum": {"median_abs_pct": float(np.median(raw)), "max_abs_pct": float(raw.max())},
+                "held_out": f"median over {table_error.splits} random splits, {table_error.fit_points} fit / "
+                            f"{table_error.held_out_points} held out",
+            }
+            batch_tables[batch] = BatchTable(batch, tables[batch], a, b, dense_sum, dense_ms,
+                                             float(np.median(noise[batch])) if noise[batch] else 0.0, validation)
+            say(f"batch {batch}: held-out median error: table {table_error.median_abs_pct:.2f}%, "
+                f"FLOPs fit {macs_error.median_abs_pct:.2f}%")
+        for per_batch in runners.values():
+            for runner in per_batch.values():
+                runner.close()  # type: ignore[attr-defined]
+        dense_bytes = dense_onnx.onnx_path.read_bytes()
+    table = LatencyTable(
+        format=TABLE_FORMAT, target=profile.name, backend=profile.backend, precision=profile.precision,
+        precision_used=precision_used, threads=profile.threads,
+        runtime=runtime_version(profile.backend), machine=machine_key(), cpu_model=cpu_model(),
+        model=model, coupled_groups=coupled, input_shape=list(shape), channel_multiple=multiple, batches=batch_tables,
+        dense_reference=dense_reference_name(model, shape),  # type: ignore[arg-type]
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command,
+        load={"other_cpu_share_median": float(np.median(shares)), "other_cpu_share_max": float(np.max(shares)),
+              "other_cpu_share_over_all_measuring": other_cpu_share_since(load_start), "cpu_count": _cpu_count()},
+    )
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / table_file_name(profile.name, model, shape, table.machine)  # type: ignore[arg-type]
+    atomic_write_bytes(path, write_table_json(table))
+    if not (directory / table.dense_reference).is_file():
+        atomic_write_bytes(directory / table.dense_reference, dense_bytes)
+    return path
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def format_table_summary(table: LatencyTable, path: Path) -> str:
+    """What a profile-layers run found, as a human table: per batch the held-out errors."""
+    lines = [f"layer latency table: {path}",
+             f"{table.target} ({table.runtime}, {table.precision} -> {table.precision_used}, {table.threads} thread(s)) on "
+             f"{table.machine}; model {table.model} {'x'.join(map(str, table.input_shape))}, channel multiple {table.channel_multiple}; "
+             f"others' CPU share median {table.load.get('other_cpu_share_median', 0):.2f}",
+             f"{'batch':>5s} {'shapes':>6s} {'dense ms':>9s} {'noise %':>7s} {'table fit %':>11s} {'FLOPs fit %':>11s} "
+             f"{'raw sum %':>9s} {'a':>7s} {'b':>6s}"]
+    for batch, bt in sorted(table.batches.items()):
+        v = bt.validation
+        lines.append(f"{batch:5d} {len(bt.layers):6d} {bt.dense_ms:9.3f} {bt.noise_pct:7.2f} "
+                     f"{v['table_fit']['median_abs_pct']:5.2f}/{v['table_fit']['max_abs_pct']:5.2f} "
+                     f"{v['flops_fit']['median_abs_pct']:5.2f}/{v['flops_fit']['max_abs_pct']:5.2f} "
+                     f"{v['raw_table_sum']['median_abs_pct']:9.2f} {bt.constant:7.3f} {bt.scale:6.3f}")
+    lines.append("held-out error: median / worst held-out point, median over random splits (%)")
+    return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""Latency-aware LAPP: the layer table (interpolation, file format, ONNX-side layer reading), the
+latency cost model (numpy = torch, gradients, several targets), the width search on it, and a
+latency-constrained training run on a synthetic table with its bad inputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lapp_edge.costs.latency_table import (
+    TABLE_FORMAT, BatchTable, LatencyTable, LayerTable, interpolate_2d, load_table, onnx_conv_layers, table_file_name,
+    table_from_dict, write_table_json,
+)
+from lapp_edge.deploy.measure import machine_key
+from lapp_edge.errors import UserError
+from lapp_edge.lapp.flops import build_flops_cost, deployed_layers
+from lapp_edge.lapp.latency_cost import LatencyCost, TightestBudgetCost
+from lapp_edge.lapp.widths import choose_widths, smallest_cost_ratio
+from lapp_edge.models import build_model, prunable_sites
+
+ROOT = Path(__file__).resolve().parents[2]
+SHAPE = (1, 28, 28)
+
+
+def resnet20() -> tuple[torch.nn.Module, list, list]:
+    model = build_model("resnet20", 1, 10, False, True)
+    sites = prunable_sites(model)
+    return model, sites, deployed_layers(model, sites, SHAPE)
+
+
+def synthetic_table(layers: list, sites: list, target: str = "x86-ort-fp32", machine: str | None = None,
+                    runtime: str | None = None, step: float = 0.3) -> LatencyTable:
+    """A table whose layer latency is MACs-like plus a step whenever a width is not a multiple of 16:
+    what DEPLOY_NOTES measured on ORT (widths off the block fall out of the fast kernels)."""
+    from lapp_edge.deploy.targets import runtime_version
+    from lapp_edge.latency.profile_layers import ModelLayers, grid_points, spread
+    from lapp_edge.lapp.widths import allowed_widths
+
+    grids = [spread(allowed_widths(s.channels, 8, 8), 12) for s in sites]
+    described = ModelLayers(layers, grids, [s.channels for s in sites], [s.name for s in sites], None)  # type: ignore[arg-type]
+    tables = {}
+    for name, (c_in, c_out, tied) in grid_points(described).items():
+        layer = next(l for l in layers if l.kind == "conv" and l.signature == name)
+        work = layer.kernel[0] * layer.kernel[1] * layer.out_elements * 1e-6
+        ms = [[0.01 + work * (co if tied else ci * co) * (1 + step * ((ci % 16 != 0) + (co % 16 != 0)))
+               for co in c_out] for ci in c_in]
+        tables[name] = LayerTable(name, c_in, c_out, ms, tied)
+    dense = BatchTable(32, tables, 0.0, 1.0, 1.0, 1.0, 0.5)
+    counts = np.array([s.channels for s in sites], dtype=np.float64)
+    from lapp_edge.latency.profile_layers import layer_triples
+
+    dense_sum = float(dense.sum_ms(layer_triples(layers, counts)))
+    batch = BatchTable(32, tables, 0.1, 0.9, dense_sum, 5.0, 0.5, {"table_fit": {"median_abs_pct": 1.0}})
+    return LatencyTable(TABLE_FORMAT, target, "onnxruntime-cpu", "fp32", "fp32", 1,
+                        runtime or runtime_version("onnxruntime-cpu"), machine or machine_key(), "test CPU",
+                        "resnet20", True, list(SHAPE), 8, {32: batch}, "dense-resnet20-1x28x28.onnx")
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+def test_interpolation_is_exact_on_grid_points_linear_between_and_clamped_outside() -> None:
+    grid_in, grid_out = np.array([8.0, 16.0, 32.0]), np.array([8.0, 24.0])
+    values = np.array([[1.0, 2.0], [3.0, 5.0], [4.0, 9.0]])
+    for i, ci in enumerate(grid_in):
+        for o, co in enumerate(grid_out):
+            assert interpolate_2d(grid_in, grid_out, values, np.array(ci), np.array(co)) == pytest.approx(values[i, o])
+    assert interpolate_2d(grid_in, grid_out, values, np.array(12.0), np.array(8.0)) == pytest.approx(2.0)
+    assert interpolate_2d(grid_in, grid_out, values, np.array(16.0), np.array(16.0)) == pytest.approx(4.0)
+    assert interpolate_2d(grid_in, grid_out, values, np.array(2.0), np.array(100.0)) == pytest.approx(2.0)
+
+
+def test_table_round_trips_and_a_damaged_table_is_refused_in_one_line(tmp_path: Path) -> None:
+    _, sites, layers = resnet20()
+    table = synthetic_table(layers, sites)
+    path = tmp_path / "table.json"
+    path.write_bytes(write_table_json(table))
+    again = load_table(path)
+    assert again.to_dict() == table.to_dict()
+    payload = json.loads(path.read_text())
+    name = next(iter(payload["batches"]["32"]["layers"]))
+    for damage in (lambda p: p.update(format="other"),
+                   lambda p: p["batches"]["32"]["layers"][name].update(c_out_grid=[16, 8]),
+                   lambda p: p["batches"]["32"]["layers"][name].update(ms=[[1.0]]),
+                   lambda p: p["batches"]["32"].update(scale="big"),
+                   lambda p: p.pop("machine")):
+        broken = json.loads(path.read_text())
+        damage(broken)
+        with pytest.raises(UserError) as error:
+            table_from_dict(broken, "t.json")
+        assert "\n" not in str(error.value) and "t.json" in str(error.value)
+
+
+def test_onnx_side_reads_the_same_layers_as_the_torch_side() -> None:
+    """bench predicts from a package's ONNX graph, training from the torch model: both must name the
+    same layer shapes and widths, here for the shipped slim reference (stage widths pruned)."""
+    from lapp_edge.latency.calibrate import build_fused
+    from lapp_edge.latency.profile_layers import layer_triples
+
+    info = json.loads((ROOT / "lapp_edge/resources/latency/reference-models.json").read_text())
+    onnx_layers = onnx_conv_layers(ROOT / "lapp_edge/resources/latency" / info["slim"]["file"])
+    coupled = any(not name.endswith("conv1") for name in info["slim"]["widths"])
+    model = build_model("resnet20", 1, 10, False, coupled)
+    sites = prunable_sites(model)
+    counts = np.array([info["slim"]["widths"][s.name] for s in sites], dtype=np.float64)
+    torch_layers = [(name, int(ci), int(co)) for name, ci, co in layer_triples(deployed_layers(model, sites, SHAPE), counts)]
+    assert sorted(onnx_layers) == sorted(torch_layers)
+    assert build_fused is not None
+
+
+# --- the cost model -----------------------------------------------------------------------------
+
+def test_latency_cost_numpy_equals_torch_and_its_gradient_is_the_table_slope() -> None:
+    model, sites, layers = resnet20()
+    table = synthetic_table(layers, sites)
+    cost = LatencyCost(layers, [s.channels for s in sites], table.batch(32), "x86-ort-fp32")
+    dense = np.array([s.channels for s in sites], dtype=np.float64)
+    assert cost.ratio(dense) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    counts = np.stack([rng.uniform(8, c, size=5) for c in dense], axis=-1)
+    as_torch = torch.tensor(counts, dtype=torch.float64, requires_grad=True)
+    assert cost.ratio(as_torch).detach().numpy() == pytest.approx(cost.ratio(counts), rel=1e-12)
+    cost.ratio(as_torch).sum().backward()
+    assert as_torch.grad is not None
+    h = 1e-4
+    for site in (0, 5, len(sites) - 1):
+        bumped = counts.copy()
+        bumped[:, site] += h
+        numeric = (cost.ratio(bumped) - cost.ratio(counts)) / h
+        assert as_torch.grad[:, site].numpy() == pytest.approx(numeric, rel=1e-3, abs=1e-9)
+    # off-block widths cost more than their MACs: the table sees the step FLOPs cannot
+    flops = build_flops_cost(model, sites, SHAPE)
+    on_block, off_block = dense.copy(), dense.copy()
+    on_block[-1], off_block[-1] = 48, 56
+    assert flops.ratio(off_block) > flops.ratio(on_block)
+    assert cost.ratio(off_block) / cost.ratio(on_block) > 0.02 + flops.ratio(off_block) / flops.ratio(on_block)
+
+
+def test_tightest_budget_binds_and_is_one_for_the_dense_network() -> None:
+    _, sites, layers = resnet20()
+    fast = LatencyCost(layers, [s.channels for s in sites], synthetic_table(layers, sites, step=0.0).batch(32), "a")
+    stepped = LatencyCost(layers, [s.channels for s in sites], synthetic_table(layers, sites, step=1.0).batch(32), "b")
+    combined = TightestBudgetCost([fast, stepped], [0.5, 0.6])
+    dense = np.array([s.channels for s in sites], dtype=np.float64)
+    assert combined.ratio(dense) == pytest.approx(1.0)
+    counts = dense * 0.6
+    expected = 0.5 * max(fast.ratio(counts) / 0.5, stepped.ratio(counts) / 0.6)
+    assert combined.ratio(counts) == pytest.approx(expected)
+    widths = choose_widths(dense * 0.6, combined, 0.5, 8, 8, aim=0.004)
+    assert fast.ratio(widths.astype(float)) <= 0.5 + 0.01 and stepped.ratio(widths.astype(float)) <= 0.6 + 0.01
+    assert abs(combined.ratio(widths.astype(float)) - 0.5) <= 0.01
+
+
+def test_width_search_on_the_latency_cost_lands_on_target_and_prefers_block_widths() -> None:
+    _, sites, layers = resnet20()
+    cost = LatencyCost(layers, [s.channels for s in sites], synthetic_table(layers, sites, step=1.0).batch(32), "x")
+    dense = np.array([s.channels for s in sites], dtype=np.float64)
+    assert smallest_cost_ratio(cost, 8, 8) < 0.5
+    widths = choose_widths(dense * 0.7, cost, 0.5, 8, 8, aim=0.004)
+    assert abs(cost.ratio(widths.astype(float)) - 0.5) <= 0.01
+
+
+# --- training against a table, and its bad inputs -------------------------------------------------
+
+def _write(tmp_path: Path, table: LatencyTable) -> Path:
+    directory = tmp_path / "latency-data"
+    directory.mkdir(exist_ok=True)
+    path = directory / table_file_name(table.target, table.model, table.input_shape, table.machine)
+    path.write_bytes(write_table_json(table))
+    return path
+
+
+def test_latency_constrained_training_lands_on_the_budget_and_records_the_target(tmp_path: Path, fmnist, monkeypatch) -> None:
+    from lapp_edge.training.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    _, sites, layers = resnet20()
+    _write(tmp_path, synthetic_table(layers, sites))
+    monkeypatch.chdir(tmp_path)                       # ./latency-data is searched first
+    config = tiny_config(tmp_path / "run", target="x86-ort-fp32", latency_target="0.5")
+    report = Trainer(config, fmnist).run()
+    assert report["constraint"] == "latency"
+    assert report["shaped_for"][0]["target"] == "x86-ort-fp32" and report["shaped_for"][0]["batch"] == 32
+    assert report["latency_predicted_ratio"]["x86-ort-fp32"] == pytest.approx(0.5, abs=0.01)
+    assert report["config"]["channel_multiple"] == 8          # the profile's multiple on this CPU (8 without AVX-512)
+    assert all(layer["kept"] % 8 == 0 or layer["kept"] == layer["total"] for layer in report["layers"])
+
+
+@pytest.mark.parametrize("case", ["missing", "other-target", "other-machine", "below-floor", "above-dense",
+                                  "no-target", "both-constraints", "count-mismatch"])
+def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path, case: str, capsys, monkeypatch) -> None:
+    from lapp_edge.cli import main
+
+    _, sites, layers = resnet20()
+    args = ["train", "--out", "run", "--epochs", "2", "--prune-epochs", "1", "--train-subset", "256", "--test-subset", "64",
+            "--quiet", "--threads", "1", "--target", "x86-ort-fp32", "--latency-target", "0.5"]
+    expected = {"missing": "no layer latency table", "other-target": "is a table for target",
+                "other-machine": "was measured on", "below-floor": "cannot be reached",
+                "above-dense": "above the dense network", "no-target": "need --target",
+                "both-constraints": "exclude each other", "count-mismatch": "one value for all targets"}[case]
+    if case == "other-target":
+        path = _write(tmp_path, synthetic_table(layers, sites, target="x86-openvino-bf16"))
+        args += ["--latency-table", str(path)]
+    elif case == "other-machine":
+        path = _write(tmp_path, synthetic_table(layers, sites, machine="Another CPU; avx512f"))
+        args += ["--latency-table", str(path)]
+    elif case != "missing":
+        _write(tmp_path, synthetic_table(layers, sites))
+    if case == "below-floor":
+        args[args.index("0.5")] = "0.02"
+    elif case == "above-dense":
+        args = [a for a in args if a not in ("--latency-target", "0.5")] + ["--latency-budget-ms", "50"]
+    elif case == "no-target":
+        args = [a for a in args if a not in ("--target", "x86-ort-fp32")]
+    elif case == "both-constraints":
+        args += ["--flops-target", "0.4"]
+    elif case == "count-mismatch":
+        args += ["--target", "x86-openvino-f32", "--latency-target", "0.6", "--latency-target", "0.7"]
+    monkeypatch.chdir(tmp_path)
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_another_runtime_version_is_used_with_a_warning(tmp_path: Path, monkeypatch) -> None:
+    from lapp_edge.training.config import TrainConfig
+    from lapp_edge.training.latency import latency_constraint
+
+    model, sites, layers = resnet20()
+    _write(tmp_path, synthetic_table(layers, sites, runtime="onnxruntime 0.0.1"))
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(out=str(tmp_path / "run"), target="x86-ort-fp32", latency_target="0.5")
+    constraint = latency_constraint(config, model, sites, SHAPE)
+    assert len(constraint.warnings) == 1 and "onnxruntime 0.0.1" in constraint.warnings[0]
+    assert constraint.target_ratio == 0.5
+
+
+def test_profile_input_flag_is_checked() -> None:
+    from lapp_edge.cli.profile_layers import parse_input_shape
+
+    assert parse_input_shape("3x64x64") == (3, 64, 64)
+    for bad in ("1x28", "ax28x28", "0x28x28", ""):
+        with pytest.raises(UserError):
+            parse_input_shape(bad)
