@@ -10,8 +10,10 @@
    the target's channel multiple, `deploy.targets.channel_multiple_for`; at most `max_grid` per
    axis, evenly spread, where a site is wide), fixed widths as they are. Each point is one ONNX
    model (Conv with bias, then ReLU: what the fused export deploys; built with onnx.helper, random
-   weights) compiled through `deploy.compile.compile_runner` and timed with `measure_latency`.
-   A reference layer is re-measured every `REFERENCE_EVERY` points: its drift is the table's noise.
+   weights) compiled through `deploy.compile.compile_runner` and timed with `measure_latency`, as
+   the extra cost of parallel copies of the layer (`profile_point`: the layer's cost inside a
+   network, without the per-model overhead a layer alone pays). A reference layer is timed next to
+   every point; points are scaled by its drift, and the drift's median is the table's noise.
 3. `configs` whole networks at random widths (`latency.calibrate.draw_configs`, the dense one
    first) are exported and measured as latency ratios to the dense network, interleaved in this
    process with load checks (`quiet_block_ratios`, DEPLOY_NOTES' protocol).
@@ -38,6 +40,7 @@ from lapp_edge.costs.latency_fit import fit_linear, held_out_errors
 from lapp_edge.costs.latency_table import (
     TABLE_FORMAT, BatchTable, LatencyTable, LayerTable, PredictorError, table_file_name, write_table_json,
 )
+from lapp_edge.deploy.backends import Runner
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
 from lapp_edge.deploy.measure import (
     LatencyProtocol, RatioProtocol, cpu_model, cpu_snapshot, machine_key, measure_latency, other_cpu_share_since,
@@ -50,7 +53,7 @@ from lapp_edge.lapp.flops import DeployedLayer, FlopsCost
 from lapp_edge.lapp.widths import allowed_widths
 
 MAX_GRID = 12                  # widths per axis measured for one layer shape (wider sites: evenly spread)
-REFERENCE_EVERY = 16           # re-measure the reference layer every this many points
+REFERENCE_EVERY = 16           # a progress line every this many points
 LAYER_PROTOCOL = LatencyProtocol(warmup_iterations=10, min_iterations=20, min_seconds=0.06, max_seconds=2.0)
 MIN_CONFIGS = 6                # a 2-coefficient fit with held-out points needs a few
 COPIES = 3                     # parallel copies of a layer whose extra cost is the layer's cost in a network
@@ -136,14 +139,31 @@ def conv_onnx(c_in: int, c_out: int, layer: DeployedLayer, seed: int = 0, copies
     return model.SerializeToString()
 
 
+@dataclass
+class Reference:
+    """The reference layer every point is timed next to: its runner, input and baseline median (ms)."""
+
+    runner: Runner
+    data: np.ndarray
+    baseline_ms: float
+
+    def now_ms(self) -> float:
+        return measure_latency(self.runner, self.data, LAYER_PROTOCOL).median_ms
+
+
 def profile_point(layer: DeployedLayer, c_in: int, c_out: int, batch: int, profile: TargetProfile, work: Path,
-                  rng: np.random.Generator, seed: int = 0, int8: bool = False) -> tuple[float, str]:
-    """A layer's latency in ms as it costs inside a network, and the precision the runtime compiled:
-    (t(COPIES parallel copies) - t(one copy)) / (COPIES - 1), both timed twice, alternating. A layer
-    measured alone also pays the call overhead and the input/output layout reorders (NCHW <-> the
-    runtime's blocked layout) that a network pays once; at batch 1 those dominate a small conv and made
-    a table of isolated layers predict whole networks worse than FLOPs (7.7% vs 2.7% held-out median on
-    ORT fp32, ResNet-20). Extra copies add only the conv (and its fused add), as a network does."""
+                  rng: np.random.Generator, reference: Reference, seed: int = 0, int8: bool = False) -> tuple[float, str, float]:
+    """A layer's latency in ms as it costs inside a network, the precision the runtime compiled, and
+    the reference's drift at that moment (now / baseline).
+
+    Cost inside a network: (t(COPIES parallel copies) - t(one copy)) / (COPIES - 1). A layer measured
+    alone also pays the call overhead and the input/output layout reorders (NCHW <-> the runtime's
+    blocked layout) that a network pays once; at batch 1 those dominate a small conv, and a table of
+    isolated layers predicted whole networks worse than FLOPs (7.7% vs 2.7% held-out median, ORT fp32,
+    ResNet-20, this machine). Extra copies add only the conv (and its fused add), as in a network.
+    Both models and the reference are timed twice, in turn; the point is scaled by baseline / reference
+    now, so load that comes and goes on a shared machine (the other core's work slows this one) does not
+    bend the table."""
     shape = (c_in, *layer.in_hw)
     data = rng.standard_normal((batch, *shape)).astype(np.float32)
     target = replace(profile, input_shape=shape)
@@ -153,12 +173,13 @@ def profile_point(layer: DeployedLayer, c_in: int, c_out: int, batch: int, profi
         atomic_write_bytes(path, conv_onnx(c_in, c_out, layer, seed, copies))
         runners.append(compile_runner(OnnxModel(path, "input", shape), target, batch, work.parent, data if int8 else None))
     try:
-        times: list[list[float]] = [[], []]
+        times: list[list[float]] = [[], [], []]
         for _ in range(2):
+            times[2].append(reference.now_ms())
             for index, runner in enumerate(runners):
                 times[index].append(measure_latency(runner, data, LAYER_PROTOCOL).median_ms)
-        one, many = float(np.median(times[0])), float(np.median(times[1]))
-        return max((many - one) / (COPIES - 1), MIN_SHARE * one), runners[0].info.precision_used
+        one, many, drift = float(np.median(times[0])), float(np.median(times[1])), float(np.median(times[2])) / reference.baseline_ms
+        return max((many - one) / (COPIES - 1), MIN_SHARE * one) / drift, runners[0].info.precision_used, drift
     finally:
         for runner in runners:
             runner.close()
@@ -241,20 +262,22 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
                                               replace(layer_profile, input_shape=(ref_in, *ref_layer.in_hw)), batch, work,
                                               reference_data if calibration is not None else None)
             measure_latency(reference_runner, reference_data, LAYER_PROTOCOL)          # a cold start: not counted
-            reference_ms = measure_latency(reference_runner, reference_data, LAYER_PROTOCOL).median_ms
+            reference = Reference(reference_runner, reference_data,
+                                  float(np.median([measure_latency(reference_runner, reference_data, LAYER_PROTOCOL).median_ms
+                                                   for _ in range(3)])))
             for signature, (c_in_grid, c_out_grid, tied) in points.items():
                 layer = layer_of[signature]
                 ms = np.zeros((1 if tied else len(c_in_grid), len(c_out_grid)))
                 for i, c_in in enumerate([0] if tied else c_in_grid):
                     for o, c_out in enumerate(c_out_grid):
                         channels_in = c_out if tied else c_in
-                        ms[i, o], precision_used = profile_point(layer, channels_in, c_out, batch, layer_profile, work / f"layer-{done}",
-                                                                 rng, seed, calibration is not None)
+                        ms[i, o], precision_used, drift = profile_point(
+                            layer, channels_in, c_out, batch, layer_profile, work / f"layer-{done}", rng, reference, seed,
+                            calibration is not None)
+                        noise[batch].append(100.0 * abs(drift - 1.0))
                         done += 1
                         if done % REFERENCE_EVERY == 0:
-                            again = measure_latency(reference_runner, reference_data, LAYER_PROTOCOL).median_ms
-                            noise[batch].append(100.0 * abs(again / reference_ms - 1.0))
-                            say(f"  layers {done}/{total_points} (reference drift {noise[batch][-1]:.1f}%)")
+                            say(f"  layers {done}/{total_points} (reference drift now {100 * (drift - 1):+.1f}%, corrected)")
                 tables[batch][signature] = LayerTable(signature, [0] if tied else list(c_in_grid), list(c_out_grid),
                                                       ms.tolist(), tied)
             reference_runner.close()

@@ -1,0 +1,230 @@
+"""Latency-aware LAPP vs FLOPs-constrained LAPP: accuracy against latency measured on each target.
+
+For each seed, trains (one `lapp-edge train` process per run, one torch thread each, at most
+`--jobs` at once; a killed benchmark resumes: finished runs are reused, unfinished ones resumed):
+  - flops-<T>:               --flops-target T, for each T of --flops-targets;
+  - latency-<target>-<R>:    --target <target> --latency-target R, for each target and R of --latency-targets;
+then exports each run to a package (`lapp-edge export`, verified) and measures, on every target of
+--targets at --batch, the package's latency as a ratio to the dense network (the layer table's dense
+reference ONNX, compiled the same way), interleaved in one process (`measure.interleaved_ratio`),
+next to what the target's layer table predicts for it. Writes results.json, results.md (a table)
+and accuracy_vs_latency.png (both methods, per target) into --out.
+
+    python benchmarks/latency_aware_lapp.py --out bench-results/latency-aware
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lapp_edge.costs.latency_table import load_table, onnx_conv_layers, table_file_name  # noqa: E402
+from lapp_edge.deploy.compile import OnnxModel, compile_runner  # noqa: E402
+from lapp_edge.deploy.measure import cpu_model, cpu_snapshot, interleaved_ratio, machine_key, other_cpu_share_since  # noqa: E402
+from lapp_edge.deploy.targets import load_target, runtime_version  # noqa: E402
+from lapp_edge.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from lapp_edge.resources import find_latency_file  # noqa: E402
+
+
+@dataclass
+class Run:
+    name: str
+    method: str                    # "flops" | "latency"
+    seed: int
+    flags: list[str]
+    shaped_for: str = ""           # the target a latency run was trained for
+    budget: float = 0.0            # its FLOPs or latency target
+
+
+@dataclass
+class Row:
+    run: str
+    method: str
+    seed: int
+    shaped_for: str
+    budget: float
+    top1: float
+    flops_ratio: float
+    measured: dict[str, float]     # target -> measured latency ratio to dense at --batch
+    predicted: dict[str, float]    # target -> the layer table's predicted ratio
+    widths: dict[str, int]
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+    runs = []
+    for seed in args.seeds:
+        for target in args.flops_targets:
+            runs.append(Run(f"flops-{target:g}-s{seed}", "flops", seed, ["--flops-target", str(target)], "", target))
+        for profile in args.train_targets:
+            for ratio in args.latency_targets:
+                runs.append(Run(f"latency-{profile}-{ratio:g}-s{seed}", "latency", seed,
+                                ["--target", profile, "--latency-target", str(ratio), "--latency-batch", str(args.batch)],
+                                profile, ratio))
+    return runs
+
+
+def launch(run: Run, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
+    out = Path(args.out) / run.name
+    if (out / "report.json").is_file():
+        return None
+    if (out / "checkpoint.pt").is_file():
+        command = ["--out", str(out), "--resume", "--quiet"]
+    else:
+        command = ["--out", str(out), "--model", args.model, "--epochs", str(args.epochs), "--prune-epochs", str(args.prune_epochs),
+                   "--train-subset", str(args.train_subset), "--seed", str(run.seed), "--threads", "1", "--quiet", *run.flags]
+    log = open(Path(args.out) / f"{run.name}.log", "ab")  # noqa: SIM115 - closed when the process ends
+    return subprocess.Popen([sys.executable, "-m", "lapp_edge.cli", "train", *command], stdout=log, stderr=subprocess.STDOUT)
+
+
+def train_all(runs: list[Run], args: argparse.Namespace) -> list[str]:
+    """Train every run, `args.jobs` at a time; returns the names that failed."""
+    pending, active, failed = list(runs), {}, []
+    started = time.perf_counter()
+    finished = 0
+    while pending or active:
+        while pending and len(active) < args.jobs:
+            run = pending.pop(0)
+            process = launch(run, args)
+            if process is None:
+                finished += 1
+                continue
+            active[run.name] = process
+            print(f"[{time.perf_counter() - started:6.0f} s] training {run.name}", flush=True)
+        for name, process in list(active.items()):
+            if process.poll() is not None:
+                del active[name]
+                finished += 1
+                if process.returncode != 0:
+                    failed.append(name)
+                elapsed = time.perf_counter() - started
+                print(f"[{elapsed:6.0f} s] {name} {'failed' if process.returncode else 'done'} ({finished}/{len(runs)})", flush=True)
+        time.sleep(2)
+    return failed
+
+
+def export(run: Run, args: argparse.Namespace) -> Path:
+    package = Path(args.out) / "packages" / run.name
+    if not (package / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "lapp_edge.cli", "export", str(Path(args.out) / run.name), "--out", str(package)],
+                       check=True, stdout=subprocess.DEVNULL)
+    return package
+
+
+def measure(package: Path, targets: list[str], batch: int, work: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Per target: the package's latency / the table's dense reference latency (interleaved), and the table's prediction."""
+    measured, predicted = {}, {}
+    manifest = json.loads((package / "manifest.json").read_text())
+    shape = tuple(manifest["input"]["shape"]) if "shape" in manifest.get("input", {}) else (1, 28, 28)
+    onnx_path = package / "model.onnx"
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((batch, *shape)).astype(np.float32)
+    for name in targets:
+        profile = load_target(name)
+        table_path = find_latency_file(table_file_name(profile.name, manifest["model"], shape, machine_key()))
+        if table_path is None:
+            raise SystemExit(f"latency_aware_lapp: error: no layer table for {name} on this machine (lapp-edge profile-layers)")
+        table = load_table(table_path)
+        reference = find_latency_file(table.dense_reference)
+        assert reference is not None
+        with compile_runner(OnnxModel(onnx_path, "input", shape), profile, batch, work) as slim, \
+                compile_runner(OnnxModel(reference, "input", shape), profile, batch, work) as dense:
+            measured[name] = interleaved_ratio(slim, dense, data)
+        bt = table.batch(batch)
+        predicted[name] = float(bt.predict_ratio(onnx_conv_layers(onnx_path)) / bt.predict_ratio(onnx_conv_layers(reference)))
+    return measured, predicted
+
+
+def format_markdown(rows: list[Row], targets: list[str], header: dict[str, str]) -> str:
+    lines = [f"- {key}: {value}" for key, value in header.items()] + [""]
+    columns = " | ".join(f"{t} measured (predicted)" for t in targets)
+    lines += [f"| run | method | shaped for | budget | top-1 | FLOPs | {columns} |",
+              "|---" * (6 + len(targets)) + "|"]
+    for r in rows:
+        cells = " | ".join(f"{r.measured[t]:.3f} ({r.predicted[t]:.3f})" for t in targets)
+        lines.append(f"| {r.run} | {r.method} | {r.shaped_for or '-'} | {r.budget:g} | {r.top1:.4f} | {r.flops_ratio:.3f} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], targets: list[str], path: Path, batch: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4), squeeze=False)
+    for axis, target in zip(axes[0], targets):
+        for method, marker in (("flops", "o"), ("latency", "s")):
+            chosen = [r for r in rows if r.method == method and (method == "flops" or r.shaped_for == target)]
+            axis.scatter([r.measured[target] for r in chosen], [100 * r.top1 for r in chosen], marker=marker,
+                         label="FLOPs-constrained LAPP" if method == "flops" else f"latency-aware LAPP (for {target})")
+            for r in chosen:
+                axis.annotate(f"{r.budget:g}", (r.measured[target], 100 * r.top1), fontsize=7)
+        axis.set_xlabel(f"measured latency / dense, {target}, batch {batch}")
+        axis.set_ylabel("Fashion-MNIST top-1 (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-results/latency-aware")
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--prune-epochs", type=int, default=2)
+    parser.add_argument("--train-subset", type=int, default=10000)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--flops-targets", default="0.3,0.45")
+    parser.add_argument("--latency-targets", default="0.5")
+    parser.add_argument("--train-targets", default="x86-ort-fp32,x86-openvino-bf16", help="targets latency-aware runs are shaped for")
+    parser.add_argument("--targets", default="x86-ort-fp32,x86-openvino-bf16", help="targets every package is measured on")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--jobs", type=int, default=2, help="training processes at once (one thread each)")
+    args = parser.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.flops_targets = [float(t) for t in args.flops_targets.split(",") if t]
+    args.latency_targets = [float(t) for t in args.latency_targets.split(",") if t]
+    args.train_targets = [t for t in args.train_targets.split(",") if t]
+    targets = [t for t in args.targets.split(",") if t]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    runs = plan(args)
+    failed = train_all(runs, args)
+    if failed:
+        print(f"latency_aware_lapp: error: runs failed: {failed}; see their logs in {args.out}", file=sys.stderr)
+        return 1
+    rows = []
+    start = cpu_snapshot()
+    with tempfile.TemporaryDirectory(prefix="lapp-latency-aware-") as temporary:
+        for run in runs:
+            report = json.loads((Path(args.out) / run.name / "report.json").read_text())
+            measured, predicted = measure(export(run, args), targets, args.batch, Path(temporary))
+            rows.append(Row(run.name, run.method, run.seed, run.shaped_for, run.budget, report["accuracy"]["test_top1"],
+                            report["flops"]["ratio"], measured, predicted, {l["name"]: l["kept"] for l in report["layers"]}))
+            print(f"{run.name}: top-1 {rows[-1].top1:.4f}, measured " + ", ".join(f"{t} {v:.3f}" for t, v in measured.items()), flush=True)
+    header = {"machine": f"{cpu_model()} ({machine_key()})", "runtimes": ", ".join(runtime_version(load_target(t).backend) for t in targets),
+              "others' CPU share while measuring": f"{other_cpu_share_since(start):.2f}",
+              "schedule": f"{args.model}, {args.epochs} epochs ({args.prune_epochs} pruning), {args.train_subset or 60000} "
+                          f"training images, seeds {args.seeds}, one thread per run",
+              "latency": f"batch {args.batch}, ratio to the dense network measured interleaved in one process; "
+                         "(predicted) = the target's layer table"}
+    atomic_write_json(Path(args.out) / "results.json", {"settings": vars(args), "header": header, "rows": [asdict(r) for r in rows]})
+    table = format_markdown(rows, targets, header)
+    atomic_write_text(Path(args.out) / "results.md", table + "\n")
+    plot(rows, targets, Path(args.out) / "accuracy_vs_latency.png", args.batch)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

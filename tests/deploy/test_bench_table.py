@@ -1,0 +1,70 @@
+"""The bench's layer-table prediction: a package's convs read from its ONNX graph, predicted with this
+machine's table, next to its latency measured against the table's dense reference on a real runtime."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lapp_edge.costs.latency_table import (
+    TABLE_FORMAT, BatchTable, LatencyTable, LayerTable, onnx_conv_layers, table_file_name, write_table_json,
+)
+from lapp_edge.deploy.bench import compare_with_table, table_for
+from lapp_edge.deploy.compile import compile_runner
+from lapp_edge.deploy.measure import machine_key, measure_latency
+from lapp_edge.deploy.package import ModelPackage
+from lapp_edge.deploy.targets import load_target, runtime_version
+from lapp_edge.resources import LATENCY_DIR
+
+DENSE_REFERENCE = "dense-resnet20-1x28x28.onnx"
+
+
+def table_covering(layers: list[tuple[str, int, int]], batch: int) -> LatencyTable:
+    """A table holding every layer shape of `layers` at its widths (latency proportional to MACs-ish)."""
+    grids: dict[str, tuple[set[int], set[int]]] = {}
+    for signature, c_in, c_out in layers:
+        entry = grids.setdefault(signature, (set(), set()))
+        entry[0].add(c_in)
+        entry[1].add(c_out)
+    tables = {}
+    for signature, (c_in, c_out) in grids.items():
+        ins, outs = sorted(c_in), sorted(c_out)
+        tables[signature] = LayerTable(signature, ins, outs, [[0.001 * (i * o + 1) for o in outs] for i in ins])
+    total = float(BatchTable(batch, tables, 0.0, 1.0, 1.0, 1.0, 0.0).sum_ms(layers))
+    return LatencyTable(TABLE_FORMAT, "x86-ort-fp32", "onnxruntime-cpu", "fp32", "fp32", 1, runtime_version("onnxruntime-cpu"),
+                        machine_key(), "test", "resnet20", True, [1, 28, 28], 8,
+                        {batch: BatchTable(batch, tables, 0.05, 0.95, total, 1.0, 0.0)}, DENSE_REFERENCE)
+
+
+def test_no_table_on_this_machine_is_said_not_guessed(package: ModelPackage, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("lapp_edge.deploy.bench.machine_key", lambda: "A CPU nobody profiled; avx2")
+    table, path, reference, note = table_for(load_target("x86-ort-fp32"), package)
+    assert table is None and path is None and reference is None
+    assert "no layer latency table for x86-ort-fp32/resnet20" in note and "profile-layers" in note
+
+
+def test_table_prediction_sits_next_to_the_measured_ratio(package: ModelPackage, tmp_path: Path, monkeypatch) -> None:
+    layers = onnx_conv_layers(package.onnx_path)
+    dense_layers = onnx_conv_layers(LATENCY_DIR / DENSE_REFERENCE)
+    assert sorted(layers) == sorted(dense_layers)      # the fixture package is a dense ResNet-20
+    data_dir = tmp_path / "latency-data"
+    data_dir.mkdir()
+    table = table_covering(layers, 32)
+    (data_dir / table_file_name("x86-ort-fp32", "resnet20", (1, 28, 28), machine_key())).write_bytes(write_table_json(table))
+    shutil.copy(LATENCY_DIR / DENSE_REFERENCE, data_dir / DENSE_REFERENCE)
+    monkeypatch.chdir(tmp_path)
+    profile = load_target("x86-ort-fp32")
+    found, path, reference, note = table_for(profile, package)
+    assert found is not None and path is not None and reference == data_dir / DENSE_REFERENCE and note == ""
+    data = np.zeros((32, 1, 28, 28), dtype=np.float32)
+    with compile_runner(package, profile, 32, tmp_path / "work") as runner:
+        median = measure_latency(runner, data, profile.latency).median_ms
+        [comparison] = compare_with_table(found, path, reference, package, profile, {32: runner}, {32: median},
+                                          tmp_path / "work", None, "")
+    assert comparison.batch == 32 and comparison.predicted_ratio == pytest.approx(1.0)
+    assert 0.8 < comparison.measured_ratio < 1.25           # the same network twice, measured interleaved
+    assert comparison.error_pct == pytest.approx(100 * (1 / comparison.measured_ratio - 1))
