@@ -63,13 +63,13 @@ class Row:
 def plan(args: argparse.Namespace) -> list[Run]:
     runs = []
     for seed in args.seeds:
-        for target in args.flops_targets:
-            runs.append(Run(f"flops-{target:g}-s{seed}", "flops", seed, ["--flops-target", str(target)], "", target))
         for profile in args.train_targets:
             for ratio in args.latency_targets:
                 runs.append(Run(f"latency-{profile}-{ratio:g}-s{seed}", "latency", seed,
                                 ["--target", profile, "--latency-target", str(ratio), "--latency-batch", str(args.batch)],
                                 profile, ratio))
+        for target in args.flops_targets:
+            runs.append(Run(f"flops-{target:g}-s{seed}", "flops", seed, ["--flops-target", str(target)], "", target))
     return runs
 
 
@@ -131,14 +131,16 @@ def measure(package: Path, targets: list[str], batch: int, work: Path) -> tuple[
     for name in targets:
         profile = load_target(name)
         table_path = find_latency_file(table_file_name(profile.name, manifest["model"], shape, machine_key()))
-        if table_path is None:
-            raise SystemExit(f"latency_aware_lapp: error: no layer table for {name} on this machine (lapp-edge profile-layers)")
-        table = load_table(table_path)
-        reference = find_latency_file(table.dense_reference)
-        assert reference is not None
+        table = load_table(table_path) if table_path is not None else None
+        reference = find_latency_file(table.dense_reference if table else f"dense-{manifest['model']}-{'x'.join(map(str, shape))}.onnx")
+        if reference is None:
+            raise SystemExit(f"latency_aware_lapp: error: no dense reference ONNX for {manifest['model']} in the latency data")
         with compile_runner(OnnxModel(onnx_path, "input", shape), profile, batch, work) as slim, \
                 compile_runner(OnnxModel(reference, "input", shape), profile, batch, work) as dense:
             measured[name] = interleaved_ratio(slim, dense, data)
+        if table is None or batch not in table.batches:
+            predicted[name] = float("nan")      # no layer table for this target on this machine (profile-layers)
+            continue
         bt = table.batch(batch)
         predicted[name] = float(bt.predict_ratio(onnx_conv_layers(onnx_path)) / bt.predict_ratio(onnx_conv_layers(reference)))
     return measured, predicted

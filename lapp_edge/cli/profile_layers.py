@@ -21,7 +21,9 @@ def add_profile_layers_command(subparsers: argparse._SubParsersAction) -> None:
                               description="Measure, on one target, the latency of each of a model's conv shapes over the "
                                           "widths the target's channel multiple allows, then whole networks at random widths "
                                           "to fit and check the table's prediction (held-out error vs the FLOPs fit).")
-    p.add_argument("--target", required=True, help="target profile: a name (lapp-edge targets) or a YAML path")
+    p.add_argument("--target", default="", help="target profile: a name (lapp-edge targets) or a YAML path (required unless --refit)")
+    p.add_argument("--refit", default="", metavar="TABLE", help="fit TABLE's whole-network model again from the measurements it "
+                   "stores, without measuring (rewrites it in place)")
     p.add_argument("--model", default="resnet20", help="model family (default resnet20)")
     p.add_argument("--input", default="", help="input shape CxHxW (default: the target profile's)")
     p.add_argument("--configs", type=int, default=24, help="whole networks measured to fit and check the table (default 24)")
@@ -39,6 +41,14 @@ def run_profile_layers_command(args: argparse.Namespace) -> int:
     from lapp_edge.costs.latency_table import load_table
     from lapp_edge.latency.profile_layers import format_table_summary, profile_layers
 
+    if args.refit:
+        from lapp_edge.latency.profile_layers import refit_table
+
+        path = refit_table(args.refit, seed=args.seed)
+        print(format_table_summary(load_table(path), path))
+        return 0
+    if not args.target:
+        raise UserError("profile-layers needs --target PROFILE (or --refit TABLE)")
     shape = parse_input_shape(args.input) if args.input else None
     if args.channel_multiple < 0:
         raise UserError(f"--grid-multiple must be positive (0: the target's channel multiple), got {args.channel_multiple}")

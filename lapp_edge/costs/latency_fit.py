@@ -138,11 +138,13 @@ MEMORY_TERM_MIN_POINTS = 0.3
 MEMORY_TERM_MIN_CONFIGS = 6      # fewer points cannot hold out a third and still fit three coefficients sensibly
 
 
-def choose_fit(rows: list[dict[str, float]], y: np.ndarray, seed: int = 0) -> tuple[CandidateFit, list[CandidateFit]]:
-    """The MACs-only line, unless MACs + one memory term is measurably better held out."""
-    candidates = [fit_candidate(rows, y, ["macs_ratio"], seed)]
-    for memory in ("params_ratio", "activations_ratio") if len(y) >= MEMORY_TERM_MIN_CONFIGS else ():
-        candidates.append(fit_candidate(rows, y, ["macs_ratio", memory], seed))
+def choose_fit(rows: list[dict[str, float]], y: np.ndarray, seed: int = 0, base: str = "macs_ratio",
+               extras: tuple[str, ...] = ("params_ratio", "activations_ratio")) -> tuple[CandidateFit, list[CandidateFit]]:
+    """The line in `base` alone (the MACs ratio for a FLOPs fit, the table ratio for a layer table), unless
+    `base` + one extra term is measurably better held out (>= 15% relative and >= 0.3 points lower)."""
+    candidates = [fit_candidate(rows, y, [base], seed)]
+    for memory in extras if len(y) >= MEMORY_TERM_MIN_CONFIGS else ():
+        candidates.append(fit_candidate(rows, y, [base, memory], seed))
     chosen = candidates[0]
     for candidate in candidates[1:]:
         base, new = chosen.held_out.median_abs_pct, candidate.held_out.median_abs_pct

@@ -5,14 +5,17 @@ latency of every distinct conv of a model family as deployed (fused conv + bias 
 ONNX model per layer shape) over the grid of widths the target's channel multiple allows, and
 then a set of whole networks at random widths. A network's latency is predicted as
 
-    latency_ratio = a + b * table_ratio,   table_ratio = sum_l T_l(c_in_l, c_out_l) / sum_l T_l(dense)
+    latency_ratio = a + b * table_ratio [+ c * macs_ratio or activations_ratio],
+    table_ratio = sum_l T_l(c_in_l, c_out_l) / sum_l T_l(dense)
 
 where T_l is layer l's table, bilinearly interpolated between grid widths (differentiable in
 soft kept counts, `lapp/latency_cost.py`), and a, b are fitted on the whole-network
 measurements: isolated layers carry a fixed per-model cost and miss the non-conv work
 (residual adds, pooling, the classifier), so a raw sum overshoots; DEPLOY_NOTES ("Predicting
 whole-network latency") found the fitted constant and scale necessary (the constant comes
-out negative, the scale above 1 on OpenVINO). The table file also records the held-out
+out negative, the scale above 1 on OpenVINO). An extra term (conv MACs or output elements, as
+ratios to dense) is added only where it lowers the held-out error measurably, as the FLOPs fit adds
+its memory term (`costs.latency_fit.choose_fit`). The table file also records the held-out
 error of this prediction and of the FLOPs fit on the same measurements, its own timing
 noise, the machine, the runtime version and the load while it was measured.
 
@@ -57,6 +60,49 @@ def layer_signature(kernel: tuple[int, int], stride: tuple[int, int], padding: t
     grouping = "dw" if depthwise else f"g{groups}"
     return (f"conv k{kernel[0]}x{kernel[1]} s{stride[0]}x{stride[1]} p{padding[0]}x{padding[1]} {grouping} "
             f"{in_hw[0]}x{in_hw[1]}")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A conv's shape as its signature states it."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    depthwise: bool
+    groups: int
+    in_hw: tuple[int, int]
+
+    @property
+    def out_elements(self) -> int:
+        h = (self.in_hw[0] + 2 * self.padding[0] - self.kernel[0]) // self.stride[0] + 1
+        w = (self.in_hw[1] + 2 * self.padding[1] - self.kernel[1]) // self.stride[1] + 1
+        return h * w
+
+    def macs(self, c_in: Any, c_out: Any) -> Any:
+        """Multiply-accumulates per image at these widths (numpy or torch arithmetic)."""
+        per_output = self.kernel[0] * self.kernel[1] * self.out_elements
+        if self.depthwise:
+            return per_output * c_out
+        return per_output * c_in * c_out / self.groups
+
+    def activations(self, c_out: Any) -> Any:
+        """Output elements per image (a memory-traffic proxy)."""
+        return self.out_elements * c_out
+
+
+_SIGNATURE = re.compile(r"conv k(\d+)x(\d+) s(\d+)x(\d+) p(\d+)x(\d+) (dw|g\d+) (\d+)x(\d+)$")
+
+
+def geometry(signature: str) -> Geometry:
+    """The shape a layer signature names (UserError for a string that is not one)."""
+    match = _SIGNATURE.match(signature)
+    if match is None:
+        raise UserError(f"not a layer signature: {shown(signature)}")
+    kh, kw, sh, sw, ph, pw, grouping, h, w = match.groups()
+    depthwise = grouping == "dw"
+    return Geometry((int(kh), int(kw)), (int(sh), int(sw)), (int(ph), int(pw)), depthwise,
+                    1 if depthwise else int(grouping[1:]), (int(h), int(w)))
 
 
 @dataclass
@@ -104,27 +150,38 @@ def interpolate_2d(grid_in: np.ndarray, grid_out: np.ndarray, values: np.ndarray
             + wi * (1 - wo) * values[i1, o0] + wi * wo * values[i1, o1])
 
 
-@dataclass
-class PredictorError:
-    """Held-out error of one whole-network predictor (costs.latency_fit.held_out_errors)."""
+EXTRA_FEATURES = ("macs_ratio", "activations_ratio")    # what a table's fit may add to its table ratio
 
-    median_abs_pct: float
-    max_abs_pct: float
-    coefficients: list[float]          # [a, b] of latency_ratio = a + b * feature, fitted on all configurations
+
+def feature_sums(layers: list[tuple[str, Any, Any]]) -> dict[str, Any]:
+    """Conv MACs and output elements per image of a network given as (signature, c_in, c_out) triples."""
+    macs: Any = 0.0
+    activations: Any = 0.0
+    for signature, c_in, c_out in layers:
+        shape = geometry(signature)
+        macs = macs + shape.macs(c_in, c_out)
+        activations = activations + shape.activations(c_out)
+    return {"macs_ratio": macs, "activations_ratio": activations}
 
 
 @dataclass
 class BatchTable:
-    """Every layer table of one batch size, the whole-network fit and what it was checked against."""
+    """Every layer table of one batch size, the whole-network fit and what it was checked against.
+
+    latency_ratio = constant + scale * table_ratio + sum_f extra[f] * feature_ratio_f, where the
+    feature ratios (conv MACs, output elements) are relative to the dense network's (`dense_features`);
+    `extra` is empty unless an extra term lowered the held-out error measurably (`costs.latency_fit.choose_fit`)."""
 
     batch: int
     layers: dict[str, LayerTable]
-    constant: float                    # a: latency_ratio = a + b * table_ratio
+    constant: float                    # a
     scale: float                       # b
     dense_table_ms: float              # sum of the dense network's layer tables
     dense_ms: float                    # the dense network's median latency, measured alone (this process)
-    noise_pct: float                   # timing noise: median |drift| of a reference layer re-measured during profiling
+    noise_pct: float                   # timing noise: median |drift| of the reference layer timed beside every point
     validation: dict[str, Any] = field(default_factory=dict)   # held-out errors: table vs FLOPs fit vs raw sums
+    extra: dict[str, float] = field(default_factory=dict)       # feature name -> coefficient
+    dense_features: dict[str, float] = field(default_factory=dict)   # feature name -> the dense network's sum
 
     def sum_ms(self, layers: list[tuple[str, Any, Any]]) -> Any:
         """Sum of layer tables for (signature, c_in, c_out) triples. Raises UserError for a layer
@@ -139,8 +196,13 @@ class BatchTable:
         return total
 
     def predict_ratio(self, layers: list[tuple[str, Any, Any]]) -> Any:
-        """Predicted latency / dense latency on the target for a network given as layer triples."""
-        return self.constant + self.scale * self.sum_ms(layers) / self.dense_table_ms
+        """The fitted latency ratio (latency / dense latency on the target) of a network given as layer triples."""
+        value = self.constant + self.scale * self.sum_ms(layers) / self.dense_table_ms
+        if self.extra:
+            sums = feature_sums(layers)
+            for name, coefficient in self.extra.items():
+                value = value + coefficient * sums[name] / self.dense_features[name]
+        return value
 
 
 @dataclass
@@ -195,6 +257,12 @@ def _grid(value: Any, where: str) -> list[int]:
     return value
 
 
+def _features(payload: Any, where: str) -> dict[str, float]:
+    if not isinstance(payload, dict) or any(name not in EXTRA_FEATURES for name in payload):
+        raise UserError(f"{where} must map some of {', '.join(EXTRA_FEATURES)} to numbers")
+    return {name: _number(value, f"{where}: {name}") for name, value in payload.items()}
+
+
 def _layer(payload: Any, where: str) -> LayerTable:
     if not isinstance(payload, dict):
         raise UserError(f"{where} must be a mapping")
@@ -227,7 +295,10 @@ def table_from_dict(payload: Any, where: str) -> LatencyTable:
             batches[int(key)] = BatchTable(
                 int(key), layers, _number(raw["constant"], f"{where}: constant"), _number(raw["scale"], f"{where}: scale"),
                 _number(raw["dense_table_ms"], f"{where}: dense_table_ms", True), _number(raw["dense_ms"], f"{where}: dense_ms", True),
-                _number(raw["noise_pct"], f"{where}: noise_pct"), raw.get("validation") if isinstance(raw.get("validation"), dict) else {})
+                _number(raw["noise_pct"], f"{where}: noise_pct"), raw.get("validation") if isinstance(raw.get("validation"), dict) else {},
+                _features(raw.get("extra", {}), f"{where}: extra"), _features(raw.get("dense_features", {}), f"{where}: dense_features"))
+            if set(batches[int(key)].extra) - set(batches[int(key)].dense_features):
+                raise UserError(f"{where}: batch {key} fits an extra term without the dense network's value for it")
         text = {name: payload[name] for name in ("target", "backend", "precision", "precision_used", "runtime", "machine",
                                                   "cpu_model", "model")}
         for name, value in text.items():

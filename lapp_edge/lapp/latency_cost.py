@@ -4,8 +4,9 @@ The second implementation of `lapp_edge.lapp.cost.CostModel` (FLOPs is the first
 and batch size, with the target's layer table (`costs.latency_table`, measured by
 `lapp-edge profile-layers`):
 
-    latency_ms(counts) = dense_ms * (a + b * S(counts) / S(dense)) / (a + b)
+    latency_ms(counts) = dense_ms * f(counts) / f(dense),   f = a + b * S(counts) / S(dense) [+ c * E(counts) / E(dense)]
     S(counts) = sum over deployed convs l of T_l(c_in_l, c_out_l)
+    E = conv MACs or output elements, where the table's fit kept such a term (costs.latency_table)
 
 where c_in_l / c_out_l are the kept counts of the sites that prune layer l (or its fixed width)
 and T_l is bilinearly interpolated between the table's grid widths. Interpolation is linear in
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lapp_edge.costs.latency_table import BatchTable, LayerTable
+from lapp_edge.costs.latency_table import BatchTable, LayerTable, geometry
 from lapp_edge.lapp.flops import DeployedLayer
 
 
@@ -77,8 +78,12 @@ class LatencyCost:
             signature = layer.signature
             table.sum_ms([(signature, layer.in_fixed, layer.out_fixed)])   # UserError for a shape the table lacks
             self.entries.append((table.layers[signature], layer))
+        self.geometries = [geometry(layer.signature) for _, layer in self.entries]
         self._torch: dict[tuple[str, torch.dtype], list[_TorchLayer]] = {}
-        self.dense_sum = float(self.table_sum(np.array(self.site_channels, dtype=np.float64)))
+        dense = np.array(self.site_channels, dtype=np.float64)
+        self.dense_sum = float(self.table_sum(dense))
+        self.dense_features = {name: float(value) for name, value in self.feature_sums(dense).items()}
+        self.dense_fitted = float(self.fitted(dense))
         self.dense_cost = float(table.dense_ms)
 
     def _width(self, counts: Any, site: int | None, fixed: int) -> Any:
@@ -106,10 +111,30 @@ class LatencyCost:
             total = total + table.lookup(c_in, c_out)
         return total
 
+    def feature_sums(self, counts: Any) -> dict[str, Any]:
+        """Conv MACs and output elements for kept counts (the table fit's extra terms)."""
+        macs: Any = 0.0
+        activations: Any = 0.0
+        for shape, (_, layer) in zip(self.geometries, self.entries):
+            c_in = self._width(counts, layer.in_site, layer.in_fixed)
+            c_out = self._width(counts, layer.out_site, layer.out_fixed)
+            macs = macs + shape.macs(c_in, c_out)
+            activations = activations + shape.activations(c_out)
+        return {"macs_ratio": macs, "activations_ratio": activations}
+
+    def fitted(self, counts: Any) -> Any:
+        """The table fit's latency ratio a + b * table_ratio (+ c * extra feature ratio), unnormalised."""
+        table = self.table
+        value = table.constant + table.scale * self.table_sum(counts) / self.dense_sum
+        if table.extra:
+            sums = self.feature_sums(counts)
+            for name, coefficient in table.extra.items():
+                value = value + coefficient * sums[name] / self.dense_features[name]
+        return value
+
     def ratio(self, counts: Any) -> Any:
         """Predicted latency / dense latency on the target (torch: differentiable; numpy: any leading shape)."""
-        table = self.table
-        return (table.constant + table.scale * self.table_sum(counts) / self.dense_sum) / (table.constant + table.scale)
+        return self.fitted(counts) / self.dense_fitted
 
     def cost(self, counts: Any) -> Any:
         return self.dense_cost * self.ratio(counts)

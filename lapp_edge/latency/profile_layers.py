@@ -17,9 +17,10 @@
 3. `configs` whole networks at random widths (`latency.calibrate.draw_configs`, the dense one
    first) are exported and measured as latency ratios to the dense network, interleaved in this
    process with load checks (`quiet_block_ratios`, DEPLOY_NOTES' protocol).
-4. latency_ratio = a + b * table_ratio is fitted on all of them; the held-out error of that
-   prediction (median over 500 random 2/3 : 1/3 splits, `costs.latency_fit.held_out_errors`) is
-   recorded next to the FLOPs fit's (latency_ratio = a + b * macs_ratio) on the same splits, and
+4. latency_ratio = a + b * table_ratio (+ c * conv MACs or output-element ratio, kept only where it
+   lowers the held-out error measurably: `costs.latency_fit.choose_fit`) is fitted on all of them;
+   its held-out error (median over 500 random 2/3 : 1/3 splits) is recorded next to the FLOPs fit's
+   (MACs, + output elements where that helps: what calibrate-latency fits) on the same splits, and
    next to the raw table sum (no fit).
 The table is written atomically as JSON into `--out` (with the dense reference ONNX beside it,
 unless one is there already), named by target, model, input and machine (`table_file_name`).
@@ -33,12 +34,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from lapp_edge.costs.latency_fit import fit_linear, held_out_errors
+from lapp_edge.costs.latency_fit import choose_fit
 from lapp_edge.costs.latency_table import (
-    TABLE_FORMAT, BatchTable, LatencyTable, LayerTable, PredictorError, table_file_name, write_table_json,
+    EXTRA_FEATURES, TABLE_FORMAT, BatchTable, LatencyTable, LayerTable, feature_sums, table_file_name, write_table_json,
 )
 from lapp_edge.deploy.backends import Runner
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
@@ -185,6 +187,67 @@ def profile_point(layer: DeployedLayer, c_in: int, c_out: int, batch: int, profi
             runner.close()
 
 
+def fit_whole_network(described: ModelLayers, table: BatchTable, configs: list[tuple[str, np.ndarray]], measured: list[float],
+                      macs_ratio: list[float], seed: int = 0) -> tuple[float, float, dict[str, float], dict[str, float], dict[str, Any]]:
+    """Fit latency_ratio = a + b * table_ratio (+ one extra term where it helps) to whole-network
+    measurements (`configs`: name and per-site widths; `measured`: latency ratios to dense; `macs_ratio`:
+    FlopsCost ratios, for the FLOPs fit compared with). Returns a, b, the extra terms, the dense network's
+    feature sums for them, and the validation record (every configuration, both fits' held-out errors)."""
+    y = np.array(measured)
+    dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
+    dense_sum = float(table.sum_ms(dense_triples))
+    dense_features = {k: float(v) for k, v in feature_sums(dense_triples).items()}
+    rows = []
+    for _, widths in configs:
+        triples = layer_triples(described.layers, widths)
+        rows.append({"table_ratio": float(table.sum_ms(triples)) / dense_sum,
+                     **{k: float(v) / dense_features[k] for k, v in feature_sums(triples).items()}})
+    chosen, candidates = choose_fit(rows, y, seed, base="table_ratio", extras=EXTRA_FEATURES)
+    flops_rows = [{"macs_ratio": m, "activations_ratio": r["activations_ratio"]} for m, r in zip(macs_ratio, rows)]
+    flops_fit, _ = choose_fit(flops_rows, y, seed, base="macs_ratio", extras=("activations_ratio",))
+    a, b, *rest = chosen.coefficients
+    extra = dict(zip(chosen.features[1:], rest))
+    raw = 100.0 * np.abs(np.array([r["table_ratio"] for r in rows]) / y - 1.0)
+    validation = {
+        "configurations": [{"name": name, "widths": [int(v) for v in widths], "measured_ratio": m, **row,
+                            "macs_ratio_with_classifier": f}
+                           for (name, widths), m, row, f in zip(configs, measured, rows, macs_ratio)],
+        "table_fit": {"features": chosen.features, "coefficients": chosen.coefficients, "r2": chosen.r2,
+                      "median_abs_pct": chosen.held_out.median_abs_pct, "max_abs_pct": chosen.held_out.max_abs_pct},
+        "table_candidates": [{"features": c.features, "median_abs_pct": c.held_out.median_abs_pct,
+                              "max_abs_pct": c.held_out.max_abs_pct} for c in candidates],
+        "flops_fit": {"features": flops_fit.features, "coefficients": flops_fit.coefficients, "r2": flops_fit.r2,
+                      "median_abs_pct": flops_fit.held_out.median_abs_pct, "max_abs_pct": flops_fit.held_out.max_abs_pct},
+        "raw_table_sum": {"median_abs_pct": float(np.median(raw)), "max_abs_pct": float(raw.max())},
+        "held_out": f"median over {chosen.held_out.splits} random splits, {chosen.held_out.fit_points} fit / "
+                    f"{chosen.held_out.held_out_points} held out; FLOPs fit: MACs (+ output elements where it helps), "
+                    "as calibrate-latency fits it",
+    }
+    return float(a), float(b), {k: float(v) for k, v in extra.items()}, {k: dense_features[k] for k in extra}, validation
+
+
+def refit_table(path: str | Path, out: str | Path | None = None, seed: int = 0) -> Path:
+    """Fit a table's whole-network model again from the measurements it stores (no measuring): after
+    a change to the fit, or to check one. Writes `out` (default: over `path`, atomically)."""
+    from lapp_edge.costs.latency_table import load_table
+
+    table = load_table(path)
+    described = describe_model(table.model, tuple(table.input_shape), table.coupled_groups, table.channel_multiple)  # type: ignore[arg-type]
+    for batch, batch_table in table.batches.items():
+        configurations = batch_table.validation.get("configurations") or []
+        if len(configurations) < MIN_CONFIGS:
+            raise UserError(f"{path}: batch {batch} stores {len(configurations)} whole-network measurements; a fit needs {MIN_CONFIGS}")
+        configs = [(c["name"], np.array(c["widths"], dtype=np.float64)) for c in configurations]
+        macs = [float(c.get("macs_ratio_with_classifier", c.get("macs_ratio"))) for c in configurations]
+        a, b, extra, dense_features, validation = fit_whole_network(
+            described, batch_table, configs, [float(c["measured_ratio"]) for c in configurations], macs, seed)
+        batch_table.constant, batch_table.scale, batch_table.extra = a, b, extra
+        batch_table.dense_features, batch_table.validation = dense_features, validation
+    target = Path(out or path)
+    atomic_write_bytes(target, write_table_json(table))
+    return target
+
+
 def describe_model(model: str, input_shape: tuple[int, int, int], coupled: bool, multiple: int,
                    max_grid: int = MAX_GRID) -> ModelLayers:
     """Build the dense model (random weights, no bypass) and list its deployed convs and site grids.
@@ -305,7 +368,8 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
                 dense_ms = measure_latency(reference, data, profile.latency).median_ms
                 measured, table_ratio, macs_ratio = [], [], []
                 partial = BatchTable(batch, tables[batch], 0.0, 1.0, 1.0, dense_ms, 0.0)
-                dense_sum = float(partial.sum_ms(layer_triples(described.layers, np.array(described.site_channels))))
+                dense_triples = layer_triples(described.layers, np.array(described.site_channels))
+                dense_sum = float(partial.sum_ms(dense_triples))
                 for config in width_configs:
                     quiet = quiet_block_ratios(runners[config.name][batch], reference, data, ratio_protocol)  # type: ignore[arg-type]
                     shares.append(quiet.other_cpu_share)
@@ -314,24 +378,13 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
                     macs_ratio.append(float(flops.ratio(counts[config.name])))
                     say(f"  b{batch} {config.name:12s} measured x{measured[-1]:.3f}  table sum x{table_ratio[-1]:.3f}  "
                         f"MACs x{macs_ratio[-1]:.3f}  (others' CPU {quiet.other_cpu_share:.2f})")
-            y, x_table, x_macs = np.array(measured), np.array(table_ratio), np.array(macs_ratio)
-            a, b = (float(v) for v in fit_linear(x_table, y))
-            table_error, macs_error = held_out_errors(x_table, y, seed=seed), held_out_errors(x_macs, y, seed=seed)
-            raw = 100.0 * np.abs(x_table / y - 1.0)
-            validation = {
-                "configurations": [{"name": c.name, "widths": [int(v) for v in counts[c.name]], "measured_ratio": m,
-                                    "table_ratio": t, "macs_ratio": f} for c, m, t, f in zip(width_configs, measured, table_ratio, macs_ratio)],
-                "table_fit": asdict(PredictorError(table_error.median_abs_pct, table_error.max_abs_pct, [a, b])),
-                "flops_fit": asdict(PredictorError(macs_error.median_abs_pct, macs_error.max_abs_pct,
-                                                   [float(v) for v in fit_linear(x_macs, y)])),
-                "raw_table_sum": {"median_abs_pct": float(np.median(raw)), "max_abs_pct": float(raw.max())},
-                "held_out": f"median over {table_error.splits} random splits, {table_error.fit_points} fit / "
-                            f"{table_error.held_out_points} held out",
-            }
+            a, b, extra, dense_features, validation = fit_whole_network(
+                described, partial, [(c.name, counts[c.name]) for c in width_configs], measured, macs_ratio, seed)
             batch_tables[batch] = BatchTable(batch, tables[batch], a, b, dense_sum, dense_ms,
-                                             float(np.median(noise[batch])) if noise[batch] else 0.0, validation)
-            say(f"batch {batch}: held-out median error: table {table_error.median_abs_pct:.2f}%, "
-                f"FLOPs fit {macs_error.median_abs_pct:.2f}%")
+                                             float(np.median(noise[batch])) if noise[batch] else 0.0, validation, extra,
+                                             dense_features)
+            say(f"batch {batch}: held-out median error: table ({' + '.join(validation['table_fit']['features'])}) "
+                f"{validation['table_fit']['median_abs_pct']:.2f}%, FLOPs fit {validation['flops_fit']['median_abs_pct']:.2f}%")
         for per_batch in runners.values():
             for runner in per_batch.values():
                 runner.close()  # type: ignore[attr-defined]
