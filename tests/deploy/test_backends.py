@@ -187,3 +187,23 @@ def test_shipped_profiles_are_valid() -> None:
         assert profile.name == name and profile.batch_sizes == (1, 32) and profile.input_shape == (1, 28, 28)
         assert profile.baselines is not None and profile.baselines.reference_target == "x86-ort-fp32"
         assert profile.baselines.machines, f"{name} records no machine's baseline"
+
+
+def test_openvino_conversion_sends_no_telemetry(tmp_path: Path) -> None:
+    """ov.convert_model reports usage from a forked process unless declined: our backend declines it for
+    the process (no fork, no network attempt), without writing a consent file."""
+    import multiprocessing
+
+    pytest.importorskip("openvino")
+    from lapp_edge.deploy.backends.openvino_cpu import _ov
+    from lapp_edge.resources import LATENCY_DIR
+
+    ov = _ov()
+    started = []
+    original = multiprocessing.Process.start
+    multiprocessing.Process.start = lambda self: started.append(self)  # type: ignore[method-assign]
+    try:
+        ov.convert_model(str(LATENCY_DIR / "dense-resnet20-1x28x28.onnx"))
+    finally:
+        multiprocessing.Process.start = original  # type: ignore[method-assign]
+    assert started == []
