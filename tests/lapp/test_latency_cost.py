@@ -258,3 +258,27 @@ def test_profile_input_flag_is_checked() -> None:
     for bad in ("1x28", "ax28x28", "0x28x28", ""):
         with pytest.raises(UserError):
             parse_input_shape(bad)
+
+
+@pytest.mark.slow
+def test_profile_layers_end_to_end_on_onnx_runtime(tmp_path: Path) -> None:
+    """A small real table (2 widths per axis, 6 networks, batch 1): every layer shape measured, the fit
+    and both held-out errors recorded, the file valid, and a training cost built from it."""
+    from lapp_edge.latency.profile_layers import profile_layers
+    from lapp_edge.training.config import TrainConfig
+    from lapp_edge.training.latency import latency_constraint
+
+    path = profile_layers("x86-ort-fp32", "resnet20", configs=6, batches=[1], out=tmp_path, max_grid=2, progress=False)
+    table = load_table(path)
+    batch = table.batch(1)
+    assert len(batch.layers) == 7 and batch.dense_ms > 0
+    assert all(v > 0 for layer in batch.layers.values() for row in layer.ms for v in row)
+    validation = batch.validation
+    assert len(validation["configurations"]) == 6
+    assert validation["table_fit"]["median_abs_pct"] >= 0 and validation["flops_fit"]["median_abs_pct"] >= 0
+    assert (tmp_path / table.dense_reference).is_file()
+    model, sites, _ = resnet20()
+    config = TrainConfig(out=str(tmp_path / "run"), target="x86-ort-fp32", latency_target="0.6", latency_batch=1,
+                         latency_table=str(path))
+    constraint = latency_constraint(config, model, sites, SHAPE)
+    assert constraint.per_target[0].ratio(np.array([s.channels for s in sites], dtype=np.float64)) == pytest.approx(1.0)
