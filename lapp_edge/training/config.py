@@ -131,7 +131,7 @@ def split_values(text: str) -> list[str]:
 
 # Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
 LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer",
-             "latency_target", "latency_budget_ms", "latency_batch", "latency_table")
+             "target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table")
 
 
 def flag_name(name: str) -> str:

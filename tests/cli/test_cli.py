@@ -34,7 +34,7 @@ BAD_ARGUMENTS = [
     (["--epochs", "3", "--prune-epochs", "3"], "must be smaller than --epochs"),
     (["--epochs", "0"], "--epochs"),
     (["--prune-epochs", "0"], "--prune-epochs"),
-    (["--channel-multiple", "0"], "--channel-multiple"),
+    (["--channel-multiple", "-1"], "--channel-multiple"),
     (["--data-dir", "/nonexistent/fmnist"], "does not exist"),
     (["--epochs", "three"], "invalid int value"),
 ]

@@ -105,7 +105,7 @@ BAD_OPTIONS = st.one_of(
     st.tuples(st.just("--lr"), st.one_of(st.floats(max_value=0.0), st.just(math.inf), st.just(math.nan)).map(_fmt)),
     st.tuples(st.just("--weight-decay"), st.one_of(
         st.floats(max_value=0.0, exclude_max=True), st.just(math.inf), st.just(math.nan)).map(_fmt)),
-    st.tuples(st.just("--channel-multiple"), st.integers(max_value=0).map(str)),
+    st.tuples(st.just("--channel-multiple"), st.integers(max_value=-1).map(str)),     # 0: the target's multiple
     st.tuples(st.sampled_from(["--train-subset", "--test-subset"]), st.integers(max_value=-1).map(str)),
     st.tuples(st.just("--seed"), st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32)).map(str)),
     st.tuples(st.just("--model"), names.filter(lambda s: s not in MODEL_BUILDERS)),

@@ -188,13 +188,14 @@ def test_latency_constrained_training_lands_on_the_budget_and_records_the_target
     _, sites, layers = resnet20()
     _write(tmp_path, synthetic_table(layers, sites))
     monkeypatch.chdir(tmp_path)                       # ./latency-data is searched first
-    config = tiny_config(tmp_path / "run", target="x86-ort-fp32", latency_target="0.5")
+    config = tiny_config(tmp_path / "run", target="x86-ort-fp32", latency_target="0.5", channel_multiple=8)
     report = Trainer(config, fmnist).run()
     assert report["constraint"] == "latency"
     assert report["shaped_for"][0]["target"] == "x86-ort-fp32" and report["shaped_for"][0]["batch"] == 32
     assert report["latency_predicted_ratio"]["x86-ort-fp32"] == pytest.approx(0.5, abs=0.01)
-    assert report["config"]["channel_multiple"] == 8          # the profile's multiple on this CPU (8 without AVX-512)
-    assert all(layer["kept"] % 8 == 0 or layer["kept"] == layer["total"] for layer in report["layers"])
+    assert report["config"]["channel_multiple"] == 8
+    multiple = report["config"]["channel_multiple"]
+    assert all(layer["kept"] % multiple == 0 or layer["kept"] == layer["total"] for layer in report["layers"])
 
 
 @pytest.mark.parametrize("case", ["missing", "other-target", "other-machine", "below-floor", "above-dense",
@@ -204,7 +205,7 @@ def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path
 
     _, sites, layers = resnet20()
     args = ["train", "--out", "run", "--epochs", "2", "--prune-epochs", "1", "--train-subset", "256", "--test-subset", "64",
-            "--quiet", "--threads", "1", "--target", "x86-ort-fp32", "--latency-target", "0.5"]
+            "--quiet", "--threads", "1", "--channel-multiple", "8", "--target", "x86-ort-fp32", "--latency-target", "0.5"]
     expected = {"missing": "no layer latency table", "other-target": "is a table for target",
                 "other-machine": "was measured on", "below-floor": "cannot be reached",
                 "above-dense": "above the dense network", "no-target": "need --target",
@@ -282,3 +283,26 @@ def test_profile_layers_end_to_end_on_onnx_runtime(tmp_path: Path) -> None:
                          latency_table=str(path))
     constraint = latency_constraint(config, model, sites, SHAPE)
     assert constraint.per_target[0].ratio(np.array([s.channels for s in sites], dtype=np.float64)) == pytest.approx(1.0)
+
+
+def test_two_targets_combine_with_the_tightest_budget_binding(tmp_path: Path, monkeypatch) -> None:
+    from lapp_edge.training.config import TrainConfig
+    from lapp_edge.training.latency import latency_constraint, resolve_channel_multiple
+
+    model, sites, layers = resnet20()
+    _write(tmp_path, synthetic_table(layers, sites, step=0.0))
+    stepped = synthetic_table(layers, sites, target="x86-openvino-bf16", step=1.0)
+    stepped.runtime = __import__("lapp_edge.deploy.targets", fromlist=["runtime_version"]).runtime_version("openvino-cpu")
+    _write(tmp_path, stepped)
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(out=str(tmp_path / "run"), target="x86-ort-fp32,x86-openvino-bf16", latency_target="0.6,0.5")
+    constraint = latency_constraint(config, model, sites, SHAPE)
+    assert isinstance(constraint.cost, TightestBudgetCost) and constraint.target_ratio == 0.5
+    assert [e["target"] for e in constraint.shaped_for] == ["x86-ort-fp32", "x86-openvino-bf16"]
+    widths = choose_widths(np.array([s.channels for s in sites], dtype=np.float64) * 0.6, constraint.cost, 0.5, 8, 8)
+    ratios = [cost.ratio(widths.astype(float)) for cost in constraint.per_target]
+    assert ratios[0] <= 0.6 + 0.01 and ratios[1] <= 0.5 + 0.01 and max(ratios[0] / 0.6, ratios[1] / 0.5) == pytest.approx(1.0, abs=0.01)
+    monkeypatch.setattr("lapp_edge.deploy.measure.cpu_flags", lambda: {"avx2"})
+    assert resolve_channel_multiple(replace(config, channel_multiple=0)) == 8          # AVX2: 8 for both
+    monkeypatch.setattr("lapp_edge.deploy.measure.cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert resolve_channel_multiple(replace(config, channel_multiple=0)) == 32         # lcm(16 for fp32 ORT, 32 for AMX bf16)
