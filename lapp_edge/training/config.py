@@ -89,6 +89,9 @@ class TrainConfig:
     bn_recalibration_batches: int = option(40, "training batches used to re-estimate BN statistics at freeze")
     trace_every: int = option(10, "record every layer's kept width every N pruning steps (for the plot)")
     scorer: str = option("bn_weight_norm", "channel importance score", choices=_scorer_names())
+    shared_threshold: bool = option(False, "ablation: one learned threshold shared by every prunable layer instead of one per layer")
+    anneal_fraction: float = option(0.75, "share of the pruning phase over which the FLOPs target anneals from 1 to --flops-target, "
+                                    "in [0, 1] (0: the final target from the first step on: no progressive schedule)")
     progress: bool = option(True, "no progress bars or per-epoch lines", flag="--quiet")
 
     def lapp_config(self) -> "LappConfig":
@@ -98,11 +101,13 @@ class TrainConfig:
         return LappConfig(
             target=self.flops_target, channel_multiple=self.channel_multiple, scorer=self.scorer,
             min_channels=max(1, self.channel_multiple), group_reduce=self.group_reduce,
+            shared_threshold=self.shared_threshold, anneal_fraction=self.anneal_fraction,
         )
 
 
 # Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
-LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer")
+LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer",
+             "shared_threshold", "anneal_fraction")
 
 
 def flag_name(name: str) -> str:
@@ -144,6 +149,8 @@ def validate_config(config: TrainConfig) -> None:
                 f"--prune-epochs ({config.prune_epochs}) must be smaller than --epochs ({config.epochs}): "
                 "the slim network needs epochs to train after pruning"
             )
+    if not 0.0 <= config.anneal_fraction <= 1.0:
+        raise UserError(f"--anneal-fraction must lie in [0, 1], got {config.anneal_fraction}")
     if config.channel_multiple < 1:
         raise UserError(f"--channel-multiple must be at least 1, got {config.channel_multiple}")
     if config.batch_size <= 0:
