@@ -775,7 +775,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import torch_pruning  # noqa: F401
         except ImportError:
-            print("compare: error: the Torch-Pruning methods need torch_pruning (pip install -e '.[compare]')", file=sys.stderr)
+            print("compare: error: the Torch-Pruning methods need the torch-pruning package (a lapp-edge dependency: "
+                  "make setup installs it); or leave tp-* out of --methods", file=sys.stderr)
             return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
