@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -188,8 +186,7 @@ def pretrain_epochs_of(args: argparse.Namespace) -> int:
 def common_settings(args: argparse.Namespace, seed: int) -> list[str]:
     settings = ["--model", args.model, "--dataset", "fashion-mnist", "--epochs", str(args.epochs),
                 "--train-subset", str(args.train_subset), "--test-subset", str(args.test_subset), "--seed", str(seed),
-                "--threads", str(args.threads),
-                "--device", args.device, "--quiet"]
+                "--threads", str(args.threads), "--device", args.device, "--quiet"]
     return settings + (["--data-dir", args.data_dir] if args.data_dir else [])
 
 
@@ -205,8 +202,8 @@ def job_command(job: Job, args: argparse.Namespace) -> list[str]:
                          "--channel-multiple", str(args.channel_multiple)]
         return train_command(job.run_dir(out), [*settings, *method.train_flags])
     worker = [sys.executable, str(Path(__file__).resolve()), "--only", f"{job.method}:{job.target}:{job.seed}"]
-    for flag in ("out", "model", "epochs", "train_subset", "test_subset", "threads", "device", "channel_multiple", "prune_epochs",
-                 "pretrain_epochs", "data_dir"):
+    for flag in ("out", "model", "epochs", "train_subset", "test_subset", "threads", "device", "channel_multiple",
+                 "prune_epochs", "pretrain_epochs", "data_dir"):
         value = getattr(args, flag)
         if value not in (None, ""):
             worker += ["--" + flag.replace("_", "-"), str(value)]
@@ -458,8 +455,8 @@ def pretrain(job: Job, args: argparse.Namespace) -> Path:
     if (out / CHECKPOINT).is_file() and RunDirectory(out).load_checkpoint()["state"]["epoch"] >= epochs:
         return out
     config = TrainConfig(out=str(out), model=args.model, dataset="fashion-mnist", data_dir=args.data_dir or None,
-                         epochs=args.epochs, dense=True, train_subset=args.train_subset, test_subset=args.test_subset, seed=job.seed,
-                         threads=args.threads, device=args.device, progress=False)
+                         epochs=args.epochs, dense=True, train_subset=args.train_subset, test_subset=args.test_subset,
+                         seed=job.seed, threads=args.threads, device=args.device, progress=False)
     trainer = Trainer(config)
     regularize = sparsity_regularizer(job.method, trainer.model, trainer.input_shape)
     if regularize is not None:
@@ -485,9 +482,6 @@ def pretrain(job: Job, args: argparse.Namespace) -> Path:
 def run_torch_pruning(job: Job, args: argparse.Namespace) -> None:
     """Pretrain (dense, sparse for tp-bn/tp-gn), prune to the target with Torch-Pruning, fine-tune for the
     rest of the budget with the project's Trainer; the pruned network is saved atomically first."""
-    import torch
-
-    from lapp_edge.fileio import read_json as read_json_file
     from lapp_edge.models import build_model
     from lapp_edge.torch_io import atomic_torch_save, safe_torch_load
     from lapp_edge.training.run_dir import RunDirectory
@@ -516,14 +510,13 @@ def run_torch_pruning(job: Job, args: argparse.Namespace) -> None:
                                                      "step": payload["state"]["step"]})
         print(f"{job.method}: FLOPs ratio {outcome.flops_ratio:.4f} in {outcome.seconds:.1f} s, widths "
               f"{list(outcome.widths.values())}", flush=True)
-    record = read_json_file(prune_dir / "prune.json")
+    record = read_json(prune_dir / "prune.json")
     weights = safe_torch_load(prune_dir / "pruned.pt")
     trainer.start_slim({k: int(v) for k, v in record["widths"].items()}, weights)
     pretrained = record["history"]
     trainer.state.epoch = len(pretrained)
     trainer.state.step = int(record["step"])
     trainer.state.history = list(pretrained)
-    del torch
     trainer.run()
 
 
