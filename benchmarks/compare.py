@@ -146,6 +146,7 @@ class Summary:
     train_wall_s: float
     train_cpu_s: float
     wall_vs_dense: float | None               # mean train wall time / the dense runs' mean
+    cpu_vs_dense: float | None                # the same for CPU time (steadier on a loaded machine)
     top1_vs_dense_points: float | None        # 100 x (top-1 - dense top-1), means
 
 
@@ -563,6 +564,7 @@ def summarize(results: list[RunResult]) -> list[Summary]:
     dense = [r for r in results if r.method == "dense"]
     dense_top1 = statistics.mean(r.top1 for r in dense) if dense else None
     dense_wall = statistics.mean(r.train_wall_s for r in dense) if dense else None
+    dense_cpu = statistics.mean(r.train_cpu_s for r in dense) if dense else None
     keys = sorted({(r.method, r.target) for r in results},
                   key=lambda k: (-1.0 if k[1] is None else k[1], list(METHODS).index(k[0]) if k[0] in METHODS else 99, k[0]))
     summaries = []
@@ -570,13 +572,13 @@ def summarize(results: list[RunResult]) -> list[Summary]:
         rows = [r for r in results if r.method == method and r.target == target]
         top1 = [r.top1 for r in rows]
         latency = [r.latency_ratio for r in rows if r.latency_ratio is not None]
-        wall = statistics.mean(r.train_wall_s for r in rows)
+        wall, cpu = statistics.mean(r.train_wall_s for r in rows), statistics.mean(r.train_cpu_s for r in rows)
         summaries.append(Summary(
             method=method, target=target, seeds=len(rows), top1_mean=statistics.mean(top1), top1_sd=_sd(top1),
             flops_ratio=statistics.mean(r.flops_ratio for r in rows), params_ratio=statistics.mean(r.params_ratio for r in rows),
             latency_ratio=statistics.mean(latency) if latency else None, latency_sd=_sd(latency) if latency else None,
-            train_wall_s=wall, train_cpu_s=statistics.mean(r.train_cpu_s for r in rows),
-            wall_vs_dense=wall / dense_wall if dense_wall else None,
+            train_wall_s=wall, train_cpu_s=cpu, wall_vs_dense=wall / dense_wall if dense_wall else None,
+            cpu_vs_dense=cpu / dense_cpu if dense_cpu else None,
             top1_vs_dense_points=100 * (statistics.mean(top1) - dense_top1) if dense_top1 is not None else None,
         ))
     return summaries
@@ -588,14 +590,15 @@ def markdown_table(summaries: list[Summary]) -> str:
         return "-" if value is None else format(value, fmt)
 
     lines = ["| method | FLOPs target | seeds | top-1 % (mean ± sd) | vs dense (points) | FLOPs ratio | params ratio "
-             "| latency ratio b32 (± sd) | train wall s | train CPU s | wall / dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| latency ratio b32 (± sd) | train wall s | train CPU s | wall / dense | CPU / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         latency = "-" if s.latency_ratio is None else f"{s.latency_ratio:.3f} ± {s.latency_sd or 0:.3f}"
         lines.append(
             f"| {s.method} | {'-' if s.target is None else f'{s.target:g}'} | {s.seeds} | {100 * s.top1_mean:.2f} ± "
             f"{100 * s.top1_sd:.2f} | {num(s.top1_vs_dense_points, '+.2f')} | {s.flops_ratio:.3f} | {s.params_ratio:.3f} "
-            f"| {latency} | {s.train_wall_s:.0f} | {s.train_cpu_s:.0f} | {num(s.wall_vs_dense, '.2f')} |")
+            f"| {latency} | {s.train_wall_s:.0f} | {s.train_cpu_s:.0f} | {num(s.wall_vs_dense, '.2f')} "
+            f"| {num(s.cpu_vs_dense, '.2f')} |")
     return "\n".join(lines)
 
 

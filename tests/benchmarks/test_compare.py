@@ -109,6 +109,7 @@ def test_summary_means_and_spreads_over_seeds() -> None:
     assert lapp.top1_sd == pytest.approx(statistics.stdev([0.88, 0.86]))
     assert lapp.top1_vs_dense_points == pytest.approx(100 * (0.87 - 0.91))
     assert lapp.wall_vs_dense == pytest.approx(140.0 / 110.0)
+    assert lapp.cpu_vs_dense == pytest.approx(70.0 / 55.0)
     assert lapp.latency_ratio == pytest.approx(0.65)
     uniform = by_key[("uniform", 0.5)]
     assert uniform.top1_sd == 0.0 and uniform.latency_ratio is None
