@@ -603,7 +603,7 @@ def markdown_table(summaries: list[Summary]) -> str:
 
 
 def plot(summaries: list[Summary], out: Path) -> list[Path]:
-    """accuracy_vs_flops.png and accuracy_vs_latency.png (mean over seeds, bars: sd)."""
+    """accuracy_vs_flops.png and accuracy_vs_latency.png (mean over seeds, bars: sd; latency where measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -612,6 +612,8 @@ def plot(summaries: list[Summary], out: Path) -> list[Path]:
     written = []
     for x_name, x_of, label in (("flops", lambda s: s.flops_ratio, "FLOPs ratio (deployed MACs / dense)"),
                                 ("latency", lambda s: s.latency_ratio, "ONNX Runtime fp32 latency, batch 32 (ratio to dense)")):
+        if all(x_of(s) is None for s in summaries):      # latency not measured (--no-latency)
+            continue
         figure, axes = plt.subplots(figsize=(7.5, 5))
         methods = list(dict.fromkeys(s.method for s in summaries))
         cmap = plt.get_cmap("tab10")
