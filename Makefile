@@ -53,6 +53,16 @@ test-slow: setup
 bench: setup
 	$(PYTHON) benchmarks/lapp_vs_dense.py --out bench-results/lapp_vs_dense
 
+# LAPP vs peers at equal FLOPs and epochs (benchmarks/compare.py): dense, uniform widths, Torch-Pruning
+# (L1, BN scale, group norm), LAPP and its ablations on Fashion-MNIST ResNet-20, targets 0.3 and 0.5, seeds
+# 0 and 1; accuracy, cost, training time and ONNX Runtime latency per method (table, JSON, plots in
+# bench-results/compare). Many hours at 30 epochs on 2 cores; a small run:
+# make compare COMPARE_ARGS='--flops-targets 0.5 --seeds 0 --epochs 3 --train-subset 5000'. Re-running resumes.
+COMPARE_ARGS ?=
+.PHONY: compare
+compare: setup
+	$(PYTHON) benchmarks/compare.py --flops-targets 0.3,0.5 --seeds 0,1 --out bench-results/compare $(COMPARE_ARGS)
+
 # Batch-1 ONNX Runtime CPU latency, fused vs bypass-as-separate-convs, of a finished run
 # (default: the demo run; BENCH_RUN=runs/NAME for another).
 BENCH_RUN ?= $(DEMO_RUN)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,22 +46,32 @@ class Row:
     dense_wall_s: float | None
 
 
+def train_command(out: Path, settings: list[str]) -> list[str]:
+    """The `lapp-edge train` command of one run: a new run with `settings`, or `--resume` where the run
+    directory holds a checkpoint (a resumed run keeps its saved settings). A directory that holds
+    neither a checkpoint nor a config (killed before it wrote one) has trained nothing and is cleared."""
+    if (out / "checkpoint.pt").is_file():
+        return [sys.executable, "-m", "lapp_edge.cli", "train", "--out", str(out), "--resume", "--quiet"]
+    if (out / "config.json").is_file():    # killed before its first checkpoint: resume takes the settings again
+        return [sys.executable, "-m", "lapp_edge.cli", "train", "--out", str(out), "--resume", *settings]
+    if out.is_dir():
+        shutil.rmtree(out)
+    return [sys.executable, "-m", "lapp_edge.cli", "train", "--out", str(out), *settings]
+
+
 def launch(name: str, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
     out = Path(args.out) / name
     if (out / "report.json").is_file():
         return None
     common = [
-        "--out", str(out), "--model", args.model, "--dataset", "fashion-mnist", "--epochs", str(args.epochs),
+        "--model", args.model, "--dataset", "fashion-mnist", "--epochs", str(args.epochs),
         "--train-subset", str(args.train_subset), "--seed", str(args.seed), "--threads", str(args.threads),
         "--device", args.device, "--quiet",
     ]
     if name != "dense":  # a dense run refuses LAPP-only options
         common += ["--prune-epochs", str(args.prune_epochs), "--flops-target", str(args.flops_target)]
-    if (out / "checkpoint.pt").is_file():
-        common = ["--out", str(out), "--resume", "--quiet"]
     log = open(Path(args.out) / f"{name}.log", "ab")  # noqa: SIM115 - closed when the process ends
-    command = [sys.executable, "-m", "lapp_edge.cli", "train", *common, *([] if "--resume" in common else CONFIGURATIONS[name])]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(train_command(out, [*common, *CONFIGURATIONS[name]]), stdout=log, stderr=subprocess.STDOUT)
 
 
 def row_from_report(name: str, report: dict) -> Row:

@@ -45,6 +45,7 @@ class LappConfig:
     scorer: str = "bn_weight_norm"
     group_reduce: str = "sum"        # how a coupled group's channel score combines its producers' (sum | max)
     tolerance: float = 0.01          # the slim network must land within +-tolerance of the target ratio
+    shared_threshold: bool = False   # ablation: one threshold (z units) for every site instead of one per site
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -63,7 +64,8 @@ class FreezeResult:
 
 class LappController(nn.Module):
     """One learnable threshold per prunable site (a parameter of this module, so DDP and
-    optimizers see it), the masks it sets on the units, and the cost penalty."""
+    optimizers see it), the masks it sets on the units, and the cost penalty. With
+    `config.shared_threshold` the parameter holds one threshold, broadcast to every site."""
 
     def __init__(self, sites: list[PrunableSite], cost: CostModel, config: LappConfig) -> None:
         super().__init__()
@@ -71,7 +73,8 @@ class LappController(nn.Module):
         self.cost = cost
         self.config = config
         self.scorer = get_scorer(config.scorer)
-        self.thresholds = nn.Parameter(torch.full((len(sites),), float(config.threshold_init)))
+        count = 1 if config.shared_threshold else len(sites)
+        self.thresholds = nn.Parameter(torch.full((count,), float(config.threshold_init)))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.kept: torch.Tensor | None = None
         self.last_scores: list[torch.Tensor] = []
@@ -87,6 +90,14 @@ class LappController(nn.Module):
             self._set_mask(index, None)
 
     # --- masks -------------------------------------------------------------------------
+    def site_thresholds(self) -> torch.Tensor:
+        """One threshold per site (the shared one broadcast, with its gradient, where there is one)."""
+        return self.thresholds.expand(len(self.sites)) if self.config.shared_threshold else self.thresholds
+
+    def _fit(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-site bounds as the parameter's shape: the lowest of them for a shared threshold."""
+        return values.min().reshape(1) if self.config.shared_threshold else values
+
     def scores(self) -> list[torch.Tensor]:
         return [standardize(group_score(self.scorer, site, self.config.group_reduce).float()) for site in self.sites]
 
@@ -101,11 +112,12 @@ class LappController(nn.Module):
         if not bool(self.initialized):
             with torch.no_grad():
                 lowest = torch.stack([s.min() for s in scores]).to(self.thresholds.device)
-                self.thresholds.copy_(torch.minimum(self.thresholds, lowest - 0.25))
+                self.thresholds.copy_(torch.minimum(self.thresholds, self._fit(lowest - 0.25)))
                 self.initialized.fill_(True)
         kept = []
+        thresholds = self.site_thresholds()
         for index, score in enumerate(scores):
-            threshold = self.thresholds[index].to(score.device)
+            threshold = thresholds[index].to(score.device)
             hard = (score > threshold).to(score.dtype)
             if with_grad:
                 soft = torch.sigmoid((score - threshold) / self.config.tau)
@@ -141,11 +153,12 @@ class LappController(nn.Module):
             k = self._min_keep(score.numel())
             caps.append(score.topk(k).values[-1] - 1e-3)
         # one tensor op, no host round-trip per layer (matters on a GPU)
-        self.thresholds.copy_(torch.minimum(self.thresholds, torch.stack(caps).to(self.thresholds.device)))
+        self.thresholds.copy_(torch.minimum(self.thresholds, self._fit(torch.stack(caps).to(self.thresholds.device))))
 
     def hard_counts(self) -> list[int]:
         with torch.no_grad():
-            return [int((s > self.thresholds[i].to(s.device)).sum()) for i, s in enumerate(self.scores())]
+            thresholds = self.site_thresholds()
+            return [int((s > thresholds[i].to(s.device)).sum()) for i, s in enumerate(self.scores())]
 
     # --- freeze ------------------------------------------------------------------------
     @torch.no_grad()
@@ -163,7 +176,7 @@ class LappController(nn.Module):
         readded: dict[str, int] = {}
         for index, (site, score) in enumerate(zip(self.sites, scores)):
             keep = score.topk(int(widths[index])).indices.sort().values
-            active = score > self.thresholds[index].to(score.device)
+            active = score > self.site_thresholds()[index].to(score.device)
             keep_indices[site.name] = keep.tolist()
             readded[site.name] = int((~active[keep]).sum())
         return FreezeResult(
@@ -182,7 +195,7 @@ class LappController(nn.Module):
         scores = self.scores()
         for index, site in enumerate(self.sites):
             keep = torch.tensor(plan.keep_indices[site.name], dtype=torch.long, device=scores[index].device)
-            active = scores[index] > self.thresholds[index].to(scores[index].device)
+            active = scores[index] > self.site_thresholds()[index].to(scores[index].device)
             returning = keep[~active[keep]]
             if len(returning):
                 for consumer in site.consumers:

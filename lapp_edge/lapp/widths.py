@@ -132,3 +132,43 @@ def smallest_cost_ratio(cost: CostModel, multiple: int, min_width: int) -> float
     """The cost ratio with every site at its smallest allowed width: the lowest target LAPP can reach."""
     smallest = [int(allowed_widths(c, multiple, min_width)[0]) for c in cost.site_channels]
     return float(cost.ratio(np.array(smallest, dtype=np.float64)))
+
+
+def uniform_widths(cost: CostModel, target_ratio: float, multiple: int, min_width: int, tolerance: float = 0.01,
+                   aim: float = 0.004, max_iterations: int = 10_000) -> tuple[np.ndarray, float, float]:
+    """A uniformly thinned network at `target_ratio` of the dense cost: every site's width is one
+    factor s times its full width, rounded to the nearest allowed width (multiples of `multiple`
+    from `min_width` up). Of all factors, the one whose rounded widths come closest to the target
+    is taken when it lies within `tolerance`; otherwise (one rounding step of a narrow layer can
+    move the cost by several percent) the unrounded widths at the factor that meets the target
+    exactly are rounded by the freeze's width search (`choose_widths`, within `aim` where
+    reachable, as close to those uniform widths as it can). Returns (widths int64, their cost
+    ratio, the factor)."""
+    full = np.array([float(c) for c in cost.site_channels])
+    if len(full) == 0:
+        return np.zeros(0, dtype=np.int64), 1.0, 1.0
+    options = [allowed_widths(int(total), multiple, min_width) for total in full]
+
+    def rounded(factor: float) -> np.ndarray:
+        return np.array([opts[int(np.abs(opts - factor * total).argmin())] for opts, total in zip(options, full)], dtype=np.int64)
+
+    best: tuple[float, float, np.ndarray] | None = None
+    for factor in np.linspace(0.0, 1.0, 1001):
+        widths = rounded(float(factor))
+        error = abs(float(cost.ratio(widths.astype(np.float64))) - target_ratio)
+        if best is None or error < best[0]:
+            best = (error, float(factor), widths)
+    assert best is not None
+    if best[0] <= tolerance:
+        return best[2], float(cost.ratio(best[2].astype(np.float64))), best[1]
+
+    def scaled(factor: float) -> np.ndarray:
+        return np.minimum(full, np.maximum(full * factor, float(max(1, min_width))))
+
+    low, high = 0.0, 1.0
+    for _ in range(60):     # the unrounded cost grows with the factor
+        middle = (low + high) / 2
+        low, high = (low, middle) if float(cost.ratio(scaled(middle))) > target_ratio else (middle, high)
+    factor = (low + high) / 2
+    widths = choose_widths(scaled(factor), cost, target_ratio, multiple, min_width, aim, max_iterations)
+    return widths, float(cost.ratio(widths.astype(np.float64))), factor

@@ -102,6 +102,9 @@ class TrainConfig:
     bn_recalibration_batches: int = option(40, "training batches used to re-estimate BN statistics at freeze")
     trace_every: int = option(10, "record every layer's kept width every N pruning steps (for the plot)")
     scorer: str = option("bn_weight_norm", "channel importance score", choices=_scorer_names())
+    shared_threshold: bool = option(False, "ablation: one learned threshold shared by every prunable layer instead of one per layer")
+    anneal_fraction: float = option(0.75, "share of the pruning phase over which the FLOPs target anneals from 1 to --flops-target, "
+                                    "in [0, 1] (0: the final target from the first step on: no progressive schedule)")
     progress: bool = option(True, "no progress bars or per-epoch lines", flag="--quiet")
 
     @property
@@ -118,6 +121,7 @@ class TrainConfig:
         return LappConfig(
             target=self.flops_target if target is None else target, channel_multiple=multiple, scorer=self.scorer,
             min_channels=max(1, multiple), group_reduce=self.group_reduce,
+            shared_threshold=self.shared_threshold, anneal_fraction=self.anneal_fraction,
         )
 
 
@@ -131,7 +135,8 @@ def split_values(text: str) -> list[str]:
 
 # Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
 LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer",
-             "target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table")
+             "target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table", "shared_threshold",
+             "anneal_fraction")
 
 
 def flag_name(name: str) -> str:
@@ -176,6 +181,8 @@ def validate_config(config: TrainConfig) -> None:
     if config.channel_multiple < 0:
         raise UserError(f"--channel-multiple must be at least 1 (or 0: the target's), got {config.channel_multiple}")
     validate_latency_options(config)
+    if not 0.0 <= config.anneal_fraction <= 1.0:
+        raise UserError(f"--anneal-fraction must lie in [0, 1], got {config.anneal_fraction}")
     if config.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {config.batch_size}")
     if not (config.lr > 0 and math.isfinite(config.lr)):

@@ -432,6 +432,30 @@ class Trainer:
             self.state.freeze["processes"] = {"world_size": self.dist.world_size, "plans_identical": agreed}
         return plan
 
+    def start_slim(self, widths: dict[str, int], weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Skip the pruning phase: before the first epoch, give the network `widths` (one per site; each
+        site keeps its first channels) and train it as it is from there (no masks, no penalty). For
+        networks whose widths are chosen elsewhere: a uniformly thinned network trained from scratch, or
+        one pruned by another method, whose `weights` (a state dict of those shapes) are then loaded.
+        Needs a LAPP run (its sites) that has not started; a resumed run is rebuilt from its checkpoint."""
+        if self.controller is None or self.state.epoch != 0 or self.state.phase != "pruning":
+            raise UserError("start_slim needs a LAPP run that has not started training")
+        unknown = sorted(set(widths) - set(self.dense_widths))
+        if unknown:
+            raise UserError(f"start_slim: {self.config.model} has no prunable site(s) {unknown[:3]}")
+        self.controller.detach_masks()
+        resize_to_widths(self.model, self.sites, widths)
+        if weights is not None:
+            self.model.load_state_dict(weights)
+        self.model.to(self.device)
+        if self.amp:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = self._make_optimizer()
+        self.train_model = self.dist.wrap(self.model)
+        self.task = DenseTask()
+        self.state.phase = "slim"
+        self.state.widths = {name: int(widths.get(name, total)) for name, total in self.dense_widths.items()}
+
     def run(self, resume: bool = False, on_epoch: Callable[["Trainer"], None] | None = None) -> dict[str, Any]:
         """Train to the end (or from the last checkpoint), write the slim model and the report;
         returns the report (see `training.report.build_report`)."""

@@ -1,0 +1,187 @@
+"""benchmarks/compare.py: the uniform width finder, Torch-Pruning landing on the FLOPs target, the
+table arithmetic and resuming; and the pieces it added to the project (Trainer.start_slim)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lapp_edge.lapp.flops import build_flops_cost, count_deployed_macs
+from lapp_edge.lapp.widths import allowed_widths, uniform_widths
+from lapp_edge.models import build_model, prunable_sites
+from lapp_edge.models.slicing import resize_to_widths
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_compare():
+    spec = importlib.util.spec_from_file_location("bench_compare", REPO / "benchmarks" / "compare.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_compare"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _load_compare()
+
+
+def _resnet20_cost():
+    model = build_model("resnet20", 1, 10, False, True)
+    sites = prunable_sites(model)
+    return model, sites, build_flops_cost(model, sites, (1, 28, 28))
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_uniform_widths_land_on_the_target_in_multiples_of_8(target: float) -> None:
+    model, sites, cost = _resnet20_cost()
+    widths, ratio, factor = uniform_widths(cost, target, 8, 8, tolerance=0.01)
+    assert abs(ratio - target) <= 0.01
+    assert all(int(w) in allowed_widths(site.channels, 8, 8) for w, site in zip(widths, sites))
+    resize_to_widths(model, sites, {s.name: int(w) for s, w in zip(sites, widths)})
+    assert count_deployed_macs(model, (1, 28, 28)) / cost.dense_macs == pytest.approx(ratio)
+    # no site is far from the one factor times its full width (at most one rounding step either side
+    # of the nearest allowed width, where the width search had to mix roundings)
+    for width, full in zip(widths, cost.site_channels):
+        assert abs(int(width) - factor * full) <= 8 + 4 + 1e-9
+
+
+def test_uniform_widths_are_one_factor_where_plain_rounding_lands() -> None:
+    _, sites, cost = _resnet20_cost()
+    widths, ratio, factor = uniform_widths(cost, 0.3, 8, 8, tolerance=0.01)
+    expected = [int(allowed_widths(s.channels, 8, 8)[np.abs(allowed_widths(s.channels, 8, 8) - factor * s.channels).argmin()])
+                for s in sites]
+    assert widths.tolist() == expected
+
+
+@pytest.fixture(scope="module")
+def trained_like_resnet20() -> torch.nn.Module:
+    """A dense ResNet-20 whose weights and BN scales differ per channel, as a trained one's do."""
+    torch.manual_seed(3)
+    model = build_model("resnet20", 1, 10, False, False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data = torch.rand_like(module.weight) + 0.05
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["tp-l1", "tp-bn", "tp-gn"])
+def test_torch_pruning_lands_on_the_flops_target_and_the_network_runs(method: str, trained_like_resnet20) -> None:
+    pytest.importorskip("torch_pruning", reason="the Torch-Pruning methods need torch_pruning")
+    pruned, outcome = compare.prune_to_target(method, trained_like_resnet20, "resnet20", (1, 28, 28), 0.5, 8)
+    assert abs(outcome.flops_ratio - 0.5) <= 0.01, outcome
+    assert pruned(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    convs = [m for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.out_channels % 8 == 0 and c.out_channels >= 8 for c in convs)
+    # the widths name the project's coupled sites: the same shapes rebuilt from them take the weights
+    rebuilt = build_model("resnet20", 1, 10, False, True)
+    resize_to_widths(rebuilt, prunable_sites(rebuilt), outcome.widths)
+    rebuilt.load_state_dict(pruned.state_dict())
+    rebuilt.eval()
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(rebuilt(x), pruned(x))
+    assert outcome.flops_ratio == pytest.approx(count_deployed_macs(rebuilt, (1, 28, 28)) / count_deployed_macs(
+        build_model("resnet20", 1, 10, False, True), (1, 28, 28)))
+
+
+def _result(method: str, target: float | None, seed: int, top1: float, wall: float, latency: float | None = None):
+    return compare.RunResult(method=method, target=target, seed=seed, top1=top1, flops_ratio=1.0 if target is None else target,
+                             params_ratio=0.5, epochs=3, train_wall_s=wall, train_cpu_s=wall / 2, latency_ratio=latency)
+
+
+def test_summary_means_and_spreads_over_seeds() -> None:
+    results = [
+        _result("dense", None, 0, 0.90, 100.0, 1.0), _result("dense", None, 1, 0.92, 120.0, 1.0),
+        _result("lapp", 0.5, 0, 0.88, 130.0, 0.6), _result("lapp", 0.5, 1, 0.86, 150.0, 0.7),
+        _result("uniform", 0.5, 0, 0.80, 60.0),
+    ]
+    by_key = {(s.method, s.target): s for s in compare.summarize(results)}
+    lapp = by_key[("lapp", 0.5)]
+    assert lapp.seeds == 2
+    assert lapp.top1_mean == pytest.approx(0.87)
+    assert lapp.top1_sd == pytest.approx(statistics.stdev([0.88, 0.86]))
+    assert lapp.top1_vs_dense_points == pytest.approx(100 * (0.87 - 0.91))
+    assert lapp.wall_vs_dense == pytest.approx(140.0 / 110.0)
+    assert lapp.cpu_vs_dense == pytest.approx(70.0 / 55.0)
+    assert lapp.latency_ratio == pytest.approx(0.65)
+    uniform = by_key[("uniform", 0.5)]
+    assert uniform.top1_sd == 0.0 and uniform.latency_ratio is None
+    assert [s.method for s in compare.summarize(results)] == ["dense", "uniform", "lapp"]   # dense first, then METHODS order
+    table = compare.markdown_table(compare.summarize(results))
+    assert "| lapp | 0.5 | 2 | 87.00 ± 1.41 | -4.00 |" in table
+    assert "| 0.650 ± 0.071 |" in table
+
+
+def _finish(job, out: Path, top1: float = 0.5) -> None:
+    run = job.run_dir(out)
+    run.mkdir(parents=True, exist_ok=True)
+    report = {"accuracy": {"test_top1": top1}, "flops": {"ratio": job.target or 1.0}, "params": {"slim": 1, "dense": 2},
+              "epochs": [{"seconds": 2.0, "cpu_seconds": 1.5}] * 3}
+    (run / "report.json").write_text(json.dumps(report))
+
+
+def test_resume_skips_finished_runs_and_resumes_unfinished_ones(tmp_path: Path, monkeypatch, capsys) -> None:
+    args = compare.build_parser().parse_args(["--out", str(tmp_path), "--epochs", "3", "--seeds", "0",
+                                              "--flops-targets", "0.5", "--methods", "dense,lapp,uniform"])
+    jobs = compare.plan_jobs(["dense", "lapp", "uniform"], [0.5], [0])
+    assert [j.label for j in jobs] == ["dense seed 0", "lapp @ 0.5 seed 0", "uniform @ 0.5 seed 0"]
+    _finish(jobs[0], tmp_path)
+    lapp_run = jobs[1].run_dir(tmp_path)
+    lapp_run.mkdir(parents=True)
+    (lapp_run / "checkpoint.pt").write_bytes(b"")
+    assert [compare.job_state(j, tmp_path) for j in jobs] == ["done", "resume", "new"]
+    command = compare.job_command(jobs[1], args)
+    assert command[command.index("--out") + 1] == str(lapp_run) and "--resume" in command
+    assert "--only" in compare.job_command(jobs[2], args)      # uniform runs in this script's worker mode
+
+    launched: list[list[str]] = []
+
+    def fake_run(command, **kwargs):
+        launched.append(command)
+        job = jobs[1] if "lapp_edge.cli" in command else jobs[2]
+        _finish(job, tmp_path, 0.7)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    assert compare.run_jobs(jobs, args) == []
+    assert len(launched) == 2                                  # the finished dense run was not launched again
+    assert "1 already finished, 2 to train" in capsys.readouterr().out
+    launched.clear()
+    assert compare.run_jobs(jobs, args) == [] and launched == []   # everything finished: nothing runs
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_first_epoch(trainer) -> None:
+    if trainer.state.epoch == 1:
+        raise _Stop
+
+
+def test_start_slim_trains_fixed_widths_and_resumes(tmp_path: Path, fmnist) -> None:
+    from lapp_edge.errors import UserError
+    from lapp_edge.training.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path / "run", epochs=2, train_subset=256, test_subset=200, bypass=False, flops_target=0.5)
+    trainer = Trainer(config, dataset=fmnist)
+    widths, ratio, _ = uniform_widths(trainer.cost, 0.5, 8, 8)
+    by_site = {s.name: int(w) for s, w in zip(trainer.sites, widths)}
+    trainer.start_slim(by_site)
+    with pytest.raises(UserError, match="has not started"):
+        trainer.start_slim(by_site)
+    with pytest.raises(_Stop):                           # killed after its first epoch (checkpoint written)
+        trainer.run(on_epoch=_stop_after_first_epoch)
+    resumed = Trainer(config, dataset=fmnist)
+    report = resumed.run(resume=True)
+    assert [e["phase"] for e in report["epochs"]] == ["slim", "slim"]
+    assert resumed.state.widths == by_site
+    assert report["flops"]["ratio"] == pytest.approx(ratio)
