@@ -294,7 +294,7 @@ def finish(profile: TargetProfile, model: str, seed: int, out: Path, batch_sizes
         load={"other_cpu_share_median": float(np.median(shares)), "other_cpu_share_max": float(np.max(shares)),
               "other_cpu_share_over_all_measuring": overall_share,
               "flagged_measurements": sum(1 for m in measurements for b in batch_sizes if m.flagged[b]),
-              "cpu": cpu_model(), "machine": machine_key(), "cpu_count": _cpu_count()},
+              "cpu": cpu_model(), "machine": machine_key(), "cpu_count": cpu_count()},
         versions=_versions(reference_info.backend, reference_info.runtime_version),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command,
         dense_reference=dense_reference_name(model, profile.input_shape),
@@ -307,7 +307,7 @@ def finish(profile: TargetProfile, model: str, seed: int, out: Path, batch_sizes
     return CalibrationResult(fit, json_path, png_path)
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)

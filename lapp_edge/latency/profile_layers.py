@@ -32,7 +32,7 @@ import datetime
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +195,7 @@ def fit_whole_network(described: ModelLayers, table: BatchTable, configs: list[t
     feature sums for them, and the validation record (every configuration, both fits' held-out errors)."""
     y = np.array(measured)
     dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
-    dense_sum = float(table.sum_ms(dense_triples))
+    dense_sum = table.dense_table_ms
     dense_features = {k: float(v) for k, v in feature_sums(dense_triples).items()}
     rows = []
     for _, widths in configs:
@@ -273,7 +273,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
     Returns the table's path. Raises UserError for a bad target, model, input, batch or count
     before anything is measured, and BackendUnavailable where the target's runtime is missing."""
     from lapp_edge.latency.calibrate import (
-        DENSE, INPUT_NAME, build_fused, dense_reference_name, draw_configs, export_config,
+        DENSE, INPUT_NAME, cpu_count, build_fused, dense_reference_name, draw_configs, export_config,
     )
 
     profile = load_target(target)
@@ -366,18 +366,17 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
             data = rng.standard_normal((batch, *shape)).astype(np.float32)
             with compile_runner(dense_onnx, profile, batch, work, calibration) as reference:
                 dense_ms = measure_latency(reference, data, profile.latency).median_ms
-                measured, table_ratio, macs_ratio = [], [], []
-                partial = BatchTable(batch, tables[batch], 0.0, 1.0, 1.0, dense_ms, 0.0)
-                dense_triples = layer_triples(described.layers, np.array(described.site_channels))
-                dense_sum = float(partial.sum_ms(dense_triples))
+                measured, macs_ratio = [], []
+                dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
+                dense_sum = float(BatchTable(batch, tables[batch], 0.0, 1.0, 1.0, dense_ms, 0.0).sum_ms(dense_triples))
+                partial = BatchTable(batch, tables[batch], 0.0, 1.0, dense_sum, dense_ms, 0.0)
                 for config in width_configs:
                     quiet = quiet_block_ratios(runners[config.name][batch], reference, data, ratio_protocol)  # type: ignore[arg-type]
                     shares.append(quiet.other_cpu_share)
                     measured.append(float(np.median(quiet.block_ratios)))
-                    table_ratio.append(float(partial.sum_ms(layer_triples(described.layers, counts[config.name]))) / dense_sum)
                     macs_ratio.append(float(flops.ratio(counts[config.name])))
-                    say(f"  b{batch} {config.name:12s} measured x{measured[-1]:.3f}  table sum x{table_ratio[-1]:.3f}  "
-                        f"MACs x{macs_ratio[-1]:.3f}  (others' CPU {quiet.other_cpu_share:.2f})")
+                    say(f"  b{batch} {config.name:12s} measured x{measured[-1]:.3f}  MACs x{macs_ratio[-1]:.3f}  "
+                        f"(others' CPU {quiet.other_cpu_share:.2f})")
             a, b, extra, dense_features, validation = fit_whole_network(
                 described, partial, [(c.name, counts[c.name]) for c in width_configs], measured, macs_ratio, seed)
             batch_tables[batch] = BatchTable(batch, tables[batch], a, b, dense_sum, dense_ms,
@@ -397,7 +396,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
         dense_reference=dense_reference_name(model, shape),  # type: ignore[arg-type]
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command,
         load={"other_cpu_share_median": float(np.median(shares)), "other_cpu_share_max": float(np.max(shares)),
-              "other_cpu_share_over_all_measuring": other_cpu_share_since(load_start), "cpu_count": _cpu_count()},
+              "other_cpu_share_over_all_measuring": other_cpu_share_since(load_start), "cpu_count": cpu_count()},
     )
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
@@ -406,12 +405,6 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
     if not (directory / table.dense_reference).is_file():
         atomic_write_bytes(directory / table.dense_reference, dense_bytes)
     return path
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def format_table_summary(table: LatencyTable, path: Path) -> str:
