@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lapp_edge.costs.latency_table import load_table, onnx_conv_layers, table_file_name  # noqa: E402
+from lapp_edge.costs.latency_table import find_table_file, load_table, onnx_conv_layers  # noqa: E402
+from lapp_edge.deploy.package import load_package  # noqa: E402
 from lapp_edge.deploy.compile import OnnxModel, compile_runner  # noqa: E402
 from lapp_edge.deploy.measure import cpu_model, cpu_snapshot, interleaved_ratio, machine_key, other_cpu_share_since  # noqa: E402
 from lapp_edge.deploy.targets import load_target, runtime_version  # noqa: E402
@@ -123,14 +124,13 @@ def export(run: Run, args: argparse.Namespace) -> Path:
 def measure(package: Path, targets: list[str], batch: int, work: Path) -> tuple[dict[str, float], dict[str, float]]:
     """Per target: the package's latency / the table's dense reference latency (interleaved), and the table's prediction."""
     measured, predicted = {}, {}
-    manifest = json.loads((package / "manifest.json").read_text())
-    shape = tuple(manifest["input"]["shape"]) if "shape" in manifest.get("input", {}) else (1, 28, 28)
-    onnx_path = package / "model.onnx"
+    loaded = load_package(package)
+    manifest, shape, onnx_path = loaded.manifest, loaded.input_shape, loaded.onnx_path
     rng = np.random.default_rng(0)
     data = rng.standard_normal((batch, *shape)).astype(np.float32)
     for name in targets:
         profile = load_target(name)
-        table_path = find_latency_file(table_file_name(profile.name, manifest["model"], shape, machine_key()))
+        table_path = find_table_file(profile.name, manifest["model"], shape, machine_key())
         table = load_table(table_path) if table_path is not None else None
         reference = find_latency_file(table.dense_reference if table else f"dense-{manifest['model']}-{'x'.join(map(str, shape))}.onnx")
         if reference is None:

@@ -53,6 +53,14 @@ def table_file_name(target: str, model: str, input_shape: tuple[int, int, int] |
     return f"layer-table-{target}-{model}-{'x'.join(map(str, input_shape))}-{machine_slug(machine)}.json"
 
 
+def find_table_file(target: str, model: str, input_shape: tuple[int, int, int] | list[int], machine: str) -> Path | None:
+    """The layer table for (target, model, input shape, machine) in the latency data (./latency-data
+    first, then the shipped one), or None where there is none."""
+    from lapp_edge.resources import find_latency_file
+
+    return find_latency_file(table_file_name(target, model, input_shape, machine))
+
+
 def layer_signature(kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], depthwise: bool,
                     groups: int, in_hw: tuple[int, int]) -> str:
     """What a conv's latency depends on besides its widths: kernel, stride, padding, grouping and

@@ -31,7 +31,7 @@ import numpy as np
 
 from lapp_edge.deploy import artifacts
 from lapp_edge.costs.latency_fit import LatencyFit, fit_file_name, load_fit
-from lapp_edge.costs.latency_table import LatencyTable, load_table, onnx_conv_layers, table_file_name
+from lapp_edge.costs.latency_table import LatencyTable, find_table_file, load_table, onnx_conv_layers
 from lapp_edge.data.imagefolder import layout_from_manifest, load_eval_split
 from lapp_edge.data.readers import InMemorySplit, data_directory, load_arrays
 from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
@@ -274,8 +274,7 @@ def table_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyTab
     """This machine's layer table for the package's target, family and input, its path and its dense
     reference ONNX, or a note why not (only a table measured on this CPU is used: training/latency.py)."""
     model = str(package.manifest.get("model", ""))
-    name = table_file_name(profile.name, model, package.input_shape, machine_key())
-    path = find_latency_file(name)
+    path = find_table_file(profile.name, model, package.input_shape, machine_key())
     if path is None:
         return None, None, None, (f"no layer latency table for {profile.name}/{model} on this machine (lapp-edge profile-layers "
                                   f"--target {profile.name} --model {model} --input {'x'.join(map(str, package.input_shape))})")

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from lapp_edge.costs.latency_table import LatencyTable, load_table, table_file_name
+from lapp_edge.costs.latency_table import LatencyTable, find_table_file, load_table
 from lapp_edge.deploy.measure import machine_key
 from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, load_target, runtime_version
 from lapp_edge.errors import UserError
@@ -34,7 +34,6 @@ from lapp_edge.lapp.cost import CostModel
 from lapp_edge.lapp.flops import deployed_layers
 from lapp_edge.lapp.latency_cost import LatencyCost, TightestBudgetCost
 from lapp_edge.models.units import PrunableSite
-from lapp_edge.resources import find_latency_file
 from lapp_edge.training.config import DEFAULT_CHANNEL_MULTIPLE, TrainConfig, split_values
 
 
@@ -68,8 +67,7 @@ def find_table(profile: TargetProfile, model: str, input_shape: tuple[int, int, 
         if not path.is_file():
             raise UserError(f"latency table {explicit} does not exist")
         return path
-    name = table_file_name(profile.name, model, input_shape, machine_key())
-    found = find_latency_file(name)
+    found = find_table_file(profile.name, model, input_shape, machine_key())
     if found is None:
         raise UserError(f"no layer latency table for {profile.name} / {model} / {'x'.join(map(str, input_shape))} on this "
                         f"machine ({machine_key()}): measure one with lapp-edge profile-layers --target {profile.name} "
