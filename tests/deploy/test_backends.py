@@ -207,3 +207,15 @@ def test_openvino_conversion_sends_no_telemetry(tmp_path: Path) -> None:
     finally:
         multiprocessing.Process.start = original  # type: ignore[method-assign]
     assert started == []
+
+
+def test_a_cuda_backend_is_not_runnable_without_a_visible_gpu(monkeypatch) -> None:
+    """`targets: available` (make demo) and `lapp-edge targets` must not pick torch-cuda on a CPU machine
+    just because torch is installed: the backend declares it needs a GPU, checked without importing torch."""
+    import lapp_edge.deploy.backends as backends
+
+    monkeypatch.setattr(backends, "nvidia_gpu_visible", lambda: False)
+    assert backends.runtime_available("torch-cuda") == (False, "no CUDA GPU visible")
+    assert backends.runtime_available("onnxruntime-cpu") == (True, "")
+    monkeypatch.setattr(backends, "nvidia_gpu_visible", lambda: True)
+    assert backends.runtime_available("torch-cuda") == (True, "")

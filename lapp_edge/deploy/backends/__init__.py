@@ -13,6 +13,7 @@ Adding a backend: one module in this package defining a `Backend` subclass, list
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from lapp_edge.deploy.backends.base import Backend, BackendUnavailable, LoadRequest, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.backends.onnxruntime_cpu import OnnxRuntimeCpu
@@ -32,11 +33,23 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
+def nvidia_gpu_visible() -> bool:
+    """Whether the NVIDIA driver shows a GPU here (/proc/driver/nvidia/gpus, /dev/nvidia0), read without
+    importing torch or a CUDA library."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
 def runtime_available(name: str) -> tuple[bool, str]:
-    """Whether the runtime module of backend `name` can be found here (without importing it), and why not."""
+    """Whether backend `name` can run here: its runtime modules can be found (without importing them)
+    and, for a CUDA backend, an NVIDIA GPU is visible; and why not."""
     backend = get_backend(name)
     missing = [module for module in backend.runtime_modules if importlib.util.find_spec(module) is None]
-    return (not missing, f"{', '.join(missing)} not installed" if missing else "")
+    if missing:
+        return False, f"{', '.join(missing)} not installed"
+    if backend.needs_cuda_gpu and not nvidia_gpu_visible():
+        return False, "no CUDA GPU visible"
+    return True, ""
 
 
 __all__ = [

@@ -114,6 +114,7 @@ class Backend(ABC):
     precisions: tuple[str, ...]
     int8_routes: tuple[str, ...] = ()
     runtime_modules: tuple[str, ...] = ()
+    needs_cuda_gpu: bool = False          # runs only where an NVIDIA GPU is visible (backends.runtime_available)
 
     @abstractmethod
     def load(self, request: LoadRequest) -> Runner:

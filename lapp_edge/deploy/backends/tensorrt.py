@@ -314,6 +314,7 @@ class TensorRtRunner(Runner):
 class TensorRt(Backend):
     name = NAME
     runtime_modules = ("tensorrt", "torch")
+    needs_cuda_gpu = True
     precisions = ("fp16", "int8")
     int8_routes = (QDQ_ROUTE,)
 

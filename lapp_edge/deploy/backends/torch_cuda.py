@@ -147,6 +147,7 @@ class TorchCudaRunner(Runner):
 class TorchCuda(Backend):
     name = NAME
     runtime_modules = ("torch",)
+    needs_cuda_gpu = True
     precisions = ("fp32", "fp16", "bf16")
 
     def load(self, request: LoadRequest) -> Runner:
