@@ -25,7 +25,8 @@ Methods (each at every FLOPs target and seed; `dense` once per seed, the referen
 
 Every method trains for --epochs epochs in all on the same data (lapp_edge.data: the seeded
 --train-subset, the full test split), with the same optimizer and learning-rate schedule. Each run
-is its own process (`nice`d by --nice, --threads torch threads), one at a time. Re-running the same
+is its own process (`nice`d by --nice, --threads torch threads), --jobs of them at a time (default 1;
+a Torch-Pruning method's runs of one seed in order, since they share its pretraining). Re-running the same
 command resumes: finished runs (report.json) are reused, unfinished ones resumed from their last
 epoch (`lapp-edge train --resume`, or the Trainer's checkpoint for the uniform and Torch-Pruning
 runs; a Torch-Pruning run's pruned network is saved atomically before its fine-tune starts).
@@ -48,8 +49,10 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -693,39 +696,73 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def job_chains(jobs: list[Job]) -> list[list[Job]]:
+    """The jobs grouped into chains that one worker runs in order: a Torch-Pruning method's targets of
+    one seed share that method's dense pretraining run (the first of them trains it, the others reuse
+    it), so they form one chain; every other job is a chain of its own. Longest chains first, so a
+    parallel run does not end waiting on one long chain started last."""
+    chains: dict[tuple[str, int] | Job, list[Job]] = {}
+    for job in jobs:
+        key: tuple[str, int] | Job = (job.method, job.seed) if job.method in TP_METHODS else job
+        chains.setdefault(key, []).append(job)
+    return sorted(chains.values(), key=len, reverse=True)
+
+
+def run_one(job: Job, args: argparse.Namespace) -> int:
+    """Train one job in its own process (output to its log under out/logs); the exit code."""
+    out = Path(args.out)
+    log_path = out / "logs" / (job.run_dir(out).relative_to(out / "runs").as_posix().replace("/", "_") + ".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads)), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        return subprocess.run(job_command(job, args), stdout=log, stderr=subprocess.STDOUT, env=env,
+                              preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None).returncode
+
+
 def run_jobs(jobs: list[Job], args: argparse.Namespace) -> list[Job]:
-    """Run every unfinished job, one process at a time, with a progress line and an ETA per job;
-    returns the jobs that failed."""
+    """Run every unfinished job, --jobs processes at a time (chains of `job_chains` in order), with a
+    progress line per start and finish and an ETA (wall time per finished job so far, times the jobs
+    left, over the workers); returns the jobs that failed."""
     out = Path(args.out)
     pending = [job for job in jobs if job_state(job, out) != "done"]
+    workers = max(1, min(args.jobs, len(pending) or 1))
     print(f"compare: {len(jobs)} runs, {len(jobs) - len(pending)} already finished, {len(pending)} to train "
-          f"({args.epochs} epochs each)", flush=True)
+          f"({args.epochs} epochs each, {workers} at a time)", flush=True)
     failed: list[Job] = []
-    spent, epochs_done = 0.0, 0
-    for index, job in enumerate(pending):
-        left = (len(pending) - index) * args.epochs
-        eta = f", ETA {format_seconds(left * spent / epochs_done)}" if epochs_done else ""
-        state = job_state(job, out)
-        print(f"[{index + 1}/{len(pending)}] {job.label}: {'resuming' if state == 'resume' else 'starting'}{eta}", flush=True)
-        command = job_command(job, args)
-        log_path = out / "logs" / (job.run_dir(out).relative_to(out / "runs").as_posix().replace("/", "_") + ".log")
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        with open(log_path, "ab") as log:
-            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads)), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None).returncode
-        elapsed = time.perf_counter() - started
-        if code != 0 or job_state(job, out) != "done":
-            failed.append(job)
-            print(f"[{index + 1}/{len(pending)}] {job.label}: FAILED (exit {code}); see {log_path}", flush=True)
-            continue
-        spent += elapsed
-        epochs_done += args.epochs
-        result = result_of(job, out)
-        print(f"[{index + 1}/{len(pending)}] {job.label}: top-1 {result.top1:.4f}, FLOPs {result.flops_ratio:.3f}, "
-              f"{format_seconds(elapsed)}", flush=True)
-    return failed
+    lock = threading.Lock()
+    started = time.perf_counter()
+    finished = 0
+
+    def eta() -> str:
+        if not finished:
+            return ""
+        per_job = (time.perf_counter() - started) / finished
+        return f", ETA {format_seconds(per_job * (len(pending) - finished))}"
+
+    def run_chain(chain: list[Job]) -> None:
+        nonlocal finished
+        for job in chain:
+            with lock:
+                state = job_state(job, out)
+                print(f"[{finished}/{len(pending)} done] {job.label}: {'resuming' if state == 'resume' else 'starting'}{eta()}",
+                      flush=True)
+            job_started = time.perf_counter()
+            code = run_one(job, args)
+            elapsed = time.perf_counter() - job_started
+            with lock:
+                finished += 1
+                if code != 0 or job_state(job, out) != "done":
+                    failed.append(job)
+                    print(f"[{finished}/{len(pending)} done] {job.label}: FAILED (exit {code}); see {out / 'logs'}", flush=True)
+                    continue
+                result = result_of(job, out)
+                print(f"[{finished}/{len(pending)} done] {job.label}: top-1 {result.top1:.4f}, FLOPs {result.flops_ratio:.3f}, "
+                      f"{format_seconds(elapsed)}{eta()}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(run_chain, chain) for chain in job_chains(pending)]:
+            future.result()
+    return sorted(failed, key=jobs.index)
 
 
 def parse_list(text: str, kind: type) -> list[Any]:
@@ -748,9 +785,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channel-multiple", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training process (default 1)")
     parser.add_argument("--nice", type=int, default=0, help="niceness added to every training process")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="training processes at a time (default 1; more on a GPU or a many-core machine: wall "
+                             "times then include the contention between them)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--no-latency", action="store_true", help="skip the export and latency measurement")
+    parser.add_argument("--no-train", action="store_true",
+                        help="train nothing: summarize (and measure the latency of) the runs already finished in --out, "
+                             "e.g. runs trained on another machine")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)       # worker mode: METHOD:TARGET:SEED
     return parser
 
@@ -765,8 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not methods:
         print(f"compare: error: --methods must come from {', '.join(METHODS)}", file=sys.stderr)
         return 2
-    if not targets or any(not 0 < t <= 1 for t in targets) or not seeds or args.epochs < 2:
-        print("compare: error: --flops-targets must lie in (0, 1], --seeds must name one seed or more, --epochs >= 2",
+    if not targets or any(not 0 < t <= 1 for t in targets) or not seeds or args.epochs < 2 or args.jobs < 1:
+        print("compare: error: --flops-targets must lie in (0, 1], --seeds must name one seed or more, --epochs >= 2, --jobs >= 1",
               file=sys.stderr)
         return 2
     if any(METHODS[m].kind == "tp" for m in methods):
@@ -780,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(methods, targets, seeds)
     started = time.perf_counter()
-    failed = run_jobs(jobs, args)
+    failed = [] if args.no_train else run_jobs(jobs, args)
     results = [result_of(job, out) for job in jobs if job_state(job, out) == "done"]
     if not args.no_latency and results:
         measure_latencies(results, out, args.data_dir or None)
@@ -789,7 +832,8 @@ def main(argv: list[str] | None = None) -> int:
     settings.update(prune_epochs=prune_epochs_of(args), pretrain_epochs=pretrain_epochs_of(args))
     atomic_write_json(out / "results.json", {"settings": settings, "runs": [asdict(r) for r in results],
                                              "summary": [asdict(s) for s in summaries],
-                                             "failed": [job.label for job in failed]})
+                                             "failed": [job.label for job in failed],
+                                             "missing": [job.label for job in jobs if job_state(job, out) != "done"]})
     table = markdown_table(summaries)
     atomic_write_text(out / "results.md", table + "\n")
     plot(summaries, out)

@@ -185,3 +185,18 @@ def test_start_slim_trains_fixed_widths_and_resumes(tmp_path: Path, fmnist) -> N
     assert [e["phase"] for e in report["epochs"]] == ["slim", "slim"]
     assert resumed.state.widths == by_site
     assert report["flops"]["ratio"] == pytest.approx(ratio)
+
+
+def test_job_chains_keep_a_torch_pruning_seed_together_and_run_every_job_once() -> None:
+    jobs = compare.plan_jobs(["dense", "uniform", "tp-l1", "tp-gn", "lapp"], [0.3, 0.5], [0, 1])
+    chains = compare.job_chains(jobs)
+    flat = [job for chain in chains for job in chain]
+    assert sorted(flat, key=jobs.index) == jobs and len(flat) == len(set(flat))
+    for chain in chains:
+        if chain[0].method in compare.TP_METHODS:
+            # one method and seed, every target, in plan order: the first trains the shared pretraining
+            assert {(j.method, j.seed) for j in chain} == {(chain[0].method, chain[0].seed)}
+            assert [j.target for j in chain] == [0.3, 0.5]
+        else:
+            assert len(chain) == 1
+    assert len(chains[0]) == 2 and len(chains[-1]) == 1       # longest first
