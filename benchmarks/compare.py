@@ -437,12 +437,15 @@ class _Stop(Exception):
 
 def sparsity_regularizer(method: str, model: Any, input_shape: tuple[int, int, int]) -> Callable[[], None] | None:
     """The method's sparse-training step (the pruner's own `regularize`, applied to the gradients before
-    each optimizer step): network slimming's L1 on BN scales (tp-bn), DepGraph's group-norm (tp-gn)."""
+    each optimizer step): network slimming's L1 on BN scales (tp-bn), DepGraph's group-norm (tp-gn).
+    The example input that Torch-Pruning traces is made on the model's device (the model trains on the
+    GPU there: a CPU example failed every tp-bn/tp-gn run on a GPU)."""
     import torch
 
     if method == "tp-l1":
         return None
-    pruner = tp_pruner(method, model, torch.zeros(1, *input_shape), 0.5, 8, 1)
+    example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+    pruner = tp_pruner(method, model, example, 0.5, 8, 1)
     return lambda: pruner.regularize(model)
 
 
@@ -714,7 +717,8 @@ def run_one(job: Job, args: argparse.Namespace) -> int:
     log_path = out / "logs" / (job.run_dir(out).relative_to(out / "runs").as_posix().replace("/", "_") + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads)), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads)),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
         return subprocess.run(job_command(job, args), stdout=log, stderr=subprocess.STDOUT, env=env,
                               preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None).returncode
 

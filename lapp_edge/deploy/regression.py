@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 
 from lapp_edge.costs.latency_fit import fit_file_name, load_fit
+from lapp_edge.deploy.backends import get_backend
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
 from lapp_edge.deploy.measure import RatioProtocol, cpu_snapshot, machine_key, other_cpu_share_since, quiet_block_ratios
 from lapp_edge.deploy.targets import TargetProfile, load_target
@@ -51,6 +52,15 @@ class ReferenceModels:
     input_shape: tuple[int, int, int]
     macs_ratio: float                           # slim MACs / dense MACs
     description: str
+    architectures: dict[str, dict[str, Any]] = field(default_factory=dict)   # role -> architecture.json fields
+
+    def path_for(self, role: str, backend: Any, work_dir: Path) -> Path:
+        """The file `backend` loads for the dense or slim reference (its `reference_model_path`: the
+        ONNX itself, or what a backend that rebuilds the network from its spec needs)."""
+        onnx_path = self.dense if role == "dense" else self.slim
+        if role not in self.architectures:
+            return onnx_path
+        return backend.reference_model_path(onnx_path, self.architectures[role], work_dir)
 
 
 def reference_models() -> ReferenceModels:
@@ -64,8 +74,16 @@ def reference_models() -> ReferenceModels:
     if missing:
         raise UserError(f"the latency data lacks the reference model(s) {', '.join(missing)}")
     assert files["dense"] is not None and files["slim"] is not None
-    return ReferenceModels(files["dense"], files["slim"], tuple(info["input_shape"]),  # type: ignore[arg-type]
-                           float(info["slim"]["macs"]) / float(info["dense"]["macs"]), str(info.get("description", "")))
+    shape = tuple(info["input_shape"])
+    architectures = {}
+    if "num_classes" in info and "coupled" in info:      # written since the torch-cuda target needed them
+        architectures = {role: {"model": info["model"], "in_channels": shape[0], "num_classes": info["num_classes"],
+                                "input_size": shape[1], "bypass": False, "widths": info[role]["widths"],
+                                "dense_widths": info["dense"]["widths"], "coupled": info["coupled"]}
+                         for role in ("dense", "slim")}
+    return ReferenceModels(files["dense"], files["slim"], shape,  # type: ignore[arg-type]
+                           float(info["slim"]["macs"]) / float(info["dense"]["macs"]), str(info.get("description", "")),
+                           architectures)
 
 
 @dataclass
@@ -99,8 +117,9 @@ def measure_target(profile: TargetProfile, batches: list[int], work_dir: Path, p
         raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; the regression references "
                         f"take {list(models.input_shape)}")
     calibration = dataset_calibration(profile)
-    dense = OnnxModel(models.dense, "input", models.input_shape)
-    slim = OnnxModel(slim_override or models.slim, "input", models.input_shape)
+    backend = get_backend(profile.backend)
+    dense = OnnxModel(models.path_for("dense", backend, work_dir), "input", models.input_shape)
+    slim = OnnxModel(slim_override or models.path_for("slim", backend, work_dir), "input", models.input_shape)
     baselines = profile.baselines
     machine = machine_key()
     recorded = baselines.machines.get(machine) if baselines else None

@@ -164,7 +164,7 @@ def write_reference_models(spec_path: Path, out: Path, seed: int = 0) -> Path:
     spec = ArchitectureSpec.from_dict(read_json(spec_path))
     shape = (spec.in_channels, spec.input_size, spec.input_size)
     torch.manual_seed(seed)
-    info: dict[str, Any] = {"input_shape": list(shape), "model": spec.model,
+    info: dict[str, Any] = {"input_shape": list(shape), "model": spec.model, "num_classes": spec.num_classes, "coupled": spec.coupled,
                             "description": f"{spec.model} dense and LAPP-slim (widths of {spec_path.parent.name}), random weights"}
     for role, widths in (("dense", spec.dense_widths), ("slim", spec.widths)):
         fused = build_fused(spec.model, widths, spec.dense_widths, shape, spec.num_classes, spec.coupled)

@@ -200,3 +200,43 @@ def test_job_chains_keep_a_torch_pruning_seed_together_and_run_every_job_once() 
         else:
             assert len(chain) == 1
     assert len(chains[0]) == 2 and len(chains[-1]) == 1       # longest first
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["tp-bn", "tp-gn"])
+def test_sparsity_regularizer_traces_a_model_on_the_gpu(method: str) -> None:
+    """On a GPU every tp-bn/tp-gn run failed: the traced example input stayed on the CPU."""
+    pytest.importorskip("torch_pruning", reason="the Torch-Pruning methods need torch_pruning")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: the Torch-Pruning regularizer on a GPU model was NOT run")
+    model = build_model("resnet20", 1, 10, False, False).cuda()
+    regularize = compare.sparsity_regularizer(method, model, (1, 28, 28))
+    model(torch.randn(4, 1, 28, 28, device="cuda")).sum().backward()
+    regularize()
+    assert all(p.grad is None or p.grad.is_cuda for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["tp-bn", "tp-gn"])
+def test_sparsity_regularizer_changes_the_gradients_it_should(method: str) -> None:
+    pytest.importorskip("torch_pruning", reason="the Torch-Pruning methods need torch_pruning")
+    model = build_model("resnet20", 1, 10, False, False)
+    regularize = compare.sparsity_regularizer(method, model, (1, 28, 28))
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    before = model.stem.bn.weight.grad.clone()
+    regularize()
+    assert not torch.equal(model.stem.bn.weight.grad, before)
+
+
+def test_a_worker_keeps_the_callers_python_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the GPU machine the caller's PYTHONPATH held torch_pruning: a worker that replaced it failed."""
+    seen: dict[str, str] = {}
+
+    def fake_run(command, stdout, stderr, env, preexec_fn):  # noqa: ANN001
+        seen.update(env)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setenv("PYTHONPATH", "/opt/site-extra")
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    args = compare.build_parser().parse_args(["--out", str(tmp_path)])
+    assert compare.run_one(compare.Job("uniform", 0.5, 0), args) == 0
+    assert seen["PYTHONPATH"].split(":") == [str(REPO), "/opt/site-extra"]

@@ -24,7 +24,6 @@ from lapp_edge.deploy.targets import LatencyBaselines, MachineBaseline, load_tar
 from lapp_edge.resources import profile_names
 
 QUICK = RatioProtocol(blocks=6, calls_batch1=15, warmup=10, retries=1)
-GPU_BACKENDS = ("tensorrt", "torch-cuda")
 
 
 def test_widened_model_fails_with_target_expected_and_measured(tmp_path: Path) -> None:
@@ -69,12 +68,7 @@ def targets() -> list[str]:
 @pytest.mark.parametrize("target", targets())
 def test_target_holds_its_baseline(target: str, tmp_path: Path) -> None:
     profile = load_target(target)
-    if profile.backend in GPU_BACKENDS:
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None or not __import__("torch").cuda.is_available():
-            pytest.skip(f"{target}: no CUDA GPU here: its latency regression was NOT run")
-    available, why = runtime_available(profile.backend)
+    available, why = runtime_available(profile.backend)      # GPU backends: False without a visible NVIDIA GPU
     if not available:
         pytest.skip(f"{target}: {why}")
     if profile.baselines is None or machine_key() not in profile.baselines.machines:
@@ -84,3 +78,25 @@ def test_target_holds_its_baseline(target: str, tmp_path: Path) -> None:
     if problems and any(r.flagged for r in results):
         pytest.skip(f"{target}: measured while other processes loaded the CPU: not judgeable ({problems[0]})")
     assert not problems, "\n".join(problems)
+
+
+def test_torch_cuda_rebuilds_the_shipped_references_from_their_specs(tmp_path: Path) -> None:
+    """On a GPU machine `latency-check --target gpu-torch-cuda-fp16` stopped: the references were ONNX
+    only, and torch-cuda rebuilds the network from architecture.json + slim_model.pt. Backends that
+    compile the ONNX keep loading the shipped files."""
+    import json
+
+    from lapp_edge.deploy.backends import get_backend
+    from lapp_edge.lapp.flops import count_deployed_macs
+    from lapp_edge.models.spec import load_slim_model
+    from lapp_edge.resources import find_latency_file
+
+    models = reference_models()
+    info = json.loads(find_latency_file("reference-models.json").read_text(encoding="utf-8"))  # type: ignore[union-attr]
+    assert models.path_for("slim", get_backend("onnxruntime-cpu"), tmp_path) == models.slim
+    for role in ("dense", "slim"):
+        path = models.path_for(role, get_backend("torch-cuda"), tmp_path)
+        model, spec = load_slim_model(path.parent)
+        assert path.read_bytes() == (models.dense if role == "dense" else models.slim).read_bytes()
+        assert spec.widths == info[role]["widths"]
+        assert count_deployed_macs(model, models.input_shape) == info[role]["macs"]

@@ -120,6 +120,13 @@ class Backend(ABC):
     def load(self, request: LoadRequest) -> Runner:
         """Compile `request.onnx_path` for `request.precision` and return a runner."""
 
+    def reference_model_path(self, onnx_path: Path, architecture: dict[str, Any], work_dir: Path) -> Path:
+        """The file to load for a latency reference model that exists only as ONNX plus its architecture
+        spec (`architecture.json` fields, random weights will do: latency does not depend on them).
+        Backends that compile the ONNX graph use it as it is; one that rebuilds the network from
+        the spec (torch-cuda) writes what it needs under `work_dir` and returns that."""
+        return onnx_path
+
     def check_request(self, request: LoadRequest) -> None:
         """UserError for a precision, int8 route, thread count or batch this backend cannot take."""
         if request.precision not in self.precisions:

@@ -150,6 +150,28 @@ class TorchCuda(Backend):
     needs_cuda_gpu = True
     precisions = ("fp32", "fp16", "bf16")
 
+    def reference_model_path(self, onnx_path: Path, architecture: dict[str, Any], work_dir: Path) -> Path:
+        """A package-like folder under `work_dir` (a copy of the ONNX, `architecture.json` and a
+        `slim_model.pt` of seeded random weights) that `load` rebuilds the network from. Needs torch,
+        not a GPU; UserError for a spec the family cannot build."""
+        import shutil
+
+        import torch
+
+        from lapp_edge.fileio import atomic_write_json
+        from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec, build_from_spec
+        from lapp_edge.torch_io import atomic_torch_save
+
+        spec = ArchitectureSpec.from_dict(architecture, f"reference model {onnx_path.name}")
+        folder = Path(work_dir) / f"torch-reference-{onnx_path.stem}"
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        model = build_from_spec(spec, f"reference model {onnx_path.name}")
+        atomic_write_json(folder / SLIM_SPEC, spec.to_dict())
+        atomic_torch_save(folder / SLIM_WEIGHTS, model.state_dict())
+        shutil.copyfile(onnx_path, folder / "model.onnx")
+        return folder / "model.onnx"
+
     def load(self, request: LoadRequest) -> Runner:
         self.check_request(request)
         torch = cuda_torch(NAME)
