@@ -36,6 +36,7 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow        # 41 s of make test; the sections have since run for real on a GPU (docs/GPU.md)
 def test_cpu_smoke_runs_every_section(tmp_path: Path, fmnist) -> None:
     out = tmp_path / "check"
     done = _run("--cpu-smoke", "--out", str(out), timeout=600)

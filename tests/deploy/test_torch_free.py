@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from lapp_edge.deploy.package import ModelPackage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,13 +35,24 @@ def test_blocked_torch_really_fails() -> None:
     assert result.returncode != 0 and "blocked" in result.stderr
 
 
+def quick_profile(directory: Path) -> Path:
+    """The shipped x86-ort-fp32 profile at batch 1 with a short latency protocol (the test is about
+    what gets imported, not about the figures; the full profile took 49 s of the suite)."""
+    payload = yaml.safe_load((ROOT / "lapp_edge" / "resources" / "targets" / "x86-ort-fp32.yaml").read_text())
+    payload.update(batch_sizes=[1], latency={"warmup_iterations": 2, "min_iterations": 5, "min_seconds": 0.0})
+    path = directory / "x86-ort-fp32.yaml"
+    path.write_text(yaml.safe_dump(payload))
+    return path
+
+
 def test_deploy_side_imports_and_benches_a_package_without_torch(package: ModelPackage, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    profile = quick_profile(tmp_path)
     code = f"""
 import lapp_edge.deploy.package, lapp_edge.deploy.targets, lapp_edge.deploy.backends, lapp_edge.deploy.measure
 import lapp_edge.deploy.bench, lapp_edge.deploy.compile, lapp_edge.deploy.calibration_set, lapp_edge.costs.latency_fit
 from lapp_edge.cli import main
-code = main(["bench", {str(package.directory)!r}, "--target", "x86-ort-fp32", "--out", {str(out)!r}])
+code = main(["bench", {str(package.directory)!r}, "--target", {str(profile)!r}, "--out", {str(out)!r}])
 print("exit", code, "torch loaded:", any(m == "torch" or m.startswith("torch.") for m in sys.modules))
 """
     result = run_without_torch(code, tmp_path)
