@@ -33,6 +33,9 @@ def add_profile_layers_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-grid", type=int, default=12, help="widths measured per axis of a layer shape (default 12)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="latency-data", help="directory for the table (default latency-data/, searched first)")
+    p.add_argument("--reuse-layers", default="", metavar="TABLE",
+                   help="keep TABLE's layer points (same target, model, input, multiple, batches, machine) and measure "
+                        "only the whole networks again")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=run_profile_layers_command)
 
@@ -54,8 +57,11 @@ def run_profile_layers_command(args: argparse.Namespace) -> int:
         raise UserError(f"--grid-multiple must be positive (0: the target's channel multiple), got {args.channel_multiple}")
     command = " ".join(["lapp-edge profile-layers", "--target", shlex.quote(args.target), "--model", shlex.quote(args.model),
                         *(["--input", args.input] if args.input else []), "--configs", str(args.configs),
-                        *[f"--batch {b}" for b in (args.batch or [])], "--out", shlex.quote(args.out)])
+                        *[f"--batch {b}" for b in (args.batch or [])], "--max-grid", str(args.max_grid),
+                        *(["--reuse-layers", shlex.quote(args.reuse_layers)] if args.reuse_layers else []),
+                        "--out", shlex.quote(args.out)])
     path = profile_layers(args.target, args.model, shape, args.configs, args.batch, args.channel_multiple, args.coupled,
-                          args.out, args.seed, args.max_grid, command=command, progress=not args.quiet)
+                          args.out, args.seed, args.max_grid, command=command, progress=not args.quiet,
+                          reuse_layers=args.reuse_layers or None)
     print(format_table_summary(load_table(path), path))
     return 0

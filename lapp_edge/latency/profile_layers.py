@@ -40,7 +40,8 @@ import numpy as np
 
 from lapp_edge.costs.latency_fit import choose_fit
 from lapp_edge.costs.latency_table import (
-    EXTRA_FEATURES, TABLE_FORMAT, BatchTable, LatencyTable, LayerTable, feature_sums, table_file_name, write_table_json,
+    EXTRA_FEATURES, TABLE_FORMAT, BatchTable, LatencyTable, LayerTable, feature_sums, load_table, table_file_name,
+    write_table_json,
 )
 from lapp_edge.deploy.backends import Runner
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
@@ -268,10 +269,14 @@ def describe_model(model: str, input_shape: tuple[int, int, int], coupled: bool,
 def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tuple[int, int, int] | None = None,
                    configs: int = 24, batches: list[int] | None = None, channel_multiple: int = 0, coupled: bool = True,
                    out: str | Path = "latency-data", seed: int = 0, max_grid: int = MAX_GRID,
-                   ratio_protocol: RatioProtocol | None = None, command: str = "", progress: bool = True) -> Path:
+                   ratio_protocol: RatioProtocol | None = None, command: str = "", progress: bool = True,
+                   reuse_layers: str | Path | None = None) -> Path:
     """Measure and write the layer latency table of `model` on `target` (see the module docstring).
-    Returns the table's path. Raises UserError for a bad target, model, input, batch or count
-    before anything is measured, and BackendUnavailable where the target's runtime is missing."""
+    `reuse_layers`: an earlier table of the same target, model, input, groups, channel multiple and
+    batches on this machine whose layer points are kept (only the whole networks are measured and
+    fitted again). Returns the table's path. Raises UserError for a bad target, model, input, batch,
+    count or reused table before anything is measured, and BackendUnavailable where the target's
+    runtime is missing."""
     from lapp_edge.latency.calibrate import (
         DENSE, INPUT_NAME, cpu_count, build_fused, dense_reference_name, draw_configs, export_config,
     )
@@ -288,6 +293,17 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
     multiple = channel_multiple or channel_multiple_for(profile)
     described = describe_model(model, shape, coupled, multiple, max_grid)  # type: ignore[arg-type]
     points = grid_points(described)
+    reused = None
+    if reuse_layers is not None:
+        reused = load_table(reuse_layers)
+        mismatch = [what for what, ours, theirs in (
+            ("target", profile.name, reused.target), ("model", model, reused.model),
+            ("input", list(shape), list(reused.input_shape)), ("groups", coupled, reused.coupled_groups),
+            ("channel multiple", multiple, reused.channel_multiple), ("machine", machine_key(), reused.machine),
+            ("batches", batch_sizes, sorted(reused.batches)),
+            ("layer shapes", sorted(points), sorted(reused.batches[min(reused.batches)].layers))) if ours != theirs]
+        if mismatch:
+            raise UserError(f"--reuse-layers {reuse_layers}: its {', '.join(mismatch)} differ from this run's")
     ratio_protocol = ratio_protocol or RatioProtocol()
     layer_profile = replace(profile, latency=LAYER_PROTOCOL)
     calibration = dataset_calibration(profile) if profile.precision == "int8" else None
@@ -315,6 +331,12 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
                    for name, (i, o, _) in points.items()}
         reference_name = max(work_of, key=work_of.__getitem__)
         for batch in batch_sizes:
+            if reused is not None:           # the layer points of an earlier run, with the noise it recorded
+                tables[batch] = dict(reused.batches[batch].layers)
+                noise[batch] = [reused.batches[batch].noise_pct]
+                precision_used = reused.precision_used
+                say(f"batch {batch}: {len(tables[batch])} layer tables reused from {reuse_layers}")
+                continue
             ref_layer = layer_of[reference_name]
             ref_in, ref_out = max(points[reference_name][0]), max(points[reference_name][1])
             ref_in = ref_out if points[reference_name][2] else ref_in

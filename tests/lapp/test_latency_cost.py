@@ -283,6 +283,22 @@ def test_profile_layers_end_to_end_on_onnx_runtime(tmp_path: Path) -> None:
                          latency_table=str(path))
     constraint = latency_constraint(config, model, sites, SHAPE)
     assert constraint.per_target[0].ratio(np.array([s.channels for s in sites], dtype=np.float64)) == pytest.approx(1.0)
+    # --reuse-layers: the layer points are kept as they are; only the networks are measured again
+    again = profile_layers("x86-ort-fp32", "resnet20", configs=6, batches=[1], out=tmp_path / "again", max_grid=2,
+                           progress=False, reuse_layers=path, seed=1)
+    reused = load_table(again).batch(1)
+    assert reused.layers == batch.layers and reused.noise_pct == batch.noise_pct
+    assert len(reused.validation["configurations"]) == 6
+
+
+def test_reused_layers_must_come_from_the_same_target_model_and_machine(tmp_path: Path) -> None:
+    """The shipped ResNet-20 table cannot serve as MobileNetV2's layers: one line, before any measuring."""
+    from lapp_edge.latency.profile_layers import profile_layers
+
+    shipped = next(Path(__file__).resolve().parents[2].glob("lapp_edge/resources/latency/layer-table-x86-ort-fp32-resnet20-*.json"))
+    with pytest.raises(UserError, match="--reuse-layers .*model"):
+        profile_layers("x86-ort-fp32", "mobilenetv2", out=tmp_path, progress=False, reuse_layers=shipped)
+    assert not any(tmp_path.iterdir())
 
 
 def test_two_targets_combine_with_the_tightest_budget_binding(tmp_path: Path, monkeypatch) -> None:

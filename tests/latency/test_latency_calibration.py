@@ -208,3 +208,13 @@ def test_calibrate_latency_end_to_end_on_ort_fp32_and_bench_prediction(tmp_path:
     assert comparison.predicted_ratio == pytest.approx(fit.predict_ratio(1, comparison.features))
     assert comparison.predicted_ms == pytest.approx(comparison.predicted_ratio * comparison.dense_median_ms)
     assert 0.2 < comparison.measured_ratio < 1.2
+
+
+def test_draw_configs_draws_every_network_asked_for_a_model_with_many_sites() -> None:
+    """MobileNetV2's 25 coupled groups: the count of width combinations overflowed numpy's int64 and
+    profile-layers measured 4 whole networks instead of 24. A product of any size draws them all."""
+    from lapp_edge.latency.calibrate import draw_configs
+
+    many = {f"site{i}": 960 for i in range(25)}             # 120 widths each: 120**25 combinations
+    configs = draw_configs(many, 24, seed=0, multiple=8)
+    assert len(configs) == 24 and len({tuple(c.widths.values()) for c in configs}) == 24
