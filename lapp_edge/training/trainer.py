@@ -257,14 +257,7 @@ class Trainer:
         try:
             state = run_state_from(payload)
             if state.phase == "slim":
-                if self.controller is not None:
-                    self.controller.detach_masks()
-                self.task = DenseTask()
-                resize_to_widths(self.model, self.sites, state.widths)
-                self.model.to(self.device)
-                if self.amp:
-                    self.model.to(memory_format=torch.channels_last)
-                self.optimizer = self._make_optimizer()
+                self._resize_to_slim(state.widths)
             self.model.load_state_dict(payload["model"])
             if state.phase == "slim":
                 self.train_model = self.dist.wrap(self.model)    # distributed: the slim model has new parameters
@@ -432,6 +425,19 @@ class Trainer:
             self.state.freeze["processes"] = {"world_size": self.dist.world_size, "plans_identical": agreed}
         return plan
 
+    def _resize_to_slim(self, widths: dict[str, int]) -> None:
+        """The slim phase's network without a freeze (resume, start_slim): masks detached, each site cut
+        to its first `widths` channels, on the device and layout the step uses, a new optimizer over
+        its parameters, no LAPP penalty. The caller loads weights and wraps it for distribution."""
+        if self.controller is not None:
+            self.controller.detach_masks()
+        self.task = DenseTask()
+        resize_to_widths(self.model, self.sites, widths)
+        self.model.to(self.device)
+        if self.amp:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = self._make_optimizer()
+
     def start_slim(self, widths: dict[str, int], weights: dict[str, torch.Tensor] | None = None) -> None:
         """Skip the pruning phase: before the first epoch, give the network `widths` (one per site; each
         site keeps its first channels) and train it as it is from there (no masks, no penalty). For
@@ -443,16 +449,10 @@ class Trainer:
         unknown = sorted(set(widths) - set(self.dense_widths))
         if unknown:
             raise UserError(f"start_slim: {self.config.model} has no prunable site(s) {unknown[:3]}")
-        self.controller.detach_masks()
-        resize_to_widths(self.model, self.sites, widths)
+        self._resize_to_slim(widths)
         if weights is not None:
             self.model.load_state_dict(weights)
-        self.model.to(self.device)
-        if self.amp:
-            self.model.to(memory_format=torch.channels_last)
-        self.optimizer = self._make_optimizer()
         self.train_model = self.dist.wrap(self.model)
-        self.task = DenseTask()
         self.state.phase = "slim"
         self.state.widths = {name: int(widths.get(name, total)) for name, total in self.dense_widths.items()}
 
