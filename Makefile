@@ -98,6 +98,12 @@ bench-latency: setup models/dense-r20/manifest.json models/lapp40-m8/manifest.js
 	$(PYTHON) benchmarks/dense_vs_slim_latency.py --dense models/dense-r20 --slim models/lapp40-m8 \
 		--slim models/lapp40-m1 --out bench-results/dense_vs_slim
 
+# How fast can any width allocation of ResNet-20 at 0.40 FLOPs be on each CPU target (the layer tables'
+# best, median and worst allocations measured against dense), next to the LAPP runs of `make bench`.
+.PHONY: bench-frontier
+bench-frontier: setup $(LATENCY_M8_RUN)/report.json
+	$(PYTHON) benchmarks/efficiency_frontier.py --flops-target 0.4 --runs $(LATENCY_M8_RUN) --out bench-results/frontier
+
 $(LATENCY_DENSE_RUN)/report.json $(LATENCY_M8_RUN)/report.json:
 	$(MAKE) bench
 

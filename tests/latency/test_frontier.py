@@ -1,0 +1,95 @@
+"""The latency-efficiency frontier scan (lapp_edge.latency.frontier) on ResNet-20's coupled groups
+with the shipped ONNX Runtime layer table, and the benchmark's bad input."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lapp_edge.costs.latency_table import load_table
+from lapp_edge.lapp.flops import build_flops_cost, deployed_layers
+from lapp_edge.lapp.latency_cost import LatencyCost
+from lapp_edge.lapp.widths import allowed_widths
+from lapp_edge.latency.frontier import _positions, allocation_count, scan_frontier
+from lapp_edge.models import build_model, prunable_sites
+
+ROOT = Path(__file__).resolve().parents[2]
+SHAPE = (1, 28, 28)
+MULTIPLE = 16      # ResNet-20 at multiple 16: 1 * 2^4 * 4^4 = 4096 allocations, exhaustive in milliseconds
+
+
+def costs() -> tuple:
+    model = build_model("resnet20", 1, 10, False, True)
+    sites = prunable_sites(model)
+    layers = deployed_layers(model, sites, SHAPE)
+    table = load_table(next(ROOT.glob("lapp_edge/resources/latency/layer-table-x86-ort-fp32-resnet20-*.json")))
+    latency = LatencyCost(layers, [s.channels for s in sites], table.batch(32), "x86-ort-fp32")
+    return build_flops_cost(model, sites, SHAPE), {"x86-ort-fp32": latency}
+
+
+def test_positions_enumerate_every_allocation_once_in_order() -> None:
+    options = [np.array([8, 16]), np.array([8, 16, 24]), np.array([4])]
+    chunks = list(_positions(options, limit=100, seed=0))
+    got = [tuple(options[s][p[s]] for s in range(3)) for chunk in chunks for p in chunk]
+    assert got == list(itertools.product(*options))
+    assert allocation_count(options) == 6
+
+
+def test_positions_sample_when_there_are_more_than_the_limit() -> None:
+    options = [np.arange(10)] * 6                        # a million allocations
+    first = np.concatenate(list(_positions(options, limit=1000, seed=3)))
+    again = np.concatenate(list(_positions(options, limit=1000, seed=3)))
+    assert first.shape == (1000, 6) and (first == again).all()
+    assert first.min() == 0 and first.max() == 9
+
+
+def test_scan_ranks_every_allocation_in_the_band() -> None:
+    flops, latency = costs()
+    result = scan_frontier(flops, latency, 0.5, 0.05, MULTIPLE)
+    options = [allowed_widths(c, MULTIPLE, 1) for c in flops.site_channels]
+    grid = np.array(list(itertools.product(*options)), dtype=np.float64)
+    ratios = flops.ratio(grid)
+    inside = grid[(ratios >= 0.45) & (ratios <= 0.55)]
+    assert result.exhaustive and result.total == result.evaluated == len(grid)
+    assert result.in_band == len(inside) > 3
+    efficiency = flops.ratio(inside) / latency["x86-ort-fp32"].ratio(inside)
+    best, median, worst = (result.picks[k] for k in ("best", "median", "worst"))
+    assert best.predicted_efficiency("x86-ort-fp32") == pytest.approx(efficiency.max())
+    assert worst.predicted_efficiency("x86-ort-fp32") == pytest.approx(efficiency.min())
+    assert worst.predicted_efficiency("x86-ort-fp32") <= median.predicted_efficiency("x86-ort-fp32") <= best.predicted_efficiency("x86-ort-fp32")
+    for pick in result.picks.values():
+        assert 0.45 <= pick.flops_ratio <= 0.55
+        assert all(w % MULTIPLE == 0 for w in pick.widths)
+    q = result.quantiles["x86-ort-fp32"]
+    assert q == sorted(q) and q[-1] == pytest.approx(efficiency.max())
+
+
+def test_scan_refuses_an_empty_band_no_target_and_a_bad_band() -> None:
+    flops, latency = costs()
+    with pytest.raises(ValueError, match="no allocation"):
+        scan_frontier(flops, latency, 0.01, 0.001, MULTIPLE)     # below the smallest network
+    with pytest.raises(ValueError, match="no target"):
+        scan_frontier(flops, {}, 0.5, 0.05, MULTIPLE)
+    with pytest.raises(ValueError, match="band"):
+        scan_frontier(flops, latency, 0.5, 0.0, MULTIPLE)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input", "1x28"], "not CxHxW"),
+    (["--targets", ","], "names no target"),
+    (["--runs", "no-such-run"], "no architecture.json"),
+])
+def test_benchmark_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import efficiency_frontier
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert efficiency_frontier.main(argv + ["--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+    assert not (tmp_path / "out").exists()
