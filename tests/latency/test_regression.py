@@ -86,6 +86,8 @@ def test_torch_cuda_rebuilds_the_shipped_references_from_their_specs(tmp_path: P
     compile the ONNX keep loading the shipped files."""
     import json
 
+    import torch
+
     from lapp_edge.deploy.backends import get_backend
     from lapp_edge.lapp.flops import count_deployed_macs
     from lapp_edge.models.spec import load_slim_model
@@ -94,8 +96,12 @@ def test_torch_cuda_rebuilds_the_shipped_references_from_their_specs(tmp_path: P
     models = reference_models()
     info = json.loads(find_latency_file("reference-models.json").read_text(encoding="utf-8"))  # type: ignore[union-attr]
     assert models.path_for("slim", get_backend("onnxruntime-cpu"), tmp_path) == models.slim
+    torch.manual_seed(123)
+    expected = torch.rand(3)
     for role in ("dense", "slim"):
+        torch.manual_seed(123)
         path = models.path_for(role, get_backend("torch-cuda"), tmp_path)
+        assert torch.equal(torch.rand(3), expected), "building the reference's weights moved the caller's RNG"
         model, spec = load_slim_model(path.parent)
         assert path.read_bytes() == (models.dense if role == "dense" else models.slim).read_bytes()
         assert spec.widths == info[role]["widths"]

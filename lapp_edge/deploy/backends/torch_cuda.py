@@ -165,8 +165,9 @@ class TorchCuda(Backend):
         spec = ArchitectureSpec.from_dict(architecture, f"reference model {onnx_path.name}")
         folder = Path(work_dir) / f"torch-reference-{onnx_path.stem}"
         folder.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
-        model = build_from_spec(spec, f"reference model {onnx_path.name}")
+        with torch.random.fork_rng(devices=[]):     # seeded weights without touching the caller's RNG state
+            torch.manual_seed(0)
+            model = build_from_spec(spec, f"reference model {onnx_path.name}")
         atomic_write_json(folder / SLIM_SPEC, spec.to_dict())
         atomic_torch_save(folder / SLIM_WEIGHTS, model.state_dict())
         shutil.copyfile(onnx_path, folder / "model.onnx")
