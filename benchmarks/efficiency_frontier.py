@@ -77,7 +77,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def scan(model: str, shape: tuple[int, int, int], targets: list[str], batch: int, flops_target: float, band: float,
-         multiple: int, limit: int) -> tuple[FrontierScan, list[str], dict[str, int]]:
+         multiple: int, limit: int) -> tuple[FrontierScan, dict[str, int], dict[str, LatencyCost]]:
     """The frontier scan over the model's coupled groups with each target's layer table (refused
     in one line where a table is missing or was measured elsewhere)."""
     dense = build_model(model, shape[0], NUM_CLASSES, False, True)
@@ -96,7 +96,7 @@ def scan(model: str, shape: tuple[int, int, int], targets: list[str], batch: int
         result = scan_frontier(build_flops_cost(dense, sites, shape), latency, flops_target, band, multiple, limit=limit)
     except ValueError as error:
         raise UserError(str(error)) from None
-    return result, [site.name for site in sites], {site.name: site.channels for site in sites}
+    return result, {site.name: site.channels for site in sites}, latency
 
 
 def run_network(run_dir: str) -> tuple[str, ArchitectureSpec]:
@@ -104,6 +104,15 @@ def run_network(run_dir: str) -> tuple[str, ArchitectureSpec]:
     if not path.is_file():
         raise UserError(f"--runs {run_dir}: no architecture.json (a LAPP run folder has one once it reached the slim phase)")
     return Path(run_dir).name, ArchitectureSpec.from_dict(read_json(path), str(path))
+
+
+def table_prediction(spec: ArchitectureSpec, dense_widths: dict[str, int], latency: dict[str, LatencyCost]) -> dict[str, float]:
+    """Per target, the table's latency ratio for a run's widths, where the run's sites are the scan's
+    (coupled groups); empty for a run on other sites (`--no-groups`), which the tables do not describe."""
+    if not spec.coupled or list(spec.widths) != list(dense_widths):
+        return {}
+    counts = np.array([float(spec.widths[name]) for name in dense_widths])
+    return {name: float(cost.ratio(counts)) for name, cost in latency.items()}
 
 
 def measure_all(networks: list[Network], dense_widths: dict[str, int], model: str, shape: tuple[int, int, int],
@@ -196,18 +205,19 @@ def main(argv: list[str] | None = None) -> int:
         multiple = args.multiple or math.lcm(*(channel_multiple_for(load_target(t)) for t in targets))
         runs = [run_network(r) for r in args.runs.split(",") if r]
         print(f"scanning {args.model} width allocations at FLOPs {args.flops_target} +- {args.band} (multiple {multiple})", flush=True)
-        result, site_names, dense_widths = scan(args.model, shape, targets, args.batch, args.flops_target, args.band, multiple, args.limit)
+        result, dense_widths, latency = scan(args.model, shape, targets, args.batch, args.flops_target, args.band, multiple, args.limit)
     except UserError as error:
         print(f"efficiency_frontier: error: {error}", file=sys.stderr)
         return 2
-    networks = [Network(f"table-{role}", "frontier scan", dict(zip(site_names, pick.widths)), dense_widths, True, pick.flops_ratio,
+    networks = [Network(f"table-{role}", "frontier scan", dict(zip(dense_widths, pick.widths)), dense_widths, True, pick.flops_ratio,
                         {}, dict(pick.predicted))
                 for role, pick in result.picks.items()]
     for name, spec in runs:
         if spec.model != args.model:
             print(f"efficiency_frontier: error: --runs {name} is a {spec.model}, not {args.model}", file=sys.stderr)
             return 2
-        networks.append(Network(name, "run", dict(spec.widths), dict(spec.dense_widths), spec.coupled, 0.0))
+        networks.append(Network(name, "run", dict(spec.widths), dict(spec.dense_widths), spec.coupled, 0.0,
+                                predicted=table_prediction(spec, dense_widths, latency)))
     start = cpu_snapshot()
     with tempfile.TemporaryDirectory(prefix="lapp-frontier-") as temporary:
         measure_all(networks, dense_widths, args.model, shape, targets, args.batch, Path(temporary), RatioProtocol())

@@ -93,3 +93,26 @@ def test_benchmark_bad_input_is_one_line_and_exit_2(argv: list[str], message: st
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_predicts_a_run_on_the_scans_sites_only() -> None:
+    """A run's widths get the table's prediction where its sites are the coupled groups the scan ranks;
+    an inner-conv run (`--no-groups`) has other sites, which the table does not describe: none."""
+    from lapp_edge.models.spec import ArchitectureSpec
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import efficiency_frontier
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    flops, latency = costs()
+    model = build_model("resnet20", 1, 10, False, True)
+    dense = {s.name: s.channels for s in prunable_sites(model)}
+    half = {name: max(8, width // 2) for name, width in dense.items()}
+    spec = ArchitectureSpec("resnet20", 1, 10, 28, False, half, dense, coupled=True)
+    predicted = efficiency_frontier.table_prediction(spec, dense, latency)
+    counts = np.array([float(w) for w in half.values()])
+    assert predicted == {"x86-ort-fp32": pytest.approx(float(latency["x86-ort-fp32"].ratio(counts)))}
+    assert 0.2 < predicted["x86-ort-fp32"] < 0.6
+    inner = {s.name: s.channels for s in prunable_sites(build_model("resnet20", 1, 10, False, False))}
+    assert efficiency_frontier.table_prediction(ArchitectureSpec("resnet20", 1, 10, 28, False, inner, inner), dense, latency) == {}
