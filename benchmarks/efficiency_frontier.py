@@ -99,11 +99,16 @@ def scan(model: str, shape: tuple[int, int, int], targets: list[str], batch: int
     return result, {site.name: site.channels for site in sites}, latency
 
 
-def run_network(run_dir: str) -> tuple[str, ArchitectureSpec]:
-    path = Path(run_dir) / "architecture.json"
-    if not path.is_file():
-        raise UserError(f"--runs {run_dir}: no architecture.json (a LAPP run folder has one once it reached the slim phase)")
-    return Path(run_dir).name, ArchitectureSpec.from_dict(read_json(path), str(path))
+def run_networks(run_dirs: list[str]) -> list[tuple[str, ArchitectureSpec]]:
+    """(name, spec) per run folder: the folder's name, or parent/name where two runs share a name."""
+    found = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "architecture.json"
+        if not path.is_file():
+            raise UserError(f"--runs {run_dir}: no architecture.json (a LAPP run folder has one once it reached the slim phase)")
+        found.append((Path(run_dir), ArchitectureSpec.from_dict(read_json(path), str(path))))
+    names = [folder.name for folder, _ in found]
+    return [(folder.name if names.count(folder.name) == 1 else f"{folder.parent.name}/{folder.name}", spec) for folder, spec in found]
 
 
 def table_prediction(spec: ArchitectureSpec, dense_widths: dict[str, int], latency: dict[str, LatencyCost]) -> dict[str, float]:
@@ -128,13 +133,13 @@ def measure_all(networks: list[Network], dense_widths: dict[str, int], model: st
     for net in networks:
         fused = build_fused(model, net.widths, net.dense_widths, shape, NUM_CLASSES, net.coupled)
         net.macs_ratio = count_deployed_macs(fused, shape) / dense_macs
-        paths[net.name] = export_config(fused, shape, work / f"{net.name}.onnx")
+        paths[net.name] = export_config(fused, shape, work / f"{len(paths)}.onnx")
     data = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
     for name in targets:
         profile = load_target(name)
         with compile_runner(OnnxModel(dense_path, INPUT_NAME, shape), profile, batch, work / f"dense-{name}") as dense:
             for net in networks:
-                with compile_runner(OnnxModel(paths[net.name], INPUT_NAME, shape), profile, batch, work / f"{net.name}-{name}") as slim:
+                with compile_runner(OnnxModel(paths[net.name], INPUT_NAME, shape), profile, batch, work / f"{paths[net.name].stem}-{name}") as slim:
                     ratios = quiet_block_ratios(slim, dense, data, protocol)
                 net.measured[name] = statistics.median(ratios.block_ratios)
                 net.others_cpu[name] = ratios.other_cpu_share
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if not targets:
             raise UserError("--targets names no target")
         multiple = args.multiple or math.lcm(*(channel_multiple_for(load_target(t)) for t in targets))
-        runs = [run_network(r) for r in args.runs.split(",") if r]
+        runs = run_networks([r for r in args.runs.split(",") if r])
         print(f"scanning {args.model} width allocations at FLOPs {args.flops_target} +- {args.band} (multiple {multiple})", flush=True)
         result, dense_widths, latency = scan(args.model, shape, targets, args.batch, args.flops_target, args.band, multiple, args.limit)
     except UserError as error:

@@ -116,3 +116,22 @@ def test_benchmark_predicts_a_run_on_the_scans_sites_only() -> None:
     assert 0.2 < predicted["x86-ort-fp32"] < 0.6
     inner = {s.name: s.channels for s in prunable_sites(build_model("resnet20", 1, 10, False, False))}
     assert efficiency_frontier.table_prediction(ArchitectureSpec("resnet20", 1, 10, 28, False, inner, inner), dense, latency) == {}
+
+
+def test_benchmark_names_runs_that_share_a_folder_name_by_their_parent(tmp_path: Path) -> None:
+    import json
+
+    from lapp_edge.models.spec import ArchitectureSpec
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import efficiency_frontier
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    dense = {s.name: s.channels for s in prunable_sites(build_model("resnet20", 1, 10, False, True))}
+    for folder in ("seed0/lapp", "seed1/lapp", "seed1/other"):
+        (tmp_path / folder).mkdir(parents=True)
+        spec = ArchitectureSpec("resnet20", 1, 10, 28, False, dense, dense, coupled=True)
+        (tmp_path / folder / "architecture.json").write_text(json.dumps(spec.to_dict()))
+    runs = efficiency_frontier.run_networks([str(tmp_path / f) for f in ("seed0/lapp", "seed1/lapp", "seed1/other")])
+    assert [name for name, _ in runs] == ["seed0/lapp", "seed1/lapp", "other"]
