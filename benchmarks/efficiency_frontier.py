@@ -7,7 +7,8 @@ target's layer table predicts it. This script then builds, with random weights (
 depend on them), the table's best, median and worst allocations and the widths of each run given
 with --runs (a LAPP run folder's architecture.json), and measures each on every target at
 --batch as a latency ratio to the dense network compiled the same way, interleaved in one process
-with load checks (`measure.quiet_block_ratios`). Efficiency = the network's deployed MACs ratio /
+with load checks, the median over --compiles fresh compiles of both (`compile.ratio_over_compiles`:
+a fresh compile of the same ONNX moves the ratio by a few percent). Efficiency = the network's deployed MACs ratio /
 that measured ratio. The best allocation's measured efficiency is what the target allows at that
 FLOPs ratio; a run's distance to it is what its allocation costs.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -32,9 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lapp_edge.costs.latency_table import load_table  # noqa: E402
-from lapp_edge.deploy.compile import OnnxModel, compile_runner  # noqa: E402
+from lapp_edge.deploy.compile import OnnxModel, ratio_over_compiles  # noqa: E402
 from lapp_edge.deploy.measure import (  # noqa: E402
-    RatioProtocol, cpu_model, cpu_snapshot, machine_key, other_cpu_share_since, quiet_block_ratios,
+    RatioProtocol, cpu_model, cpu_snapshot, machine_key, other_cpu_share_since,
 )
 from lapp_edge.deploy.targets import channel_multiple_for, load_target, runtime_version  # noqa: E402
 from lapp_edge.errors import UserError  # noqa: E402
@@ -62,6 +62,7 @@ class Network:
     coupled: bool
     macs_ratio: float
     measured: dict[str, float] = field(default_factory=dict)
+    per_compile: dict[str, list[float]] = field(default_factory=dict)
     predicted: dict[str, float] = field(default_factory=dict)
     others_cpu: dict[str, float] = field(default_factory=dict)
 
@@ -121,8 +122,9 @@ def table_prediction(spec: ArchitectureSpec, dense_widths: dict[str, int], laten
 
 
 def measure_all(networks: list[Network], dense_widths: dict[str, int], model: str, shape: tuple[int, int, int],
-                targets: list[str], batch: int, work: Path, protocol: RatioProtocol) -> None:
-    """Build, export and measure every network against dense on every target (fills `measured`)."""
+                targets: list[str], batch: int, work: Path, protocol: RatioProtocol, compiles: int) -> None:
+    """Build, export and measure every network against dense on every target, each ratio the median over
+    `compiles` fresh compiles of both (`deploy.compile.ratio_over_compiles`; fills `measured`)."""
     import torch
 
     torch.manual_seed(0)
@@ -135,16 +137,18 @@ def measure_all(networks: list[Network], dense_widths: dict[str, int], model: st
         net.macs_ratio = count_deployed_macs(fused, shape) / dense_macs
         paths[net.name] = export_config(fused, shape, work / f"{len(paths)}.onnx")
     data = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+    dense_model = OnnxModel(dense_path, INPUT_NAME, shape)
     for name in targets:
         profile = load_target(name)
-        with compile_runner(OnnxModel(dense_path, INPUT_NAME, shape), profile, batch, work / f"dense-{name}") as dense:
-            for net in networks:
-                with compile_runner(OnnxModel(paths[net.name], INPUT_NAME, shape), profile, batch, work / f"{paths[net.name].stem}-{name}") as slim:
-                    ratios = quiet_block_ratios(slim, dense, data, protocol)
-                net.measured[name] = statistics.median(ratios.block_ratios)
-                net.others_cpu[name] = ratios.other_cpu_share
-                print(f"{name} {net.name}: latency ratio {net.measured[name]:.3f}, MACs ratio {net.macs_ratio:.3f}, "
-                      f"efficiency {net.efficiency(name):.3f} (others' CPU {ratios.other_cpu_share:.2f})", flush=True)
+        for net in networks:
+            ratio = ratio_over_compiles(OnnxModel(paths[net.name], INPUT_NAME, shape), dense_model, profile, batch,
+                                        work / f"{paths[net.name].stem}-{name}", data, compiles, protocol)
+            net.measured[name] = ratio.median
+            net.per_compile[name] = ratio.per_compile
+            net.others_cpu[name] = ratio.other_cpu_share
+            print(f"{name} {net.name}: latency ratio {net.measured[name]:.3f} (per compile "
+                  f"{', '.join(f'{r:.3f}' for r in ratio.per_compile)}), MACs ratio {net.macs_ratio:.3f}, "
+                  f"efficiency {net.efficiency(name):.3f} (others' CPU {ratio.other_cpu_share:.2f})", flush=True)
 
 
 def format_markdown(result: FrontierScan, networks: list[Network], targets: list[str], header: dict[str, str]) -> str:
@@ -200,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--band", type=float, default=0.005, help="FLOPs ratios within +-band of --flops-target are ranked")
     parser.add_argument("--multiple", type=int, default=0, help="channel multiple (0: the targets' multiple on this CPU)")
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="enumerate at most this many allocations, else sample")
+    parser.add_argument("--compiles", type=int, default=3, help="each ratio is the median over this many fresh compiles of both networks")
     parser.add_argument("--runs", default="", help="comma-separated run folders whose widths are measured too")
     args = parser.parse_args(argv)
     try:
+        if args.compiles < 1:
+            raise UserError(f"--compiles must be at least 1, got {args.compiles}")
         shape = parse_shape(args.input)
         targets = [t for t in args.targets.split(",") if t]
         if not targets:
@@ -225,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                                 predicted=table_prediction(spec, dense_widths, latency)))
     start = cpu_snapshot()
     with tempfile.TemporaryDirectory(prefix="lapp-frontier-") as temporary:
-        measure_all(networks, dense_widths, args.model, shape, targets, args.batch, Path(temporary), RatioProtocol())
+        measure_all(networks, dense_widths, args.model, shape, targets, args.batch, Path(temporary), RatioProtocol(), args.compiles)
     header = {"machine": f"{cpu_model()} ({machine_key()})", "runtimes": ", ".join(runtime_version(load_target(t).backend) for t in targets),
               "others' CPU share while measuring": f"{other_cpu_share_since(start):.2f}",
-              "latency": f"batch {args.batch}, ratio to the dense {args.model} measured interleaved in one process, random weights; "
+              "latency": f"batch {args.batch}, ratio to the dense {args.model} measured interleaved in one process, median over "
+                         f"{args.compiles} fresh compiles of both, random weights; "
                          f"efficiency = MACs ratio / latency ratio",
               "command": "python benchmarks/efficiency_frontier.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out)

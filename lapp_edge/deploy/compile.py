@@ -23,6 +23,7 @@ from lapp_edge.data.imagefolder import FolderLayout
 from lapp_edge.deploy.backends import LoadRequest, Runner, get_backend
 from lapp_edge.deploy.calibration_set import CalibrationSet, draw_calibration, load_definition
 from lapp_edge.deploy.package import ModelPackage
+from lapp_edge.deploy.measure import RatioProtocol, quiet_block_ratios
 from lapp_edge.deploy.targets import TargetProfile
 from lapp_edge.errors import UserError
 
@@ -101,3 +102,41 @@ def compile_runner(model: ModelPackage | OnnxModel, profile: TargetProfile, batc
         calibration=calibration, int8_route=int8_route(profile, route),
     )
     return backend.load(request)
+
+
+@dataclass
+class CompiledRatio:
+    """An A/B latency ratio taken over several fresh compiles of both models: per compile, the
+    median of its interleaved block ratios (`measure.quiet_block_ratios`), and the median of those.
+
+    Why: a fresh compile of the same ONNX moves the ratio (measured on the AVX2 box, ResNet-20 at
+    batch 32, slim/dense over four compiles: 0.502-0.518 on ONNX Runtime, 0.463-0.506 on OpenVINO;
+    docs/RESULTS.md, the efficiency frontier), more than the interleaving's own noise."""
+
+    per_compile: list[float]
+    other_cpu_share: float           # the largest of the compiles' (others' share of the machine)
+    flagged: bool                    # some compile's measurement stayed above the allowed load
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.per_compile))
+
+
+def ratio_over_compiles(model_a: ModelPackage | OnnxModel, model_b: ModelPackage | OnnxModel, profile: TargetProfile,
+                        batch: int, work_dir: Path, data: np.ndarray, compiles: int = 3,
+                        protocol: RatioProtocol | None = None) -> CompiledRatio:
+    """latency(A) / latency(B) on `profile` at `batch` (data: `batch` x C x H x W float32), each of
+    `compiles` times from a fresh compile of both in its own work folder (no artifact reuse).
+    Raises ValueError for compiles < 1; UserError / BackendUnavailable as `compile_runner`."""
+    if compiles < 1:
+        raise ValueError(f"compiles must be at least 1, got {compiles}")
+    protocol = protocol or RatioProtocol()
+    ratios, shares, flagged = [], [], False
+    for index in range(compiles):
+        with compile_runner(model_a, profile, batch, Path(work_dir) / f"compile-{index}-a") as runner_a, \
+                compile_runner(model_b, profile, batch, Path(work_dir) / f"compile-{index}-b") as runner_b:
+            measured = quiet_block_ratios(runner_a, runner_b, data, protocol)
+        ratios.append(float(np.median(measured.block_ratios)))
+        shares.append(measured.other_cpu_share)
+        flagged = flagged or measured.flagged
+    return CompiledRatio(ratios, max(shares), flagged)

@@ -135,3 +135,29 @@ def test_benchmark_names_runs_that_share_a_folder_name_by_their_parent(tmp_path:
         (tmp_path / folder / "architecture.json").write_text(json.dumps(spec.to_dict()))
     runs = efficiency_frontier.run_networks([str(tmp_path / f) for f in ("seed0/lapp", "seed1/lapp", "seed1/other")])
     assert [name for name, _ in runs] == ["seed0/lapp", "seed1/lapp", "other"]
+
+
+def test_ratio_over_compiles_compiles_afresh_each_time(tmp_path: Path) -> None:
+    """A model against itself on ONNX Runtime over 2 compiles: one ratio per compile, each near 1,
+    each compile in its own work folder; fewer than one compile is refused."""
+    from lapp_edge.deploy.compile import OnnxModel, ratio_over_compiles
+    from lapp_edge.deploy.measure import RatioProtocol
+    from lapp_edge.deploy.targets import load_target
+    from tests.tiny_package import tiny_onnx_bytes
+
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(tiny_onnx_bytes())
+    import onnx
+
+    graph_input = onnx.load(str(path)).graph.input[0]
+    shape = tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:])
+    model = OnnxModel(path, graph_input.name, shape)  # type: ignore[arg-type]
+    data = np.zeros((1, *shape), dtype=np.float32)
+    fast = RatioProtocol(blocks=2, calls_batch1=3, warmup=2, retries=0)
+    ratio = ratio_over_compiles(model, model, load_target("x86-ort-fp32"), 1, tmp_path / "work", data, 2, fast)
+    assert len(ratio.per_compile) == 2 and all(0.5 < r < 2.0 for r in ratio.per_compile)
+    assert ratio.median == pytest.approx(float(np.median(ratio.per_compile)))
+    assert sorted(p.name for p in (tmp_path / "work").iterdir() if p.is_dir()) == [
+        "compile-0-a", "compile-0-b", "compile-1-a", "compile-1-b"]
+    with pytest.raises(ValueError, match="at least 1"):
+        ratio_over_compiles(model, model, load_target("x86-ort-fp32"), 1, tmp_path / "work", data, 0, fast)
