@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"efficiency_frontier: error: {error}", file=sys.stderr)
         return 2
     networks = [Network(f"table-{role}", "frontier scan", dict(zip(dense_widths, pick.widths)), dense_widths, True, pick.flops_ratio,
-                        {}, dict(pick.predicted))
+                        predicted=dict(pick.predicted))
                 for role, pick in result.picks.items()]
     for name, spec in runs:
         if spec.model != args.model:
