@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lapp_edge.cli.profile_layers import parse_input_shape  # noqa: E402
 from lapp_edge.costs.latency_table import load_table  # noqa: E402
 from lapp_edge.deploy.compile import OnnxModel, ratio_over_compiles  # noqa: E402
 from lapp_edge.deploy.measure import (  # noqa: E402
@@ -68,13 +69,6 @@ class Network:
 
     def efficiency(self, target: str) -> float:
         return self.macs_ratio / self.measured[target]
-
-
-def parse_shape(text: str) -> tuple[int, int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise UserError(f"--input {text!r} is not CxHxW (for example 1x28x28)")
-    return int(parts[0]), int(parts[1]), int(parts[2])
 
 
 def scan(model: str, shape: tuple[int, int, int], targets: list[str], batch: int, flops_target: float, band: float,
@@ -210,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.compiles < 1:
             raise UserError(f"--compiles must be at least 1, got {args.compiles}")
-        shape = parse_shape(args.input)
+        shape = parse_input_shape(args.input)
         targets = [t for t in args.targets.split(",") if t]
         if not targets:
             raise UserError("--targets names no target")

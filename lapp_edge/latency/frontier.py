@@ -111,7 +111,9 @@ def scan_frontier(flops: CostModel, latency: dict[str, CostModel], flops_target:
             kept.append(widths[inside])
     if not kept:
         raise ValueError(f"no allocation with widths in multiples of {multiple} has a FLOPs ratio in [{low:.4f}, {high:.4f}]")
-    band_widths = np.unique(np.concatenate(kept), axis=0)
+    band_widths = np.concatenate(kept)
+    if total > limit:                     # a sample (with replacement) may draw an allocation twice
+        band_widths = np.unique(band_widths, axis=0)
     flops_ratios = np.asarray(flops.ratio(band_widths), dtype=np.float64)
     predicted = {name: np.asarray(cost.ratio(band_widths), dtype=np.float64) for name, cost in latency.items()}
     efficiency = {name: flops_ratios / ratio for name, ratio in predicted.items()}
