@@ -34,7 +34,8 @@ runs; a Torch-Pruning run's pruned network is saved atomically before its fine-t
 Then each finished run is exported (`export_run`: fused, verified ONNX package) and measured on
 ONNX Runtime CPU fp32 (profile x86-ort-fp32) at batch 32 through `deploy/compile.py`'s
 `compile_runner`: its latency relative to the dense network of the same seed, interleaved in one
-process (`measure.quiet_block_ratios`). Results: results.json (per method, target, seed), results.md
+process with load checks, the median over --compiles fresh compiles of both
+(`compile.ratio_over_compiles`). Results: results.json (per method, target, seed), results.md
 (mean and spread over seeds), accuracy_vs_flops.png and accuracy_vs_latency.png in --out.
 
     python benchmarks/compare.py --flops-targets 0.3,0.5 --seeds 0,1 --out bench-results/compare
@@ -645,13 +646,22 @@ def plot(summaries: list[Summary], out: Path) -> list[Path]:
 
 # --- latency (ONNX Runtime fp32, batch 32, against the dense run of the same seed) -------------
 
-def measure_latencies(results: list[RunResult], out: Path, data_dir: str | None) -> None:
+def compiles_measured(cache: dict[str, Any], run_dir: str) -> int:
+    """How many fresh compiles the cached latency of `run_dir` was measured over: 0 when not measured,
+    1 for entries written before the count was recorded (they measured one compile)."""
+    entry = cache.get(run_dir)
+    return 0 if entry is None else int(entry.get("compiles", 1))
+
+
+def measure_latencies(results: list[RunResult], out: Path, data_dir: str | None, compiles: int = 3) -> None:
     """Export every finished run (verified package under out/packages) and measure its latency ratio to
-    the dense run of its seed, interleaved in this process; cached in out/latency.json (resumable)."""
+    the dense run of its seed, interleaved in this process: the median over `compiles` fresh compiles
+    of both (`compile.ratio_over_compiles`; one compile's ratio moves by a few percent, docs/RESULTS.md).
+    Cached in out/latency.json (resumable); an entry measured over fewer compiles is measured again."""
     import numpy as np
 
-    from lapp_edge.deploy.compile import compile_runner
-    from lapp_edge.deploy.measure import LatencyProtocol, RatioProtocol, measure_latency, quiet_block_ratios
+    from lapp_edge.deploy.compile import compile_runner, ratio_over_compiles
+    from lapp_edge.deploy.measure import LatencyProtocol, RatioProtocol, measure_latency
     from lapp_edge.deploy.package import load_package
     from lapp_edge.deploy.targets import load_target
     from lapp_edge.export.package_writer import export_run
@@ -672,19 +682,17 @@ def measure_latencies(results: list[RunResult], out: Path, data_dir: str | None)
         dense = next((r for r in results if r.method == "dense" and r.seed == seed), None)
         if dense is None:
             continue
-        todo = [r for r in results if r.seed == seed and r.run_dir not in cache]
-        if not todo:
-            continue
+        todo = [r for r in results if r.seed == seed and compiles_measured(cache, r.run_dir) < compiles]
         work = out / "latency-work"
-        with compile_runner(package(dense), profile, LATENCY_BATCH, work / f"dense-s{seed}") as dense_runner:
-            for index, result in enumerate(todo):
-                print(f"latency [{index + 1}/{len(todo)}] {Job(result.method, result.target, result.seed).label}", flush=True)
-                with compile_runner(package(result), profile, LATENCY_BATCH, work / f"run-{index}") as runner:
-                    ratios = quiet_block_ratios(runner, dense_runner, data, protocol)
-                    stats = measure_latency(runner, data, LatencyProtocol(warmup_iterations=5, min_iterations=30, min_seconds=1.0))
-                cache[result.run_dir] = {"ratio": float(np.median(ratios.block_ratios)), "median_ms": stats.median_ms,
-                                         "other_cpu": ratios.other_cpu_share, "flagged": ratios.flagged}
-                atomic_write_json(cache_path, cache)
+        for index, result in enumerate(todo):
+            print(f"latency [{index + 1}/{len(todo)}] {Job(result.method, result.target, result.seed).label}", flush=True)
+            ratio = ratio_over_compiles(package(result), package(dense), profile, LATENCY_BATCH, work / f"s{seed}-run-{index}",
+                                        data, compiles, protocol)
+            with compile_runner(package(result), profile, LATENCY_BATCH, work / f"s{seed}-run-{index}" / "absolute") as runner:
+                stats = measure_latency(runner, data, LatencyProtocol(warmup_iterations=5, min_iterations=30, min_seconds=1.0))
+            cache[result.run_dir] = {"ratio": ratio.median, "per_compile": ratio.per_compile, "compiles": compiles,
+                                     "median_ms": stats.median_ms, "other_cpu": ratio.other_cpu_share, "flagged": ratio.flagged}
+            atomic_write_json(cache_path, cache)
     for result in results:
         entry = cache.get(result.run_dir)
         if entry:
@@ -795,6 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--no-latency", action="store_true", help="skip the export and latency measurement")
+    parser.add_argument("--compiles", type=int, default=3,
+                        help="fresh compiles of each network and its dense run per latency ratio (the median is reported)")
     parser.add_argument("--no-train", action="store_true",
                         help="train nothing: summarize (and measure the latency of) the runs already finished in --out, "
                              "e.g. runs trained on another machine")
@@ -812,8 +822,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not methods:
         print(f"compare: error: --methods must come from {', '.join(METHODS)}", file=sys.stderr)
         return 2
-    if not targets or any(not 0 < t <= 1 for t in targets) or not seeds or args.epochs < 2 or args.jobs < 1:
-        print("compare: error: --flops-targets must lie in (0, 1], --seeds must name one seed or more, --epochs >= 2, --jobs >= 1",
+    if not targets or any(not 0 < t <= 1 for t in targets) or not seeds or args.epochs < 2 or args.jobs < 1 or args.compiles < 1:
+        print("compare: error: --flops-targets must lie in (0, 1], --seeds must name one seed or more, --epochs >= 2, --jobs >= 1, "
+              "--compiles >= 1",
               file=sys.stderr)
         return 2
     if any(METHODS[m].kind == "tp" for m in methods):
@@ -830,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [] if args.no_train else run_jobs(jobs, args)
     results = [result_of(job, out) for job in jobs if job_state(job, out) == "done"]
     if not args.no_latency and results:
-        measure_latencies(results, out, args.data_dir or None)
+        measure_latencies(results, out, args.data_dir or None, args.compiles)
     summaries = summarize(results)
     settings = {k: v for k, v in vars(args).items() if k != "only"}
     settings.update(prune_epochs=prune_epochs_of(args), pretrain_epochs=pretrain_epochs_of(args))

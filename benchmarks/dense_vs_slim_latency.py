@@ -15,6 +15,12 @@ Then, all in this one process:
 - absolute medians (`measure_latency`, the profile's protocol; fewer iterations at batch 32)
   for reference only: they drift between processes, the ratios do not.
 
+Every ratio is taken over --compiles fresh compiles of every network (default 3; each round
+compiles everything again in its own folder): the figure is the median of the rounds' medians and
+`per_compile` keeps each round's. Why: one compile of the same ONNX moves a slim/dense ratio by a few
+percent (0.502-0.518 on ORT, 0.463-0.506 on OpenVINO over four compiles; docs/RESULTS.md), more than
+the interleaving's own noise. Absolute medians are the first round's.
+
 Other processes' CPU share is read from /proc/stat around every measurement
 (`cpu_snapshot` / `other_cpu_share_since`); a ratio measured while it was above
 --max-other-cpu is measured again (--retries), the quietest attempt is kept and flagged if it
@@ -63,6 +69,7 @@ INT8_GOAL = 2.0                # OpenVINO int8 vs OpenVINO f32
 @dataclass(frozen=True)
 class Options(RatioProtocol):
     calls_large_batch: int = 6
+    compiles: int = 3                  # rounds of fresh compiles; each ratio is the median of the rounds'
     large_batch_iterations: int = 50   # absolute medians at batch > 1: min iterations (the profile's min_seconds still holds)
 
 
@@ -83,14 +90,16 @@ class ModelInfo:
 
 @dataclass
 class Ratio:
-    """A latency ratio A/B measured interleaved; > 1 means B is faster."""
+    """A latency ratio A/B measured interleaved; > 1 means B is faster. Over several compile rounds:
+    `median` is the median of the rounds' medians (`per_compile`), the blocks and attempts are pooled."""
 
     median: float
     block_ratios: list[float]
-    iqr: tuple[float, float]
-    other_cpu_share: float             # others' share of the machine while the kept attempt ran
+    iqr: tuple[float, float]           # of the pooled block ratios
+    other_cpu_share: float             # others' share of the machine while the kept attempt ran (the largest round's)
     attempts: int
-    flagged: bool                      # never got below --max-other-cpu
+    flagged: bool                      # never got below --max-other-cpu (in some round)
+    per_compile: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -206,7 +215,20 @@ def measure_ratio(runner_a: Runner, runner_b: Runner, data: np.ndarray, options:
     quiet = quiet_block_ratios(runner_a, runner_b, data, options)
     ratios = quiet.block_ratios
     return Ratio(float(np.median(ratios)), ratios, (float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))),
-                 quiet.other_cpu_share, quiet.attempts, quiet.flagged)
+                 quiet.other_cpu_share, quiet.attempts, quiet.flagged, [float(np.median(ratios))])
+
+
+def combine_rounds(rounds: list[Ratio]) -> Ratio:
+    """One ratio from the same A/B measured after each of several fresh compiles: the median of the
+    rounds' medians, blocks and attempts pooled, the largest load, flagged if any round was.
+    Raises ValueError for no rounds."""
+    if not rounds:
+        raise ValueError("no compile rounds to combine")
+    blocks = [b for r in rounds for b in r.block_ratios]
+    per_compile = [r.median for r in rounds]
+    return Ratio(float(np.median(per_compile)), blocks, (float(np.percentile(blocks, 25)), float(np.percentile(blocks, 75))),
+                 max(r.other_cpu_share for r in rounds), sum(r.attempts for r in rounds), any(r.flagged for r in rounds),
+                 per_compile)
 
 
 def measure_absolute(runner: Runner, model: str, data: np.ndarray, profile: TargetProfile, options: Options) -> Absolute:
@@ -277,36 +299,55 @@ def run(dense_dir: str, slim_dirs: list[str], target_paths: list[str], options: 
     images = load_test_set(dense, data_dir).images[: max(BATCHES)]
     load_start = cpu_snapshot()
 
+    slim_rounds: dict[tuple[str, int, str], list[Ratio]] = {}          # (target, batch, slim) -> one Ratio per round
+    precision_rounds: dict[tuple[str, str, str, int], list[Ratio]] = {}  # (reference, target, model, batch) -> per round
+    infos: list[TargetInfo] = []
     with tempfile.TemporaryDirectory(prefix="lapp-dense-vs-slim-") as temporary:
-        infos, runners = bench_targets(profiles, [dense, *slims], images, Path(temporary), options, data_dir)
-        slim_rows: list[SlimRow] = []
-        for info in infos:
-            if info.status != "ok":
-                continue
-            for batch in BATCHES:
-                for slim in models[1:]:
-                    speedup = measure_ratio(runners[(info.name, dense.name, batch)], runners[(info.name, slim.name, batch)],
-                                            images[:batch], options)
-                    slim_rows.append(SlimRow(info.name, batch, slim.name, slim.channel_multiple, slim.macs_ratio, slim.flops_speedup,
-                                             absolute_ms(info, dense.name, batch), absolute_ms(info, slim.name, batch), speedup,
-                                             speedup.median / slim.flops_speedup))
-                    say(f"{info.name} b{batch} dense/{slim.name}: {speedup.median:.3f}x (FLOPs {slim.flops_speedup:.3f}x), "
-                        f"others' CPU {speedup.other_cpu_share:.2f}{' FLAGGED' if speedup.flagged else ''}")
-        precision_rows: list[PrecisionRow] = []
-        for info in infos:
-            if info.status != "ok" or info.precision == "fp32":
-                continue
-            reference = next((r for r in infos if r.backend == info.backend and r.precision == "fp32" and r.status == "ok"), None)
-            if reference is None:
-                continue
-            for model in models:
+        for round_index in range(options.compiles):
+            say(f"compile round {round_index + 1} of {options.compiles}")
+            round_infos, runners = bench_targets(profiles, [dense, *slims], images, Path(temporary) / f"round-{round_index}",
+                                                 options, data_dir)
+            if round_index == 0:
+                infos = round_infos          # absolute medians and availability: the first round's
+            ok = {info.name for info in infos if info.status == "ok"} & {i.name for i in round_infos if i.status == "ok"}
+            for info in infos:
+                if info.name not in ok:
+                    continue
                 for batch in BATCHES:
-                    speedup = measure_ratio(runners[(reference.name, model.name, batch)], runners[(info.name, model.name, batch)],
-                                            images[:batch], options)
-                    precision_rows.append(PrecisionRow(info.backend, info.name, reference.name, model.name, batch,
-                                                       absolute_ms(reference, model.name, batch), absolute_ms(info, model.name, batch), speedup))
-                    say(f"{reference.name}/{info.name} {model.name} b{batch}: {speedup.median:.3f}x, "
-                        f"others' CPU {speedup.other_cpu_share:.2f}{' FLAGGED' if speedup.flagged else ''}")
+                    for slim in models[1:]:
+                        speedup = measure_ratio(runners[(info.name, dense.name, batch)], runners[(info.name, slim.name, batch)],
+                                                images[:batch], options)
+                        slim_rounds.setdefault((info.name, batch, slim.name), []).append(speedup)
+                        say(f"{info.name} b{batch} dense/{slim.name}: {speedup.median:.3f}x (FLOPs {slim.flops_speedup:.3f}x), "
+                            f"others' CPU {speedup.other_cpu_share:.2f}{' FLAGGED' if speedup.flagged else ''}")
+            for info in infos:
+                if info.name not in ok or info.precision == "fp32":
+                    continue
+                reference = next((r for r in infos if r.backend == info.backend and r.precision == "fp32" and r.name in ok), None)
+                if reference is None:
+                    continue
+                for model in models:
+                    for batch in BATCHES:
+                        speedup = measure_ratio(runners[(reference.name, model.name, batch)], runners[(info.name, model.name, batch)],
+                                                images[:batch], options)
+                        precision_rounds.setdefault((reference.name, info.name, model.name, batch), []).append(speedup)
+                        say(f"{reference.name}/{info.name} {model.name} b{batch}: {speedup.median:.3f}x, "
+                            f"others' CPU {speedup.other_cpu_share:.2f}{' FLAGGED' if speedup.flagged else ''}")
+            for runner in runners.values():
+                runner.close()
+    by_name = {info.name: info for info in infos}
+    slim_rows: list[SlimRow] = []
+    for (target, batch, slim_name), rounds in slim_rounds.items():
+        slim = next(m for m in models if m.name == slim_name)
+        speedup = combine_rounds(rounds)
+        slim_rows.append(SlimRow(target, batch, slim.name, slim.channel_multiple, slim.macs_ratio, slim.flops_speedup,
+                                 absolute_ms(by_name[target], dense.name, batch), absolute_ms(by_name[target], slim.name, batch),
+                                 speedup, speedup.median / slim.flops_speedup))
+    precision_rows: list[PrecisionRow] = []
+    for (reference_name, target, model_name, batch), rounds in precision_rounds.items():
+        precision_rows.append(PrecisionRow(by_name[target].backend, target, reference_name, model_name, batch,
+                                           absolute_ms(by_name[reference_name], model_name, batch),
+                                           absolute_ms(by_name[target], model_name, batch), combine_rounds(rounds)))
 
     shares = [r.speedup.other_cpu_share for r in slim_rows] + [r.speedup.other_cpu_share for r in precision_rows]
     load = {
@@ -345,6 +386,8 @@ def evaluate_goals(infos: list[TargetInfo], models: list[ModelInfo], slim_rows: 
 # --- output ------------------------------------------------------------------------------------
 
 def _ratio_cell(ratio: Ratio) -> str:
+    if len(ratio.per_compile) > 1:
+        return f"{ratio.median:.3f} ({min(ratio.per_compile):.2f}-{max(ratio.per_compile):.2f})"
     return f"{ratio.median:.3f} ({ratio.iqr[0]:.2f}-{ratio.iqr[1]:.2f})"
 
 
@@ -353,7 +396,9 @@ def format_report(report: Report) -> str:
     route = {info.name: info.int8_route for info in report.targets}
     lines = [f"Dense vs slim latency, {report.date}, {report.machine['cpu']}, {report.machine['cores']} cores; "
              f"{report.options['blocks']} interleaved blocks x {report.options['calls_batch1']} calls (batch 1) / "
-             f"{report.options['calls_large_batch']} calls (batch 32); medians of block ratios (inter-quartile range of blocks)", "",
+             f"{report.options['calls_large_batch']} calls (batch 32); "
+             + (f"median over {report.options['compiles']} fresh compiles of each compile's median block ratio (range over compiles)"
+                if report.options.get("compiles", 1) > 1 else "medians of block ratios (inter-quartile range of blocks)"), "",
              "| model | channel multiple | widths | MACs | MACs ratio | FLOPs speedup | test top-1 |", "|---|---|---|---|---|---|---|"]
     for m in report.models:
         multiple = "(dense)" if m.role == "dense" else (m.channel_multiple if m.channel_multiple is not None else "?")
@@ -401,12 +446,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-other-cpu", type=float, default=defaults.max_other_cpu,
                         help="re-measure a ratio when other processes used more of the machine (2 cores: 0.5 = one full core)")
     parser.add_argument("--retries", type=int, default=defaults.retries)
+    parser.add_argument("--compiles", type=int, default=defaults.compiles,
+                        help="rounds of fresh compiles of every network; each ratio is the median of the rounds'")
     args = parser.parse_args(argv)
     try:
-        if args.blocks < 1 or args.calls_large_batch < 1 or args.retries < 0 or not 0 < args.max_other_cpu <= 1:
-            raise UserError("--blocks and --calls-large-batch must be >= 1, --retries >= 0, --max-other-cpu in (0, 1]")
+        if (args.blocks < 1 or args.calls_large_batch < 1 or args.compiles < 1 or args.retries < 0
+                or not 0 < args.max_other_cpu <= 1):
+            raise UserError("--blocks, --calls-large-batch and --compiles must be >= 1, --retries >= 0, --max-other-cpu in (0, 1]")
         options = replace(defaults, blocks=args.blocks, calls_large_batch=args.calls_large_batch,
-                          max_other_cpu=args.max_other_cpu, retries=args.retries)
+                          max_other_cpu=args.max_other_cpu, retries=args.retries, compiles=args.compiles)
         command = " ".join([".venv/bin/python", "benchmarks/dense_vs_slim_latency.py", *(argv if argv is not None else sys.argv[1:])])
         report = run(args.dense, args.slim, args.target or DEFAULT_TARGETS, options, args.data_dir, command)
     except UserError as error:

@@ -6,8 +6,9 @@ For each seed, trains (one `lapp-edge train` process per run, one torch thread e
   - latency-<target>-<R>:    --target <target> --latency-target R, for each target and R of --latency-targets;
 then exports each run to a package (`lapp-edge export`, verified) and measures, on every target of
 --targets at --batch, the package's latency as a ratio to the dense network (the layer table's dense
-reference ONNX, compiled the same way), interleaved in one process (`measure.interleaved_ratio`),
-next to what the target's layer table predicts for it. Writes results.json, results.md (a table)
+reference ONNX, compiled the same way), interleaved in one process with load checks, as the median
+over --compiles fresh compiles of both (`compile.ratio_over_compiles`: one compile's ratio moves by
+a few percent, docs/RESULTS.md), next to what the target's layer table predicts for it. Writes results.json, results.md (a table)
 and accuracy_vs_latency.png (both methods, per target) into --out.
 
     python benchmarks/latency_aware_lapp.py --out bench-results/latency-aware
@@ -30,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lapp_edge.costs.latency_table import find_table_file, load_table, onnx_conv_layers  # noqa: E402
 from lapp_edge.deploy.package import load_package  # noqa: E402
-from lapp_edge.deploy.compile import OnnxModel, compile_runner  # noqa: E402
-from lapp_edge.deploy.measure import cpu_model, cpu_snapshot, interleaved_ratio, machine_key, other_cpu_share_since  # noqa: E402
+from lapp_edge.deploy.compile import OnnxModel, ratio_over_compiles  # noqa: E402
+from lapp_edge.deploy.measure import cpu_model, cpu_snapshot, machine_key, other_cpu_share_since  # noqa: E402
 from lapp_edge.deploy.targets import load_target, runtime_version  # noqa: E402
 from lapp_edge.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from lapp_edge.resources import find_latency_file  # noqa: E402
@@ -56,7 +57,8 @@ class Row:
     budget: float
     top1: float
     flops_ratio: float
-    measured: dict[str, float]     # target -> measured latency ratio to dense at --batch
+    measured: dict[str, float]     # target -> measured latency ratio to dense at --batch (median over compiles)
+    per_compile: dict[str, list[float]]   # target -> each fresh compile's ratio (their spread is the compile noise)
     predicted: dict[str, float]    # target -> the layer table's predicted ratio
     widths: dict[str, int]
 
@@ -121,9 +123,11 @@ def export(run: Run, args: argparse.Namespace) -> Path:
     return package
 
 
-def measure(package: Path, targets: list[str], batch: int, work: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """Per target: the package's latency / the table's dense reference latency (interleaved), and the table's prediction."""
-    measured, predicted = {}, {}
+def measure(package: Path, targets: list[str], batch: int, work: Path,
+            compiles: int) -> tuple[dict[str, float], dict[str, list[float]], dict[str, float]]:
+    """Per target: the package's latency / the table's dense reference latency (interleaved; the median
+    over `compiles` fresh compiles of both, and each compile's ratio), and the table's prediction."""
+    measured, per_compile, predicted = {}, {}, {}
     loaded = load_package(package)
     manifest, shape, onnx_path = loaded.manifest, loaded.input_shape, loaded.onnx_path
     rng = np.random.default_rng(0)
@@ -135,15 +139,15 @@ def measure(package: Path, targets: list[str], batch: int, work: Path) -> tuple[
         reference = find_latency_file(table.dense_reference if table else f"dense-{manifest['model']}-{'x'.join(map(str, shape))}.onnx")
         if reference is None:
             raise SystemExit(f"latency_aware_lapp: error: no dense reference ONNX for {manifest['model']} in the latency data")
-        with compile_runner(OnnxModel(onnx_path, "input", shape), profile, batch, work) as slim, \
-                compile_runner(OnnxModel(reference, "input", shape), profile, batch, work) as dense:
-            measured[name] = interleaved_ratio(slim, dense, data)
+        ratio = ratio_over_compiles(OnnxModel(onnx_path, "input", shape), OnnxModel(reference, "input", shape), profile,
+                                    batch, work / package.name / name, data, compiles)
+        measured[name], per_compile[name] = ratio.median, ratio.per_compile
         if table is None or batch not in table.batches:
             predicted[name] = float("nan")      # no layer table for this target on this machine (profile-layers)
             continue
         bt = table.batch(batch)
         predicted[name] = float(bt.predict_ratio(onnx_conv_layers(onnx_path)) / bt.predict_ratio(onnx_conv_layers(reference)))
-    return measured, predicted
+    return measured, per_compile, predicted
 
 
 def format_markdown(rows: list[Row], targets: list[str], header: dict[str, str]) -> str:
@@ -152,7 +156,8 @@ def format_markdown(rows: list[Row], targets: list[str], header: dict[str, str])
     lines += [f"| run | method | shaped for | budget | top-1 | FLOPs | {columns} |",
               "|---" * (6 + len(targets)) + "|"]
     for r in rows:
-        cells = " | ".join(f"{r.measured[t]:.3f} ({r.predicted[t]:.3f})" for t in targets)
+        cells = " | ".join(f"{r.measured[t]:.3f} [{min(r.per_compile[t]):.3f}-{max(r.per_compile[t]):.3f}] ({r.predicted[t]:.3f})"
+                           for t in targets)
         lines.append(f"| {r.run} | {r.method} | {r.shaped_for or '-'} | {r.budget:g} | {r.top1:.4f} | {r.flops_ratio:.3f} | {cells} |")
     return "\n".join(lines)
 
@@ -193,7 +198,10 @@ def main() -> int:
     parser.add_argument("--targets", default="x86-ort-fp32,x86-openvino-bf16", help="targets every package is measured on")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once (one thread each)")
+    parser.add_argument("--compiles", type=int, default=3, help="fresh compiles of both networks per latency ratio (median taken)")
     args = parser.parse_args()
+    if args.compiles < 1:
+        parser.error("--compiles must be at least 1")
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.flops_targets = [float(t) for t in args.flops_targets.split(",") if t]
     args.latency_targets = [float(t) for t in args.latency_targets.split(",") if t]
@@ -210,16 +218,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lapp-latency-aware-") as temporary:
         for run in runs:
             report = json.loads((Path(args.out) / run.name / "report.json").read_text())
-            measured, predicted = measure(export(run, args), targets, args.batch, Path(temporary))
+            measured, per_compile, predicted = measure(export(run, args), targets, args.batch, Path(temporary), args.compiles)
             rows.append(Row(run.name, run.method, run.seed, run.shaped_for, run.budget, report["accuracy"]["test_top1"],
-                            report["flops"]["ratio"], measured, predicted, {l["name"]: l["kept"] for l in report["layers"]}))
+                            report["flops"]["ratio"], measured, per_compile, predicted, {l["name"]: l["kept"] for l in report["layers"]}))
             print(f"{run.name}: top-1 {rows[-1].top1:.4f}, measured " + ", ".join(f"{t} {v:.3f}" for t, v in measured.items()), flush=True)
     header = {"machine": f"{cpu_model()} ({machine_key()})", "runtimes": ", ".join(runtime_version(load_target(t).backend) for t in targets),
               "others' CPU share while measuring": f"{other_cpu_share_since(start):.2f}",
               "schedule": f"{args.model}, {args.epochs} epochs ({args.prune_epochs} pruning), {args.train_subset or 60000} "
                           f"training images, seeds {args.seeds}, one thread per run",
-              "latency": f"batch {args.batch}, ratio to the dense network measured interleaved in one process; "
-                         "(predicted) = the target's layer table"}
+              "latency": f"batch {args.batch}, ratio to the dense network measured interleaved in one process, median over "
+                         f"{args.compiles} fresh compiles of both [their range]; (predicted) = the target's layer table"}
     atomic_write_json(Path(args.out) / "results.json", {"settings": vars(args), "header": header, "rows": [asdict(r) for r in rows]})
     table = format_markdown(rows, targets, header)
     atomic_write_text(Path(args.out) / "results.md", table + "\n")

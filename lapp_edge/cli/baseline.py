@@ -21,6 +21,8 @@ def add_baseline_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--target", action="append", required=True, help="target profile: a name or a YAML path; repeat for several")
         p.add_argument("--batch", type=int, action="append", default=None, help="batch size (repeat; default: the profile's)")
         p.add_argument("--blocks", type=int, default=12, help="interleaved A/B blocks per ratio (default 12)")
+        p.add_argument("--compiles", type=int, default=3,
+                       help="fresh compiles of the models per figure, median taken (default 3: one compile moves a ratio a few percent)")
         p.set_defaults(handler=handler)
 
 
@@ -30,14 +32,15 @@ def _measure(args: argparse.Namespace) -> list:
     from lapp_edge.deploy.targets import load_target
     from lapp_edge.errors import UserError
 
-    if args.blocks < 1 or any(b <= 0 for b in args.batch or []):
-        raise UserError("--blocks and --batch must be positive")
+    if args.blocks < 1 or args.compiles < 1 or any(b <= 0 for b in args.batch or []):
+        raise UserError("--blocks, --compiles and --batch must be positive")
     profiles = [load_target(t) for t in args.target]
     results = []
     with tempfile.TemporaryDirectory(prefix="lapp-regression-") as work:
         for profile in profiles:
             batches = sorted(set(args.batch or profile.batch_sizes))
-            results.append((profile, measure_target(profile, batches, Path(work), RatioProtocol(blocks=args.blocks))))
+            results.append((profile, measure_target(profile, batches, Path(work), RatioProtocol(blocks=args.blocks),
+                                                          compiles=args.compiles)))
     return results
 
 

@@ -18,6 +18,9 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", default=None, metavar="PACKAGE",
                    help="another package of the same data (the dense network), compiled the same way on every target and "
                         "measured side by side: its top-1 there and the speedup over it, interleaved in one process")
+    p.add_argument("--compiles", type=int, default=3,
+                   help="fresh compiles of the package and the dense reference behind each predicted-vs-measured latency "
+                        "ratio (median taken; one compile's ratio moves by a few percent)")
     p.set_defaults(handler=run_bench_command)
 
 
@@ -25,7 +28,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from lapp_edge.errors import one_line
     from lapp_edge.deploy.bench import format_bench, run_bench
 
-    report = run_bench(args.package, args.target, args.out, args.data_dir, args.work_dir, baseline_dir=args.baseline)
+    report = run_bench(args.package, args.target, args.out, args.data_dir, args.work_dir, baseline_dir=args.baseline,
+                       compiles=args.compiles)
     print(format_bench(report))
     unavailable = [t for t in report.targets if t.status != "ok"]
     for target in unavailable:

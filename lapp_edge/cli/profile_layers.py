@@ -36,6 +36,8 @@ def add_profile_layers_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reuse-layers", default="", metavar="TABLE",
                    help="keep TABLE's layer points (same target, model, input, multiple, batches, machine) and measure "
                         "only the whole networks again")
+    p.add_argument("--network-compiles", type=int, default=3,
+                   help="fresh compiles of each whole network and the dense one; its ratio is their median (default 3)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=run_profile_layers_command)
 
@@ -59,9 +61,9 @@ def run_profile_layers_command(args: argparse.Namespace) -> int:
                         *(["--input", args.input] if args.input else []), "--configs", str(args.configs),
                         *[f"--batch {b}" for b in (args.batch or [])], "--max-grid", str(args.max_grid),
                         *(["--reuse-layers", shlex.quote(args.reuse_layers)] if args.reuse_layers else []),
-                        "--out", shlex.quote(args.out)])
+                        "--network-compiles", str(args.network_compiles), "--out", shlex.quote(args.out)])
     path = profile_layers(args.target, args.model, shape, args.configs, args.batch, args.channel_multiple, args.coupled,
                           args.out, args.seed, args.max_grid, command=command, progress=not args.quiet,
-                          reuse_layers=args.reuse_layers or None)
+                          reuse_layers=args.reuse_layers or None, network_compiles=args.network_compiles)
     print(format_table_summary(load_table(path), path))
     return 0

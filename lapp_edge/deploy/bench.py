@@ -36,7 +36,7 @@ from lapp_edge.data.imagefolder import layout_from_manifest, load_eval_split
 from lapp_edge.data.readers import InMemorySplit, data_directory, load_arrays
 from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
-from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route
+from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route, ratio_over_compiles
 from lapp_edge.deploy.measure import LatencyStats, interleaved_ratio, machine_key, measure_latency
 from lapp_edge.deploy.package import MAX_MODEL_BYTES, ModelPackage, check_external_data, load_package, recorded_data_dir
 from lapp_edge.deploy.targets import TargetProfile, load_target
@@ -57,11 +57,12 @@ class FitComparison:
     batch: int
     features: dict[str, float]     # the package's ratios to the dense model of its family
     predicted_ratio: float         # the fit: predicted latency / dense latency on this target
-    measured_ratio: float          # package latency / dense latency, measured interleaved in this process
+    measured_ratio: float          # package latency / dense latency, interleaved in this process: median over compiles
     dense_median_ms: float         # the fit's dense reference on this target, in this process
     predicted_ms: float            # predicted_ratio * dense_median_ms
     measured_ms: float             # the package's median latency from the bench
     error_pct: float               # 100 * (predicted_ratio / measured_ratio - 1)
+    measured_per_compile: list[float] = field(default_factory=list)   # each fresh compile's ratio (the compile noise)
 
 
 @dataclass
@@ -249,9 +250,10 @@ def _fit_measured_with(profile: TargetProfile, model: str, precision_used: str) 
 
 def compare_with_fit(fit: LatencyFit, fit_path: str, reference_onnx: Path, package: ModelPackage, profile: TargetProfile,
                      runners: dict[int, Runner], medians_ms: dict[int, float], work_dir: Path,
-                     calibration: np.ndarray | None, route: str) -> list[FitComparison]:
+                     calibration: np.ndarray | None, route: str, compiles: int = 3) -> list[FitComparison]:
     """Predict the package's latency from its figures with the target's fit, and measure it against the
-    fit's dense reference compiled on the target, interleaved in this process, at each batch both have."""
+    fit's dense reference compiled on the target, interleaved in this process (median over `compiles`
+    compiles: `measure_against_dense`), at each batch both have."""
     features = package_features(package)
     missing = [name for name in fit.batches[min(fit.batches)].chosen.features if name not in features]
     if missing:
@@ -261,13 +263,29 @@ def compare_with_fit(fit: LatencyFit, fit_path: str, reference_onnx: Path, packa
     comparisons = []
     for batch in sorted(set(fit.batches) & set(runners)):
         data = rng.standard_normal((batch, *package.input_shape)).astype(np.float32)
-        with compile_runner(dense_model, profile, batch, work_dir, calibration, route) as dense_runner:
-            dense_ms = measure_latency(dense_runner, data, profile.latency).median_ms
-            measured = interleaved_ratio(runners[batch], dense_runner, data)
+        dense_ms, per_compile = measure_against_dense(package, dense_model, profile, runners[batch], data, work_dir,
+                                                      calibration, route, compiles)
+        measured = float(np.median(per_compile))
         predicted = fit.predict_ratio(batch, features)
         comparisons.append(FitComparison(fit_path, batch, features, predicted, measured, dense_ms, predicted * dense_ms,
-                                         medians_ms[batch], 100.0 * (predicted / measured - 1.0)))
+                                         medians_ms[batch], 100.0 * (predicted / measured - 1.0), per_compile))
     return comparisons
+
+
+def measure_against_dense(package: ModelPackage, dense_model: OnnxModel, profile: TargetProfile, runner: Runner, data: np.ndarray,
+                          work_dir: Path, calibration: np.ndarray | None, route: str, compiles: int) -> tuple[float, list[float]]:
+    """The dense reference's median latency (ms) on `profile` at len(data), and the package's latency
+    ratio to it per compile: first with the package's own `runner` against a fresh dense compile,
+    then `compiles` - 1 fresh compiles of both (`compile.ratio_over_compiles`; one compile's ratio
+    moves by a few percent, docs/RESULTS.md). Raises UserError / BackendUnavailable as `compile_runner`."""
+    with compile_runner(dense_model, profile, len(data), work_dir, calibration, route) as dense_runner:
+        dense_ms = measure_latency(dense_runner, data, profile.latency).median_ms
+        per_compile = [interleaved_ratio(runner, dense_runner, data)]
+    if compiles > 1:
+        more = ratio_over_compiles(package, dense_model, profile, len(data), work_dir / f"compiles-b{len(data)}", data,
+                                   compiles - 1, calibration=calibration, route=route)
+        per_compile += more.per_compile
+    return dense_ms, per_compile
 
 
 def table_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyTable | None, Path | None, Path | None, str]:
@@ -288,10 +306,10 @@ def table_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyTab
 
 def compare_with_table(table: LatencyTable, table_path: Path, reference_onnx: Path, package: ModelPackage, profile: TargetProfile,
                        runners: dict[int, Runner], medians_ms: dict[int, float], work_dir: Path,
-                       calibration: np.ndarray | None, route: str) -> list[FitComparison]:
+                       calibration: np.ndarray | None, route: str, compiles: int = 3) -> list[FitComparison]:
     """Predict the package's latency ratio to the dense network from its ONNX graph's convs with the
     target's layer table, and measure it against the table's dense reference compiled on the target,
-    interleaved in this process, at each batch both have."""
+    interleaved in this process (median over `compiles` compiles: `measure_against_dense`), at each batch both have."""
     layers = onnx_conv_layers(package.onnx_path)
     dense_model = OnnxModel(reference_onnx, "input", package.input_shape)
     dense_layers = onnx_conv_layers(reference_onnx)
@@ -301,12 +319,12 @@ def compare_with_table(table: LatencyTable, table_path: Path, reference_onnx: Pa
         batch_table = table.batches[batch]
         predicted = float(batch_table.predict_ratio(layers) / batch_table.predict_ratio(dense_layers))
         data = rng.standard_normal((batch, *package.input_shape)).astype(np.float32)
-        with compile_runner(dense_model, profile, batch, work_dir, calibration, route) as dense_runner:
-            dense_ms = measure_latency(dense_runner, data, profile.latency).median_ms
-            measured = interleaved_ratio(runners[batch], dense_runner, data)
+        dense_ms, per_compile = measure_against_dense(package, dense_model, profile, runners[batch], data, work_dir,
+                                                      calibration, route, compiles)
+        measured = float(np.median(per_compile))
         comparisons.append(FitComparison(str(table_path), batch, {"table_ratio": float(batch_table.sum_ms(layers) / batch_table.sum_ms(dense_layers))},
                                          predicted, measured, dense_ms, predicted * dense_ms, medians_ms[batch],
-                                         100.0 * (predicted / measured - 1.0)))
+                                         100.0 * (predicted / measured - 1.0), per_compile))
     return comparisons
 
 
@@ -332,7 +350,7 @@ def compare_with_baseline(baseline: ModelPackage, package: ModelPackage, profile
 
 
 def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, reference: Reference, work_dir: Path,
-                 data_dir: str | None = None, baseline: ModelPackage | None = None) -> TargetResult:
+                 data_dir: str | None = None, baseline: ModelPackage | None = None, compiles: int = 3) -> TargetResult:
     """Compile the package for one target (every int8 route the profile lists), then accuracy
     against the reference and latency at each profile batch. A missing runtime makes the
     result `unavailable` with its one-line message instead of raising."""
@@ -387,14 +405,14 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
                 if fit is not None and fit_path is not None and reference_onnx is not None:
                     variant.predicted_from_flops = compare_with_fit(
                         fit, str(fit_path), reference_onnx, package, profile,
-                        runners, {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route)
+                        runners, {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route, compiles)
                 variant.prediction_note = note
                 table, table_path, table_reference, variant.table_note = table_for(profile, package)
                 if table is not None and table_path is not None and table_reference is not None:
                     try:
                         variant.predicted_from_table = compare_with_table(
                             table, table_path, table_reference, package, profile, runners,
-                            {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route)
+                            {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route, compiles)
                     except UserError as error:          # a layer shape the table lacks: said, not fatal
                         variant.table_note = str(error)
             for runner in {id(r): r for r in runners.values()}.values():
@@ -418,12 +436,16 @@ def check_baseline(baseline: ModelPackage, package: ModelPackage) -> None:
 
 def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None = None, data_dir: str | None = None,
               work_dir: str | None = None, reference_threads: int | None = None,
-              baseline_dir: str | Path | None = None) -> BenchReport:
+              baseline_dir: str | Path | None = None, compiles: int = 3) -> BenchReport:
     """Bench a package on every target (profiles by name or path); optionally write the report
     as JSON to `out`. With `baseline_dir` (a package of the dense network), each target also
     compiles the baseline the same way and measures it side by side: its accuracy, and the
-    package's speedup over it, interleaved in one process. Every profile, calibration set and the
-    baseline are validated before any work (UserError)."""
+    package's speedup over it, interleaved in one process. The latency predicted by the target's fit
+    or layer table is checked against the median over `compiles` fresh compiles (>= 1) of the package
+    and the dense reference. Every profile, calibration set and the baseline are validated before any
+    work (UserError)."""
+    if compiles < 1:
+        raise UserError(f"--compiles must be at least 1, got {compiles}")
     profiles = [load_target(path) for path in target_paths]          # validate every profile before any work
     for profile in profiles:                                          # and every calibration set they name
         if profile.precision == "int8":
@@ -438,7 +460,7 @@ def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None 
     with tempfile.TemporaryDirectory(prefix="lapp-bench-") as temporary:
         work = artifacts.work_directory(work_dir) if work_dir else Path(temporary)
         reference = Reference(package, test, threads, work)
-        results = [bench_target(package, profile, test, reference, work, data_dir, baseline) for profile in profiles]
+        results = [bench_target(package, profile, test, reference, work, data_dir, baseline, compiles) for profile in profiles]
     report = BenchReport(
         package=str(package.directory), model=str(package.manifest.get("model", "")), dataset=str(package.manifest.get("dataset", "")),
         reference={"runtime": REFERENCE, "threads": threads, "top1": reference.top1, "images": len(test.labels),
@@ -448,6 +470,11 @@ def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None 
     if out:
         atomic_write_json(out, asdict(report))
     return report
+
+
+def _compiles_note(comparison: FitComparison) -> str:
+    ratios = comparison.measured_per_compile
+    return f", median of {len(ratios)} compiles {min(ratios):.3f}-{max(ratios):.3f}" if len(ratios) > 1 else ""
 
 
 def format_bench(report: BenchReport) -> str:
@@ -500,12 +527,12 @@ def format_bench(report: BenchReport) -> str:
                 lines.append(f"  {target.target}/{variant}: latency predicted from FLOPs by the target's fit ({Path(c.fit).name}), batch {c.batch}: "
                              f"{c.predicted_ms:.3f} ms (x{c.predicted_ratio:.3f} of the dense model's {c.dense_median_ms:.3f} ms here, "
                              f"MACs x{c.features['macs_ratio']:.3f}); measured {c.measured_ms:.3f} ms (x{c.measured_ratio:.3f} of dense, "
-                             f"interleaved): prediction error {c.error_pct:+.1f}%")
+                             f"interleaved{_compiles_note(c)}): prediction error {c.error_pct:+.1f}%")
             if result.table_note:
                 lines.append(f"  {target.target}/{variant}: no layer-table prediction: {result.table_note}")
             for c in result.predicted_from_table:
                 lines.append(f"  {target.target}/{variant}: latency predicted by the layer table ({Path(c.fit).name}), batch {c.batch}: "
                              f"{c.predicted_ms:.3f} ms (x{c.predicted_ratio:.3f} of the dense model's {c.dense_median_ms:.3f} ms here); "
-                             f"measured {c.measured_ms:.3f} ms (x{c.measured_ratio:.3f} of dense, interleaved): prediction error "
+                             f"measured {c.measured_ms:.3f} ms (x{c.measured_ratio:.3f} of dense, interleaved{_compiles_note(c)}): prediction error "
                              f"{c.error_pct:+.1f}%")
     return "\n".join(lines)

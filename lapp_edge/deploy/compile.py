@@ -124,17 +124,19 @@ class CompiledRatio:
 
 def ratio_over_compiles(model_a: ModelPackage | OnnxModel, model_b: ModelPackage | OnnxModel, profile: TargetProfile,
                         batch: int, work_dir: Path, data: np.ndarray, compiles: int = 3,
-                        protocol: RatioProtocol | None = None) -> CompiledRatio:
+                        protocol: RatioProtocol | None = None, calibration: np.ndarray | None = None,
+                        route: str | None = None) -> CompiledRatio:
     """latency(A) / latency(B) on `profile` at `batch` (data: `batch` x C x H x W float32), each of
-    `compiles` times from a fresh compile of both in its own work folder (no artifact reuse).
+    `compiles` times from a fresh compile of both in its own work folder (no artifact reuse);
+    `calibration` and `route` as `compile_runner` (int8 targets).
     Raises ValueError for compiles < 1; UserError / BackendUnavailable as `compile_runner`."""
     if compiles < 1:
         raise ValueError(f"compiles must be at least 1, got {compiles}")
     protocol = protocol or RatioProtocol()
     ratios, shares, flagged = [], [], False
     for index in range(compiles):
-        with compile_runner(model_a, profile, batch, Path(work_dir) / f"compile-{index}-a") as runner_a, \
-                compile_runner(model_b, profile, batch, Path(work_dir) / f"compile-{index}-b") as runner_b:
+        with compile_runner(model_a, profile, batch, Path(work_dir) / f"compile-{index}-a", calibration, route) as runner_a, \
+                compile_runner(model_b, profile, batch, Path(work_dir) / f"compile-{index}-b", calibration, route) as runner_b:
             measured = quiet_block_ratios(runner_a, runner_b, data, protocol)
         ratios.append(float(np.median(measured.block_ratios)))
         shares.append(measured.other_cpu_share)

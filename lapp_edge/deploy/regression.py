@@ -93,8 +93,8 @@ class RegressionResult:
     target: str
     batch: int
     machine: str
-    speedup: float                              # dense / slim on this target (median of block ratios)
-    speedup_iqr: list[float]
+    speedup: float                              # dense / slim on this target (median over compiles of block-ratio medians)
+    speedup_iqr: list[float]                    # of all block ratios, pooled over compiles
     ratio_to_reference: float | None            # dense here / dense on the reference target
     other_cpu_share: float
     flagged: bool                               # measured while other processes loaded the machine beyond the limit
@@ -104,13 +104,18 @@ class RegressionResult:
     predicted_speedup: float | None = None      # from the target's latency fit (when recorded on this machine)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    speedup_per_compile: list[float] = field(default_factory=list)   # each fresh compile's speedup (the compile noise)
 
 
 def measure_target(profile: TargetProfile, batches: list[int], work_dir: Path, protocol: RatioProtocol | None = None,
-                   slim_override: Path | None = None) -> list[RegressionResult]:
+                   slim_override: Path | None = None, compiles: int = 3) -> list[RegressionResult]:
     """Measure one target's speedup (and ratio to its reference target) at each batch and check
-    them against its baselines. `slim_override` swaps in another slim model (a test uses a
-    deliberately widened one to show the check fails)."""
+    them against its baselines: each figure is the median over `compiles` fresh compiles of the
+    models (one compile's ratio moves by a few percent: docs/RESULTS.md), each compile's the median
+    of its interleaved block ratios. `slim_override` swaps in another slim model (a test uses a
+    deliberately widened one to show the check fails). Raises ValueError for compiles < 1."""
+    if compiles < 1:
+        raise ValueError(f"compiles must be at least 1, got {compiles}")
     protocol = protocol or RatioProtocol()
     models = reference_models()
     if profile.input_shape != models.input_shape:
@@ -131,21 +136,27 @@ def measure_target(profile: TargetProfile, batches: list[int], work_dir: Path, p
     for batch in batches:
         data = rng.standard_normal((batch, *models.input_shape)).astype(np.float32)
         start = cpu_snapshot()
-        with compile_runner(dense, profile, batch, work_dir, calibration) as dense_runner, \
-                compile_runner(slim, profile, batch, work_dir, calibration) as slim_runner:
-            quiet = quiet_block_ratios(dense_runner, slim_runner, data, protocol)
-            ratio_to_reference = None
-            if reference_profile is not None:
-                with compile_runner(dense, reference_profile, batch, work_dir, dataset_calibration(reference_profile)) as ref:
-                    ratio_to_reference = float(np.median(quiet_block_ratios(dense_runner, ref, data, protocol).block_ratios))
-            elif baselines is not None:
-                ratio_to_reference = 1.0
-        ratios = quiet.block_ratios
+        speedups: list[float] = []
+        to_reference: list[float] = []
+        blocks: list[float] = []
+        flagged = False
+        for index in range(compiles):
+            folder = work_dir / f"compile-{index}"
+            with compile_runner(dense, profile, batch, folder, calibration) as dense_runner, \
+                    compile_runner(slim, profile, batch, folder, calibration) as slim_runner:
+                quiet = quiet_block_ratios(dense_runner, slim_runner, data, protocol)
+                speedups.append(float(np.median(quiet.block_ratios)))
+                blocks += quiet.block_ratios
+                flagged = flagged or quiet.flagged
+                if reference_profile is not None:
+                    with compile_runner(dense, reference_profile, batch, folder, dataset_calibration(reference_profile)) as ref:
+                        to_reference.append(float(np.median(quiet_block_ratios(dense_runner, ref, data, protocol).block_ratios)))
+        ratio_to_reference = float(np.median(to_reference)) if to_reference else (1.0 if baselines is not None else None)
         result = RegressionResult(
-            target=profile.name, batch=batch, machine=machine, speedup=float(np.median(ratios)),
-            speedup_iqr=[float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))],
-            ratio_to_reference=ratio_to_reference, other_cpu_share=other_cpu_share_since(start), flagged=quiet.flagged,
-            tolerance=baselines.tolerance if baselines else 0.0,
+            target=profile.name, batch=batch, machine=machine, speedup=float(np.median(speedups)),
+            speedup_iqr=[float(np.percentile(blocks, 25)), float(np.percentile(blocks, 75))],
+            ratio_to_reference=ratio_to_reference, other_cpu_share=other_cpu_share_since(start), flagged=flagged,
+            tolerance=baselines.tolerance if baselines else 0.0, speedup_per_compile=speedups,
         )
         if recorded is not None:
             result.expected_speedup = recorded.speedup.get(batch)
@@ -210,6 +221,7 @@ def record_baseline(profile: TargetProfile, results: list[RegressionResult], com
     machines[results[0].machine] = {
         "ratio_to_reference": {r.batch: round(r.ratio_to_reference, 4) for r in results if r.ratio_to_reference is not None},
         "speedup": {r.batch: round(r.speedup, 4) for r in results},
+        "speedup_per_compile": {r.batch: [round(v, 4) for v in r.speedup_per_compile] for r in results},
         "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load": {"other_cpu_share_max": round(max(r.other_cpu_share for r in results), 3),
                  "flagged": any(r.flagged for r in results)},

@@ -270,8 +270,11 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
                    configs: int = 24, batches: list[int] | None = None, channel_multiple: int = 0, coupled: bool = True,
                    out: str | Path = "latency-data", seed: int = 0, max_grid: int = MAX_GRID,
                    ratio_protocol: RatioProtocol | None = None, command: str = "", progress: bool = True,
-                   reuse_layers: str | Path | None = None) -> Path:
+                   reuse_layers: str | Path | None = None, network_compiles: int = 3) -> Path:
     """Measure and write the layer latency table of `model` on `target` (see the module docstring).
+    Each whole network's latency ratio is the median over `network_compiles` fresh compiles of it
+    and the dense network (one compile moves a ratio by a few percent, docs/RESULTS.md); the
+    spread over compiles is recorded in the table's `load`.
     `reuse_layers`: an earlier table of the same target, model, input, groups, channel multiple and
     batches on this machine whose layer points are kept (only the whole networks are measured and
     fitted again). Returns the table's path. Raises UserError for a bad target, model, input, batch,
@@ -290,6 +293,8 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
         raise UserError("--batch must lie in [1, 4096]")
     if max_grid < 2:
         raise UserError(f"--max-grid must be at least 2, not {max_grid}")
+    if network_compiles < 1:
+        raise UserError(f"--network-compiles must be at least 1, not {network_compiles}")
     multiple = channel_multiple or channel_multiple_for(profile)
     described = describe_model(model, shape, coupled, multiple, max_grid)  # type: ignore[arg-type]
     points = grid_points(described)
@@ -372,33 +377,43 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
         dense_widths = dict(zip(described.site_names, described.site_channels))
         width_configs = draw_configs(dense_widths, configs, seed, multiple)
         flops = described.flops
-        runners: dict[str, dict[int, object]] = {}
+        onnx_models: dict[str, OnnxModel] = {}
         counts: dict[str, np.ndarray] = {}
         for index, config in enumerate(width_configs):
             vector = np.array([config.widths[name] for name in described.site_names], dtype=np.float64)
             counts[config.name] = vector
             fused = build_fused(model, config.widths, dense_widths, shape, coupled=coupled)  # type: ignore[arg-type]
-            onnx_model = OnnxModel(export_config(fused, shape, work / f"{config.name}.onnx"), INPUT_NAME, shape)  # type: ignore[arg-type]
-            runners[config.name] = {b: compile_runner(onnx_model, profile, b, work, calibration) for b in batch_sizes}
+            onnx_models[config.name] = OnnxModel(export_config(fused, shape, work / f"{config.name}.onnx"), INPUT_NAME, shape)  # type: ignore[arg-type]
             say(f"network {index + 1}/{len(width_configs)} built: {config.name}, MACs x{float(flops.ratio(vector)):.3f}")
         dense_onnx = OnnxModel(work / f"{DENSE}.onnx", INPUT_NAME, shape)  # type: ignore[arg-type]
         batch_tables: dict[int, BatchTable] = {}
         shares = []
+        compile_spreads: list[float] = []
         for batch in batch_sizes:
             data = rng.standard_normal((batch, *shape)).astype(np.float32)
-            with compile_runner(dense_onnx, profile, batch, work, calibration) as reference:
-                dense_ms = measure_latency(reference, data, profile.latency).median_ms
-                measured, macs_ratio = [], []
-                dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
-                dense_sum = float(BatchTable(batch, tables[batch], 0.0, 1.0, 1.0, dense_ms, 0.0).sum_ms(dense_triples))
-                partial = BatchTable(batch, tables[batch], 0.0, 1.0, dense_sum, dense_ms, 0.0)
-                for config in width_configs:
-                    quiet = quiet_block_ratios(runners[config.name][batch], reference, data, ratio_protocol)  # type: ignore[arg-type]
-                    shares.append(quiet.other_cpu_share)
-                    measured.append(float(np.median(quiet.block_ratios)))
-                    macs_ratio.append(float(flops.ratio(counts[config.name])))
-                    say(f"  b{batch} {config.name:12s} measured x{measured[-1]:.3f}  MACs x{macs_ratio[-1]:.3f}  "
-                        f"(others' CPU {quiet.other_cpu_share:.2f})")
+            macs_ratio = [float(flops.ratio(counts[config.name])) for config in width_configs]
+            rounds: list[list[float]] = []           # per fresh compile of every network: its ratios to dense
+            for round_index in range(network_compiles):
+                folder = work / f"networks-b{batch}-compile-{round_index}"
+                with compile_runner(dense_onnx, profile, batch, folder, calibration) as reference:
+                    if round_index == 0:
+                        dense_ms = measure_latency(reference, data, profile.latency).median_ms
+                    ratios = []
+                    for config, macs in zip(width_configs, macs_ratio):
+                        with compile_runner(onnx_models[config.name], profile, batch, folder, calibration) as runner:
+                            quiet = quiet_block_ratios(runner, reference, data, ratio_protocol)
+                        shares.append(quiet.other_cpu_share)
+                        ratios.append(float(np.median(quiet.block_ratios)))
+                        say(f"  b{batch} compile {round_index + 1}/{network_compiles} {config.name:12s} measured x{ratios[-1]:.3f}  "
+                            f"MACs x{macs:.3f}  (others' CPU {quiet.other_cpu_share:.2f})")
+                rounds.append(ratios)
+            per_config = np.array(rounds)                                   # compiles x configs
+            measured = [float(v) for v in np.median(per_config, axis=0)]
+            if network_compiles > 1:
+                compile_spreads += list(100.0 * (per_config.max(axis=0) - per_config.min(axis=0)) / np.median(per_config, axis=0))
+            dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
+            dense_sum = float(BatchTable(batch, tables[batch], 0.0, 1.0, 1.0, dense_ms, 0.0).sum_ms(dense_triples))
+            partial = BatchTable(batch, tables[batch], 0.0, 1.0, dense_sum, dense_ms, 0.0)
             a, b, extra, dense_features, validation = fit_whole_network(
                 described, partial, [(c.name, counts[c.name]) for c in width_configs], measured, macs_ratio, seed)
             batch_tables[batch] = BatchTable(batch, tables[batch], a, b, dense_sum, dense_ms,
@@ -406,9 +421,6 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
                                              dense_features)
             say(f"batch {batch}: held-out median error: table ({' + '.join(validation['table_fit']['features'])}) "
                 f"{validation['table_fit']['median_abs_pct']:.2f}%, FLOPs fit {validation['flops_fit']['median_abs_pct']:.2f}%")
-        for per_batch in runners.values():
-            for runner in per_batch.values():
-                runner.close()  # type: ignore[attr-defined]
         dense_bytes = dense_onnx.onnx_path.read_bytes()
     table = LatencyTable(
         format=TABLE_FORMAT, target=profile.name, backend=profile.backend, precision=profile.precision,
@@ -418,7 +430,9 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
         dense_reference=dense_reference_name(model, shape),  # type: ignore[arg-type]
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command,
         load={"other_cpu_share_median": float(np.median(shares)), "other_cpu_share_max": float(np.max(shares)),
-              "other_cpu_share_over_all_measuring": other_cpu_share_since(load_start), "cpu_count": cpu_count()},
+              "other_cpu_share_over_all_measuring": other_cpu_share_since(load_start), "cpu_count": cpu_count(),
+              "network_compiles": network_compiles,
+              "network_compile_spread_median_pct": float(np.median(compile_spreads)) if compile_spreads else None},
     )
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)

@@ -240,3 +240,19 @@ def test_a_worker_keeps_the_callers_python_path(tmp_path: Path, monkeypatch: pyt
     args = compare.build_parser().parse_args(["--out", str(tmp_path)])
     assert compare.run_one(compare.Job("uniform", 0.5, 0), args) == 0
     assert seen["PYTHONPATH"].split(":") == [str(REPO), "/opt/site-extra"]
+
+
+def test_latency_cache_counts_compiles_and_old_entries_count_as_one():
+    cache = {"runs/a": {"ratio": 0.5}, "runs/b": {"ratio": 0.5, "compiles": 3}}
+    assert compare.compiles_measured(cache, "runs/missing") == 0
+    assert compare.compiles_measured(cache, "runs/a") == 1         # written before compiles were counted: re-measured at 3
+    assert compare.compiles_measured(cache, "runs/b") == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_compiles_below_one_is_refused_before_any_work(value, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert compare.main(["--out", str(out), "--compiles", value, "--no-train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compiles" in err[0]
+    assert not out.exists()

@@ -269,8 +269,10 @@ def test_profile_layers_end_to_end_on_onnx_runtime(tmp_path: Path) -> None:
     from lapp_edge.training.config import TrainConfig
     from lapp_edge.training.latency import latency_constraint
 
-    path = profile_layers("x86-ort-fp32", "resnet20", configs=6, batches=[1], out=tmp_path, max_grid=2, progress=False)
+    path = profile_layers("x86-ort-fp32", "resnet20", configs=6, batches=[1], out=tmp_path, max_grid=2, progress=False,
+                          network_compiles=2)
     table = load_table(path)
+    assert table.load["network_compiles"] == 2 and table.load["network_compile_spread_median_pct"] >= 0
     batch = table.batch(1)
     assert len(batch.layers) == 7 and batch.dense_ms > 0
     assert all(v > 0 for layer in batch.layers.values() for row in layer.ms for v in row)
@@ -285,10 +287,11 @@ def test_profile_layers_end_to_end_on_onnx_runtime(tmp_path: Path) -> None:
     assert constraint.per_target[0].ratio(np.array([s.channels for s in sites], dtype=np.float64)) == pytest.approx(1.0)
     # --reuse-layers: the layer points are kept as they are; only the networks are measured again
     again = profile_layers("x86-ort-fp32", "resnet20", configs=6, batches=[1], out=tmp_path / "again", max_grid=2,
-                           progress=False, reuse_layers=path, seed=1)
+                           progress=False, reuse_layers=path, seed=1, network_compiles=1)
     reused = load_table(again).batch(1)
     assert reused.layers == batch.layers and reused.noise_pct == batch.noise_pct
     assert len(reused.validation["configurations"]) == 6
+    assert load_table(again).load["network_compile_spread_median_pct"] is None     # one compile: no spread to report
 
 
 def test_reused_layers_must_come_from_the_same_target_model_and_machine(tmp_path: Path) -> None:

@@ -28,14 +28,14 @@ QUICK = RatioProtocol(blocks=6, calls_batch1=15, warmup=10, retries=1)
 
 def test_widened_model_fails_with_target_expected_and_measured(tmp_path: Path) -> None:
     profile = load_target("x86-ort-fp32")
-    [measured] = measure_target(profile, [1], tmp_path, QUICK)
+    [measured] = measure_target(profile, [1], tmp_path, QUICK, compiles=1)
     assert measured.speedup > 1.2, f"the slim reference should be clearly faster than dense, got {measured.speedup:.3f}"
     # Hold the target to what the real slim model just did here; then swap in the dense model (every width restored).
     held = dataclasses.replace(profile, baselines=LatencyBaselines(
         "x86-ort-fp32", "resnet20", 0.2, {machine_key(): MachineBaseline({1: 1.0}, {1: measured.speedup})}))
-    [widened] = measure_target(held, [1], tmp_path, QUICK, slim_override=reference_models().dense)
+    [widened] = measure_target(held, [1], tmp_path, QUICK, slim_override=reference_models().dense, compiles=1)
     assert 0.8 < widened.speedup < 1.25
-    assert len(widened.problems) == 1
+    assert len(widened.problems) == 1 and widened.speedup_per_compile == [widened.speedup]
     problem = widened.problems[0]
     assert "target x86-ort-fp32" in problem and f"{widened.speedup:.3f}" in problem and f"{measured.speedup:.3f}" in problem
 
