@@ -249,8 +249,9 @@ def say(message: str) -> None:
 
 
 def bench_targets(profiles: list[TargetProfile], packages: list[ModelPackage], images: np.ndarray, work_dir: Path,
-                  options: Options, data_dir: str | None) -> tuple[list[TargetInfo], Runners]:
-    """Compile every (target, model, batch) and measure absolute medians; a missing runtime marks its target unavailable."""
+                  options: Options, data_dir: str | None, time_absolute: bool = True) -> tuple[list[TargetInfo], Runners]:
+    """Compile every (target, model, batch) and (with `time_absolute`) measure absolute medians; a missing
+    runtime marks its target unavailable."""
     infos: list[TargetInfo] = []
     runners: Runners = {}
     for profile in profiles:
@@ -269,8 +270,9 @@ def bench_targets(profiles: list[TargetProfile], packages: list[ModelPackage], i
                     runners[(profile.name, package.name, batch)] = runner
                     info.runtime_version = runner.info.runtime_version
                     info.precision_used[f"{package.name}/{batch}"] = runner.info.precision_used
-                    info.absolute.append(measure_absolute(runner, package.name, images[:batch], profile, options))
-            say(f"{profile.name}: compiled and timed " + ", ".join(
+                    if time_absolute:
+                        info.absolute.append(measure_absolute(runner, package.name, images[:batch], profile, options))
+            say(f"{profile.name}: compiled{' and timed' if time_absolute else ''} " + ", ".join(
                 f"{a.model}/b{a.batch} {a.stats.median_ms:.3f} ms" for a in info.absolute))
         except BackendUnavailable as error:
             info.status, info.message = "unavailable", str(error)
@@ -306,7 +308,7 @@ def run(dense_dir: str, slim_dirs: list[str], target_paths: list[str], options: 
         for round_index in range(options.compiles):
             say(f"compile round {round_index + 1} of {options.compiles}")
             round_infos, runners = bench_targets(profiles, [dense, *slims], images, Path(temporary) / f"round-{round_index}",
-                                                 options, data_dir)
+                                                 options, data_dir, time_absolute=round_index == 0)
             if round_index == 0:
                 infos = round_infos          # absolute medians and availability: the first round's
             ok = {info.name for info in infos if info.status == "ok"} & {i.name for i in round_infos if i.status == "ok"}

@@ -3,10 +3,8 @@ table arithmetic and resuming; and the pieces it added to the project (Trainer.s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +15,12 @@ from lapp_edge.lapp.flops import build_flops_cost, count_deployed_macs
 from lapp_edge.lapp.widths import allowed_widths, uniform_widths
 from lapp_edge.models import build_model, prunable_sites
 from lapp_edge.models.slicing import resize_to_widths
+from tests.benchmark_modules import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("bench_compare", REPO / "benchmarks" / "compare.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_compare"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load_compare()
+compare = load_benchmark("compare.py", "bench_compare")
 
 
 def _resnet20_cost():

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benchmark_modules import load_benchmark
 
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_dense_vs_slim", REPO / "benchmarks" / "dense_vs_slim_latency.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_dense_vs_slim"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("dense_vs_slim_latency.py", "bench_dense_vs_slim")
 
 
 def _round(blocks: list[float], share: float = 0.0, flagged: bool = False):
