@@ -50,6 +50,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -686,9 +687,10 @@ def measure_latencies(results: list[RunResult], out: Path, data_dir: str | None,
         work = out / "latency-work"
         for index, result in enumerate(todo):
             print(f"latency [{index + 1}/{len(todo)}] {Job(result.method, result.target, result.seed).label}", flush=True)
-            ratio = ratio_over_compiles(package(result), package(dense), profile, LATENCY_BATCH, work / f"s{seed}-run-{index}",
-                                        data, compiles, protocol)
-            with compile_runner(package(result), profile, LATENCY_BATCH, work / f"s{seed}-run-{index}" / "absolute") as runner:
+            work.mkdir(parents=True, exist_ok=True)
+            fresh = Path(tempfile.mkdtemp(prefix=f"{result.method}-{result.target}-s{result.seed}-", dir=work))
+            ratio = ratio_over_compiles(package(result), package(dense), profile, LATENCY_BATCH, fresh, data, compiles, protocol)
+            with compile_runner(package(result), profile, LATENCY_BATCH, fresh / "absolute") as runner:
                 stats = measure_latency(runner, data, LatencyProtocol(warmup_iterations=5, min_iterations=30, min_seconds=1.0))
             cache[result.run_dir] = {"ratio": ratio.median, "per_compile": ratio.per_compile, "compiles": compiles,
                                      "median_ms": stats.median_ms, "other_cpu": ratio.other_cpu_share, "flagged": ratio.flagged}

@@ -272,8 +272,9 @@ def bench_targets(profiles: list[TargetProfile], packages: list[ModelPackage], i
                     info.precision_used[f"{package.name}/{batch}"] = runner.info.precision_used
                     if time_absolute:
                         info.absolute.append(measure_absolute(runner, package.name, images[:batch], profile, options))
-            say(f"{profile.name}: compiled{' and timed' if time_absolute else ''} " + ", ".join(
-                f"{a.model}/b{a.batch} {a.stats.median_ms:.3f} ms" for a in info.absolute))
+            say(f"{profile.name}: compiled and timed " + ", ".join(
+                f"{a.model}/b{a.batch} {a.stats.median_ms:.3f} ms" for a in info.absolute) if time_absolute
+                else f"{profile.name}: compiled again")
         except BackendUnavailable as error:
             info.status, info.message = "unavailable", str(error)
             say(f"{profile.name}: {error}")

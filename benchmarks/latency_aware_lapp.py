@@ -201,7 +201,8 @@ def main() -> int:
     parser.add_argument("--compiles", type=int, default=3, help="fresh compiles of both networks per latency ratio (median taken)")
     args = parser.parse_args()
     if args.compiles < 1:
-        parser.error("--compiles must be at least 1")
+        print(f"latency_aware_lapp: error: --compiles must be at least 1, got {args.compiles}", file=sys.stderr)
+        return 2
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.flops_targets = [float(t) for t in args.flops_targets.split(",") if t]
     args.latency_targets = [float(t) for t in args.latency_targets.split(",") if t]

@@ -15,7 +15,8 @@ Where the target has a latency fit for the package's model family (`latency-fit-
 <model>.json` in the latency data), the package's latency is also predicted from its
 deployed figures (MACs, params, activations, from the manifest) and checked against the
 fit's dense reference model (an ONNX file written beside the fit by calibrate-latency),
-compiled on the target and measured interleaved with the package. Nothing here builds a
+compiled on the target and measured interleaved with the package: the median over `--compiles`
+fresh compiles of both (one compile's ratio moves by a few percent, docs/RESULTS.md). Nothing here builds a
 PyTorch model: the deploy side imports no torch.
 """
 
@@ -37,7 +38,7 @@ from lapp_edge.data.readers import InMemorySplit, data_directory, load_arrays
 from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route, ratio_over_compiles
-from lapp_edge.deploy.measure import LatencyStats, interleaved_ratio, machine_key, measure_latency
+from lapp_edge.deploy.measure import LatencyStats, RatioProtocol, interleaved_ratio, machine_key, measure_latency, quiet_block_ratios
 from lapp_edge.deploy.package import MAX_MODEL_BYTES, ModelPackage, check_external_data, load_package, recorded_data_dir
 from lapp_edge.deploy.targets import TargetProfile, load_target
 from lapp_edge.deploy.tolerance import RUNTIME_FP32, compare_logits
@@ -63,6 +64,7 @@ class FitComparison:
     measured_ms: float             # the package's median latency from the bench
     error_pct: float               # 100 * (predicted_ratio / measured_ratio - 1)
     measured_per_compile: list[float] = field(default_factory=list)   # each fresh compile's ratio (the compile noise)
+    measured_flagged: bool = False     # some compile was measured while other processes loaded the machine
 
 
 @dataclass
@@ -263,29 +265,35 @@ def compare_with_fit(fit: LatencyFit, fit_path: str, reference_onnx: Path, packa
     comparisons = []
     for batch in sorted(set(fit.batches) & set(runners)):
         data = rng.standard_normal((batch, *package.input_shape)).astype(np.float32)
-        dense_ms, per_compile = measure_against_dense(package, dense_model, profile, runners[batch], data, work_dir,
-                                                      calibration, route, compiles)
+        dense_ms, per_compile, flagged = measure_against_dense(package, dense_model, profile, runners[batch], data, work_dir,
+                                                               calibration, route, compiles)
         measured = float(np.median(per_compile))
         predicted = fit.predict_ratio(batch, features)
         comparisons.append(FitComparison(fit_path, batch, features, predicted, measured, dense_ms, predicted * dense_ms,
-                                         medians_ms[batch], 100.0 * (predicted / measured - 1.0), per_compile))
+                                         medians_ms[batch], 100.0 * (predicted / measured - 1.0), per_compile, flagged))
     return comparisons
 
 
 def measure_against_dense(package: ModelPackage, dense_model: OnnxModel, profile: TargetProfile, runner: Runner, data: np.ndarray,
-                          work_dir: Path, calibration: np.ndarray | None, route: str, compiles: int) -> tuple[float, list[float]]:
-    """The dense reference's median latency (ms) on `profile` at len(data), and the package's latency
-    ratio to it per compile: first with the package's own `runner` against a fresh dense compile,
-    then `compiles` - 1 fresh compiles of both (`compile.ratio_over_compiles`; one compile's ratio
-    moves by a few percent, docs/RESULTS.md). Raises UserError / BackendUnavailable as `compile_runner`."""
+                          work_dir: Path, calibration: np.ndarray | None, route: str, compiles: int) -> tuple[float, list[float], bool]:
+    """The dense reference's median latency (ms) on `profile` at len(data), the package's latency
+    ratio to it per compile, and whether some compile was measured while other processes loaded the
+    machine beyond the protocol's limit. First compile: the package's own `runner` against a fresh
+    dense compile; then `compiles` - 1 fresh compiles of both in a folder of their own
+    (`compile.ratio_over_compiles`; one compile's ratio moves by a few percent, docs/RESULTS.md).
+    Each compile's ratio is the median of its interleaved blocks (`quiet_block_ratios`, with load
+    checks). Raises UserError / BackendUnavailable as `compile_runner`."""
     with compile_runner(dense_model, profile, len(data), work_dir, calibration, route) as dense_runner:
         dense_ms = measure_latency(dense_runner, data, profile.latency).median_ms
-        per_compile = [interleaved_ratio(runner, dense_runner, data)]
+        first = quiet_block_ratios(runner, dense_runner, data, RatioProtocol())
+    per_compile, flagged = [float(np.median(first.block_ratios))], first.flagged
     if compiles > 1:
-        more = ratio_over_compiles(package, dense_model, profile, len(data), work_dir / f"compiles-b{len(data)}", data,
-                                   compiles - 1, calibration=calibration, route=route)
+        fresh = Path(tempfile.mkdtemp(prefix=f"compiles-{profile.name}-b{len(data)}-", dir=work_dir))
+        more = ratio_over_compiles(package, dense_model, profile, len(data), fresh, data, compiles - 1,
+                                   calibration=calibration, route=route)
         per_compile += more.per_compile
-    return dense_ms, per_compile
+        flagged = flagged or more.flagged
+    return dense_ms, per_compile, flagged
 
 
 def table_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyTable | None, Path | None, Path | None, str]:
@@ -319,12 +327,12 @@ def compare_with_table(table: LatencyTable, table_path: Path, reference_onnx: Pa
         batch_table = table.batches[batch]
         predicted = float(batch_table.predict_ratio(layers) / batch_table.predict_ratio(dense_layers))
         data = rng.standard_normal((batch, *package.input_shape)).astype(np.float32)
-        dense_ms, per_compile = measure_against_dense(package, dense_model, profile, runners[batch], data, work_dir,
-                                                      calibration, route, compiles)
+        dense_ms, per_compile, flagged = measure_against_dense(package, dense_model, profile, runners[batch], data, work_dir,
+                                                               calibration, route, compiles)
         measured = float(np.median(per_compile))
         comparisons.append(FitComparison(str(table_path), batch, {"table_ratio": float(batch_table.sum_ms(layers) / batch_table.sum_ms(dense_layers))},
                                          predicted, measured, dense_ms, predicted * dense_ms, medians_ms[batch],
-                                         100.0 * (predicted / measured - 1.0), per_compile))
+                                         100.0 * (predicted / measured - 1.0), per_compile, flagged))
     return comparisons
 
 
@@ -474,7 +482,8 @@ def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None 
 
 def _compiles_note(comparison: FitComparison) -> str:
     ratios = comparison.measured_per_compile
-    return f", median of {len(ratios)} compiles {min(ratios):.3f}-{max(ratios):.3f}" if len(ratios) > 1 else ""
+    note = f", median of {len(ratios)} compiles {min(ratios):.3f}-{max(ratios):.3f}" if len(ratios) > 1 else ""
+    return note + (", measured while the machine was loaded" if comparison.measured_flagged else "")
 
 
 def format_bench(report: BenchReport) -> str:

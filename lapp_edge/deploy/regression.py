@@ -105,6 +105,7 @@ class RegressionResult:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     speedup_per_compile: list[float] = field(default_factory=list)   # each fresh compile's speedup (the compile noise)
+    ratio_to_reference_per_compile: list[float] = field(default_factory=list)
 
 
 def measure_target(profile: TargetProfile, batches: list[int], work_dir: Path, protocol: RatioProtocol | None = None,
@@ -141,7 +142,7 @@ def measure_target(profile: TargetProfile, batches: list[int], work_dir: Path, p
         blocks: list[float] = []
         flagged = False
         for index in range(compiles):
-            folder = work_dir / f"compile-{index}"
+            folder = work_dir / f"{profile.name}-b{batch}-compile-{index}"      # a fresh compile: nothing shared
             with compile_runner(dense, profile, batch, folder, calibration) as dense_runner, \
                     compile_runner(slim, profile, batch, folder, calibration) as slim_runner:
                 quiet = quiet_block_ratios(dense_runner, slim_runner, data, protocol)
@@ -157,6 +158,7 @@ def measure_target(profile: TargetProfile, batches: list[int], work_dir: Path, p
             speedup_iqr=[float(np.percentile(blocks, 25)), float(np.percentile(blocks, 75))],
             ratio_to_reference=ratio_to_reference, other_cpu_share=other_cpu_share_since(start), flagged=flagged,
             tolerance=baselines.tolerance if baselines else 0.0, speedup_per_compile=speedups,
+            ratio_to_reference_per_compile=to_reference,
         )
         if recorded is not None:
             result.expected_speedup = recorded.speedup.get(batch)
@@ -222,6 +224,8 @@ def record_baseline(profile: TargetProfile, results: list[RegressionResult], com
         "ratio_to_reference": {r.batch: round(r.ratio_to_reference, 4) for r in results if r.ratio_to_reference is not None},
         "speedup": {r.batch: round(r.speedup, 4) for r in results},
         "speedup_per_compile": {r.batch: [round(v, 4) for v in r.speedup_per_compile] for r in results},
+        "ratio_to_reference_per_compile": {r.batch: [round(v, 4) for v in r.ratio_to_reference_per_compile]
+                                           for r in results if r.ratio_to_reference_per_compile},
         "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load": {"other_cpu_share_max": round(max(r.other_cpu_share for r in results), 3),
                  "flagged": any(r.flagged for r in results)},

@@ -16,7 +16,8 @@
    every point; points are scaled by its drift, and the drift's median is the table's noise.
 3. `configs` whole networks at random widths (`latency.calibrate.draw_configs`, the dense one
    first) are exported and measured as latency ratios to the dense network, interleaved in this
-   process with load checks (`quiet_block_ratios`, DEPLOY_NOTES' protocol).
+   process with load checks (`quiet_block_ratios`, DEPLOY_NOTES' protocol); each ratio is the median
+   over `network_compiles` fresh compiles of the network and the dense one.
 4. latency_ratio = a + b * table_ratio (+ c * conv MACs or output-element ratio, kept only where it
    lowers the held-out error measurably: `costs.latency_fit.choose_fit`) is fitted on all of them;
    its held-out error (median over 500 random 2/3 : 1/3 splits) is recorded next to the FLOPs fit's
