@@ -85,6 +85,20 @@ def test_memory_term_is_kept_only_where_it_measurably_helps() -> None:
     assert chosen.features == ["macs_ratio"] and len(candidates) == 1
 
 
+def test_a_term_with_a_negative_slope_is_never_chosen() -> None:
+    """A second term that lowers the held-out error a lot but enters with a negative slope (here the
+    latency truly falls as activations grow, which no cost does) is refused: trained against, the fit
+    would reward a larger cost. The line in the base term is kept."""
+    rows = _rows(24, 4)
+    macs = np.array([r["macs_ratio"] for r in rows])
+    activations = np.array([r["activations_ratio"] for r in rows])
+    chosen, candidates = choose_fit(rows, 0.6 + 0.5 * macs - 0.3 * activations, extras=("activations_ratio",))
+    negative = candidates[1]
+    assert negative.features == ["macs_ratio", "activations_ratio"] and negative.coefficients[2] < 0
+    assert negative.held_out.median_abs_pct < 0.5 * candidates[0].held_out.median_abs_pct   # better held out, still refused
+    assert chosen.features == ["macs_ratio"]
+
+
 # --- configurations ----------------------------------------------------------------------------
 
 def test_draw_configs_dense_uniform_then_seeded_random_multiples_of_8() -> None:
