@@ -234,7 +234,24 @@ def fit_for(profile: TargetProfile, package: ModelPackage, precision_used: str =
     check_external_data(read_file_bytes(reference, MAX_MODEL_BYTES), str(reference), {})
     if list(package.input_shape) != list(fit.input_shape):
         return fit, fit_path, None, f"{fit_path.name} is for inputs {fit.input_shape}, the package takes {list(package.input_shape)}"
-    return fit, fit_path, reference, note
+    machine_note = fit_machine_note(fit, machine_key())
+    return fit, fit_path, reference, "; ".join(part for part in (note, machine_note) if part)
+
+
+def fit_machine_note(fit: LatencyFit, this_machine: str) -> str:
+    """A warning where `fit` was measured on another CPU than `this_machine` (a `measure.machine_key`:
+    CPU model + ISA flags), or on one whose ISA flags it did not record; "" where they match.
+    The fit is still used (a FLOPs line's slope carries across similar CPUs better than a layer
+    table does, which is refused on another machine: training/latency.py), but the bench says so:
+    on AVX-512 vs AVX2 EPYCs the fixed part of the latency moved by 5-10 points (docs/RESULTS.md)."""
+    recorded = str(fit.load.get("machine", ""))
+    if recorded:
+        return "" if recorded == this_machine else (
+            f"{fit.target}'s fit was measured on {recorded}, this machine is {this_machine}: "
+            f"re-run lapp-edge calibrate-latency --target {fit.target} --model {fit.model} here")
+    cpu = str(fit.load.get("cpu", "")) or "an unrecorded CPU"
+    return (f"{fit.target}'s fit was measured on {cpu} without its ISA flags recorded, this machine is {this_machine}: "
+            f"re-run lapp-edge calibrate-latency --target {fit.target} --model {fit.model} here")
 
 
 def _fit_measured_with(profile: TargetProfile, model: str, precision_used: str) -> tuple[LatencyFit, Path] | None:

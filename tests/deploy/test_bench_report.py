@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lapp_edge.deploy.bench import batch_of, fit_for
+from lapp_edge.deploy.bench import batch_of, fit_for, fit_machine_note
 from lapp_edge.deploy.package import ModelPackage
 from lapp_edge.deploy.summary import format_mission, mission_rows, plot_mission
 from lapp_edge.deploy.targets import load_target
@@ -23,8 +23,22 @@ def test_a_bf16_fit_is_not_used_where_the_cpu_compiled_fp32() -> None:
     assert fit is not None and fit.precision_used == "fp32" and path is not None and path.name.startswith("latency-fit-x86-openvino-f32")
     assert reference is not None and "measured with bf16 kernels, this CPU compiled fp32" in note
     fit, path, _, note = fit_for(profile, PACKAGE, "bf16")            # where bf16 ran, its own fit
-    assert fit is not None and fit.precision_used == "bf16" and note == ""
+    assert fit is not None and fit.precision_used == "bf16" and "kernels" not in note
     assert fit_for(load_target(find_profile("x86-ort-int8")), PACKAGE, "int8")[0] is None   # no int8 fit shipped: said
+
+
+def test_a_fit_from_another_cpu_is_used_with_a_warning_naming_both_machines() -> None:
+    fit, _, _, _ = fit_for(load_target(find_profile("x86-ort-fp32")), PACKAGE, "fp32")
+    assert fit is not None
+    here = "AMD EPYC; avx2"
+    for recorded in ("Intel Xeon; amx_tile avx2 avx512f", "AMD EPYC; avx2 avx512_bf16 avx512f"):
+        fit.load = {"cpu": recorded.split(";")[0], "machine": recorded}
+        note = fit_machine_note(fit, here)
+        assert recorded in note and here in note and "calibrate-latency --target x86-ort-fp32" in note
+    fit.load = {"cpu": "AMD EPYC", "machine": here}
+    assert fit_machine_note(fit, here) == ""
+    fit.load = {"cpu": "AMD EPYC"}                      # a fit from before the ISA flags were recorded
+    assert "without its ISA flags recorded" in fit_machine_note(fit, here)
 
 
 def test_latency_batches_repeat_a_small_test_split() -> None:
