@@ -8,8 +8,10 @@ then exports each run to a package (`lapp-edge export`, verified) and measures, 
 --targets at --batch, the package's latency as a ratio to the dense network (the layer table's dense
 reference ONNX, compiled the same way), interleaved in one process with load checks, as the median
 over --compiles fresh compiles of both (`compile.ratio_over_compiles`: one compile's ratio moves by
-a few percent, docs/RESULTS.md), next to what the target's layer table predicts for it. Writes results.json, results.md (a table)
-and accuracy_vs_latency.png (both methods, per target) into --out.
+a few percent, docs/RESULTS.md), next to what the target's layer table predicts for it. Writes results.json, results.md (a table,
+then accuracy at equal measured latency: each latency-aware run against the same seed's FLOPs runs interpolated
+linearly to its measured latency on its own target, and the mean over seeds) and accuracy_vs_latency.png (both
+methods, per target) into --out. `--summarize` rewrites results.md and the plot from results.json alone.
 
     python benchmarks/latency_aware_lapp.py --out bench-results/latency-aware
 """
@@ -150,6 +152,59 @@ def measure(package: Path, targets: list[str], batch: int, work: Path,
     return measured, per_compile, predicted
 
 
+@dataclass
+class EqualLatency:
+    """One latency-aware run against FLOPs-constrained LAPP of the same seed at the same measured latency."""
+
+    run: str
+    shaped_for: str
+    seed: int
+    measured: float                # the latency-aware run's measured latency ratio on its own target
+    top1: float
+    flops_top1_at_equal_latency: float   # the same seed's FLOPs runs' top-1, linear in measured latency
+    extrapolated: bool             # the measured latency lies outside the FLOPs runs' range
+    difference_points: float       # latency-aware minus FLOPs, top-1 points
+
+
+def equal_latency(rows: list[Row]) -> list[EqualLatency]:
+    """Accuracy at equal measured latency: for each latency-aware run, the top-1 of the FLOPs-constrained
+    runs of the same seed interpolated linearly (in their measured latency on the run's own target) to
+    the run's measured latency; outside their range, extrapolated from the nearest two (flagged).
+    Seeds without two FLOPs runs are left out."""
+    out = []
+    for run in rows:
+        if run.method != "latency":
+            continue
+        target = run.shaped_for
+        points = sorted((r.measured[target], r.top1) for r in rows if r.method == "flops" and r.seed == run.seed)
+        if len(points) < 2:
+            continue
+        x = run.measured[target]
+        below = [p for p in points if p[0] <= x]
+        above = [p for p in points if p[0] > x]
+        if below and above:
+            (x0, y0), (x1, y1) = below[-1], above[0]
+        else:
+            (x0, y0), (x1, y1) = points[:2] if not below else points[-2:]
+        flops_top1 = y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else (y0 + y1) / 2
+        out.append(EqualLatency(run.run, target, run.seed, x, run.top1, flops_top1, not (below and above),
+                                100 * (run.top1 - flops_top1)))
+    return out
+
+
+def format_equal_latency(comparisons: list[EqualLatency]) -> str:
+    lines = ["| shaped for | seed | measured latency | latency-aware top-1 | FLOPs LAPP top-1 at that latency | difference (points) |",
+             "|---|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(f"| {c.shaped_for} | {c.seed} | {c.measured:.3f} | {c.top1:.4f} | {c.flops_top1_at_equal_latency:.4f}"
+                     f"{' (extrapolated)' if c.extrapolated else ''} | {c.difference_points:+.2f} |")
+    for target in sorted({c.shaped_for for c in comparisons}):
+        diffs = [c.difference_points for c in comparisons if c.shaped_for == target]
+        spread = f", sd {np.std(diffs, ddof=1):.2f}" if len(diffs) > 1 else ""
+        lines.append(f"| {target} | mean of {len(diffs)} | | | | **{np.mean(diffs):+.2f}**{spread} |")
+    return "\n".join(lines)
+
+
 def format_markdown(rows: list[Row], targets: list[str], header: dict[str, str]) -> str:
     lines = [f"- {key}: {value}" for key, value in header.items()] + [""]
     columns = " | ".join(f"{t} measured (predicted)" for t in targets)
@@ -199,7 +254,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once (one thread each)")
     parser.add_argument("--compiles", type=int, default=3, help="fresh compiles of both networks per latency ratio (median taken)")
+    parser.add_argument("--summarize", action="store_true",
+                        help="no training or measuring: rewrite results.md, the equal-latency table and the plot from --out's results.json")
     args = parser.parse_args()
+    if args.summarize:
+        return summarize(Path(args.out))
     if args.compiles < 1:
         print(f"latency_aware_lapp: error: --compiles must be at least 1, got {args.compiles}", file=sys.stderr)
         return 2
@@ -229,10 +288,26 @@ def main() -> int:
                           f"training images, seeds {args.seeds}, one thread per run",
               "latency": f"batch {args.batch}, ratio to the dense network measured interleaved in one process, median over "
                          f"{args.compiles} fresh compiles of both [their range]; (predicted) = the target's layer table"}
-    atomic_write_json(Path(args.out) / "results.json", {"settings": vars(args), "header": header, "rows": [asdict(r) for r in rows]})
-    table = format_markdown(rows, targets, header)
-    atomic_write_text(Path(args.out) / "results.md", table + "\n")
-    plot(rows, targets, Path(args.out) / "accuracy_vs_latency.png", args.batch)
+    atomic_write_json(Path(args.out) / "results.json", {"settings": vars(args), "header": header, "rows": [asdict(r) for r in rows],
+                                                        "equal_latency": [asdict(c) for c in equal_latency(rows)]})
+    return summarize(Path(args.out))
+
+
+def summarize(out: Path) -> int:
+    """Write results.md (the runs, then accuracy at equal measured latency) and the plot from results.json."""
+    path = out / "results.json"
+    if not path.is_file():
+        print(f"latency_aware_lapp: error: {path} does not exist (run the benchmark first)", file=sys.stderr)
+        return 2
+    results = json.loads(path.read_text())
+    rows = [Row(**row) for row in results["rows"]]
+    targets = [t for t in results["settings"]["targets"]] if isinstance(results["settings"]["targets"], list) \
+        else [t for t in str(results["settings"]["targets"]).split(",") if t]
+    comparisons = equal_latency(rows)
+    table = format_markdown(rows, targets, results["header"]) + "\n\nAccuracy at equal measured latency (own target):\n\n" \
+        + format_equal_latency(comparisons)
+    atomic_write_text(out / "results.md", table + "\n")
+    plot(rows, targets, out / "accuracy_vs_latency.png", int(results["settings"]["batch"]))
     print(table)
     return 0
 

@@ -1,0 +1,47 @@
+"""The latency-aware benchmark's accuracy-at-equal-latency comparison and its summary from results.json
+(synthetic rows: no training, no runtime)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from tests.benchmark_modules import load_benchmark
+
+bench = load_benchmark("latency_aware_lapp.py", "latency_aware_lapp_under_test")
+
+TARGET = "x86-ort-fp32"
+
+
+def row(name: str, method: str, seed: int, latency: float, top1: float, shaped_for: str = "") -> object:
+    return bench.Row(name, method, seed, shaped_for, 0.5 if method == "latency" else latency, top1, latency,
+                     {TARGET: latency}, {TARGET: [latency]}, {TARGET: latency}, {})
+
+
+def test_equal_latency_interpolates_the_same_seeds_flops_runs() -> None:
+    rows = [row("flops-0.35-s0", "flops", 0, 0.45, 0.880), row("flops-0.45-s0", "flops", 0, 0.55, 0.890),
+            row("latency-s0", "latency", 0, 0.50, 0.887, TARGET),
+            row("flops-0.35-s1", "flops", 1, 0.46, 0.860), row("flops-0.45-s1", "flops", 1, 0.56, 0.870),
+            row("latency-s1", "latency", 1, 0.58, 0.880, TARGET)]       # beyond seed 1's FLOPs runs: extrapolated
+    first, second = bench.equal_latency(rows)
+    assert first.flops_top1_at_equal_latency == pytest.approx(0.885) and not first.extrapolated
+    assert first.difference_points == pytest.approx(0.2)
+    assert second.flops_top1_at_equal_latency == pytest.approx(0.872) and second.extrapolated
+    assert second.difference_points == pytest.approx(0.8)
+    table = bench.format_equal_latency([first, second])
+    assert "(extrapolated)" in table and "**+0.50**" in table                 # the mean over the two seeds
+
+
+def test_summarize_rewrites_the_tables_from_results_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.summarize(tmp_path) == 2 and "does not exist" in capsys.readouterr().err
+    rows = [row("flops-0.35-s0", "flops", 0, 0.45, 0.880), row("flops-0.45-s0", "flops", 0, 0.55, 0.890),
+            row("latency-s0", "latency", 0, 0.50, 0.887, TARGET)]
+    results = {"settings": {"targets": TARGET, "batch": 32}, "header": {"machine": "test"}, "rows": [asdict(r) for r in rows]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert bench.summarize(tmp_path) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "Accuracy at equal measured latency" in text and "+0.20" in text
+    assert (tmp_path / "accuracy_vs_latency.png").stat().st_size > 0
