@@ -36,7 +36,9 @@ ONNX Runtime CPU fp32 (profile x86-ort-fp32) at batch 32 through `deploy/compile
 `compile_runner`: its latency relative to the dense network of the same seed, interleaved in one
 process with load checks, the median over --compiles fresh compiles of both
 (`compile.ratio_over_compiles`). Results: results.json (per method, target, seed), results.md
-(mean and spread over seeds), accuracy_vs_flops.png and accuracy_vs_latency.png in --out.
+(mean and spread over seeds; then, per FLOPs target, LAPP's margin over the best peer's mean, its paired
+same-seed differences against each peer and its training time against dense, with issue 12's goals),
+accuracy_vs_flops.png and accuracy_vs_latency.png in --out.
 
     python benchmarks/compare.py --flops-targets 0.3,0.5 --seeds 0,1 --out bench-results/compare
     python benchmarks/compare.py --flops-targets 0.5 --seeds 0 --epochs 3 --train-subset 5000  # small
@@ -610,6 +612,62 @@ def markdown_table(summaries: list[Summary]) -> str:
     return "\n".join(lines)
 
 
+PEER_KINDS = ("uniform", "tp")
+GOAL_MARGIN_POINTS = 0.3          # issue 12: LAPP >= the best peer by 0.3 points (mean of seeds)
+GOAL_CPU_VS_DENSE = 0.7           # issue 12: LAPP's total training time <= 0.7 x the dense run's
+
+
+@dataclass
+class GoalCheck:
+    """LAPP (the default method) against its peers at one FLOPs target: the margin over the best peer's
+    mean, the paired (same-seed) differences against each peer, and its training time against dense."""
+
+    target: float
+    best_peer: str
+    best_peer_top1: float
+    lapp_top1: float
+    margin_points: float                      # 100 x (LAPP mean - best peer mean)
+    paired_points: dict[str, list[float]]     # peer -> 100 x (LAPP - peer) per seed both ran, in seed order
+    cpu_vs_dense: float | None
+    accuracy_goal_met: bool
+    time_goal_met: bool | None
+
+
+def goal_checks(results: list[RunResult], summaries: list[Summary]) -> list[GoalCheck]:
+    """One GoalCheck per FLOPs target where "lapp" and at least one peer (uniform, tp-*) finished."""
+    checks = []
+    for target in sorted({r.target for r in results if r.target is not None}):
+        lapp = next((s for s in summaries if s.method == "lapp" and s.target == target), None)
+        peers = [s for s in summaries if s.target == target and s.method in METHODS and METHODS[s.method].kind in PEER_KINDS]
+        if lapp is None or not peers:
+            continue
+        best = max(peers, key=lambda s: s.top1_mean)
+        lapp_by_seed = {r.seed: r.top1 for r in results if r.method == "lapp" and r.target == target}
+        paired = {peer.method: [100 * (lapp_by_seed[r.seed] - r.top1)
+                                for r in sorted(results, key=lambda r: r.seed)
+                                if r.method == peer.method and r.target == target and r.seed in lapp_by_seed]
+                  for peer in peers}
+        margin = 100 * (lapp.top1_mean - best.top1_mean)
+        checks.append(GoalCheck(target, best.method, best.top1_mean, lapp.top1_mean, margin, paired, lapp.cpu_vs_dense,
+                                margin >= GOAL_MARGIN_POINTS,
+                                None if lapp.cpu_vs_dense is None else lapp.cpu_vs_dense <= GOAL_CPU_VS_DENSE))
+    return checks
+
+
+def goals_table(checks: list[GoalCheck]) -> str:
+    """The goal checks as markdown: margin over the best peer, paired differences (mean, sd, per seed), time."""
+    lines = [f"| FLOPs target | best peer (top-1 %) | LAPP top-1 % | LAPP - best peer (goal >= {GOAL_MARGIN_POINTS}) "
+             f"| paired LAPP - peer, per seed: mean (sd) | LAPP CPU / dense (goal <= {GOAL_CPU_VS_DENSE}) |",
+             "|---|---|---|---|---|---|"]
+    for c in checks:
+        paired = "; ".join(f"{peer} {statistics.mean(d):+.2f} ({_sd(d):.2f}): " + ", ".join(f"{x:+.2f}" for x in d)
+                           for peer, d in c.paired_points.items() if d)
+        time = "-" if c.cpu_vs_dense is None else f"{c.cpu_vs_dense:.2f} ({'met' if c.time_goal_met else 'not met'})"
+        lines.append(f"| {c.target:g} | {c.best_peer} ({100 * c.best_peer_top1:.2f}) | {100 * c.lapp_top1:.2f} "
+                     f"| {c.margin_points:+.2f} ({'met' if c.accuracy_goal_met else 'not met'}) | {paired} | {time} |")
+    return "\n".join(lines)
+
+
 def plot(summaries: list[Summary], out: Path) -> list[Path]:
     """accuracy_vs_flops.png and accuracy_vs_latency.png (mean over seeds, bars: sd; latency where measured)."""
     import matplotlib
@@ -849,9 +907,13 @@ def main(argv: list[str] | None = None) -> int:
     settings.update(prune_epochs=prune_epochs_of(args), pretrain_epochs=pretrain_epochs_of(args))
     atomic_write_json(out / "results.json", {"settings": settings, "runs": [asdict(r) for r in results],
                                              "summary": [asdict(s) for s in summaries],
+                                             "goals": [asdict(c) for c in goal_checks(results, summaries)],
                                              "failed": [job.label for job in failed],
                                              "missing": [job.label for job in jobs if job_state(job, out) != "done"]})
     table = markdown_table(summaries)
+    checks = goal_checks(results, summaries)
+    if checks:
+        table += "\n\nLAPP against the best peer (issue 12's goals):\n\n" + goals_table(checks)
     atomic_write_text(out / "results.md", table + "\n")
     plot(summaries, out)
     print(table)

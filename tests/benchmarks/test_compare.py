@@ -109,6 +109,27 @@ def test_summary_means_and_spreads_over_seeds() -> None:
     assert "| 0.650 ± 0.071 |" in table
 
 
+def test_goal_check_names_the_best_peer_and_pairs_seeds() -> None:
+    results = [
+        _result("dense", None, 0, 0.90, 100.0, 1.0), _result("dense", None, 1, 0.92, 100.0, 1.0),
+        _result("lapp", 0.3, 0, 0.88, 60.0), _result("lapp", 0.3, 1, 0.86, 80.0),
+        _result("uniform", 0.3, 0, 0.87, 40.0), _result("uniform", 0.3, 1, 0.85, 40.0),
+        _result("tp-gn", 0.3, 0, 0.84, 70.0), _result("tp-gn", 0.3, 1, 0.86, 70.0),
+        _result("lapp-no-bypass", 0.3, 0, 0.95, 50.0),            # an ablation is not a peer
+    ]
+    summaries = compare.summarize(results)
+    (check,) = compare.goal_checks(results, summaries)
+    assert check.best_peer == "uniform" and check.margin_points == pytest.approx(1.0)
+    assert check.paired_points["uniform"] == pytest.approx([1.0, 1.0])
+    assert check.paired_points["tp-gn"] == pytest.approx([4.0, 0.0])
+    assert check.cpu_vs_dense == pytest.approx(35.0 / 50.0) and check.accuracy_goal_met and check.time_goal_met
+    table = compare.goals_table([check])
+    assert "| 0.3 | uniform (86.00) | 87.00 | +1.00 (met) |" in table and "tp-gn +2.00 (2.83): +4.00, +0.00" in table
+    results[2] = _result("lapp", 0.3, 0, 0.862, 60.0)             # now +0.1 over uniform: not met
+    (check,) = compare.goal_checks(results, compare.summarize(results))
+    assert not check.accuracy_goal_met and "(not met)" in compare.goals_table([check])
+
+
 def _finish(job, out: Path, top1: float = 0.5) -> None:
     run = job.run_dir(out)
     run.mkdir(parents=True, exist_ok=True)
