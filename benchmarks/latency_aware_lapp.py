@@ -158,6 +158,7 @@ class EqualLatency:
 
     run: str
     shaped_for: str
+    budget: float                  # its latency target (ratio of dense)
     seed: int
     measured: float                # the latency-aware run's measured latency ratio on its own target
     top1: float
@@ -170,38 +171,42 @@ def equal_latency(rows: list[Row]) -> list[EqualLatency]:
     """Accuracy at equal measured latency: for each latency-aware run, the top-1 of the FLOPs-constrained
     runs of the same seed interpolated linearly (in their measured latency on the run's own target) to
     the run's measured latency; outside their range, extrapolated from the nearest two (flagged).
-    Seeds without two FLOPs runs are left out."""
+    Runs whose own target was not measured, and seeds without two FLOPs runs, are left out."""
     out = []
     for run in rows:
-        if run.method != "latency":
-            continue
         target = run.shaped_for
-        points = sorted((r.measured[target], r.top1) for r in rows if r.method == "flops" and r.seed == run.seed)
+        if run.method != "latency" or target not in run.measured:
+            continue
+        points = sorted((r.measured[target], r.top1) for r in rows
+                        if r.method == "flops" and r.seed == run.seed and target in r.measured)
         if len(points) < 2:
             continue
         x = run.measured[target]
-        below = [p for p in points if p[0] <= x]
-        above = [p for p in points if p[0] > x]
-        if below and above:
-            (x0, y0), (x1, y1) = below[-1], above[0]
+        inside = points[0][0] <= x <= points[-1][0]
+        if inside:
+            index = next(i for i in range(1, len(points)) if points[i][0] >= x)
+            (x0, y0), (x1, y1) = points[index - 1], points[index]
         else:
-            (x0, y0), (x1, y1) = points[:2] if not below else points[-2:]
+            (x0, y0), (x1, y1) = points[:2] if x < points[0][0] else points[-2:]
         flops_top1 = y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else (y0 + y1) / 2
-        out.append(EqualLatency(run.run, target, run.seed, x, run.top1, flops_top1, not (below and above),
+        out.append(EqualLatency(run.run, target, run.budget, run.seed, x, run.top1, flops_top1, not inside,
                                 100 * (run.top1 - flops_top1)))
     return out
 
 
 def format_equal_latency(comparisons: list[EqualLatency]) -> str:
-    lines = ["| shaped for | seed | measured latency | latency-aware top-1 | FLOPs LAPP top-1 at that latency | difference (points) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| shaped for | budget | seed | measured latency | latency-aware top-1 | FLOPs LAPP top-1 at that latency | difference (points) |",
+             "|---|---|---|---|---|---|---|"]
     for c in comparisons:
-        lines.append(f"| {c.shaped_for} | {c.seed} | {c.measured:.3f} | {c.top1:.4f} | {c.flops_top1_at_equal_latency:.4f}"
+        lines.append(f"| {c.shaped_for} | {c.budget:g} | {c.seed} | {c.measured:.3f} | {c.top1:.4f} | {c.flops_top1_at_equal_latency:.4f}"
                      f"{' (extrapolated)' if c.extrapolated else ''} | {c.difference_points:+.2f} |")
-    for target in sorted({c.shaped_for for c in comparisons}):
-        diffs = [c.difference_points for c in comparisons if c.shaped_for == target]
+    for target, budget in sorted({(c.shaped_for, c.budget) for c in comparisons}):
+        group = [c for c in comparisons if (c.shaped_for, c.budget) == (target, budget)]
+        diffs = [c.difference_points for c in group]
         spread = f", sd {np.std(diffs, ddof=1):.2f}" if len(diffs) > 1 else ""
-        lines.append(f"| {target} | mean of {len(diffs)} | | | | **{np.mean(diffs):+.2f}**{spread} |")
+        extrapolated = sum(c.extrapolated for c in group)
+        note = f" ({extrapolated} extrapolated)" if extrapolated else ""
+        lines.append(f"| {target} | {budget:g} | mean of {len(diffs)}{note} | | | | **{np.mean(diffs):+.2f}**{spread} |")
     return "\n".join(lines)
 
 
@@ -288,13 +293,13 @@ def main() -> int:
                           f"training images, seeds {args.seeds}, one thread per run",
               "latency": f"batch {args.batch}, ratio to the dense network measured interleaved in one process, median over "
                          f"{args.compiles} fresh compiles of both [their range]; (predicted) = the target's layer table"}
-    atomic_write_json(Path(args.out) / "results.json", {"settings": vars(args), "header": header, "rows": [asdict(r) for r in rows],
-                                                        "equal_latency": [asdict(c) for c in equal_latency(rows)]})
+    atomic_write_json(Path(args.out) / "results.json", {"settings": vars(args), "header": header, "rows": [asdict(r) for r in rows]})
     return summarize(Path(args.out))
 
 
 def summarize(out: Path) -> int:
-    """Write results.md (the runs, then accuracy at equal measured latency) and the plot from results.json."""
+    """From results.json: add (or refresh) its accuracy-at-equal-latency comparisons, write results.md (the
+    runs, then those comparisons) and the plot."""
     path = out / "results.json"
     if not path.is_file():
         print(f"latency_aware_lapp: error: {path} does not exist (run the benchmark first)", file=sys.stderr)
@@ -304,6 +309,7 @@ def summarize(out: Path) -> int:
     targets = [t for t in results["settings"]["targets"]] if isinstance(results["settings"]["targets"], list) \
         else [t for t in str(results["settings"]["targets"]).split(",") if t]
     comparisons = equal_latency(rows)
+    atomic_write_json(path, {**results, "equal_latency": [asdict(c) for c in comparisons]})
     table = format_markdown(rows, targets, results["header"]) + "\n\nAccuracy at equal measured latency (own target):\n\n" \
         + format_equal_latency(comparisons)
     atomic_write_text(out / "results.md", table + "\n")

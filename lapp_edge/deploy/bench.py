@@ -89,7 +89,7 @@ class VariantResult:
     precision_used_per_batch: dict[int, str]
     # latency predicted from FLOPs by the target's fit (latency-fit-<target>-<model>.json), if one exists
     predicted_from_flops: list[FitComparison] = field(default_factory=list)
-    prediction_note: str = ""     # why there is no prediction, where there is none
+    prediction_note: str = ""     # why there is no prediction, where there is none; else warnings on the one made
     # latency predicted by the target's layer table (layer-table-<target>-<model>-...json, profile-layers), if one exists
     predicted_from_table: list[FitComparison] = field(default_factory=list)
     table_note: str = ""          # why there is no table prediction, where there is none
@@ -244,12 +244,13 @@ def fit_machine_note(fit: LatencyFit, this_machine: str) -> str:
     The fit is still used (a FLOPs line's slope carries across similar CPUs better than a layer
     table does, which is refused on another machine: training/latency.py), but the bench says so:
     on AVX-512 vs AVX2 EPYCs the fixed part of the latency moved by 5-10 points (docs/RESULTS.md)."""
-    recorded = str(fit.load.get("machine", ""))
+    load = fit.load if isinstance(fit.load, dict) else {}
+    recorded = str(load.get("machine", ""))
     if recorded:
         return "" if recorded == this_machine else (
             f"{fit.target}'s fit was measured on {recorded}, this machine is {this_machine}: "
             f"re-run lapp-edge calibrate-latency --target {fit.target} --model {fit.model} here")
-    cpu = str(fit.load.get("cpu", "")) or "an unrecorded CPU"
+    cpu = str(load.get("cpu", "")) or "an unrecorded CPU"
     return (f"{fit.target}'s fit was measured on {cpu} without its ISA flags recorded, this machine is {this_machine}: "
             f"re-run lapp-edge calibrate-latency --target {fit.target} --model {fit.model} here")
 

@@ -128,6 +128,18 @@ def test_goal_check_names_the_best_peer_and_pairs_seeds() -> None:
     results[2] = _result("lapp", 0.3, 0, 0.862, 60.0)             # now +0.1 over uniform: not met
     (check,) = compare.goal_checks(results, compare.summarize(results))
     assert not check.accuracy_goal_met and "(not met)" in compare.goals_table([check])
+    results[2] = _result("lapp", 0.3, 0, 0.8771, 60.0)            # +0.30 exactly (as a float, 0.29999...): met
+    results[4:6] = [_result("uniform", 0.3, 0, 0.8751, 40.0), _result("uniform", 0.3, 1, 0.8560, 40.0)]
+    (check,) = compare.goal_checks(results, compare.summarize(results))
+    assert check.margin_points < 0.3 and check.margin_points == pytest.approx(0.3) and check.accuracy_goal_met
+
+
+def test_goal_check_flags_means_over_different_seeds() -> None:
+    results = [_result("dense", None, 0, 0.90, 100.0), _result("lapp", 0.5, 0, 0.88, 60.0), _result("lapp", 0.5, 1, 0.86, 60.0),
+               _result("tp-gn", 0.5, 1, 0.85, 70.0)]                  # tp-gn's seed 0 failed
+    (check,) = compare.goal_checks(results, compare.summarize(results))
+    assert check.paired_points["tp-gn"] == pytest.approx([1.0]) and (check.lapp_seeds, check.best_peer_seeds) == (2, 1)
+    assert "[LAPP over 2 seeds, tp-gn over 1]" in compare.goals_table([check])
 
 
 def _finish(job, out: Path, top1: float = 0.5) -> None:

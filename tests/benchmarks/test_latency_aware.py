@@ -35,6 +35,24 @@ def test_equal_latency_interpolates_the_same_seeds_flops_runs() -> None:
     assert "(extrapolated)" in table and "**+0.50**" in table                 # the mean over the two seeds
 
 
+def test_equal_latency_edges_below_the_range_at_its_end_and_without_flops_runs() -> None:
+    flops = [row("flops-0.35-s0", "flops", 0, 0.45, 0.880), row("flops-0.45-s0", "flops", 0, 0.55, 0.890),
+             row("flops-0.55-s0", "flops", 0, 0.65, 0.894)]
+    below, at_end, middle, lonely = bench.equal_latency(flops + [
+        row("latency-a", "latency", 0, 0.40, 0.870, TARGET),        # below the range: from the two lowest
+        row("latency-b", "latency", 0, 0.65, 0.900, TARGET),        # exactly the highest: inside
+        row("latency-c", "latency", 0, 0.60, 0.890, TARGET),        # between the upper two
+        row("latency-d", "latency", 1, 0.50, 0.880, TARGET),        # seed 1 has no FLOPs runs: left out
+        row("latency-e", "latency", 0, 0.50, 0.880, "x86-openvino-bf16"),   # own target not measured: left out
+    ]) + [None]
+    assert lonely is None
+    assert below.extrapolated and below.flops_top1_at_equal_latency == pytest.approx(0.875)
+    assert not at_end.extrapolated and at_end.flops_top1_at_equal_latency == pytest.approx(0.894)
+    assert not middle.extrapolated and middle.flops_top1_at_equal_latency == pytest.approx(0.892)
+    table = bench.format_equal_latency([below, at_end, middle])
+    assert "mean of 3 (1 extrapolated)" in table
+
+
 def test_summarize_rewrites_the_tables_from_results_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.summarize(tmp_path) == 2 and "does not exist" in capsys.readouterr().err
     rows = [row("flops-0.35-s0", "flops", 0, 0.45, 0.880), row("flops-0.45-s0", "flops", 0, 0.55, 0.890),
@@ -45,3 +63,7 @@ def test_summarize_rewrites_the_tables_from_results_json(tmp_path: Path, capsys:
     text = (tmp_path / "results.md").read_text()
     assert "Accuracy at equal measured latency" in text and "+0.20" in text
     assert (tmp_path / "accuracy_vs_latency.png").stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["equal_latency"][0]["difference_points"] == pytest.approx(0.2)
+    results["settings"]["targets"] = [TARGET]                                # a list, as a caller may store it
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert bench.summarize(tmp_path) == 0

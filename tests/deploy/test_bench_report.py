@@ -11,6 +11,7 @@ import numpy as np
 from lapp_edge.deploy.bench import batch_of, fit_for, fit_machine_note
 from lapp_edge.deploy.package import ModelPackage
 from lapp_edge.deploy.summary import format_mission, mission_rows, plot_mission
+from lapp_edge.deploy.measure import machine_key
 from lapp_edge.deploy.targets import load_target
 from lapp_edge.resources import find_profile
 
@@ -24,6 +25,7 @@ def test_a_bf16_fit_is_not_used_where_the_cpu_compiled_fp32() -> None:
     assert reference is not None and "measured with bf16 kernels, this CPU compiled fp32" in note
     fit, path, _, note = fit_for(profile, PACKAGE, "bf16")            # where bf16 ran, its own fit
     assert fit is not None and fit.precision_used == "bf16" and "kernels" not in note
+    assert note == fit_machine_note(fit, machine_key())        # only the machine warning, where there is one
     assert fit_for(load_target(find_profile("x86-ort-int8")), PACKAGE, "int8")[0] is None   # no int8 fit shipped: said
 
 
@@ -39,6 +41,13 @@ def test_a_fit_from_another_cpu_is_used_with_a_warning_naming_both_machines() ->
     assert fit_machine_note(fit, here) == ""
     fit.load = {"cpu": "AMD EPYC"}                      # a fit from before the ISA flags were recorded
     assert "without its ISA flags recorded" in fit_machine_note(fit, here)
+
+
+def test_the_bench_note_carries_the_machine_warning_of_a_shipped_fit() -> None:
+    # the shipped fits predate recording load.machine: every machine is warned, with the command to fix it
+    fit, _, _, note = fit_for(load_target(find_profile("x86-ort-fp32")), PACKAGE, "fp32")
+    assert fit is not None and "machine" not in fit.load
+    assert "without its ISA flags recorded" in note and machine_key() in note
 
 
 def test_latency_batches_repeat_a_small_test_split() -> None:
