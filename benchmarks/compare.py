@@ -909,13 +909,13 @@ def main(argv: list[str] | None = None) -> int:
     summaries = summarize(results)
     settings = {k: v for k, v in vars(args).items() if k != "only"}
     settings.update(prune_epochs=prune_epochs_of(args), pretrain_epochs=pretrain_epochs_of(args))
+    checks = goal_checks(results, summaries)
     atomic_write_json(out / "results.json", {"settings": settings, "runs": [asdict(r) for r in results],
                                              "summary": [asdict(s) for s in summaries],
-                                             "goals": [asdict(c) for c in goal_checks(results, summaries)],
+                                             "goals": [asdict(c) for c in checks],
                                              "failed": [job.label for job in failed],
                                              "missing": [job.label for job in jobs if job_state(job, out) != "done"]})
     table = markdown_table(summaries)
-    checks = goal_checks(results, summaries)
     if checks:
         table += "\n\nLAPP against the best peer (issue 12's goals):\n\n" + goals_table(checks)
     atomic_write_text(out / "results.md", table + "\n")

@@ -306,8 +306,8 @@ def summarize(out: Path) -> int:
         return 2
     results = json.loads(path.read_text())
     rows = [Row(**row) for row in results["rows"]]
-    targets = [t for t in results["settings"]["targets"]] if isinstance(results["settings"]["targets"], list) \
-        else [t for t in str(results["settings"]["targets"]).split(",") if t]
+    stored = results["settings"]["targets"]        # main() stores the --targets string; a list is read as it is
+    targets = list(stored) if isinstance(stored, list) else [t for t in str(stored).split(",") if t]
     comparisons = equal_latency(rows)
     atomic_write_json(path, {**results, "equal_latency": [asdict(c) for c in comparisons]})
     table = format_markdown(rows, targets, results["header"]) + "\n\nAccuracy at equal measured latency (own target):\n\n" \

@@ -241,17 +241,15 @@ def fit_for(profile: TargetProfile, package: ModelPackage, precision_used: str =
 def fit_machine_note(fit: LatencyFit, this_machine: str) -> str:
     """A warning where `fit` was measured on another CPU than `this_machine` (a `measure.machine_key`:
     CPU model + ISA flags), or on one whose ISA flags it did not record; "" where they match.
-    The fit is still used (a FLOPs line's slope carries across similar CPUs better than a layer
-    table does, which is refused on another machine: training/latency.py), but the bench says so:
-    on AVX-512 vs AVX2 EPYCs the fixed part of the latency moved by 5-10 points (docs/RESULTS.md)."""
+    The fit is still used, but the bench says so; a layer table from another machine is refused
+    instead (training/latency.py). The shipped fits were measured on an AVX-512 EPYC, the layer
+    tables on an AVX2 one with the same model name (docs/RESULTS.md)."""
     load = fit.load if isinstance(fit.load, dict) else {}
     recorded = str(load.get("machine", ""))
-    if recorded:
-        return "" if recorded == this_machine else (
-            f"{fit.target}'s fit was measured on {recorded}, this machine is {this_machine}: "
-            f"re-run lapp-edge calibrate-latency --target {fit.target} --model {fit.model} here")
-    cpu = str(load.get("cpu", "")) or "an unrecorded CPU"
-    return (f"{fit.target}'s fit was measured on {cpu} without its ISA flags recorded, this machine is {this_machine}: "
+    if recorded == this_machine:
+        return ""
+    measured_on = recorded or f"{load.get('cpu') or 'an unrecorded CPU'} without its ISA flags recorded"
+    return (f"{fit.target}'s fit was measured on {measured_on}, this machine is {this_machine}: "
             f"re-run lapp-edge calibrate-latency --target {fit.target} --model {fit.model} here")
 
 
