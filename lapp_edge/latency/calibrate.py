@@ -104,22 +104,11 @@ def _round_width(value: float, full: int, multiple: int = CHANNEL_MULTIPLE) -> i
 
 
 def draw_configs(dense_widths: dict[str, int], count: int, seed: int, multiple: int = CHANNEL_MULTIPLE) -> list[WidthConfig]:
-    """`count` distinct width configurations: dense, uniform fractions, then seeded random ones, two
-    kinds in turn.
+    """`count` distinct width configurations: dense, uniform fractions, then seeded random ones.
 
-    - `random-NN` (a network-wide level): a level u with u**2 ~ U(0.01, 1) (a conv's MACs scale as the
-      product of its two widths, so the MACs ratio, about u**2, covers its range evenly) and each
-      site at round(u * full * U(0.6, 1.4)) in multiples of `multiple`, clipped to [multiple, full].
-    - `independent-NN`: each site's width drawn uniformly from its allowed widths, on its own.
-
-    Why the second kind: with a network-wide level, a narrow site (16 channels: widths 8 or 16) is
-    8 in every network below about 0.7 of dense MACs, so a fitted whole-network line never sees it
-    full in a slim network. LAPP trained against such a fit went there: networks with ResNet-20's
-    stage-1 group at 16 and the rest slim measured 3-7% slower on ONNX Runtime than the table+MACs
-    fit predicted (docs/RESULTS.md, "Training against the tables"); an optimiser finds a fitted
-    model's errors where its data are thin, so the draw must not leave whole regions out."""
-    from lapp_edge.lapp.widths import allowed_widths
-
+    A random configuration draws a level u ~ U(0.1, 1) and sets each site to
+    round(u * full * U(0.6, 1.4)) in multiples of `multiple`, clipped to [multiple, full], so the
+    set covers the MAC range evenly while stages still get different fractions."""
     if count < MIN_CONFIGS:
         raise UserError(f"--configs must be at least {MIN_CONFIGS} (a line and a held-out point), not {count}")
     configs = [WidthConfig(DENSE, dict(dense_widths))]
@@ -130,22 +119,16 @@ def draw_configs(dense_widths: dict[str, int], count: int, seed: int, multiple: 
         configs.append(WidthConfig(f"uniform-x{fraction:g}", widths))
     seen = {tuple(c.widths.values()) for c in configs}
     rng = np.random.default_rng(seed)
-    choices = {site: allowed_widths(full, multiple, multiple) for site, full in dense_widths.items()}
     # math.prod: exact (numpy's int64 product wrapped for MobileNetV2's 25 groups and stopped the draw at 4 networks)
-    space = math.prod(len(widths) for widths in choices.values())
+    space = math.prod(len(allowed_widths(full, multiple, multiple)) for full in dense_widths.values())
     while len(configs) < min(count, space):
-        if len(configs) % 2 == 0:
-            level = float(np.sqrt(rng.uniform(0.01, 1.0)))
-            widths = {site: _round_width(level * full * rng.uniform(0.6, 1.4), full, multiple) for site, full in dense_widths.items()}
-            kind = "random"
-        else:
-            widths = {site: int(rng.choice(choices[site])) for site in dense_widths}
-            kind = "independent"
+        level = rng.uniform(0.1, 1.0)
+        widths = {site: _round_width(level * full * rng.uniform(0.6, 1.4), full, multiple) for site, full in dense_widths.items()}
         key = tuple(widths.values())
         if key in seen:
             continue
         seen.add(key)
-        configs.append(WidthConfig(f"{kind}-{len(configs):02d}", widths))
+        configs.append(WidthConfig(f"random-{len(configs):02d}", widths))
     return configs
 
 
