@@ -45,8 +45,13 @@ def run_train_command(args: argparse.Namespace) -> int:
     from lapp_edge.models.traced import UnprunableLayersWarning
     from lapp_edge.training.distributed import is_main_process
 
+    measure = None
+    if config.latency_constrained and config.measure_at_freeze and not config.dense:
+        from lapp_edge.latency.measure_plan import PlanMeasurer
+
+        measure = PlanMeasurer()     # the freeze's plan measured on each --target (training/landing.py)
     with one_line_warnings(UnprunableLayersWarning):     # a user model's unprunable layers, named in one line
-        report = run_training(config, resume=args.resume)
+        report = run_training(config, resume=args.resume, measure=measure)
     if is_main_process():          # under torchrun every process returns the report; rank 0 prints it
         print(format_report(report))
     return 0

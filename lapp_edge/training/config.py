@@ -81,6 +81,10 @@ class TrainConfig:
     latency_table: str = option("", "layer latency table file per --target, in the same order (repeat; default: found in "
                                 "latency-data/ or the shipped tables by target, model, input shape and this machine)",
                                 repeat=True)
+    measure_at_freeze: bool = option(True, "with a latency constraint, do not measure the freeze's width plan on each --target "
+                                     "(by default it is measured as bench measures, and planned again against the table "
+                                     "scaled by measured / predicted where it misses the budget by more than 2%%)",
+                                     flag="--no-measure-at-freeze")
     dense: bool = option(False, "train the dense baseline (no LAPP)")
     bypass: bool = option(True, "no 1x1 bypass branch on prunable convs", flag="--no-bypass")
     bypass_mode: str = option("branch", "how the 1x1 bypass trains: branch (its own conv + BN, two convs per unit) or "
@@ -136,7 +140,7 @@ def split_values(text: str) -> list[str]:
 # Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
 LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer",
              "target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table", "shared_threshold",
-             "anneal_fraction")
+             "anneal_fraction", "measure_at_freeze")
 
 
 def flag_name(name: str) -> str:

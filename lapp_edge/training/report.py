@@ -15,6 +15,7 @@ from lapp_edge.lapp.flops import count_deployed_macs, count_deployed_params
 from lapp_edge.models import rebuild_model
 from lapp_edge.models.fuse import fuse_model
 
+from lapp_edge.training.landing import landing_lines
 from lapp_edge.training.run_dir import RunState
 
 REPORT_JSON = "report.json"
@@ -77,6 +78,7 @@ def build_report(summary: RunSummary) -> dict[str, Any]:
         "flops_target": None if config["dense"] or summary.shaped_for else config["flops_target"],
         "shaped_for": summary.shaped_for,
         "latency_predicted_ratio": summary.latency_ratios,
+        "landing": freeze.get("landing"),
         "channel_multiple": config["channel_multiple"],
         "input_shape": list(input_shape),
         "flops": {
@@ -116,6 +118,8 @@ def format_report(report: dict[str, Any]) -> str:
     for entry in report.get("shaped_for") or []:
         lines.append(f"latency on {entry['target']} (batch {entry['batch']}): predicted {report['latency_predicted_ratio'][entry['target']]:.4f} "
                      f"of dense (budget {entry['budget_ratio']:.4f} = {entry['budget_ms']:.3f} ms; table {entry['table']})")
+    if report.get("landing"):
+        lines += landing_lines(report["landing"])
     lines.append(f"FlopCounterMode check: dense {flops['independent_dense_flops'] / 2e6:.3f} M MACs, "
                  f"slim {flops['independent_slim_flops'] / 2e6:.3f} M MACs")
     lines.append(f"params  dense {params['dense'] / 1e3:9.1f} k   slim {params['slim'] / 1e3:9.1f} k   "

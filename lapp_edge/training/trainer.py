@@ -41,6 +41,7 @@ from lapp_edge.lapp.cost import CostModel
 from lapp_edge.lapp.flops import build_flops_cost
 from lapp_edge.training.latency import LatencyConstraint, latency_constraint, predicted_ratios, resolve_channel_multiple
 from lapp_edge.lapp.freeze import freeze
+from lapp_edge.training.landing import LANDING_AIM, Landing, Measure, land_on_measured
 from lapp_edge.lapp.widths import allowed_widths, smallest_cost_ratio, target_widths
 from lapp_edge.models import build_model, prunable_sites
 from lapp_edge.models.reparam import bake, use_bypass_mode
@@ -98,9 +99,10 @@ class Trainer:
     checkpoint that does not fit."""
 
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None, run_dir: RunDirectory | None = None,
-                 dist: DistContext | None = None) -> None:
+                 dist: DistContext | None = None, measure: Measure | None = None) -> None:
         validate_config(config)
         self.config = config
+        self.measure = measure            # latency runs: measures the freeze's plan on a target (training/landing.py)
         self.dist = dist or single_process(resolve_device(config.device))   # distributed: rank, device, collectives
         self.run_dir = run_dir or RunDirectory(config.out, writer=self.dist.is_writer)
         self.out = self.run_dir.path
@@ -412,6 +414,9 @@ class Trainer:
             if not agreed and self.dist.is_writer:
                 print("warning: the processes planned different widths at freeze; rank 0's plan is applied everywhere",
                       file=sys.stderr, flush=True)
+        landing = self.measured_landing(plan)
+        if landing is not None:
+            plan = landing[0] or plan
         plan = freeze(self.controller, self.optimizer, plan)
         self.task = DenseTask()
         if self.amp:
@@ -423,7 +428,35 @@ class Trainer:
         self.state.freeze = asdict(plan)
         if self.dist.enabled:
             self.state.freeze["processes"] = {"world_size": self.dist.world_size, "plans_identical": agreed}
+        if landing is not None:
+            self.state.freeze["landing"] = asdict(landing[1])
         return plan
+
+    def measured_landing(self, plan: FreezeResult | None) -> tuple[FreezeResult | None, Landing] | None:
+        """Latency runs with --measure-at-freeze (the default) and a `measure`: the freeze's plan measured on
+        each target and planned again where it misses its budget (training/landing.py); rank 0 measures,
+        every process applies its plan. None where nothing is measured. A failed measurement (a runtime
+        missing, a compile error) leaves the table's plan, with a one-line warning recorded in the landing."""
+        if self.latency is None or not self.config.measure_at_freeze or self.measure is None or self.controller is None:
+            return None
+        result: tuple[FreezeResult | None, Landing] | None = None
+        if self.dist.is_writer:
+            budgets = {entry["target"]: entry["budget_ratio"] for entry in self.latency.shaped_for}
+            batches = {entry["target"]: entry["batch"] for entry in self.latency.shaped_for}
+            try:
+                result = land_on_measured(self.controller, self.latency.per_target, budgets, batches,
+                                          self.architecture_spec(), self.measure)
+            except Exception as error:  # noqa: BLE001 - the run goes on with the table's plan; the reason is kept
+                note = f"the freeze's plan could not be measured ({type(error).__name__}: {error}); the table's plan is applied"
+                print(f"warning: {note}", file=sys.stderr, flush=True)
+                result = (None, Landing(budgets, batches, LANDING_AIM, note=note))
+            if self.show_progress:
+                print("\n".join(result[1].lines()), flush=True)
+        if self.dist.enabled:
+            result, _ = self.dist.agree(result)
+        if result is not None and result[0] is None:
+            result = (plan, result[1])
+        return result
 
     def _resize_to_slim(self, widths: dict[str, int]) -> None:
         """The slim phase's network without a freeze (resume, start_slim): masks detached, each site cut
@@ -520,19 +553,20 @@ class Trainer:
         self.run_dir.write_json(SLIM_SPEC, self.architecture_spec().to_dict())
 
 
-def run_training(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+def run_training(config: TrainConfig, resume: bool = False, measure: Measure | None = None) -> dict[str, Any]:
     """Validate `config`, check the run directory (new, or resumable), train, and return the report.
     Raises UserError for every bad input before anything is written.
 
     Under torchrun (WORLD_SIZE > 1) every process runs this: the process group is set up from the
     environment (`distributed.setup_from_env`), every process checks the run directory before
-    rank 0 writes anything in it, and the group is left at the end."""
+    rank 0 writes anything in it, and the group is left at the end. `measure`: measures the freeze's
+    width plan on a target in latency-constrained runs (`Trainer.measured_landing`; None: the table's plan)."""
     validate_config(config)
     dist = setup_from_env(resolve_device(config.device))
     try:
         RunDirectory(config.out, writer=dist.is_writer).check_usable(resume)
         dist.barrier()                   # distributed: nobody writes before every process has checked
-        trainer = Trainer(config, dist=dist)
+        trainer = Trainer(config, dist=dist, measure=measure)
         if dist.is_writer:
             print("\n".join(trainer.decisions()), flush=True)
         return trainer.run(resume=resume)

@@ -315,6 +315,10 @@ def _profile_value_is_bad(key: str, value: object) -> bool:
         return bool(value)
     if key == "baselines":                             # a valid one needs four keys longer than json_values draws
         return value is not None
+    if key == "channel_multiple":                      # a positive int up to 1024, or a mapping of them with a 'default'
+        if value is None or _int_in(value, 1, 1024):
+            return False
+        return not (isinstance(value, dict) and "default" in value and all(_int_in(v, 1, 1024) for v in value.values()))
     raise AssertionError(key)
 
 

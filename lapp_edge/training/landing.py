@@ -1,0 +1,174 @@
+"""Landing on the measured latency at freeze: measure the planned slim network on each target, and
+where it misses its budget, plan again against the layer table scaled at that point.
+
+Why: a layer table fitted to random width draws under-predicts the networks LAPP converges to.
+Measured on the AVX2 box (ONNX Runtime fp32, ResNet-20, batch 32, docs/RESULTS.md): trained networks
+landed +0.5% to +6.6% over their budget, with the shipped table and with a table re-measured on 48
+networks drawn to cover LAPP's allocations alike (the optimiser's curse: LAPP goes where the fit's
+error is in its favour). Near such a plan the table's marginal costs are right (one group changed at
+a time: RMS error 0.010 of the dense latency); its level is what is off. So:
+
+1. the freeze's plan (`LappController.plan_freeze`) is built as a fused network with random weights
+   (latency does not depend on them: trained and random networks of the same widths measured 0.505 /
+   0.506 and 0.523 / 0.520) and measured on each target as `bench` measures a package: interleaved
+   with the dense network, median over fresh compiles (`Measure`, supplied by the caller: the
+   training side imports no runtime);
+2. where the measured ratio lies more than `aim` from the budget (for several targets: the tightest
+   share max_t measured_t / budget_t from 1), each target's table cost is multiplied by measured /
+   predicted at this plan (`ScaledCost`) and the width search runs again from the learned widths;
+3. at most `rounds` plans are measured; the one whose measured share lies closest to 1 is applied.
+
+NetAdapt (Yang et al., ECCV 2018) measures candidate networks on the device in its loop for the
+same reason; here only the freeze's plans are measured, a few, after training has shaped the network.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from lapp_edge.lapp.controller import FreezeResult, LappController
+from lapp_edge.lapp.cost import CostModel
+from lapp_edge.lapp.latency_cost import LatencyCost, TightestBudgetCost
+from lapp_edge.models.spec import ArchitectureSpec
+
+LANDING_AIM = 0.02       # measured share within +-2% of the budget ends the search (a ratio's spread over compiles is ~1-2%)
+LANDING_ROUNDS = 3       # plans measured at most (each: a few seconds per compile per target at batch 32)
+
+
+@dataclass
+class MeasuredRatio:
+    """One network's latency / the dense network's on one target, as `bench` measures it."""
+
+    ratio: float                     # median over fresh compiles
+    per_compile: list[float]
+    other_cpu_share: float           # others' share of the machine while measuring (the largest over compiles)
+    flagged: bool                    # some compile stayed above the allowed load
+
+
+# (the slim network's spec at the planned widths, target profile name, batch) -> its measured ratio.
+Measure = Callable[[ArchitectureSpec, str, int], MeasuredRatio]
+
+
+@dataclass
+class LandingRound:
+    """One measured plan."""
+
+    widths: dict[str, int]
+    correction: dict[str, float]     # per target: the factor its table was scaled by for this plan (1: the table)
+    predicted: dict[str, float]      # per target: the table's ratio (unscaled)
+    measured: dict[str, float]       # per target: the measured ratio
+    per_compile: dict[str, list[float]]
+    other_cpu_share: dict[str, float]
+    flagged: bool
+
+    def share(self, budgets: dict[str, float]) -> float:
+        """The tightest target's measured latency as a share of its budget (1: on budget)."""
+        return max(self.measured[target] / budget for target, budget in budgets.items())
+
+
+@dataclass
+class Landing:
+    """What was measured at freeze and which plan was applied (recorded in the run's state and report)."""
+
+    budgets: dict[str, float]        # per target: the budget as a ratio of the dense latency
+    batches: dict[str, int]
+    aim: float
+    rounds: list[LandingRound] = field(default_factory=list)
+    chosen: int = 0                  # index into rounds of the applied plan
+    seconds: float = 0.0
+    note: str = ""                   # why fewer rounds were measured, or why none were
+
+    def lines(self) -> list[str]:
+        return landing_lines(asdict(self))
+
+
+def landing_lines(landing: dict[str, Any]) -> list[str]:
+    """A `Landing` (as recorded: a dict) as text: one line per measured plan, marking the applied one."""
+    budgets = landing["budgets"]
+    out = []
+    for index, item in enumerate(landing["rounds"]):
+        parts = [f"{t} {item['measured'][t]:.4f} (table {item['predicted'][t]:.4f}"
+                 + (f", scaled x{item['correction'][t]:.3f}" if item["correction"][t] != 1.0 else "") + ")" for t in budgets]
+        share = max(item["measured"][t] / b for t, b in budgets.items())
+        mark = "applied" if index == landing["chosen"] else "       "
+        out.append(f"freeze plan {index + 1} {mark}: measured {', '.join(parts)}; {share:.3f} of budget"
+                   + ("  (machine loaded)" if item["flagged"] else ""))
+    if landing["note"]:
+        out.append(f"freeze: {landing['note']}")
+    return out
+
+
+class ScaledCost:
+    """A target's latency cost times a factor (measured / predicted at a plan): the table, corrected at that point."""
+
+    name = "latency"
+    unit = "ms"
+
+    def __init__(self, cost: LatencyCost, factor: float) -> None:
+        self.inner, self.factor, self.target = cost, factor, cost.target
+        self.site_channels = cost.site_channels
+        self.dense_cost = cost.dense_cost
+
+    def ratio(self, counts: Any) -> Any:
+        return self.factor * self.inner.ratio(counts)
+
+    def cost(self, counts: Any) -> Any:
+        return self.dense_cost * self.ratio(counts)
+
+
+def corrected_cost(costs: list[LatencyCost], budgets: dict[str, float], factors: dict[str, float]) -> CostModel:
+    """The constraint's cost with each target's table scaled by its factor (several targets: tightest budget binds)."""
+    scaled = [ScaledCost(cost, factors[cost.target]) for cost in costs]
+    if len(scaled) == 1:
+        return scaled[0]
+    return TightestBudgetCost(scaled, [budgets[cost.target] for cost in costs])  # type: ignore[arg-type]
+
+
+def land_on_measured(controller: LappController, costs: list[LatencyCost], budgets: dict[str, float],
+                     batches: dict[str, int], spec: ArchitectureSpec, measure: Measure,
+                     aim: float = LANDING_AIM, rounds: int = LANDING_ROUNDS) -> tuple[FreezeResult | None, Landing]:
+    """The freeze plan to apply and what was measured (module docstring). `costs`: one table cost per
+    target; `budgets` / `batches`: per target name; `spec`: the run's architecture (its widths are
+    replaced by each plan's). Returns (None, landing) when the table's own plan misses the cost
+    target (the freeze then refuses it as it always did). The controller's cost is restored on return.
+    Errors of `measure` propagate (the caller decides whether a run goes on without a measurement)."""
+    started = time.perf_counter()
+    landing = Landing(dict(budgets), dict(batches), aim)
+    original = controller.cost
+    factors = {target: 1.0 for target in budgets}
+    plans: list[FreezeResult] = []
+    try:
+        for _ in range(max(1, rounds)):
+            if any(f != 1.0 for f in factors.values()):
+                controller.cost = corrected_cost(costs, budgets, factors)
+            plan = controller.plan_freeze()
+            if abs(plan.cost_ratio - controller.config.target) > controller.config.tolerance:
+                landing.note = ("the table scaled by the measurement cannot land on the budget with these channel multiples; "
+                                "the closest measured plan is applied") if plans else ""
+                break
+            if any(plan.widths == earlier.widths for earlier in plans):
+                landing.note = "the corrected table plans widths already measured; the closest measured plan is applied"
+                break
+            counts = np.array([plan.widths[site.name] for site in controller.sites], dtype=np.float64)
+            predicted = {cost.target: float(cost.ratio(counts)) for cost in costs}
+            slim_spec = replace(spec, widths=dict(plan.widths))
+            measured = {target: measure(slim_spec, target, batches[target]) for target in budgets}
+            plans.append(plan)
+            landing.rounds.append(LandingRound(
+                dict(plan.widths), dict(factors), predicted, {t: m.ratio for t, m in measured.items()},
+                {t: list(m.per_compile) for t, m in measured.items()}, {t: m.other_cpu_share for t, m in measured.items()},
+                any(m.flagged for m in measured.values())))
+            if abs(landing.rounds[-1].share(budgets) - 1.0) <= aim:
+                break
+            factors = {target: measured[target].ratio / predicted[target] for target in budgets}
+    finally:
+        controller.cost = original
+    landing.seconds = time.perf_counter() - started
+    if not plans:
+        return None, landing
+    landing.chosen = int(np.argmin([abs(item.share(budgets) - 1.0) for item in landing.rounds]))
+    return plans[landing.chosen], landing

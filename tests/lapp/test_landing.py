@@ -1,0 +1,137 @@
+"""Landing on the measured latency at freeze (training/landing.py): the correction loop on a table
+that under-predicts, several targets, and a real ONNX Runtime measurement inside a training run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lapp_edge.deploy.measure import RatioProtocol
+from lapp_edge.lapp.controller import LappConfig, LappController
+from lapp_edge.lapp.freeze import freeze
+from lapp_edge.lapp.latency_cost import LatencyCost, TightestBudgetCost
+from lapp_edge.models.spec import ArchitectureSpec
+from lapp_edge.training.landing import LANDING_AIM, MeasuredRatio, land_on_measured, landing_lines
+from tests.lapp.test_latency_cost import _write, resnet20, synthetic_table
+
+
+def _costs(layers: list, sites: list, step: float, targets: tuple[str, ...] = ("x86-ort-fp32",)) -> list[LatencyCost]:
+    channels = [s.channels for s in sites]
+    return [LatencyCost(layers, channels, synthetic_table(layers, sites, target=t, step=step).batch(32), t) for t in targets]
+
+
+def _spec(sites: list) -> ArchitectureSpec:
+    dense = {s.name: s.channels for s in sites}
+    return ArchitectureSpec("resnet20", 1, 10, 28, False, dict(dense), dense, coupled=True)
+
+
+def _true_measure(truth: dict[str, LatencyCost], sites: list, calls: list) -> object:
+    """The 'hardware': each target's latency follows another table (off-block widths cost more, and a
+    fixed per-call cost the table misses), so the table under-predicts slim networks."""
+    def measure(spec: ArchitectureSpec, target: str, batch: int) -> MeasuredRatio:
+        counts = np.array([spec.widths[s.name] for s in sites], dtype=np.float64)
+        ratio = 0.04 + 0.96 * float(truth[target].ratio(counts))
+        calls.append((target, batch))
+        return MeasuredRatio(ratio, [ratio], 0.0, False)
+    return measure
+
+
+def _controller(sites: list, cost: object, target: float) -> LappController:
+    controller = LappController(sites, cost, LappConfig(target=target, channel_multiple=8, min_channels=8))  # type: ignore[arg-type]
+    controller.update_masks(with_grad=False)       # thresholds start below every score: all channels kept
+    return controller
+
+
+def test_a_table_that_under_predicts_is_corrected_until_the_measured_latency_lands() -> None:
+    model, sites, layers = resnet20()
+    table = _costs(layers, sites, step=0.3)[0]
+    truth = {"x86-ort-fp32": _costs(layers, sites, step=0.8)[0]}
+    controller = _controller(sites, table, 0.5)
+    plain = controller.plan_freeze()
+    calls: list = []
+    plan, landing = land_on_measured(controller, [table], {"x86-ort-fp32": 0.5}, {"x86-ort-fp32": 32}, _spec(sites),
+                                     _true_measure(truth, sites, calls))  # type: ignore[arg-type]
+    assert controller.cost is table                                   # restored
+    first, last = landing.rounds[0], landing.rounds[landing.chosen]
+    assert first.widths == plain.widths and first.correction == {"x86-ort-fp32": 1.0}
+    assert first.share(landing.budgets) > 1 + LANDING_AIM             # the table's plan misses: measured over budget
+    assert abs(last.share(landing.budgets) - 1) < abs(first.share(landing.budgets) - 1)
+    assert abs(last.share(landing.budgets) - 1) <= 0.03
+    assert last.correction["x86-ort-fp32"] == pytest.approx(landing.rounds[landing.chosen - 1].measured["x86-ort-fp32"]
+                                                            / landing.rounds[landing.chosen - 1].predicted["x86-ort-fp32"])
+    assert len(calls) == len(landing.rounds) <= 3 and all(batch == 32 for _, batch in calls)
+    assert plan is not None and plan.widths == last.widths
+    freeze(controller, None, plan)                                    # the scaled plan passes the freeze's own check
+    lines = landing_lines(__import__("dataclasses").asdict(landing))
+    assert len(lines) == len(landing.rounds) and "applied" in lines[landing.chosen]
+
+
+def test_a_plan_already_on_budget_is_measured_once() -> None:
+    _, sites, layers = resnet20()
+    table = _costs(layers, sites, step=0.3)[0]
+    controller = _controller(sites, table, 0.5)
+    calls: list = []
+    plan, landing = land_on_measured(controller, [table], {"x86-ort-fp32": 0.5}, {"x86-ort-fp32": 32}, _spec(sites),
+                                     _true_measure({"x86-ort-fp32": table}, sites, calls))  # type: ignore[arg-type]
+    # truth = 0.04 + 0.96 * table: at 0.5 that is 0.52, 4% over; at the first corrected plan close enough
+    assert len(landing.rounds) >= 2
+    calls.clear()
+    exact = lambda spec, target, batch: MeasuredRatio(float(table.ratio(np.array([spec.widths[s.name] for s in sites], float))),
+                                                      [0.5], 0.0, False)
+    plan, landing = land_on_measured(controller, [table], {"x86-ort-fp32": 0.5}, {"x86-ort-fp32": 32}, _spec(sites), exact)
+    assert len(landing.rounds) == 1 and landing.chosen == 0 and plan is not None
+
+
+def test_with_two_targets_each_table_is_scaled_by_its_own_measurement_and_the_tightest_binds() -> None:
+    _, sites, layers = resnet20()
+    targets = ("x86-ort-fp32", "x86-openvino-f32")
+    tables = _costs(layers, sites, step=0.3, targets=targets)
+    truth = dict(zip(targets, _costs(layers, sites, step=0.8, targets=targets)))
+    budgets = {"x86-ort-fp32": 0.6, "x86-openvino-f32": 0.5}
+    controller = _controller(sites, TightestBudgetCost(tables, [0.6, 0.5]), 0.5)
+    calls: list = []
+    plan, landing = land_on_measured(controller, tables, budgets, {t: 32 for t in targets}, _spec(sites),
+                                     _true_measure(truth, sites, calls))  # type: ignore[arg-type]
+    assert {t for t, _ in calls} == set(targets)
+    chosen = landing.rounds[landing.chosen]
+    assert abs(chosen.share(budgets) - 1) < abs(landing.rounds[0].share(budgets) - 1)
+    assert chosen.measured["x86-ort-fp32"] / 0.6 <= chosen.share(budgets) + 1e-12
+    if landing.chosen > 0:
+        previous = landing.rounds[landing.chosen - 1]
+        assert chosen.correction == {t: pytest.approx(previous.measured[t] / previous.predicted[t]) for t in targets}
+
+
+def test_a_real_measurement_at_freeze_is_recorded_and_a_failing_one_leaves_the_table_plan(tmp_path: Path, fmnist, monkeypatch) -> None:
+    """A tiny latency-constrained run on a synthetic table: at freeze the plan is built, exported and
+    measured on ONNX Runtime (one compile, short blocks) and the applied widths are the report's;
+    a measurement that fails leaves the table's plan with the reason recorded."""
+    pytest.importorskip("onnxruntime")
+    from lapp_edge.deploy.backends.base import BackendUnavailable
+    from lapp_edge.latency.measure_plan import PlanMeasurer
+    from lapp_edge.training.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    _, sites, layers = resnet20()
+    _write(tmp_path, synthetic_table(layers, sites))
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path / "run", target="x86-ort-fp32", latency_target="0.5", channel_multiple=8)
+    quick = PlanMeasurer(compiles=1, protocol=RatioProtocol(blocks=4, calls_large_batch=2, warmup=3, retries=0))
+    report = Trainer(config, fmnist, measure=quick).run()
+    landing = report["landing"]
+    assert 1 <= len(landing["rounds"]) <= 3 and landing["budgets"] == {"x86-ort-fp32": 0.5}
+    applied = landing["rounds"][landing["chosen"]]
+    assert 0.05 < applied["measured"]["x86-ort-fp32"] < 1.2 and len(applied["per_compile"]["x86-ort-fp32"]) == 1
+    assert {layer["name"]: layer["kept"] for layer in report["layers"]} == applied["widths"]
+    assert "freeze plan 1" in (tmp_path / "run" / "report.txt").read_text()
+
+    def broken(spec: ArchitectureSpec, target: str, batch: int) -> MeasuredRatio:
+        raise BackendUnavailable("onnxruntime is not installed")
+
+    report = Trainer(replace(config, out=str(tmp_path / "run2")), fmnist, measure=broken).run()
+    assert report["landing"]["rounds"] == [] and "could not be measured" in report["landing"]["note"]
+    assert report["latency_predicted_ratio"]["x86-ort-fp32"] == pytest.approx(0.5, abs=0.01)   # the table's plan
+    off = Trainer(replace(config, out=str(tmp_path / "run3"), measure_at_freeze=False), fmnist, measure=quick)
+    assert off.measured_landing(None) is None                        # --no-measure-at-freeze: the table's plan, nothing measured
