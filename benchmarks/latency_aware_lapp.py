@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,15 @@ class Row:
     per_compile: dict[str, list[float]]   # target -> each fresh compile's ratio (their spread is the compile noise)
     predicted: dict[str, float]    # target -> the layer table's predicted ratio
     widths: dict[str, int]
+    at_freeze: dict[str, float] = field(default_factory=dict)   # latency runs: target -> the applied plan's ratio measured at freeze
+
+
+def measured_at_freeze(report: dict) -> dict[str, float]:
+    """The applied freeze plan's measured ratio per target (training/landing.py), {} where none was measured."""
+    landing = report.get("landing") or {}
+    if not landing.get("rounds"):
+        return {}
+    return dict(landing["rounds"][landing["chosen"]]["measured"])
 
 
 def plan(args: argparse.Namespace) -> list[Run]:
@@ -213,12 +222,16 @@ def format_equal_latency(comparisons: list[EqualLatency]) -> str:
 def format_markdown(rows: list[Row], targets: list[str], header: dict[str, str]) -> str:
     lines = [f"- {key}: {value}" for key, value in header.items()] + [""]
     columns = " | ".join(f"{t} measured (predicted)" for t in targets)
-    lines += [f"| run | method | shaped for | budget | top-1 | FLOPs | {columns} |",
-              "|---" * (6 + len(targets)) + "|"]
+    lines += [f"| run | method | shaped for | budget | top-1 | FLOPs | {columns} | off budget (own target) | measured at freeze |",
+              "|---" * (8 + len(targets)) + "|"]
     for r in rows:
         cells = " | ".join(f"{r.measured[t]:.3f} [{min(r.per_compile[t]):.3f}-{max(r.per_compile[t]):.3f}] ({r.predicted[t]:.3f})"
                            for t in targets)
-        lines.append(f"| {r.run} | {r.method} | {r.shaped_for or '-'} | {r.budget:g} | {r.top1:.4f} | {r.flops_ratio:.3f} | {cells} |")
+        own = r.shaped_for if r.method == "latency" and r.shaped_for in r.measured else ""
+        off = f"{100 * (r.measured[own] / r.budget - 1):+.1f}%" if own else ""
+        freeze = f"{r.at_freeze[own]:.3f}" if own and own in r.at_freeze else ""
+        lines.append(f"| {r.run} | {r.method} | {r.shaped_for or '-'} | {r.budget:g} | {r.top1:.4f} | {r.flops_ratio:.3f} | {cells} "
+                     f"| {off} | {freeze} |")
     return "\n".join(lines)
 
 
@@ -285,7 +298,8 @@ def main() -> int:
             report = json.loads((Path(args.out) / run.name / "report.json").read_text())
             measured, per_compile, predicted = measure(export(run, args), targets, args.batch, Path(temporary), args.compiles)
             rows.append(Row(run.name, run.method, run.seed, run.shaped_for, run.budget, report["accuracy"]["test_top1"],
-                            report["flops"]["ratio"], measured, per_compile, predicted, {l["name"]: l["kept"] for l in report["layers"]}))
+                            report["flops"]["ratio"], measured, per_compile, predicted, {l["name"]: l["kept"] for l in report["layers"]},
+                            measured_at_freeze(report)))
             print(f"{run.name}: top-1 {rows[-1].top1:.4f}, measured " + ", ".join(f"{t} {v:.3f}" for t, v in measured.items()), flush=True)
     header = {"machine": f"{cpu_model()} ({machine_key()})", "runtimes": ", ".join(runtime_version(load_target(t).backend) for t in targets),
               "others' CPU share while measuring": f"{other_cpu_share_since(start):.2f}",
@@ -306,10 +320,14 @@ def summarize(out: Path) -> int:
         return 2
     results = json.loads(path.read_text())
     rows = [Row(**row) for row in results["rows"]]
+    for row in rows:               # results written before the freeze was measured: read it from the run's report
+        report = out / row.run / "report.json"
+        if row.method == "latency" and not row.at_freeze and report.is_file():
+            row.at_freeze = measured_at_freeze(json.loads(report.read_text()))
     stored = results["settings"]["targets"]        # main() stores the --targets string; a list is read as it is
     targets = list(stored) if isinstance(stored, list) else [t for t in str(stored).split(",") if t]
     comparisons = equal_latency(rows)
-    atomic_write_json(path, {**results, "equal_latency": [asdict(c) for c in comparisons]})
+    atomic_write_json(path, {**results, "rows": [asdict(r) for r in rows], "equal_latency": [asdict(c) for c in comparisons]})
     table = format_markdown(rows, targets, results["header"]) + "\n\nAccuracy at equal measured latency (own target):\n\n" \
         + format_equal_latency(comparisons)
     atomic_write_text(out / "results.md", table + "\n")

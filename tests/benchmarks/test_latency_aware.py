@@ -67,3 +67,19 @@ def test_summarize_rewrites_the_tables_from_results_json(tmp_path: Path, capsys:
     results["settings"]["targets"] = [TARGET]                                # a list, as a caller may store it
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert bench.summarize(tmp_path) == 0
+
+
+def test_summarize_shows_how_far_off_budget_each_run_landed_and_what_its_freeze_measured(tmp_path: Path) -> None:
+    """Rows stored before the freeze was measured read it from the run's report (training/landing.py)."""
+    rows = [row("flops-0.35-s0", "flops", 0, 0.45, 0.880), row("flops-0.45-s0", "flops", 0, 0.55, 0.890),
+            row("latency-s0", "latency", 0, 0.52, 0.887, TARGET)]
+    stored = [asdict(r) for r in rows]
+    del stored[2]["at_freeze"]
+    landing = {"budgets": {TARGET: 0.5}, "rounds": [{"measured": {TARGET: 0.531}}, {"measured": {TARGET: 0.507}}], "chosen": 1}
+    (tmp_path / "latency-s0").mkdir()
+    (tmp_path / "latency-s0" / "report.json").write_text(json.dumps({"landing": landing}))
+    (tmp_path / "results.json").write_text(json.dumps({"settings": {"targets": TARGET, "batch": 32}, "header": {}, "rows": stored}))
+    assert bench.summarize(tmp_path) == 0
+    line = next(l for l in (tmp_path / "results.md").read_text().splitlines() if l.startswith("| latency-s0"))
+    assert line.endswith("| +4.0% | 0.507 |")
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][2]["at_freeze"] == {TARGET: 0.507}
