@@ -210,6 +210,13 @@ class Trainer:
                              f"from {entry['table']}")
             lines.append(f"LAPP: widths in multiples of {config.channel_multiple}: the tightest budget is reachable (the "
                          f"freeze's width search lands on {self.target_ratio:.4f} before training)")
+            if config.measure_at_freeze and self.measure is not None:
+                lines.append(f"LAPP: at freeze the planned widths are measured on each target and planned again where they "
+                             f"miss the budget by more than {LANDING_AIM:.0%} [--no-measure-at-freeze: the table alone]")
+            elif config.measure_at_freeze:
+                lines.append("LAPP: the freeze's widths come from the table alone (no measurer given to the trainer)")
+            else:
+                lines.append("LAPP: the freeze's widths come from the table alone [--no-measure-at-freeze]")
         elif not config.dense:
             lines.append(f"LAPP: FLOPs target {config.flops_target} with widths in multiples of {config.channel_multiple}: "
                          f"reachable (the freeze's width search lands on {self.target_ratio:.4f} before training)")

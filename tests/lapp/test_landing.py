@@ -14,7 +14,7 @@ from lapp_edge.lapp.controller import LappConfig, LappController
 from lapp_edge.lapp.freeze import freeze
 from lapp_edge.lapp.latency_cost import LatencyCost, TightestBudgetCost
 from lapp_edge.models.spec import ArchitectureSpec
-from lapp_edge.training.landing import LANDING_AIM, MeasuredRatio, land_on_measured, landing_lines
+from lapp_edge.training.landing import LANDING_AIM, MeasuredRatio, land_on_measured, landing_lines, next_table_target
 from tests.lapp.test_latency_cost import _write, resnet20, synthetic_table
 
 
@@ -60,8 +60,8 @@ def test_a_table_that_under_predicts_is_corrected_until_the_measured_latency_lan
     assert first.share(landing.budgets) > 1 + LANDING_AIM             # the table's plan misses: measured over budget
     assert abs(last.share(landing.budgets) - 1) < abs(first.share(landing.budgets) - 1)
     assert abs(last.share(landing.budgets) - 1) <= 0.03
-    assert last.correction["x86-ort-fp32"] == pytest.approx(landing.rounds[landing.chosen - 1].measured["x86-ort-fp32"]
-                                                            / landing.rounds[landing.chosen - 1].predicted["x86-ort-fp32"])
+    second = landing.rounds[1]                                        # the first re-plan scales the table by measured / predicted
+    assert second.correction["x86-ort-fp32"] == pytest.approx(first.measured["x86-ort-fp32"] / first.predicted["x86-ort-fp32"])
     assert len(calls) == len(landing.rounds) <= 3 and all(batch == 32 for _, batch in calls)
     assert plan is not None and plan.widths == last.widths
     freeze(controller, None, plan)                                    # the scaled plan passes the freeze's own check
@@ -99,9 +99,23 @@ def test_with_two_targets_each_table_is_scaled_by_its_own_measurement_and_the_ti
     chosen = landing.rounds[landing.chosen]
     assert abs(chosen.share(budgets) - 1) < abs(landing.rounds[0].share(budgets) - 1)
     assert chosen.measured["x86-ort-fp32"] / 0.6 <= chosen.share(budgets) + 1e-12
-    if landing.chosen > 0:
-        previous = landing.rounds[landing.chosen - 1]
-        assert chosen.correction == {t: pytest.approx(previous.measured[t] / previous.predicted[t]) for t in targets}
+    if len(landing.rounds) > 1:
+        first, second = landing.rounds[:2]
+        assert second.correction == {t: pytest.approx(first.measured[t] / first.predicted[t]) for t in targets}
+
+
+def test_the_next_table_target_scales_one_point_then_takes_the_secant_through_the_budget() -> None:
+    assert next_table_target([(0.50, 0.525)], 0.5) == pytest.approx(0.50 * 0.5 / 0.525)
+    # seed 3 of the ORT benchmark: scaling alone stepped from 0.524 to 0.470; the secant aims between
+    bracket = [(0.5028, 0.5239), (0.4779, 0.4698)]
+    aimed = next_table_target(bracket, 0.5)
+    assert 0.4779 < aimed < 0.5028
+    assert aimed == pytest.approx(0.4779 + (0.5 - 0.4698) * (0.5028 - 0.4779) / (0.5239 - 0.4698))
+    # the two points nearest the budget from either side are used, whatever the order they were measured in
+    assert next_table_target([(0.40, 0.30), (0.5028, 0.5239), (0.4779, 0.4698)], 0.5) == pytest.approx(aimed)
+    # both on one side: the last two; a secant that does not rise (noise): the nearest point scaled
+    assert next_table_target([(0.50, 0.53), (0.49, 0.52)], 0.5) == pytest.approx(0.49 + (0.5 - 0.52) * 0.01 / 0.01)
+    assert next_table_target([(0.50, 0.52), (0.48, 0.53)], 0.5) == pytest.approx(0.50 * 0.5 / 0.52)
 
 
 def test_a_real_measurement_at_freeze_is_recorded_and_a_failing_one_leaves_the_table_plan(tmp_path: Path, fmnist, monkeypatch) -> None:
