@@ -67,6 +67,42 @@ class FitComparison:
     measured_flagged: bool = False     # some compile was measured while other processes loaded the machine
 
 
+LANDING_TOLERANCE = 0.05      # a latency-aware package should measure within +-5% of its budget (issue: latency-aware LAPP)
+
+
+@dataclass
+class BudgetCheck:
+    """A package shaped for a latency budget on this target (manifest `latency_budgets`), measured: its
+    latency / the dense network's at the budget's batch (the ratio measured for the layer table's or
+    the FLOPs fit's comparison, interleaved, median over compiles) against the budget."""
+
+    batch: int
+    budget_ratio: float
+    measured_ratio: float | None       # None where no dense reference was measured at that batch
+    off_pct: float | None              # 100 * (measured / budget - 1)
+    within: bool | None                # |off| <= LANDING_TOLERANCE
+    note: str = ""
+
+
+def budget_checks(manifest: dict[str, Any], target: str, comparisons: list["FitComparison"]) -> list[BudgetCheck]:
+    """One check per `latency_budgets` entry of the package for `target`, from the measured ratios in
+    `comparisons` (the table's first, then the FLOPs fit's; both are measured against the same dense network)."""
+    checks = []
+    for entry in manifest.get("latency_budgets") or []:
+        if entry["target"] != target:
+            continue
+        batch, budget = int(entry["batch"]), float(entry["budget_ratio"])
+        measured = next((c.measured_ratio for c in comparisons if c.batch == batch), None)
+        if measured is None:
+            checks.append(BudgetCheck(batch, budget, None, None, None,
+                                      f"not measured: no dense reference of this family was measured on {target} at batch {batch} "
+                                      "(profile-layers or calibrate-latency on this machine gives one)"))
+            continue
+        off = measured / budget - 1
+        checks.append(BudgetCheck(batch, budget, measured, 100 * off, abs(off) <= LANDING_TOLERANCE))
+    return checks
+
+
 @dataclass
 class Accuracy:
     top1: float
@@ -94,6 +130,7 @@ class VariantResult:
     predicted_from_table: list[FitComparison] = field(default_factory=list)
     table_note: str = ""          # why there is no table prediction, where there is none
     baseline: "BaselineComparison | None" = None   # with --baseline: the other package on the same target
+    budgets: list[BudgetCheck] = field(default_factory=list)   # the latency budgets the package was shaped for on this target
 
 
 @dataclass
@@ -439,6 +476,8 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
                             {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route, compiles)
                     except UserError as error:          # a layer shape the table lacks: said, not fatal
                         variant.table_note = str(error)
+                variant.budgets = budget_checks(package.manifest, profile.name,
+                                                variant.predicted_from_table + variant.predicted_from_flops)
             for runner in {id(r): r for r in runners.values()}.values():
                 runner.close()
             result.variants[route or profile.precision] = variant
@@ -560,4 +599,9 @@ def format_bench(report: BenchReport) -> str:
                              f"{c.predicted_ms:.3f} ms (x{c.predicted_ratio:.3f} of the dense model's {c.dense_median_ms:.3f} ms here); "
                              f"measured {c.measured_ms:.3f} ms (x{c.measured_ratio:.3f} of dense, interleaved{_compiles_note(c)}): prediction error "
                              f"{c.error_pct:+.1f}%")
+            for check in result.budgets:
+                lines.append(f"  {target.target}/{variant}: shaped for a latency budget of x{check.budget_ratio:.3f} of dense at batch "
+                             f"{check.batch}: " + (check.note if check.measured_ratio is None else
+                                                   f"measured x{check.measured_ratio:.3f} ({check.off_pct:+.1f}%, "
+                                                   f"{'within' if check.within else 'OUTSIDE'} +-{LANDING_TOLERANCE:.0%})"))
     return "\n".join(lines)

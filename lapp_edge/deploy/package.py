@@ -25,6 +25,8 @@ Manifest fields every reader may rely on:
     flops: {"dense_macs": float, "slim_macs": float, "ratio": float}
     params: {"dense": int, "slim": int}
     files: {relative path: sha256 hex}
+    latency_budgets (optional, latency-constrained runs): [{"target": profile name, "budget_ratio": share of
+            the dense latency in (0, 1], "batch": int}]: what the run was shaped for (bench reports how far off)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ PACKAGE_FORMAT = 1
 MAX_MANIFEST_BYTES = 1 << 20     # a real manifest is ~10 KiB
 MAX_MODEL_BYTES = 2 << 30        # protobuf's own limit for one ONNX file
 MAX_CHANNELS, MAX_SIDE, MAX_CLASSES, MAX_TEXT = 16, 1024, 25_000, 256
+MAX_LATENCY_BUDGETS = 16         # targets a run may be shaped for at once
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -161,6 +164,16 @@ def check_manifest(manifest: Any, where: str) -> None:
         if side in figures:
             for key, value in f.mapping(figures, side, f"figures.{side}").items():
                 f.number(value, f"figures.{side}.{key[:40]}")
+    budgets = manifest.get("latency_budgets", [])
+    if not isinstance(budgets, list) or len(budgets) > MAX_LATENCY_BUDGETS:
+        raise f.fail("latency_budgets", f"a list of at most {MAX_LATENCY_BUDGETS} budgets", budgets)
+    for index, budget in enumerate(budgets):
+        entry = f.mapping({"budget": budget}, "budget", f"latency_budgets[{index}]")
+        f.text(entry, "target", f"latency_budgets[{index}].target")
+        ratio = f.number(entry.get("budget_ratio"), f"latency_budgets[{index}].budget_ratio")
+        if not 0 < ratio <= 1:
+            raise f.fail(f"latency_budgets[{index}].budget_ratio", "in (0, 1]", ratio)
+        f.integer(entry.get("batch"), f"latency_budgets[{index}].batch", 1, 1 << 16)
     files = f.mapping(manifest, "files", "files")
     if MODEL_FILE not in files:
         raise UserError(f"{where}: files does not list {MODEL_FILE}")

@@ -139,6 +139,21 @@ def accuracy_from_report(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def latency_budgets_from_report(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The latency budgets a latency-constrained run was shaped for (its report's `shaped_for`), as the
+    manifest's `latency_budgets`: [{"target", "budget_ratio", "batch"}], so `bench` can say how far off
+    budget the package measures. [] for a FLOPs-constrained or dense run, or entries that do not parse."""
+    budgets = []
+    for entry in report.get("shaped_for") or []:
+        if not isinstance(entry, dict):
+            continue
+        target, ratio, batch = entry.get("target"), entry.get("budget_ratio"), entry.get("batch")
+        if (isinstance(target, str) and isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= 1
+                and isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
+            budgets.append({"target": target, "budget_ratio": float(ratio), "batch": batch})
+    return budgets
+
+
 def versions() -> dict[str, str]:
     """torch, onnx and onnxruntime versions for the manifest."""
     import onnx
@@ -151,6 +166,7 @@ def build_manifest(
     spec: ArchitectureSpec, dataset: str, flops: dict[str, Any], params: dict[str, Any], accuracy: dict[str, Any],
     graph: GraphCheck, verification: Verification, files: dict[str, str], source_run: Path,
     figures: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
+    latency_budgets: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The package manifest (contract in `lapp_edge.deploy.package`)."""
     return {
@@ -172,6 +188,7 @@ def build_manifest(
         "params": params,
         "figures": figures or {},
         "accuracy": accuracy,
+        "latency_budgets": latency_budgets or [],
         "graph": {"op_counts": graph.op_counts, "conv_nodes": graph.conv_nodes},
         "verification": asdict(verification),
         "export": {"exporter": EXPORTER, "opset": OPSET, "dynamic_axes": {INPUT_NAME: [0], OUTPUT_NAME: [0]}, "versions": versions()},
@@ -241,7 +258,7 @@ def export_run(
         atomic_write_bytes(staging / SLIM_SPEC, spec_bytes)
         files = {name: sha256_of(staging / name) for name in (MODEL_FILE, SLIM_SPEC, SLIM_WEIGHTS)}
         manifest = build_manifest(spec, dataset, flops, params, accuracy_from_report(report), graph, verification,
-                                  files, run.resolve(), figures, data)
+                                  files, run.resolve(), figures, data, latency_budgets_from_report(report))
         atomic_write_json(staging / MANIFEST, manifest)
         load_package(staging)  # the staged package must pass its own hash check
         staging.chmod(0o755)

@@ -70,3 +70,31 @@ def test_table_prediction_sits_next_to_the_measured_ratio(package: ModelPackage,
     assert comparison.measured_ratio == pytest.approx(float(np.median(comparison.measured_per_compile)))
     assert all(0.8 < r < 1.25 for r in comparison.measured_per_compile)   # the same network twice, measured interleaved
     assert comparison.error_pct == pytest.approx(100 * (1 / comparison.measured_ratio - 1))
+
+
+def test_bench_says_how_far_off_its_latency_budget_a_package_measures() -> None:
+    """A package shaped for a latency budget (manifest `latency_budgets`, written by export from the run's
+    report) is judged against it with the ratio bench measured at the budget's batch, on that target only."""
+    from lapp_edge.deploy.bench import BudgetCheck, FitComparison, budget_checks
+    from lapp_edge.export.package_writer import latency_budgets_from_report
+
+    report = {"shaped_for": [{"target": "x86-ort-fp32", "budget_ratio": 0.5, "batch": 32, "table": "t.json"},
+                             {"target": "x86-openvino-bf16", "budget_ratio": 0.6, "batch": 1},
+                             {"target": "bad", "budget_ratio": "0.5", "batch": 32}]}
+    manifest = {"latency_budgets": latency_budgets_from_report(report)}
+    assert manifest["latency_budgets"] == [{"target": "x86-ort-fp32", "budget_ratio": 0.5, "batch": 32},
+                                           {"target": "x86-openvino-bf16", "budget_ratio": 0.6, "batch": 1}]
+    assert latency_budgets_from_report({}) == []                      # FLOPs and dense runs: none
+
+    def measured(batch: int, ratio: float) -> FitComparison:
+        return FitComparison("fit.json", batch, {}, 0.5, ratio, 10.0, 5.0, 10.0 * ratio, 0.0)
+
+    [check] = budget_checks(manifest, "x86-ort-fp32", [measured(1, 0.7), measured(32, 0.509)])
+    assert check.batch == 32 and check.measured_ratio == 0.509 and check.within
+    assert check.off_pct == pytest.approx(1.8)
+    [over] = budget_checks(manifest, "x86-ort-fp32", [measured(32, 0.533)])
+    assert not over.within and over.off_pct == pytest.approx(6.6)
+    [missing] = budget_checks(manifest, "x86-openvino-bf16", [measured(32, 0.5)])
+    assert missing.measured_ratio is None and missing.within is None and "no dense reference" in missing.note
+    assert budget_checks(manifest, "x86-openvino-f32", [measured(32, 0.5)]) == []
+    assert isinstance(check, BudgetCheck)

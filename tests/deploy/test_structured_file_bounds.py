@@ -154,6 +154,12 @@ MANIFEST_CASES = [
     (lambda m: m["files"].__setitem__("model.onnx", "abc"), "files['model.onnx']"),
     (lambda m: m.__setitem__("files", []), "files"),
     (lambda m: m.__setitem__("format", 2), "format 1"),
+    (lambda m: m.__setitem__("latency_budgets", {"target": "x"}), "latency_budgets"),
+    (lambda m: m.__setitem__("latency_budgets", [{"target": "x86-ort-fp32", "budget_ratio": 0.5}] * 17), "latency_budgets"),
+    (lambda m: m.__setitem__("latency_budgets", ["x86-ort-fp32"]), "latency_budgets[0]"),
+    (lambda m: m.__setitem__("latency_budgets", [{"target": "", "budget_ratio": 0.5, "batch": 32}]), "latency_budgets[0].target"),
+    (lambda m: m.__setitem__("latency_budgets", [{"target": "t", "budget_ratio": 1.5, "batch": 32}]), "latency_budgets[0].budget_ratio"),
+    (lambda m: m.__setitem__("latency_budgets", [{"target": "t", "budget_ratio": 0.5, "batch": 0}]), "latency_budgets[0].batch"),
 ]
 
 
