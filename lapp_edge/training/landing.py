@@ -38,6 +38,7 @@ from lapp_edge.lapp.latency_cost import LatencyCost, TightestBudgetCost
 from lapp_edge.models.spec import ArchitectureSpec
 
 LANDING_AIM = 0.02       # measured share within +-2% of the budget ends the search (a ratio's spread over compiles is ~1-2%)
+SECANT_SLOPES = (0.25, 4.0)  # measured change per table change trusted for the secant (else: scale the nearest plan)
 LANDING_ROUNDS = 3       # plans measured at most (each: a few seconds per compile per target at batch 32)
 
 
@@ -136,8 +137,10 @@ def next_table_target(points: list[tuple[float, float]], budget: float) -> float
     predicted is the table's error there). More: the secant through the two points nearest the
     budget from either side where they bracket it (else the last two), because one scaling can step
     over the budget where the table's error changes along the way (measured: seed 3 of the ORT
-    benchmark went 0.524 -> 0.470 -> 0.522 by scaling alone, docs/RESULTS.md); where that secant does
-    not rise (measurement noise), the nearest point is scaled."""
+    benchmark went 0.524 -> 0.470 -> 0.522 by scaling alone, docs/RESULTS.md). Where the secant's slope
+    (measured change per predicted change) lies outside [0.25, 4], the nearest point is scaled instead:
+    two plans 0.017 apart in the table measured the same 0.519 once (a compile moves a ratio by ~1%),
+    and that slope of 0.05 extrapolated to a table ratio of 0.11."""
     def scaled(point: tuple[float, float]) -> float:
         return point[0] * budget / point[1]
 
@@ -149,7 +152,7 @@ def next_table_target(points: list[tuple[float, float]], budget: float) -> float
         a, b = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
     else:
         a, b = points[-2], points[-1]
-    if b[0] == a[0] or (b[1] - a[1]) / (b[0] - a[0]) <= 0:
+    if b[0] == a[0] or not SECANT_SLOPES[0] <= (b[1] - a[1]) / (b[0] - a[0]) <= SECANT_SLOPES[1]:
         return scaled(min(points, key=lambda p: abs(p[1] - budget)))
     return a[0] + (budget - a[1]) * (b[0] - a[0]) / (b[1] - a[1])
 

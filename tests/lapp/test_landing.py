@@ -116,6 +116,9 @@ def test_the_next_table_target_scales_one_point_then_takes_the_secant_through_th
     # both on one side: the last two; a secant that does not rise (noise): the nearest point scaled
     assert next_table_target([(0.50, 0.53), (0.49, 0.52)], 0.5) == pytest.approx(0.49 + (0.5 - 0.52) * 0.01 / 0.01)
     assert next_table_target([(0.50, 0.52), (0.48, 0.53)], 0.5) == pytest.approx(0.50 * 0.5 / 0.52)
+    # seed 3 of the second ORT benchmark: two plans measured alike (slope 0.05): no wild extrapolation
+    flat = [(0.5028, 0.5194), (0.4864, 0.5186)]
+    assert next_table_target(flat, 0.5) == pytest.approx(0.4864 * 0.5 / 0.5186)
 
 
 def test_a_real_measurement_at_freeze_is_recorded_and_a_failing_one_leaves_the_table_plan(tmp_path: Path, fmnist, monkeypatch) -> None:
