@@ -3,8 +3,8 @@ that `training.landing` calls at freeze (the training side imports no runtime, s
 hands it this).
 
 The plan is built from the run's architecture spec at the planned widths with random weights
-(latency does not depend on them: measured, docs/RESULTS.md), fused (`models.fuse.fuse_model`: BN
-and bypass folded, as export deploys it), exported to ONNX and compiled on the target next to the
+(latency does not depend on them: measured, docs/RESULTS.md), fused and exported to ONNX as the
+latency calibration builds its networks (`latency.calibrate.build_fused`, `export_config`), then and compiled on the target next to the
 dense network built the same way; the ratio is the median over `compiles` fresh compiles of both,
 each the median of interleaved block ratios with load checks (`deploy.compile.ratio_over_compiles`).
 Everything is written in a temporary folder and removed: nothing lands in the run directory.
@@ -22,10 +22,9 @@ import torch
 from lapp_edge.deploy.compile import OnnxModel, dataset_calibration, ratio_over_compiles
 from lapp_edge.deploy.measure import RatioProtocol
 from lapp_edge.deploy.targets import TargetProfile, load_target
-from lapp_edge.export.onnx import INPUT_NAME, export_onnx
-from lapp_edge.fileio import atomic_write_bytes
-from lapp_edge.models.fuse import fuse_model
-from lapp_edge.models.spec import ArchitectureSpec, build_from_spec
+from lapp_edge.export.onnx import INPUT_NAME
+from lapp_edge.latency.calibrate import build_fused, export_config
+from lapp_edge.models.spec import ArchitectureSpec
 from lapp_edge.training.landing import MeasuredRatio
 
 LANDING_COMPILES = 3      # fresh compiles per measured ratio, as bench's default (one compile moves a ratio by a few %)
@@ -44,10 +43,9 @@ class PlanMeasurer:
 
     def _export(self, spec: ArchitectureSpec, path: Path) -> OnnxModel:
         torch.manual_seed(self.seed)
-        fused = fuse_model(build_from_spec(replace(spec, bypass=False)).eval())
         shape = (spec.in_channels, spec.input_size, spec.input_size)
-        atomic_write_bytes(path, export_onnx(fused, shape))
-        return OnnxModel(path, INPUT_NAME, shape)
+        fused = build_fused(spec.model, spec.widths, spec.dense_widths, shape, spec.num_classes, spec.coupled)
+        return OnnxModel(export_config(fused, shape, path), INPUT_NAME, shape)
 
     def __call__(self, spec: ArchitectureSpec, target: str, batch: int) -> MeasuredRatio:
         profile: TargetProfile = load_target(target)

@@ -421,8 +421,8 @@ class Trainer:
             if not agreed and self.dist.is_writer:
                 print("warning: the processes planned different widths at freeze; rank 0's plan is applied everywhere",
                       file=sys.stderr, flush=True)
-        landing = self.measured_landing(plan)
-        if landing is not None:
+        landing = self.measured_landing()
+        if landing is not None:        # None in the plan: measuring failed, or the table's plan misses (freeze says so)
             plan = landing[0] or plan
         plan = freeze(self.controller, self.optimizer, plan)
         self.task = DenseTask()
@@ -439,11 +439,12 @@ class Trainer:
             self.state.freeze["landing"] = asdict(landing[1])
         return plan
 
-    def measured_landing(self, plan: FreezeResult | None) -> tuple[FreezeResult | None, Landing] | None:
+    def measured_landing(self) -> tuple[FreezeResult | None, Landing] | None:
         """Latency runs with --measure-at-freeze (the default) and a `measure`: the freeze's plan measured on
         each target and planned again where it misses its budget (training/landing.py); rank 0 measures,
         every process applies its plan. None where nothing is measured. A failed measurement (a runtime
-        missing, a compile error) leaves the table's plan, with a one-line warning recorded in the landing."""
+        missing, a compile error) returns no plan (the caller keeps the table's), with a one-line warning
+        recorded in the landing."""
         if self.latency is None or not self.config.measure_at_freeze or self.measure is None or self.controller is None:
             return None
         result: tuple[FreezeResult | None, Landing] | None = None
@@ -461,8 +462,6 @@ class Trainer:
                 print("\n".join(result[1].lines()), flush=True)
         if self.dist.enabled:
             result, _ = self.dist.agree(result)
-        if result is not None and result[0] is None:
-            result = (plan, result[1])
         return result
 
     def _resize_to_slim(self, widths: dict[str, int]) -> None:

@@ -151,4 +151,4 @@ def test_a_real_measurement_at_freeze_is_recorded_and_a_failing_one_leaves_the_t
     assert report["landing"]["rounds"] == [] and "could not be measured" in report["landing"]["note"]
     assert report["latency_predicted_ratio"]["x86-ort-fp32"] == pytest.approx(0.5, abs=0.01)   # the table's plan
     off = Trainer(replace(config, out=str(tmp_path / "run3"), measure_at_freeze=False), fmnist, measure=quick)
-    assert off.measured_landing(None) is None                        # --no-measure-at-freeze: the table's plan, nothing measured
+    assert off.measured_landing() is None                        # --no-measure-at-freeze: the table's plan, nothing measured
