@@ -29,7 +29,10 @@ saved baked, so export, verification and the deploy side see an ordinary model.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lapp_edge.models.units import ConvBN
@@ -65,3 +68,84 @@ def bake(model: nn.Module) -> nn.Module:
         unit.bypass_conv = None
         unit.bypass_bn = None
     return model
+
+
+@torch.no_grad()
+def merge_bypass(model: nn.Module, images: Iterable[torch.Tensor],
+                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[ConvBN]:
+    """In place: every bypass of `model` is merged into its unit's kxk conv, so the unit trains on
+    as one conv + BN (`lapp-edge train --merge-bypass-at-freeze`). Returns how many were merged.
+
+    Mode "reparam" units are baked (`bake`, exact in training too). Mode "branch" units,
+    y = BN(conv_k(x)) + BN_b(conv_1(x)), become y = BN'(conv(x; W')): W' is the eval-mode fold of
+    both branches (`models.fuse.fuse_convbn`: BN folded into each, 1x1 added to the centre tap),
+    and BN' is set so that it is exactly the identity plus the fused bias in eval mode,
+        running_mean = m, running_var = v, weight = sqrt(v + eps), bias = m + b',
+    with m and v the per-channel mean and variance of conv(x; W') measured on `images` (batches of
+    inputs, N x C x H x W, run through `forward`, the model's own call by default, in eval mode).
+    So the merged network computes what the two-branch network computes in eval mode (max abs
+    difference ~1e-5 in float32), and in training mode its batch statistics start where the
+    running ones are. What is lost is the over-parameterisation of the second branch (RepVGG's
+    training benefit) for the rest of training: docs/RESULTS.md has its measured cost.
+
+    The caller rebuilds its optimizer: the merged conv's and BN's tensors keep their Parameter
+    objects but hold new values, and the bypass parameters are gone."""
+    from lapp_edge.models.fuse import fuse_convbn
+
+    baked = [unit for unit in bypass_units(model) if unit.bypass_mode == "reparam"]
+    bake(model)
+    units = bypass_units(model)
+    if not units:
+        return baked
+    fused = {unit: fuse_convbn(unit) for unit in units}
+    sums: dict[ConvBN, list[torch.Tensor]] = {}
+
+    def record(unit: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        assert isinstance(unit, ConvBN)
+        conv = fused[unit]
+        z = F.conv2d(inputs[0].float(), conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        first, second = z.mean(dim=(0, 2, 3)), z.square().mean(dim=(0, 2, 3))
+        if unit in sums:
+            sums[unit][0] += first
+            sums[unit][1] += second
+        else:
+            sums[unit] = [first, second, torch.zeros(())]
+        sums[unit][2] += 1
+
+    was_training = model.training
+    model.eval()
+    hooks = [unit.register_forward_pre_hook(record) for unit in units]
+    try:
+        for batch in images:
+            (forward or model)(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if len(sums) != len(units):
+        raise ValueError("merge_bypass: no image reached every bypass unit (give at least one batch)")
+    for unit in units:
+        first, second, count = sums[unit]
+        mean = first / count
+        var = (second / count - mean.square()).clamp_min(0.0)
+        conv, bn = fused[unit], unit.bn
+        unit.conv.weight.copy_(conv.weight.to(unit.conv.weight.dtype))
+        if unit.conv.bias is not None:
+            unit.conv.bias.zero_()
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_((var + bn.eps).sqrt())
+        bn.bias.copy_(mean + conv.bias)
+        unit.bypass_conv = None
+        unit.bypass_bn = None
+        unit.set_bypass_mode("branch")
+    return baked + units
+
+
+def drop_bypass(model: nn.Module) -> None:
+    """In place: every unit loses its bypass (no values carried over): the layout of a network
+    whose bypasses were merged, for loading its weights (a resumed run after a merge)."""
+    for unit in bypass_units(model):
+        unit.set_bypass_mode("branch")
+        unit.bypass_conv = None
+        unit.bypass_bn = None

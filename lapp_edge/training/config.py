@@ -90,6 +90,9 @@ class TrainConfig:
     bypass_mode: str = option("branch", "how the 1x1 bypass trains: branch (its own conv + BN, two convs per unit) or "
                               "reparam (folded into the kxk kernel at every step: one conv, a linear scale instead of "
                               "its BN, OREPA-style; a different function, see docs/GPU.md)", choices=BYPASS_MODES)
+    merge_bypass_at_freeze: bool = option(False, "at freeze, merge each 1x1 bypass into its kxk conv (exact in eval mode) and "
+                                          "train the slim phase without the branch: a quarter off each slim epoch's time, "
+                                          "see docs/RESULTS.md for its accuracy")
     coupled_groups: bool = option(True, "prune only inner convs: leave residual-coupled channel groups (stage widths) at full width",
                                   flag="--no-groups")
     group_reduce: str = option("sum", "how a coupled group's channel score combines its producers' scores", choices=("sum", "max"))
@@ -140,7 +143,7 @@ def split_values(text: str) -> list[str]:
 # Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
 LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer",
              "target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table", "shared_threshold",
-             "anneal_fraction", "measure_at_freeze")
+             "anneal_fraction", "measure_at_freeze", "merge_bypass_at_freeze")
 
 
 def flag_name(name: str) -> str:
@@ -203,6 +206,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"--group-reduce must be sum or max, got '{config.group_reduce}'")
     if config.bypass_mode not in BYPASS_MODES:
         raise UserError(f"--bypass-mode must be branch or reparam, got '{config.bypass_mode}'")
+    if config.merge_bypass_at_freeze and not config.bypass:
+        raise UserError("--merge-bypass-at-freeze merges the 1x1 bypass, which --no-bypass removes; drop one of them")
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"--lr-schedule must be cosine or step, got '{config.lr_schedule}'")
     if config.input_size < 0:

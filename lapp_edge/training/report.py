@@ -79,6 +79,7 @@ def build_report(summary: RunSummary) -> dict[str, Any]:
         "shaped_for": summary.shaped_for,
         "latency_predicted_ratio": summary.latency_ratios,
         "landing": freeze.get("landing"),
+        "bypass_merged_at_freeze": freeze.get("bypass_merged"),     # units merged (--merge-bypass-at-freeze), else None
         "channel_multiple": config["channel_multiple"],
         "input_shape": list(input_shape),
         "flops": {
@@ -120,6 +121,9 @@ def format_report(report: dict[str, Any]) -> str:
                      f"of dense (budget {entry['budget_ratio']:.4f} = {entry['budget_ms']:.3f} ms; table {entry['table']})")
     if report.get("landing"):
         lines += landing_lines(report["landing"])
+    if report.get("bypass_merged_at_freeze") is not None:
+        lines.append(f"bypass: {report['bypass_merged_at_freeze']} unit(s) merged into their kxk conv at freeze; "
+                     "the slim phase trained without the branch")
     lines.append(f"FlopCounterMode check: dense {flops['independent_dense_flops'] / 2e6:.3f} M MACs, "
                  f"slim {flops['independent_slim_flops'] / 2e6:.3f} M MACs")
     lines.append(f"params  dense {params['dense'] / 1e3:9.1f} k   slim {params['slim'] / 1e3:9.1f} k   "

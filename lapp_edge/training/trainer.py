@@ -44,7 +44,7 @@ from lapp_edge.lapp.freeze import freeze
 from lapp_edge.training.landing import LANDING_AIM, Landing, Measure, land_on_measured
 from lapp_edge.lapp.widths import allowed_widths, smallest_cost_ratio, target_widths
 from lapp_edge.models import build_model, prunable_sites
-from lapp_edge.models.reparam import bake, use_bypass_mode
+from lapp_edge.models.reparam import bake, drop_bypass, merge_bypass, use_bypass_mode
 from lapp_edge.models.slicing import resize_to_widths
 from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec
 from lapp_edge.training.config import TrainConfig, validate_config
@@ -266,7 +266,7 @@ class Trainer:
         try:
             state = run_state_from(payload)
             if state.phase == "slim":
-                self._resize_to_slim(state.widths)
+                self._resize_to_slim(state.widths, merged=bool((state.freeze or {}).get("bypass_merged")))
             self.model.load_state_dict(payload["model"])
             if state.phase == "slim":
                 self.train_model = self.dist.wrap(self.model)    # distributed: the slim model has new parameters
@@ -429,15 +429,36 @@ class Trainer:
         if self.amp:
             self.model.to(memory_format=torch.channels_last)
         self.recalibrate_batchnorm(self.config.bn_recalibration_batches)
+        merged = self.merge_bypass() if self.config.merge_bypass_at_freeze else 0
         self.train_model = self.dist.wrap(self.model)   # distributed: new parameters; copies rank 0's to every process
         self.state.phase = "slim"
         self.state.widths = dict(plan.widths)
         self.state.freeze = asdict(plan)
+        if self.config.merge_bypass_at_freeze:
+            self.state.freeze["bypass_merged"] = merged
         if self.dist.enabled:
             self.state.freeze["processes"] = {"world_size": self.dist.world_size, "plans_identical": agreed}
         if landing is not None:
             self.state.freeze["landing"] = asdict(landing[1])
         return plan
+
+    def merge_bypass(self) -> int:
+        """--merge-bypass-at-freeze: each bypass merged into its kxk conv (`models.reparam.merge_bypass`,
+        exact in eval mode; its new BN statistics from `bn_recalibration_batches` training batches), and a
+        new optimizer whose momentum is kept for every tensor that did not change. Returns how many units
+        were merged. Distributed: each process merges with its own batches; the DDP wrap that follows
+        copies rank 0's result to every process."""
+        generator = self._generator(self.config.seed + 11)
+        batches = (images for _, (images, _labels) in zip(range(self.config.bn_recalibration_batches), self._batches(generator)))
+        changed = merge_bypass(self.model, batches, self._forward)
+        reset = {id(t) for unit in changed for t in (unit.conv.weight, unit.conv.bias, unit.bn.weight, unit.bn.bias) if t is not None}
+        if self.amp:
+            self.model.to(memory_format=torch.channels_last)
+        previous, self.optimizer = self.optimizer, self._make_optimizer()
+        for parameter in self.model.parameters():
+            if id(parameter) not in reset and parameter in previous.state:
+                self.optimizer.state[parameter] = previous.state[parameter]
+        return len(changed)
 
     def measured_landing(self) -> tuple[FreezeResult | None, Landing] | None:
         """Latency runs with --measure-at-freeze (the default) and a `measure`: the freeze's plan measured on
@@ -464,14 +485,17 @@ class Trainer:
             result, _ = self.dist.agree(result)
         return result
 
-    def _resize_to_slim(self, widths: dict[str, int]) -> None:
+    def _resize_to_slim(self, widths: dict[str, int], merged: bool = False) -> None:
         """The slim phase's network without a freeze (resume, start_slim): masks detached, each site cut
-        to its first `widths` channels, on the device and layout the step uses, a new optimizer over
-        its parameters, no LAPP penalty. The caller loads weights and wraps it for distribution."""
+        to its first `widths` channels (`merged`: without its bypasses, as --merge-bypass-at-freeze
+        left them), on the device and layout the step uses, a new optimizer over its parameters, no
+        LAPP penalty. The caller loads weights and wraps it for distribution."""
         if self.controller is not None:
             self.controller.detach_masks()
         self.task = DenseTask()
         resize_to_widths(self.model, self.sites, widths)
+        if merged:
+            drop_bypass(self.model)
         self.model.to(self.device)
         if self.amp:
             self.model.to(memory_format=torch.channels_last)
@@ -533,6 +557,10 @@ class Trainer:
     def _reparam(self) -> bool:
         return self.config.bypass and not self.config.dense and self.config.bypass_mode == "reparam"
 
+    @property
+    def _bypass_merged(self) -> bool:
+        return bool((self.state.freeze or {}).get("bypass_merged"))
+
     def summary(self) -> RunSummary:
         """What the run's report is built from (the report module knows nothing of the Trainer)."""
         return RunSummary(asdict(self.config), self.state, self.model, self.input_shape,
@@ -544,7 +572,8 @@ class Trainer:
         info = self.data.info
         return ArchitectureSpec(
             model=self.config.model, in_channels=info.in_channels, num_classes=info.num_classes,
-            input_size=info.input_size, bypass=self.config.bypass and not self.config.dense and not self._reparam,
+            input_size=info.input_size,
+            bypass=self.config.bypass and not self.config.dense and not self._reparam and not self._bypass_merged,
             widths=dict(self.state.widths), dense_widths=dict(self.dense_widths),
             mean=list(info.mean), std=list(info.std), class_names=list(info.class_names),
             coupled=self.config.coupled_groups and not self.config.dense,

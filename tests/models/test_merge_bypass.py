@@ -1,0 +1,107 @@
+"""--merge-bypass-at-freeze (models/reparam.merge_bypass): the two-branch unit becomes one conv + BN
+that computes the same function in eval mode and starts training where it left off, and a run
+that merges at freeze trains, resumes exactly and saves a bypass-free slim model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lapp_edge.errors import UserError
+from lapp_edge.models import ConvBN, build_model
+from lapp_edge.models.reparam import bypass_units, merge_bypass, use_bypass_mode
+from lapp_edge.models.spec import load_slim_model
+from lapp_edge.training.config import validate_config
+from lapp_edge.training.trainer import Trainer
+from tests.conftest import tiny_config
+from tests.models.test_fuse import randomize_batchnorm
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_merged_unit_equals_the_two_branches_in_eval_and_its_batch_statistics_in_training(stride: int) -> None:
+    generator = torch.Generator().manual_seed(11)
+    unit = ConvBN(8, 16, 3, stride=stride, bypass=True)
+    randomize_batchnorm(unit, generator)
+    x = torch.randn(32, 8, 12, 12, generator=generator) * 2.0 + 0.5
+    with torch.no_grad():
+        reference = unit.eval()(x)
+        changed = merge_bypass(unit, [x[:16], x[16:]])
+        assert changed == [unit] and unit.bypass_conv is None and unit.bypass_bn is None
+        assert torch.allclose(unit.eval()(x), reference, atol=1e-4)
+        # the new BN's running statistics are the batch statistics of the merged conv's output, so a
+        # training-mode step on the same images starts from the same function (up to the variance's
+        # unbiased-vs-biased difference on 32 x 6 x 6 values per channel)
+        assert torch.allclose(unit.train()(x), reference, atol=5e-3 * float(reference.abs().max()))
+
+
+def test_merged_resnet_is_exact_and_bypass_free_in_both_modes() -> None:
+    generator = torch.Generator().manual_seed(12)
+    for mode in ("branch", "reparam"):
+        model = build_model("resnet20", 1, 10, True)
+        randomize_batchnorm(model, generator)
+        use_bypass_mode(model, mode)
+        count = len(bypass_units(model))
+        x = torch.randn(16, 1, 28, 28, generator=generator)
+        with torch.no_grad():
+            reference = model.eval()(x)
+            changed = merge_bypass(model, [x])
+            assert len(changed) == count > 0 and not bypass_units(model)
+            assert torch.allclose(model.eval()(x), reference, atol=1e-4)
+            plain = build_model("resnet20", 1, 10, False)       # an ordinary bypass-free network
+            plain.load_state_dict(model.state_dict())
+            assert torch.allclose(plain.eval()(x), reference, atol=1e-4)
+
+
+def test_merge_needs_images() -> None:
+    model = build_model("resnet20", 1, 10, True)
+    with pytest.raises(ValueError, match="at least one batch"):
+        merge_bypass(model, [])
+
+
+def test_merge_needs_the_bypass(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--no-bypass"):
+        validate_config(tiny_config(tmp_path / "run", bypass=False, merge_bypass_at_freeze=True))
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_that_merges_at_freeze_resumes_exactly_and_saves_a_plain_slim_model(tmp_path: Path, fmnist) -> None:
+    config = dict(epochs=3, merge_bypass_at_freeze=True)
+    straight = Trainer(tiny_config(tmp_path / "a", **config), fmnist)
+    evaluated: list[float] = []
+    merged_at_freeze = straight.merge_bypass
+
+    def merge_and_compare() -> int:
+        evaluated.append(straight.evaluate())
+        count = merged_at_freeze()
+        evaluated.append(straight.evaluate())
+        return count
+
+    straight.merge_bypass = merge_and_compare          # type: ignore[method-assign]
+    report = straight.run()
+    assert evaluated[0] == evaluated[1]                 # the merge changes no prediction
+    assert report["bypass_merged_at_freeze"] == 9       # ResNet-20's nine inner convs carry the bypass
+    assert "9 unit(s) merged into their kxk conv at freeze" in (tmp_path / "a" / "report.txt").read_text()
+    assert abs(report["flops"]["ratio"] - 0.4) <= 0.01
+    model, spec = load_slim_model(tmp_path / "a")
+    assert spec.bypass is False and not bypass_units(model)
+    images = torch.from_numpy(fmnist.test.images[:16]).float() / 255.0
+    with torch.no_grad():
+        assert torch.allclose(model(images), straight.model.eval()(images), atol=1e-4)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_two(trainer: Trainer) -> None:
+        if trainer.state.epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(tiny_config(tmp_path / "b", **config), fmnist).run(on_epoch=stop_after_epoch_two)
+    (tmp_path / "b" / ".lock").unlink(missing_ok=True)
+    resumed = Trainer(tiny_config(tmp_path / "b", **config), fmnist).run(resume=True)
+    assert resumed["accuracy"] == report["accuracy"]
+    a = torch.load(tmp_path / "a" / "slim_model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "slim_model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
