@@ -675,6 +675,48 @@ def goals_table(checks: list[GoalCheck]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class VariantCheck:
+    """A LAPP variant (an ablation, or a cheaper way to train it) against LAPP at one FLOPs target,
+    paired by seed: what it costs or gains in top-1 and in training CPU time."""
+
+    method: str
+    target: float
+    paired_points: list[float]                # 100 x (variant - LAPP) per seed both ran, in seed order
+    seeds: list[int]
+    cpu_vs_lapp: list[float]                  # variant's training CPU s / LAPP's, per seed
+    cpu_vs_dense: float | None                # the variant's mean CPU s over the dense runs' mean
+
+
+def variant_checks(results: list[RunResult], summaries: list[Summary]) -> list[VariantCheck]:
+    """One VariantCheck per LAPP variant and FLOPs target where it and "lapp" share a seed."""
+    checks = []
+    lapp = {(r.target, r.seed): r for r in results if r.method == "lapp"}
+    for summary in summaries:
+        if summary.method == "lapp" or summary.method not in METHODS or METHODS[summary.method].kind != "lapp":
+            continue
+        rows = sorted((r for r in results if r.method == summary.method and r.target == summary.target
+                       and (r.target, r.seed) in lapp), key=lambda r: r.seed)
+        if rows and summary.target is not None:
+            checks.append(VariantCheck(
+                summary.method, summary.target, [100 * (r.top1 - lapp[(r.target, r.seed)].top1) for r in rows],
+                [r.seed for r in rows], [r.train_cpu_s / lapp[(r.target, r.seed)].train_cpu_s for r in rows],
+                summary.cpu_vs_dense))
+    return checks
+
+
+def variants_table(checks: list[VariantCheck]) -> str:
+    """The variant checks as markdown: paired top-1 difference and CPU time against LAPP, per seed."""
+    lines = ["| variant | FLOPs target | seeds | variant - LAPP, top-1 points: mean (sd): per seed | CPU / LAPP's, mean: per seed "
+             "| CPU / dense |", "|---|---|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c.method} | {c.target:g} | {len(c.seeds)} | {statistics.mean(c.paired_points):+.2f} "
+                     f"({_sd(c.paired_points):.2f}): " + ", ".join(f"{x:+.2f}" for x in c.paired_points)
+                     + f" | {statistics.mean(c.cpu_vs_lapp):.2f}: " + ", ".join(f"{x:.2f}" for x in c.cpu_vs_lapp)
+                     + f" | {'-' if c.cpu_vs_dense is None else format(c.cpu_vs_dense, '.2f')} |")
+    return "\n".join(lines)
+
+
 def plot(summaries: list[Summary], out: Path) -> list[Path]:
     """accuracy_vs_flops.png and accuracy_vs_latency.png (mean over seeds, bars: sd; latency where measured)."""
     import matplotlib
@@ -913,14 +955,18 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items() if k != "only"}
     settings.update(prune_epochs=prune_epochs_of(args), pretrain_epochs=pretrain_epochs_of(args))
     checks = goal_checks(results, summaries)
+    variants = variant_checks(results, summaries)
     atomic_write_json(out / "results.json", {"settings": settings, "runs": [asdict(r) for r in results],
                                              "summary": [asdict(s) for s in summaries],
                                              "goals": [asdict(c) for c in checks],
+                                             "variants": [asdict(c) for c in variants],
                                              "failed": [job.label for job in failed],
                                              "missing": [job.label for job in jobs if job_state(job, out) != "done"]})
     table = markdown_table(summaries)
     if checks:
         table += "\n\nLAPP against the best peer (issue 12's goals):\n\n" + goals_table(checks)
+    if variants:
+        table += "\n\nLAPP's variants against LAPP, paired by seed:\n\n" + variants_table(variants)
     atomic_write_text(out / "results.md", table + "\n")
     plot(summaries, out)
     print(table)
