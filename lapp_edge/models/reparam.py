@@ -72,45 +72,50 @@ def bake(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def merge_bypass(model: nn.Module, images: Iterable[torch.Tensor],
-                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[ConvBN]:
+                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 average: Callable[[list[torch.Tensor]], None] | None = None) -> list[ConvBN]:
     """In place: every bypass of `model` is merged into its unit's kxk conv, so the unit trains on
-    as one conv + BN (`lapp-edge train --merge-bypass-at-freeze`). Returns how many were merged.
+    as one conv + BN (`lapp-edge train --merge-bypass-at-freeze`). Returns the mode "branch" units
+    merged (their conv weight and BN hold new values in the same Parameter objects).
 
-    Mode "reparam" units are baked (`bake`, exact in training too). Mode "branch" units,
-    y = BN(conv_k(x)) + BN_b(conv_1(x)), become y = BN'(conv(x; W')): W' is the eval-mode fold of
-    both branches (`models.fuse.fuse_convbn`: BN folded into each, 1x1 added to the centre tap),
-    and BN' is set so that it is exactly the identity plus the fused bias in eval mode,
+    Mode "reparam" units are baked (`bake`: exact in training too; the conv weight becomes a new
+    Parameter, the BN is untouched). Mode "branch" units, y = BN(conv_k(x)) + BN_b(conv_1(x)),
+    become y = BN'(conv(x; W')): W' is the eval-mode fold of both branches (`models.fuse.fuse_convbn`:
+    BN folded into each, 1x1 added to the centre tap), and BN' is set so that it is exactly the
+    identity plus the fused bias b' in eval mode,
         running_mean = m, running_var = v, weight = sqrt(v + eps), bias = m + b',
-    with m and v the per-channel mean and variance of conv(x; W') measured on `images` (batches of
-    inputs, N x C x H x W, run through `forward`, the model's own call by default, in eval mode).
+    with m and v the per-channel mean and (biased) variance of conv(x; W') over `images` (batches of
+    inputs, N x C x H x W, run through `forward`, the model's own call by default, in eval mode;
+    computed in float32 outside autocast and summed in float64). `average`, where given, averages
+    the summed moments in place across processes first (distributed: each saw its own batches).
     So the merged network computes what the two-branch network computes in eval mode (max abs
     difference ~1e-5 in float32), and in training mode its batch statistics start where the
     running ones are. What is lost is the over-parameterisation of the second branch (RepVGG's
     training benefit) for the rest of training: docs/RESULTS.md has its measured cost.
 
-    The caller rebuilds its optimizer: the merged conv's and BN's tensors keep their Parameter
-    objects but hold new values, and the bypass parameters are gone."""
+    Raises ValueError where a unit still carries a channel mask (merge after the masks are gone)
+    or no image reached a unit. The caller rebuilds its optimizer: tensors changed, the bypass
+    parameters are gone."""
     from lapp_edge.models.fuse import fuse_convbn
 
-    baked = [unit for unit in bypass_units(model) if unit.bypass_mode == "reparam"]
+    if any(unit.channel_mask is not None for unit in bypass_units(model)):
+        raise ValueError("merge_bypass: a unit still carries a channel mask; merge after freeze removed the masks")
     bake(model)
     units = bypass_units(model)
     if not units:
-        return baked
+        return []
     fused = {unit: fuse_convbn(unit) for unit in units}
-    sums: dict[ConvBN, list[torch.Tensor]] = {}
+    moments: dict[ConvBN, torch.Tensor] = {}      # per unit: [sum of z, sum of z^2] per channel, and the count, float64
 
     def record(unit: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         assert isinstance(unit, ConvBN)
         conv = fused[unit]
-        z = F.conv2d(inputs[0].float(), conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        first, second = z.mean(dim=(0, 2, 3)), z.square().mean(dim=(0, 2, 3))
-        if unit in sums:
-            sums[unit][0] += first
-            sums[unit][1] += second
-        else:
-            sums[unit] = [first, second, torch.zeros(())]
-        sums[unit][2] += 1
+        with torch.autocast(inputs[0].device.type, enabled=False):
+            z = F.conv2d(inputs[0].float(), conv.weight.float(), None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        z = z.double().transpose(0, 1).reshape(z.shape[1], -1)
+        count = torch.full((z.shape[0],), float(z.shape[1]), dtype=torch.float64, device=z.device)
+        batch = torch.stack([z.sum(dim=1), z.square().sum(dim=1), count])
+        moments[unit] = moments[unit] + batch if unit in moments else batch
 
     was_training = model.training
     model.eval()
@@ -122,24 +127,27 @@ def merge_bypass(model: nn.Module, images: Iterable[torch.Tensor],
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    if len(sums) != len(units):
+    if len(moments) != len(units):
         raise ValueError("merge_bypass: no image reached every bypass unit (give at least one batch)")
+    if average is not None:
+        average([moments[unit] for unit in units])
     for unit in units:
-        first, second, count = sums[unit]
-        mean = first / count
-        var = (second / count - mean.square()).clamp_min(0.0)
+        total, squares, count = moments[unit]
+        mean = total / count
+        var = (squares / count - mean.square()).clamp_min(0.0)
         conv, bn = fused[unit], unit.bn
-        unit.conv.weight.copy_(conv.weight.to(unit.conv.weight.dtype))
+        assert bn.running_mean is not None and bn.running_var is not None
+        unit.conv.weight.copy_(conv.weight)
         if unit.conv.bias is not None:
             unit.conv.bias.zero_()
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
-        bn.weight.copy_((var + bn.eps).sqrt())
-        bn.bias.copy_(mean + conv.bias)
+        bn.weight.copy_((bn.running_var + bn.eps).sqrt())     # from the stored variance: eval mode stays exact
+        bn.bias.copy_(bn.running_mean + conv.bias)
         unit.bypass_conv = None
         unit.bypass_bn = None
         unit.set_bypass_mode("branch")
-    return baked + units
+    return units
 
 
 def drop_bypass(model: nn.Module) -> None:

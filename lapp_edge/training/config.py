@@ -91,8 +91,8 @@ class TrainConfig:
                               "reparam (folded into the kxk kernel at every step: one conv, a linear scale instead of "
                               "its BN, OREPA-style; a different function, see docs/GPU.md)", choices=BYPASS_MODES)
     merge_bypass_at_freeze: bool = option(False, "at freeze, merge each 1x1 bypass into its kxk conv (exact in eval mode) and "
-                                          "train the slim phase without the branch: a quarter off each slim epoch's time, "
-                                          "see docs/RESULTS.md for its accuracy")
+                                          "train the slim phase with one conv per unit (bypass mode branch: cheaper slim "
+                                          "epochs; docs/RESULTS.md has the measured time and accuracy)")
     coupled_groups: bool = option(True, "prune only inner convs: leave residual-coupled channel groups (stage widths) at full width",
                                   flag="--no-groups")
     group_reduce: str = option("sum", "how a coupled group's channel score combines its producers' scores", choices=("sum", "max"))
@@ -206,8 +206,10 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"--group-reduce must be sum or max, got '{config.group_reduce}'")
     if config.bypass_mode not in BYPASS_MODES:
         raise UserError(f"--bypass-mode must be branch or reparam, got '{config.bypass_mode}'")
-    if config.merge_bypass_at_freeze and not config.bypass:
-        raise UserError("--merge-bypass-at-freeze merges the 1x1 bypass, which --no-bypass removes; drop one of them")
+    if config.merge_bypass_at_freeze and (not config.bypass or config.dense or config.bn_recalibration_batches < 1):
+        why = ("--no-bypass removes it" if not config.bypass else "--dense trains without a freeze" if config.dense
+               else "it needs --bn-recalibration-batches >= 1 for the merged BN's statistics")
+        raise UserError(f"--merge-bypass-at-freeze merges the 1x1 bypass at freeze, but {why}; drop one of them")
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"--lr-schedule must be cosine or step, got '{config.lr_schedule}'")
     if config.input_size < 0:

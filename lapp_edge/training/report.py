@@ -80,6 +80,7 @@ def build_report(summary: RunSummary) -> dict[str, Any]:
         "latency_predicted_ratio": summary.latency_ratios,
         "landing": freeze.get("landing"),
         "bypass_merged_at_freeze": freeze.get("bypass_merged"),     # units merged (--merge-bypass-at-freeze), else None
+        "freeze_seconds": ({"wall": freeze["seconds"], "cpu": freeze["cpu_seconds"]} if "seconds" in freeze else None),
         "channel_multiple": config["channel_multiple"],
         "input_shape": list(input_shape),
         "flops": {
@@ -131,6 +132,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"test top-1 {report['accuracy']['test_top1']:.4f}")
     seconds = report["epoch_seconds_median"]
     lines.append("median epoch seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    if report.get("freeze_seconds"):
+        lines.append(f"freeze: {report['freeze_seconds']['wall']:.1f} s ({report['freeze_seconds']['cpu']:.1f} s CPU), outside the epochs")
     return "\n".join(lines)
 
 

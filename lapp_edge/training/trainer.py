@@ -44,7 +44,7 @@ from lapp_edge.lapp.freeze import freeze
 from lapp_edge.training.landing import LANDING_AIM, Landing, Measure, land_on_measured
 from lapp_edge.lapp.widths import allowed_widths, smallest_cost_ratio, target_widths
 from lapp_edge.models import build_model, prunable_sites
-from lapp_edge.models.reparam import bake, drop_bypass, merge_bypass, use_bypass_mode
+from lapp_edge.models.reparam import bake, bypass_units, drop_bypass, merge_bypass, use_bypass_mode
 from lapp_edge.models.slicing import resize_to_widths
 from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec
 from lapp_edge.training.config import TrainConfig, validate_config
@@ -412,6 +412,7 @@ class Trainer:
     def freeze(self) -> FreezeResult:
         """End of the pruning phase: round widths, fix masks, slim physically, recalibrate BN."""
         assert self.controller is not None
+        started, cpu_started = time.perf_counter(), time.process_time()
         plan = agreed = None
         if self.dist.enabled:
             # distributed: thresholds and weights are equal on every process, so are the plans; check,
@@ -436,6 +437,9 @@ class Trainer:
         self.state.freeze = asdict(plan)
         if self.config.merge_bypass_at_freeze:
             self.state.freeze["bypass_merged"] = merged
+        # the freeze's own time (landing measurements, BN re-estimation, the merge) is in no epoch's record
+        self.state.freeze["seconds"] = time.perf_counter() - started
+        self.state.freeze["cpu_seconds"] = time.process_time() - cpu_started
         if self.dist.enabled:
             self.state.freeze["processes"] = {"world_size": self.dist.world_size, "plans_identical": agreed}
         if landing is not None:
@@ -444,21 +448,23 @@ class Trainer:
 
     def merge_bypass(self) -> int:
         """--merge-bypass-at-freeze: each bypass merged into its kxk conv (`models.reparam.merge_bypass`,
-        exact in eval mode; its new BN statistics from `bn_recalibration_batches` training batches), and a
-        new optimizer whose momentum is kept for every tensor that did not change. Returns how many units
-        were merged. Distributed: each process merges with its own batches; the DDP wrap that follows
-        copies rank 0's result to every process."""
+        exact in eval mode; the merged BN's statistics from `bn_recalibration_batches` training batches,
+        averaged over the processes), and a new optimizer whose momentum is kept for every tensor that
+        kept its values (reset for the merged convs and BNs; a baked reparam unit's conv weight is a new
+        tensor, so it starts without momentum too). Returns how many units had a bypass. Distributed:
+        every process computes the same merge; the DDP wrap that follows copies rank 0's to the rest."""
+        count = len(bypass_units(self.model))
         generator = self._generator(self.config.seed + 11)
         batches = (images for _, (images, _labels) in zip(range(self.config.bn_recalibration_batches), self._batches(generator)))
-        changed = merge_bypass(self.model, batches, self._forward)
-        reset = {id(t) for unit in changed for t in (unit.conv.weight, unit.conv.bias, unit.bn.weight, unit.bn.bias) if t is not None}
+        merged = merge_bypass(self.model, batches, self._forward, self.dist.average_tensors if self.dist.enabled else None)
+        reset = {id(t) for unit in merged for t in (unit.conv.weight, unit.conv.bias, unit.bn.weight, unit.bn.bias) if t is not None}
         if self.amp:
             self.model.to(memory_format=torch.channels_last)
         previous, self.optimizer = self.optimizer, self._make_optimizer()
         for parameter in self.model.parameters():
             if id(parameter) not in reset and parameter in previous.state:
                 self.optimizer.state[parameter] = previous.state[parameter]
-        return len(changed)
+        return count
 
     def measured_landing(self) -> tuple[FreezeResult | None, Landing] | None:
         """Latency runs with --measure-at-freeze (the default) and a `measure`: the freeze's plan measured on
@@ -506,7 +512,8 @@ class Trainer:
         site keeps its first channels) and train it as it is from there (no masks, no penalty). For
         networks whose widths are chosen elsewhere: a uniformly thinned network trained from scratch, or
         one pruned by another method, whose `weights` (a state dict of those shapes) are then loaded.
-        Needs a LAPP run (its sites) that has not started; a resumed run is rebuilt from its checkpoint."""
+        Needs a LAPP run (its sites) that has not started; a resumed run is rebuilt from its checkpoint.
+        There is no freeze, so --merge-bypass-at-freeze does nothing here (the bypass trains throughout)."""
         if self.controller is None or self.state.epoch != 0 or self.state.phase != "pruning":
             raise UserError("start_slim needs a LAPP run that has not started training")
         unknown = sorted(set(widths) - set(self.dense_widths))

@@ -145,9 +145,21 @@ def test_variants_are_paired_with_lapp_by_seed() -> None:
     (check,) = compare.variant_checks(results, compare.summarize(results))
     assert check.method == "lapp-merge-bypass" and check.seeds == [0, 1]
     assert check.paired_points == pytest.approx([0.5, -1.0]) and check.cpu_vs_lapp == pytest.approx([0.75, 0.9])
-    assert check.cpu_vs_dense == pytest.approx((124.0 / 3 / 2) / 50.0)
+    assert check.cpu_vs_dense == pytest.approx((114.0 / 2 / 2) / 50.0)
     table = compare.variants_table([check])
-    assert "| lapp-merge-bypass | 0.5 | 2 | -0.25 (1.06): +0.50, -1.00 | 0.82: 0.75, 0.90 | 0.41 |" in table
+    assert "| lapp-merge-bypass | 0.5 | 2 | -0.25 (1.06): +0.50, -1.00 | 0.82: 0.75, 0.90 | 0.57 |" in table
+
+
+def test_result_counts_the_freeze_between_epochs(tmp_path: Path) -> None:
+    job = compare.Job("lapp", 0.5, 0)
+    _finish(job, tmp_path)
+    assert compare.result_of(job, tmp_path).train_cpu_s == pytest.approx(4.5)      # a report without freeze times
+    report_path = job.run_dir(tmp_path) / "report.json"
+    report = json.loads(report_path.read_text())
+    report["freeze_seconds"] = {"wall": 3.0, "cpu": 2.5}
+    report_path.write_text(json.dumps(report))
+    result = compare.result_of(job, tmp_path)
+    assert result.train_cpu_s == pytest.approx(7.0) and result.train_wall_s == pytest.approx(9.0)
 
 
 def test_goal_check_flags_means_over_different_seeds() -> None:

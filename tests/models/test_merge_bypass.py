@@ -47,22 +47,50 @@ def test_merged_resnet_is_exact_and_bypass_free_in_both_modes() -> None:
         with torch.no_grad():
             reference = model.eval()(x)
             changed = merge_bypass(model, [x])
-            assert len(changed) == count > 0 and not bypass_units(model)
+            assert len(changed) == (count if mode == "branch" else 0) and count > 0 and not bypass_units(model)
             assert torch.allclose(model.eval()(x), reference, atol=1e-4)
             plain = build_model("resnet20", 1, 10, False)       # an ordinary bypass-free network
             plain.load_state_dict(model.state_dict())
             assert torch.allclose(plain.eval()(x), reference, atol=1e-4)
 
 
-def test_merge_needs_images() -> None:
+def test_merge_needs_images_and_no_masks() -> None:
     model = build_model("resnet20", 1, 10, True)
     with pytest.raises(ValueError, match="at least one batch"):
         merge_bypass(model, [])
+    unit = bypass_units(model)[0]
+    unit.channel_mask = torch.ones(unit.out_channels)
+    with pytest.raises(ValueError, match="channel mask"):
+        merge_bypass(model, [torch.randn(2, 1, 28, 28)])
 
 
-def test_merge_needs_the_bypass(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--no-bypass"):
-        validate_config(tiny_config(tmp_path / "run", bypass=False, merge_bypass_at_freeze=True))
+def test_merge_averages_the_moments_it_is_given_to() -> None:
+    """Distributed: the summed moments go through `average` before the statistics are set (here it
+    doubles them, which leaves mean and variance as they are: sums and counts scale alike)."""
+    generator = torch.Generator().manual_seed(13)
+    unit = ConvBN(4, 8, 3, bypass=True)
+    randomize_batchnorm(unit, generator)
+    x = torch.randn(8, 4, 10, 10, generator=generator)
+    seen: list[torch.Tensor] = []
+
+    def average(tensors: list[torch.Tensor]) -> None:
+        seen.extend(tensors)
+        for tensor in tensors:
+            tensor.mul_(2.0)
+
+    twin = ConvBN(4, 8, 3, bypass=True)
+    twin.load_state_dict(unit.state_dict())
+    merge_bypass(unit, [x], average=average)
+    merge_bypass(twin, [x])
+    assert len(seen) == 1 and seen[0].dtype == torch.float64 and seen[0].shape == (3, 8)
+    assert torch.allclose(unit.bn.running_var, twin.bn.running_var) and torch.allclose(unit.bn.weight, twin.bn.weight)
+
+
+@pytest.mark.parametrize("setting, why", [({"bypass": False}, "--no-bypass"), ({"dense": True}, "--dense"),
+                                          ({"bn_recalibration_batches": 0}, "--bn-recalibration-batches")])
+def test_merge_is_refused_where_it_cannot_run(tmp_path: Path, setting: dict, why: str) -> None:
+    with pytest.raises(UserError, match=why):
+        validate_config(tiny_config(tmp_path / "run", merge_bypass_at_freeze=True, **setting))
     assert not (tmp_path / "run").exists()
 
 
@@ -82,7 +110,9 @@ def test_run_that_merges_at_freeze_resumes_exactly_and_saves_a_plain_slim_model(
     report = straight.run()
     assert evaluated[0] == evaluated[1]                 # the merge changes no prediction
     assert report["bypass_merged_at_freeze"] == 9       # ResNet-20's nine inner convs carry the bypass
-    assert "9 unit(s) merged into their kxk conv at freeze" in (tmp_path / "a" / "report.txt").read_text()
+    text = (tmp_path / "a" / "report.txt").read_text()
+    assert "9 unit(s) merged into their kxk conv at freeze" in text and "freeze: " in text
+    assert report["freeze_seconds"]["cpu"] > 0 and report["freeze_seconds"]["wall"] > 0
     assert abs(report["flops"]["ratio"] - 0.4) <= 0.01
     model, spec = load_slim_model(tmp_path / "a")
     assert spec.bypass is False and not bypass_units(model)
