@@ -4,9 +4,10 @@ as `make test` does), and small, seeded training configurations that finish in s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -42,3 +43,15 @@ def tiny_config(out: Path, **overrides: object) -> TrainConfig:
     )
     values.update(overrides)
     return TrainConfig(**values)  # type: ignore[arg-type]
+
+
+class StopRun(Exception):
+    """Raised by `stop_after_epoch`'s hook: the run stops as a kill after that epoch's checkpoint would."""
+
+
+def stop_after_epoch(epoch: int) -> Callable[[Any], None]:
+    """An `on_epoch` hook for `Trainer.run` that stops the run once `epoch` epochs are complete."""
+    def hook(trainer: Any) -> None:
+        if trainer.state.epoch == epoch:
+            raise StopRun
+    return hook

@@ -15,7 +15,7 @@ from lapp_edge.models.reparam import bypass_units, merge_bypass, use_bypass_mode
 from lapp_edge.models.spec import load_slim_model
 from lapp_edge.training.config import validate_config
 from lapp_edge.training.trainer import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import StopRun, stop_after_epoch, tiny_config
 from tests.models.test_fuse import randomize_batchnorm
 
 
@@ -120,15 +120,8 @@ def test_run_that_merges_at_freeze_resumes_exactly_and_saves_a_plain_slim_model(
     with torch.no_grad():
         assert torch.allclose(model(images), straight.model.eval()(images), atol=1e-4)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_epoch_two(trainer: Trainer) -> None:
-        if trainer.state.epoch == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(tiny_config(tmp_path / "b", **config), fmnist).run(on_epoch=stop_after_epoch_two)
+    with pytest.raises(StopRun):
+        Trainer(tiny_config(tmp_path / "b", **config), fmnist).run(on_epoch=stop_after_epoch(2))
     (tmp_path / "b" / ".lock").unlink(missing_ok=True)
     resumed = Trainer(tiny_config(tmp_path / "b", **config), fmnist).run(resume=True)
     assert resumed["accuracy"] == report["accuracy"]

@@ -14,7 +14,7 @@ from lapp_edge.models.fuse import fuse_model
 from lapp_edge.models import ConvBN
 from lapp_edge.models.spec import load_slim_model
 from lapp_edge.training.trainer import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import StopRun, stop_after_epoch, tiny_config
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
@@ -55,15 +55,8 @@ def test_run_writes_report_plot_and_slim_model(tmp_path: Path, fmnist) -> None:
 def test_resumed_run_matches_uninterrupted_run(tmp_path: Path, fmnist) -> None:
     straight = Trainer(tiny_config(tmp_path / "a", epochs=3), fmnist).run()
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_epoch_two(trainer: Trainer) -> None:
-        if trainer.state.epoch == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(tiny_config(tmp_path / "b", epochs=3), fmnist).run(on_epoch=stop_after_epoch_two)
+    with pytest.raises(StopRun):
+        Trainer(tiny_config(tmp_path / "b", epochs=3), fmnist).run(on_epoch=stop_after_epoch(2))
     (tmp_path / "b" / ".lock").unlink(missing_ok=True)
     resumed = Trainer(tiny_config(tmp_path / "b", epochs=3), fmnist).run(resume=True)
     assert [l["kept"] for l in resumed["layers"]] == [l["kept"] for l in straight["layers"]]
