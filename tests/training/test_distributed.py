@@ -121,7 +121,7 @@ def _one_step_gradients(trainer: Any, bn_batch_statistics: bool) -> dict[str, An
             "weights": {k: p.grad.detach().clone() for k, p in trainer.model.named_parameters() if p.grad is not None}}
 
 
-def _worker(rank: int, port: int, root: str, settings: dict[str, Any]) -> None:
+def _worker(rank: int, port: int, root: str, settings: dict[str, Any], probe_steps: bool = True) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -141,9 +141,10 @@ def _worker(rank: int, port: int, root: str, settings: dict[str, Any]) -> None:
     dist = setup_from_env(torch.device("cpu"))
     result: dict[str, Any] = {"rank": rank, "backend": dist.backend}
     try:
-        probe = Trainer(tiny_config(base / "probe", batch_size=PER_PROCESS_BATCH, **settings), data, dist=dist)
-        result["step_eval_bn"] = _one_step_gradients(probe, bn_batch_statistics=False)
-        result["step_train_bn"] = _one_step_gradients(probe, bn_batch_statistics=True)
+        if probe_steps:
+            probe = Trainer(tiny_config(base / "probe", batch_size=PER_PROCESS_BATCH, **settings), data, dist=dist)
+            result["step_eval_bn"] = _one_step_gradients(probe, bn_batch_statistics=False)
+            result["step_train_bn"] = _one_step_gradients(probe, bn_batch_statistics=True)
 
         config = tiny_config(base / "a", batch_size=PER_PROCESS_BATCH, **settings)
         RunDirectory(config.out, writer=dist.is_writer).check_usable(False)
@@ -308,3 +309,22 @@ def test_two_processes_match_each_other_and_one_process(tmp_path: Path, fmnist) 
           f"top-1 {report['accuracy']['test_top1']:.3f} vs {zero['report']['accuracy']['test_top1']:.3f}")
     for flops in (report["flops"], zero["report"]["flops"]):
         assert abs(flops["ratio"] - single_config.flops_target) <= 0.01
+
+
+def test_two_processes_merge_the_bypass_alike_and_resume_after_it(tmp_path: Path, fmnist) -> None:
+    """--merge-bypass-at-freeze under two processes: each merges with its own batches, the moments
+    averaged; both end bitwise equal, and a resume from the epoch-1 (post-merge) checkpoint continues
+    exactly, with the bypass-free slim network rebuilt on every process."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    mp.spawn(_worker, args=(_free_port(), str(runs), {**SETTINGS, "merge_bypass_at_freeze": True}, False),
+             nprocs=WORLD, join=True)
+    zero, one = [torch.load(runs / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert zero["report"]["bypass_merged_at_freeze"] == one["report"]["bypass_merged_at_freeze"] == 9
+    assert not any("bypass" in name for name in zero["parameters"])
+    assert zero["parameters"].keys() == one["parameters"].keys()
+    assert all(torch.equal(zero["parameters"][k], one["parameters"][k]) for k in zero["parameters"])
+    for rank in (zero, one):
+        assert rank["resumed_epochs"] == [1, 2]
+        assert all(torch.equal(rank["parameters"][k], rank["resumed_parameters"][k]) for k in rank["parameters"])
+    assert abs(zero["report"]["flops"]["ratio"] - 0.4) <= 0.01
