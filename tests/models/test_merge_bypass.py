@@ -95,7 +95,7 @@ def test_merge_is_refused_where_it_cannot_run(tmp_path: Path, setting: dict, why
 
 
 def test_run_that_merges_at_freeze_resumes_exactly_and_saves_a_plain_slim_model(tmp_path: Path, fmnist) -> None:
-    config = dict(epochs=3, merge_bypass_at_freeze=True)
+    config = dict(epochs=2, merge_bypass_at_freeze=True)     # resumed after epoch 1: just after the merge
     straight = Trainer(tiny_config(tmp_path / "a", **config), fmnist)
     evaluated: list[float] = []
     merged_at_freeze = straight.merge_bypass
@@ -121,7 +121,7 @@ def test_run_that_merges_at_freeze_resumes_exactly_and_saves_a_plain_slim_model(
         assert torch.allclose(model(images), straight.model.eval()(images), atol=1e-4)
 
     with pytest.raises(StopRun):
-        Trainer(tiny_config(tmp_path / "b", **config), fmnist).run(on_epoch=stop_after_epoch(2))
+        Trainer(tiny_config(tmp_path / "b", **config), fmnist).run(on_epoch=stop_after_epoch(1))
     (tmp_path / "b" / ".lock").unlink(missing_ok=True)
     resumed = Trainer(tiny_config(tmp_path / "b", **config), fmnist).run(resume=True)
     assert resumed["accuracy"] == report["accuracy"]
