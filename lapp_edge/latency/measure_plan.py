@@ -4,7 +4,7 @@ hands it this).
 
 The plan is built from the run's architecture spec at the planned widths with random weights
 (latency does not depend on them: measured, docs/RESULTS.md), fused and exported to ONNX as the
-latency calibration builds its networks (`latency.calibrate.build_fused`, `export_config`), then and compiled on the target next to the
+latency calibration builds its networks (`latency.calibrate.build_fused`, `export_config`), then compiled on the target next to the
 dense network built the same way; the ratio is the median over `compiles` fresh compiles of both,
 each the median of interleaved block ratios with load checks (`deploy.compile.ratio_over_compiles`).
 Everything is written in a temporary folder and removed: nothing lands in the run directory.

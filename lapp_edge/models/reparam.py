@@ -64,9 +64,7 @@ def bake(model: nn.Module) -> nn.Module:
             continue
         merged = unit.reparam_weight().detach().clone()
         unit.conv.weight = nn.Parameter(merged, requires_grad=unit.conv.weight.requires_grad)
-        unit.set_bypass_mode("branch")
-        unit.bypass_conv = None
-        unit.bypass_bn = None
+        drop_bypass(unit)
     return model
 
 
@@ -112,9 +110,9 @@ def merge_bypass(model: nn.Module, images: Iterable[torch.Tensor],
         conv = fused[unit]
         with torch.autocast(inputs[0].device.type, enabled=False):
             z = F.conv2d(inputs[0].float(), conv.weight.float(), None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        z = z.double().transpose(0, 1).reshape(z.shape[1], -1)
-        count = torch.full((z.shape[0],), float(z.shape[1]), dtype=torch.float64, device=z.device)
-        batch = torch.stack([z.sum(dim=1), z.square().sum(dim=1), count])
+        dims = (0, 2, 3)
+        count = torch.full((z.shape[1],), float(z.numel() // z.shape[1]), dtype=torch.float64, device=z.device)
+        batch = torch.stack([z.sum(dim=dims, dtype=torch.float64), z.square().sum(dim=dims, dtype=torch.float64), count])
         moments[unit] = moments[unit] + batch if unit in moments else batch
 
     was_training = model.training
@@ -144,15 +142,14 @@ def merge_bypass(model: nn.Module, images: Iterable[torch.Tensor],
         bn.running_var.copy_(var)
         bn.weight.copy_((bn.running_var + bn.eps).sqrt())     # from the stored variance: eval mode stays exact
         bn.bias.copy_(bn.running_mean + conv.bias)
-        unit.bypass_conv = None
-        unit.bypass_bn = None
-        unit.set_bypass_mode("branch")
+    drop_bypass(model)
     return units
 
 
 def drop_bypass(model: nn.Module) -> None:
-    """In place: every unit loses its bypass (no values carried over): the layout of a network
-    whose bypasses were merged, for loading its weights (a resumed run after a merge)."""
+    """In place: every unit of `model` (or `model` itself, a ConvBN) loses its bypass, no values carried
+    over: what `bake` and `merge_bypass` end with, and the layout of a network whose bypasses were
+    merged, for loading its weights (a resumed run after a merge)."""
     for unit in bypass_units(model):
         unit.set_bypass_mode("branch")
         unit.bypass_conv = None

@@ -72,6 +72,11 @@ class EpochRecord:
     latency_ratio: float | None = None     # predicted by the target's layer table (latency-constrained runs)
 
 
+def bypass_merged_in(state: RunState) -> bool:
+    """Whether the run's freeze merged its bypasses (--merge-bypass-at-freeze): its slim network has none."""
+    return bool((state.freeze or {}).get("bypass_merged"))
+
+
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     """The learning rate at `step` of `total_steps`: cosine to 0, or x0.1 at 50% and 75% ("step")."""
     progress = step / max(1, total_steps)
@@ -266,7 +271,7 @@ class Trainer:
         try:
             state = run_state_from(payload)
             if state.phase == "slim":
-                self._resize_to_slim(state.widths, merged=bool((state.freeze or {}).get("bypass_merged")))
+                self._resize_to_slim(state.widths, merged=bypass_merged_in(state))
             self.model.load_state_dict(payload["model"])
             if state.phase == "slim":
                 self.train_model = self.dist.wrap(self.model)    # distributed: the slim model has new parameters
@@ -566,7 +571,7 @@ class Trainer:
 
     @property
     def _bypass_merged(self) -> bool:
-        return bool((self.state.freeze or {}).get("bypass_merged"))
+        return bypass_merged_in(self.state)
 
     def summary(self) -> RunSummary:
         """What the run's report is built from (the report module knows nothing of the Trainer)."""
