@@ -15,6 +15,8 @@ one measured side by side, and write the finished report (table + plot).
     dense_baseline: true                # optional: train the dense network too and compare on every target
     parallel_training: true             # optional: slim and dense train at the same time, each in its own
                                         # process with half the cores (unless train.threads says otherwise)
+    compiles: 3                         # optional: fresh compiles behind each predicted-vs-measured latency
+                                        # (bench --compiles; fewer is faster, more averages compile noise)
     train: {batch_size: 128}            # optional: any other `lapp-edge train` setting (TrainConfig field names)
 
 Every key is used or refused (unknown keys, a setting given twice, a bad value: one line, exit 2),
@@ -43,7 +45,7 @@ from lapp_edge.errors import UserError
 
 CONFIG_NAME = "run-all.yaml"
 TOP_LEVEL = ("out", "model", "data", "budget", "epochs", "prune_epochs", "targets", "target", "dense_baseline",
-             "parallel_training", "train")
+             "parallel_training", "compiles", "train")
 DATA_KEYS = ("dataset", "data_dir", "input_size", "augment", "mean", "std", "train_subset", "test_subset")
 
 
@@ -220,6 +222,9 @@ def run_all_command(args: argparse.Namespace) -> int:
     parallel = payload.get("parallel_training", True)
     if not isinstance(parallel, bool):
         raise UserError(f"{where}: parallel_training must be true or false")
+    compiles = payload.get("compiles", 3)
+    if isinstance(compiles, bool) or not isinstance(compiles, int) or compiles < 1:
+        raise UserError(f"{where}: compiles must be an integer of at least 1, got {compiles!r}")
     slim_config, dense_config = train_configs(payload, out, where, parallel)
     targets = target_list(payload, where)
     for profile in (load_target(t) for t in targets):          # every profile and calibration set, before any work
@@ -269,7 +274,8 @@ def run_all_command(args: argparse.Namespace) -> int:
         packages[name] = package
     print(f"== bench {packages['slim']} on {', '.join(targets)}"
           + (", dense measured side by side" if "dense" in packages else ""), flush=True)
-    report = run_bench(packages["slim"], targets, str(out / "bench.json"), baseline_dir=packages.get("dense"))
+    report = run_bench(packages["slim"], targets, str(out / "bench.json"), baseline_dir=packages.get("dense"),
+                       compiles=compiles)
     bench = asdict(report)
     rows = mission_rows(bench)
     slim_report = read_json(Path(slim_config.out) / "report.json")

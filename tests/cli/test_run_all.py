@@ -5,6 +5,7 @@ refused in one line before anything is written; the same config again continues.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,25 @@ def write_config(directory: Path, **changes: object) -> Path:
     config: dict[str, object] = {
         "out": str(directory / "all"), "model": "resnet20",
         "data": {"dataset": "fashion-mnist", "train_subset": 256, "test_subset": 200},
-        "budget": 0.5, "epochs": 2, "prune_epochs": 1, "targets": [str(quick_profile(directory))],
+        "budget": 0.5, "epochs": 2, "prune_epochs": 1, "targets": [str(quick_profile(directory))], "compiles": 1,
         "train": {"threads": 1, "progress": False, "bn_recalibration_batches": 2},
     }
     config.update(changes)
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def values_of(tree: object, key: str) -> Iterator[object]:
+    """Every value stored under `key` anywhere in a JSON tree."""
+    if isinstance(tree, dict):
+        for name, value in tree.items():
+            if name == key:
+                yield value
+            yield from values_of(value, key)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from values_of(value, key)
 
 
 def one_error(capsys: pytest.CaptureFixture[str]) -> str:
@@ -59,6 +72,8 @@ def test_run_all_trains_exports_benches_and_reports(tmp_path: Path, fmnist: Data
     assert "speedup (measured side by side)" in stdout and str(out / "accuracy_vs_latency.png") in stdout
     bench = json.loads((out / "bench.json").read_text())
     assert bench["baseline"].endswith("models/dense")
+    per_compile = list(values_of(bench, "measured_per_compile"))
+    assert per_compile and all(len(ratios) == 1 for ratios in per_compile)   # the config's compiles: 1 reached bench
 
     # the same config again: training and packages are kept, the bench and report are redone
     before = (out / "slim" / "report.json").read_bytes()
@@ -78,6 +93,9 @@ BAD_CONFIGS = [
     ({"targets": ["x86-nonexistent"]}, "target profile x86-nonexistent does not exist"),
     ({"targets": []}, "targets must be a non-empty list"),
     ({"dense_baseline": "yes"}, "dense_baseline must be true or false"),
+    ({"compiles": 0}, "compiles must be an integer of at least 1, got 0"),
+    ({"compiles": True}, "compiles must be an integer of at least 1, got True"),
+    ({"compiles": "2"}, "compiles must be an integer of at least 1, got '2'"),
 ]
 
 

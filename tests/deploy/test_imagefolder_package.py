@@ -77,7 +77,7 @@ def test_bench_of_an_imagefolder_package_needs_no_torch(folder_package: Path, tm
     out = tmp_path / "bench.json"
     code = f"""
 from lapp_edge.cli import main
-code = main(["bench", {str(folder_package)!r}, "--target", {str(target)!r}, "--out", {str(out)!r}])
+code = main(["bench", {str(folder_package)!r}, "--target", {str(target)!r}, "--out", {str(out)!r}, "--compiles", "1"])
 print("exit", code, "torch loaded:", any(m == "torch" or m.startswith("torch.") for m in sys.modules))
 """
     result = run_without_torch(code, tmp_path)
