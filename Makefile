@@ -38,8 +38,10 @@ demo: setup
 	$(LAPP) run-all configs/demo.yaml --out $(DEMO_DIR)
 
 # LAPP_EDGE_REQUIRE_DATA=1: a missing Fashion-MNIST fails the tests instead of skipping them.
+# --durations: the 15 slowest tests are listed, so CI's log shows where the suite's time goes (keep it well
+# under 15 minutes on a 2-core machine; mark a test `slow` when a faster one in the suite covers its kind).
 test: setup
-	LAPP_EDGE_REQUIRE_DATA=1 $(PYTHON) -m pytest -q -m "not slow and not latency"
+	LAPP_EDGE_REQUIRE_DATA=1 $(PYTHON) -m pytest -q -m "not slow and not latency" --durations=15
 
 # Latency regression per target against this machine's recorded baselines (run on a quiet machine;
 # TARGET=NAME for one target; record baselines with `lapp-edge baseline --target NAME`).

@@ -28,7 +28,7 @@ from tests.models.test_fuse import randomize_batchnorm
 # (channels, size): CIFAR-style families at 1x28x28 (Fashion-MNIST), torchvision ones at a small 3x64x64.
 INPUTS = {name: ((3, 64) if name in ("resnet18", "resnet34", "resnet50") else (1, 28)) for name in MODEL_BUILDERS}
 # ONNX export of the deepest families takes tens of seconds on 2 cores: they run in `make test-slow`.
-SLOW_EXPORT = {"resnet110", "resnet50", "resnet34", "vgg16_bn"}
+SLOW_EXPORT = {"resnet110", "resnet56", "resnet50", "resnet34", "vgg16_bn"}
 
 
 def flop_counter_macs(model: nn.Module, shape: tuple[int, int, int]) -> float:
@@ -37,8 +37,15 @@ def flop_counter_macs(model: nn.Module, shape: tuple[int, int, int]) -> float:
     return counter.get_total_flops() / 2
 
 
-COUPLED = [(name, coupled) for name in MODEL_BUILDERS for coupled in (True, False)]
-COUPLED_IDS = [f"{name}-{'groups' if coupled else 'inner'}" for name, coupled in COUPLED]
+# The deepest member of a family runs the same code as a shallower one that stays in `make test`
+# (resnet56/110 as resnet20/32, resnet34 as resnet18, resnet50's inner-only sites as its groups):
+# masked == slim, FLOPs and fusion on them run in `make test-slow`.
+SLOW_CHECKS = {("resnet56", True), ("resnet56", False), ("resnet110", True), ("resnet110", False),
+               ("resnet34", True), ("resnet34", False), ("resnet50", False)}
+COUPLED = [pytest.param(name, coupled, marks=[pytest.mark.slow] if (name, coupled) in SLOW_CHECKS else [],
+                        id=f"{name}-{'groups' if coupled else 'inner'}")
+           for name in MODEL_BUILDERS for coupled in (True, False)]
+SLOW_FUSION = {"resnet56", "resnet110", "resnet34"}
 
 
 def family(name: str, bypass: bool = True, coupled: bool = True) -> tuple[nn.Module, tuple[int, int, int]]:
@@ -57,7 +64,7 @@ def random_keep(sites: list, generator: torch.Generator) -> list[torch.Tensor]:
     return keeps
 
 
-@pytest.mark.parametrize(("name", "coupled"), COUPLED, ids=COUPLED_IDS)
+@pytest.mark.parametrize(("name", "coupled"), [(p.values[0], p.values[1]) for p in COUPLED], ids=[p.id for p in COUPLED])
 def test_sites_are_found(name: str, coupled: bool) -> None:
     model, _ = family(name, coupled=coupled)
     sites = prunable_sites(model)
@@ -74,7 +81,7 @@ def test_sites_are_found(name: str, coupled: bool) -> None:
         assert groups and all(site.name.endswith((".residual", ".projection")) for site in groups)
 
 
-@pytest.mark.parametrize(("name", "coupled"), COUPLED, ids=COUPLED_IDS)
+@pytest.mark.parametrize(("name", "coupled"), COUPLED)
 def test_masked_equals_slim_and_flops_match_the_flop_counter(name: str, coupled: bool) -> None:
     model, shape = family(name, coupled=coupled)
     sites = prunable_sites(model)
@@ -103,7 +110,7 @@ def test_masked_equals_slim_and_flops_match_the_flop_counter(name: str, coupled:
     assert float(cost.macs(widths)) == count_deployed_macs(slim, shape) == flop_counter_macs(slim, shape)
 
 
-@pytest.mark.parametrize("name", list(MODEL_BUILDERS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FUSION else n for n in MODEL_BUILDERS])
 def test_fusion_is_exact(name: str) -> None:
     model, shape = family(name)
     fused = fuse_model(model)

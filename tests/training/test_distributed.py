@@ -311,6 +311,7 @@ def test_two_processes_match_each_other_and_one_process(tmp_path: Path, fmnist) 
         assert abs(flops["ratio"] - single_config.flops_target) <= 0.01
 
 
+@pytest.mark.slow      # ~20 s; `make test` keeps the one-process merge-and-resume test and the two-process LAPP run
 def test_two_processes_merge_the_bypass_alike_and_resume_after_it(tmp_path: Path, fmnist) -> None:
     """--merge-bypass-at-freeze under two processes: each merges with its own batches, the moments
     averaged; both end bitwise equal, and a resume from the epoch-1 (post-merge) checkpoint continues

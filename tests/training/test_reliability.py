@@ -208,6 +208,7 @@ def test_second_run_on_the_same_out_is_refused_and_touches_nothing(reference: Re
 
 # --- SIGKILL at random points, resume until done --------------------------------------------
 
+@pytest.mark.slow      # ~50 s; `make test` keeps the kills at every write point (test_kill_during_checkpoint_and_report_writes)
 def test_random_sigkills_lose_at_most_one_epoch_and_change_nothing(reference: Reference, small_data: Path, tmp_path: Path) -> None:
     rng = random.Random(5)
     total_steps = EPOCHS * STEPS_PER_EPOCH
