@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lapp_edge.deploy.measure import COMPILES_PER_RATIO
+
 
 def add_baseline_commands(subparsers: argparse._SubParsersAction) -> None:
     for name, help_text, handler in (
@@ -21,8 +23,8 @@ def add_baseline_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--target", action="append", required=True, help="target profile: a name or a YAML path; repeat for several")
         p.add_argument("--batch", type=int, action="append", default=None, help="batch size (repeat; default: the profile's)")
         p.add_argument("--blocks", type=int, default=12, help="interleaved A/B blocks per ratio (default 12)")
-        p.add_argument("--compiles", type=int, default=3,
-                       help="fresh compiles of the models per figure, median taken (default 3: one compile moves a ratio a few percent)")
+        p.add_argument("--compiles", type=int, default=COMPILES_PER_RATIO,
+                       help="fresh compiles of the models per figure, median taken (default %(default)s: one compile moves a ratio a few percent)")
         p.set_defaults(handler=handler)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lapp_edge.deploy.measure import COMPILES_PER_RATIO
+
 
 def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="compile a model package for targets; accuracy and latency")
@@ -18,9 +20,9 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", default=None, metavar="PACKAGE",
                    help="another package of the same data (the dense network), compiled the same way on every target and "
                         "measured side by side: its top-1 there and the speedup over it, interleaved in one process")
-    p.add_argument("--compiles", type=int, default=3,
+    p.add_argument("--compiles", type=int, default=COMPILES_PER_RATIO,
                    help="fresh compiles of the package and the dense reference behind each predicted-vs-measured latency "
-                        "ratio (median taken; one compile's ratio moves by a few percent)")
+                        "ratio (median taken; one compile's ratio moves by a few percent; default %(default)s)")
     p.set_defaults(handler=run_bench_command)
 
 

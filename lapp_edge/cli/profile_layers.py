@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from lapp_edge.deploy.measure import COMPILES_PER_RATIO
 from lapp_edge.errors import UserError
 
 
@@ -36,8 +37,8 @@ def add_profile_layers_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reuse-layers", default="", metavar="TABLE",
                    help="keep TABLE's layer points (same target, model, input, multiple, batches, machine) and measure "
                         "only the whole networks again")
-    p.add_argument("--network-compiles", type=int, default=3,
-                   help="fresh compiles of each whole network and the dense one; its ratio is their median (default 3)")
+    p.add_argument("--network-compiles", type=int, default=COMPILES_PER_RATIO,
+                   help="fresh compiles of each whole network and the dense one; its ratio is their median (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=run_profile_layers_command)
 

@@ -41,6 +41,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from lapp_edge.deploy.measure import COMPILES_PER_RATIO
 from lapp_edge.errors import UserError
 
 CONFIG_NAME = "run-all.yaml"
@@ -222,7 +223,7 @@ def run_all_command(args: argparse.Namespace) -> int:
     parallel = payload.get("parallel_training", True)
     if not isinstance(parallel, bool):
         raise UserError(f"{where}: parallel_training must be true or false")
-    compiles = payload.get("compiles", 3)
+    compiles = payload.get("compiles", COMPILES_PER_RATIO)
     if isinstance(compiles, bool) or not isinstance(compiles, int) or compiles < 1:
         raise UserError(f"{where}: compiles must be an integer of at least 1, got {compiles!r}")
     slim_config, dense_config = train_configs(payload, out, where, parallel)

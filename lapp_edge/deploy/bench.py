@@ -38,7 +38,7 @@ from lapp_edge.data.readers import InMemorySplit, data_directory, load_arrays
 from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route, ratio_over_compiles
-from lapp_edge.deploy.measure import LatencyStats, RatioProtocol, interleaved_ratio, machine_key, measure_latency, quiet_block_ratios
+from lapp_edge.deploy.measure import COMPILES_PER_RATIO, LatencyStats, RatioProtocol, interleaved_ratio, machine_key, measure_latency, quiet_block_ratios
 from lapp_edge.deploy.package import MAX_MODEL_BYTES, ModelPackage, check_external_data, load_package, recorded_data_dir
 from lapp_edge.deploy.targets import TargetProfile, load_target
 from lapp_edge.deploy.tolerance import RUNTIME_FP32, compare_logits
@@ -305,7 +305,7 @@ def _fit_measured_with(profile: TargetProfile, model: str, precision_used: str) 
 
 def compare_with_fit(fit: LatencyFit, fit_path: str, reference_onnx: Path, package: ModelPackage, profile: TargetProfile,
                      runners: dict[int, Runner], medians_ms: dict[int, float], work_dir: Path,
-                     calibration: np.ndarray | None, route: str, compiles: int = 3) -> list[FitComparison]:
+                     calibration: np.ndarray | None, route: str, compiles: int = COMPILES_PER_RATIO) -> list[FitComparison]:
     """Predict the package's latency from its figures with the target's fit, and measure it against the
     fit's dense reference compiled on the target, interleaved in this process (median over `compiles`
     compiles: `measure_against_dense`), at each batch both have."""
@@ -367,7 +367,7 @@ def table_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyTab
 
 def compare_with_table(table: LatencyTable, table_path: Path, reference_onnx: Path, package: ModelPackage, profile: TargetProfile,
                        runners: dict[int, Runner], medians_ms: dict[int, float], work_dir: Path,
-                       calibration: np.ndarray | None, route: str, compiles: int = 3) -> list[FitComparison]:
+                       calibration: np.ndarray | None, route: str, compiles: int = COMPILES_PER_RATIO) -> list[FitComparison]:
     """Predict the package's latency ratio to the dense network from its ONNX graph's convs with the
     target's layer table, and measure it against the table's dense reference compiled on the target,
     interleaved in this process (median over `compiles` compiles: `measure_against_dense`), at each batch both have."""
@@ -411,7 +411,7 @@ def compare_with_baseline(baseline: ModelPackage, package: ModelPackage, profile
 
 
 def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, reference: Reference, work_dir: Path,
-                 data_dir: str | None = None, baseline: ModelPackage | None = None, compiles: int = 3) -> TargetResult:
+                 data_dir: str | None = None, baseline: ModelPackage | None = None, compiles: int = COMPILES_PER_RATIO) -> TargetResult:
     """Compile the package for one target (every int8 route the profile lists), then accuracy
     against the reference and latency at each profile batch. A missing runtime makes the
     result `unavailable` with its one-line message instead of raising."""
@@ -499,7 +499,7 @@ def check_baseline(baseline: ModelPackage, package: ModelPackage) -> None:
 
 def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None = None, data_dir: str | None = None,
               work_dir: str | None = None, reference_threads: int | None = None,
-              baseline_dir: str | Path | None = None, compiles: int = 3) -> BenchReport:
+              baseline_dir: str | Path | None = None, compiles: int = COMPILES_PER_RATIO) -> BenchReport:
     """Bench a package on every target (profiles by name or path); optionally write the report
     as JSON to `out`. With `baseline_dir` (a package of the dense network), each target also
     compiles the baseline the same way and measures it side by side: its accuracy, and the

@@ -23,7 +23,7 @@ from lapp_edge.data.imagefolder import FolderLayout
 from lapp_edge.deploy.backends import LoadRequest, Runner, get_backend
 from lapp_edge.deploy.calibration_set import CalibrationSet, draw_calibration, load_definition
 from lapp_edge.deploy.package import ModelPackage
-from lapp_edge.deploy.measure import RatioProtocol, quiet_block_ratios
+from lapp_edge.deploy.measure import COMPILES_PER_RATIO, RatioProtocol, quiet_block_ratios
 from lapp_edge.deploy.targets import TargetProfile
 from lapp_edge.errors import UserError
 
@@ -123,7 +123,7 @@ class CompiledRatio:
 
 
 def ratio_over_compiles(model_a: ModelPackage | OnnxModel, model_b: ModelPackage | OnnxModel, profile: TargetProfile,
-                        batch: int, work_dir: Path, data: np.ndarray, compiles: int = 3,
+                        batch: int, work_dir: Path, data: np.ndarray, compiles: int = COMPILES_PER_RATIO,
                         protocol: RatioProtocol | None = None, calibration: np.ndarray | None = None,
                         route: str | None = None) -> CompiledRatio:
     """latency(A) / latency(B) on `profile` at `batch` (data: `batch` x C x H x W float32), each of

@@ -31,6 +31,14 @@ class LatencyProtocol:
     max_seconds: float = 30.0
 
 
+COMPILES_PER_RATIO = 3
+"""Fresh compiles behind each latency ratio that is compared with a prediction or a baseline (median
+taken): the default of `bench --compiles`, `baseline --compiles`, run-all's `compiles` and
+`profile-layers --network-compiles`. A network's ratio moved by a median 3.3-8.2% between fresh compiles
+(ORT / OpenVINO, ResNet-20 and MobileNetV2, docs/RESULTS.md "Latency-aware LAPP"); three is the fewest
+whose median ignores one outlying compile."""
+
+
 @dataclass
 class LatencyStats:
     """Latency of one runner at one batch, in milliseconds per call (synchronous, one stream)."""

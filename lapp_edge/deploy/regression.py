@@ -34,7 +34,7 @@ import yaml
 from lapp_edge.costs.latency_fit import fit_file_name, load_fit
 from lapp_edge.deploy.backends import get_backend
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
-from lapp_edge.deploy.measure import RatioProtocol, cpu_snapshot, machine_key, other_cpu_share_since, quiet_block_ratios
+from lapp_edge.deploy.measure import COMPILES_PER_RATIO, RatioProtocol, cpu_snapshot, machine_key, other_cpu_share_since, quiet_block_ratios
 from lapp_edge.deploy.targets import TargetProfile, load_target
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_text
@@ -109,7 +109,7 @@ class RegressionResult:
 
 
 def measure_target(profile: TargetProfile, batches: list[int], work_dir: Path, protocol: RatioProtocol | None = None,
-                   slim_override: Path | None = None, compiles: int = 3) -> list[RegressionResult]:
+                   slim_override: Path | None = None, compiles: int = COMPILES_PER_RATIO) -> list[RegressionResult]:
     """Measure one target's speedup (and ratio to its reference target) at each batch and check
     them against its baselines: each figure is the median over `compiles` fresh compiles of the
     models (one compile's ratio moves by a few percent: docs/RESULTS.md), each compile's the median

@@ -47,7 +47,7 @@ from lapp_edge.costs.latency_table import (
 from lapp_edge.deploy.backends import Runner
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
 from lapp_edge.deploy.measure import (
-    LatencyProtocol, RatioProtocol, cpu_model, cpu_snapshot, machine_key, measure_latency, other_cpu_share_since,
+    COMPILES_PER_RATIO, LatencyProtocol, RatioProtocol, cpu_model, cpu_snapshot, machine_key, measure_latency, other_cpu_share_since,
     quiet_block_ratios,
 )
 from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, load_target, runtime_version
@@ -271,7 +271,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
                    configs: int = 24, batches: list[int] | None = None, channel_multiple: int = 0, coupled: bool = True,
                    out: str | Path = "latency-data", seed: int = 0, max_grid: int = MAX_GRID,
                    ratio_protocol: RatioProtocol | None = None, command: str = "", progress: bool = True,
-                   reuse_layers: str | Path | None = None, network_compiles: int = 3) -> Path:
+                   reuse_layers: str | Path | None = None, network_compiles: int = COMPILES_PER_RATIO) -> Path:
     """Measure and write the layer latency table of `model` on `target` (see the module docstring).
     Each whole network's latency ratio is the median over `network_compiles` fresh compiles of it
     and the dense network (one compile moves a ratio by a few percent, docs/RESULTS.md); the
