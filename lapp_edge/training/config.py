@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 LR_SCHEDULES = ("cosine", "step")
 BYPASS_MODES = ("branch", "reparam")     # lapp_edge.models.reparam.BYPASS_MODES
 DEVICES = ("auto", "cpu", "cuda")
+MEMORY_FORMATS = ("channels_last", "contiguous")
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None,
@@ -106,6 +107,8 @@ class TrainConfig:
     test_subset: int = option(0, "evaluate on a seeded random subset of this many test images (0: all)")
     device: str = option("auto", "training device (auto: cuda when available)", choices=DEVICES)
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    memory_format: str = option("contiguous", "activation and weight layout in training: channels_last (NHWC) or contiguous "
+                                "(NCHW); CUDA training always uses channels_last", choices=MEMORY_FORMATS)
     bn_recalibration_batches: int = option(40, "training batches used to re-estimate BN statistics at freeze")
     trace_every: int = option(10, "record every layer's kept width every N pruning steps (for the plot)")
     scorer: str = option("bn_weight_norm", "channel importance score", choices=_scorer_names())
@@ -231,6 +234,8 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"--bn-recalibration-batches must not be negative, got {config.bn_recalibration_batches}")
     if config.trace_every < 1:
         raise UserError(f"--trace-every must be at least 1, got {config.trace_every}")
+    if config.memory_format not in MEMORY_FORMATS:
+        raise UserError(f"--memory-format must be channels_last or contiguous, got '{config.memory_format}'")
     if config.device not in DEVICES:
         raise UserError(f"--device must be auto, cpu or cuda, got '{config.device}'")
     if config.device == "cuda":
@@ -310,6 +315,7 @@ def config_from_saved(saved: object, path: Path) -> TrainConfig:
         values[key] = value
     values["out"] = str(path.parent)
     values.setdefault("coupled_groups", False)     # runs saved before coupled groups existed pruned inner convs only
+    values.setdefault("memory_format", "contiguous")    # runs saved before the option existed trained NCHW on the CPU
     config = TrainConfig(**values)
     try:   # ranges as for the flags; the device is checked when the resumed run starts (it may change)
         validate_config(replace(config, device="cpu"))

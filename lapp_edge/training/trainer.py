@@ -136,6 +136,7 @@ class Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         self.prune_steps = 0 if config.dense else config.prune_epochs * self.steps_per_epoch
         self.amp = self.device.type == "cuda"
+        self.channels_last = self.amp or config.memory_format == "channels_last"
 
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, info.in_channels, info.num_classes, config.bypass and not config.dense,
@@ -152,7 +153,7 @@ class Trainer:
             self.cost = self.latency.cost
         self.lapp_settings = config.lapp_config(self.latency.target_ratio if self.latency else None)
         self.model.to(self.device)
-        if self.amp:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = self._make_optimizer()
         self.train_model = self.dist.wrap(self.model)        # distributed: DDP (the model itself for one process)
@@ -292,8 +293,9 @@ class Trainer:
 
     def _forward(self, images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         model = model or self.model
-        if self.amp:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if self.amp:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return model(images)
         return model(images)
@@ -432,7 +434,7 @@ class Trainer:
             plan = landing[0] or plan
         plan = freeze(self.controller, self.optimizer, plan)
         self.task = DenseTask()
-        if self.amp:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.recalibrate_batchnorm(self.config.bn_recalibration_batches)
         merged = self.merge_bypass() if self.config.merge_bypass_at_freeze else 0
@@ -463,7 +465,7 @@ class Trainer:
         batches = (images for _, (images, _labels) in zip(range(self.config.bn_recalibration_batches), self._batches(generator)))
         merged = merge_bypass(self.model, batches, self._forward, self.dist.average_tensors if self.dist.enabled else None)
         reset = {id(t) for unit in merged for t in (unit.conv.weight, unit.conv.bias, unit.bn.weight, unit.bn.bias) if t is not None}
-        if self.amp:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         previous, self.optimizer = self.optimizer, self._make_optimizer()
         for parameter in self.model.parameters():
@@ -508,7 +510,7 @@ class Trainer:
         if merged:
             drop_bypass(self.model)
         self.model.to(self.device)
-        if self.amp:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = self._make_optimizer()
 

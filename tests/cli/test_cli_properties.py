@@ -113,6 +113,7 @@ BAD_OPTIONS = st.one_of(
     st.tuples(st.just("--scorer"), names.filter(lambda s: s not in SCORERS)),
     st.tuples(st.just("--lr-schedule"), names.filter(lambda s: s not in ("cosine", "step"))),
     st.tuples(st.just("--device"), names.filter(lambda s: s not in ("auto", "cpu", "cuda"))),
+    st.tuples(st.just("--memory-format"), names.filter(lambda s: s not in ("channels_last", "contiguous"))),
     st.tuples(st.sampled_from(["--epochs", "--batch-size", "--seed", "--lr", "--flops-target"]),
               st.text(min_size=1, max_size=8).filter(lambda s: not _is_number(s))),
     # ("" is valid: the dataset's standard place)
@@ -155,7 +156,8 @@ json_values = st.recursive(
     max_leaves=8,
 )
 CONFIG_FIELDS = {"epochs": int, "prune_epochs": int, "batch_size": int, "lr": float, "flops_target": float,
-                 "seed": int, "model": str, "dataset": str, "channel_multiple": int, "data_dir": str, "dense": bool}
+                 "seed": int, "model": str, "dataset": str, "channel_multiple": int, "data_dir": str, "dense": bool,
+                 "memory_format": str}
 
 
 def _wrong_type(field: str, value: object) -> bool:

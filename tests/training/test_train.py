@@ -76,3 +76,32 @@ def test_unreachable_target_is_reported_before_training(tmp_path: Path, fmnist) 
     with pytest.raises(UserError, match="cannot be reached"):
         Trainer(tiny_config(tmp_path / "run", flops_target=0.05), fmnist)
     assert not (tmp_path / "run").exists()
+
+
+def _conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_channels_last_training_stays_nhwc_through_freeze_and_slimming(tmp_path: Path, fmnist, merge: bool) -> None:
+    """Freeze slices every pruned conv into new tensors (and the merge builds new ones): each must be put
+    back in channels_last, or the slim phase silently trains NCHW at the slower speed."""
+    layouts: list[tuple[str, bool]] = []
+
+    def record(trainer: Trainer) -> None:
+        weights = _conv_weights(trainer.model)
+        layouts.append((trainer.state.phase, all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)))
+
+    config = tiny_config(tmp_path / "run", epochs=3, prune_epochs=2, memory_format="channels_last", merge_bypass_at_freeze=merge)
+    report = Trainer(config, fmnist).run(on_epoch=record)
+    # the hook runs after each epoch, and after the freeze that ends the pruning phase
+    assert layouts == [("pruning", True), ("slim", True), ("slim", True)]
+    assert abs(report["flops"]["ratio"] - 0.4) <= 0.01
+
+
+def test_runs_saved_before_the_memory_format_option_resume_in_nchw(tmp_path: Path) -> None:
+    from lapp_edge.training.config import config_from_saved
+
+    saved = {"epochs": 2, "prune_epochs": 1}
+    assert config_from_saved(saved, tmp_path / "config.json").memory_format == "contiguous"
+    assert config_from_saved({**saved, "memory_format": "channels_last"}, tmp_path / "config.json").memory_format == "channels_last"
