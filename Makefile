@@ -55,6 +55,13 @@ test-slow: setup
 bench: setup
 	$(PYTHON) benchmarks/lapp_vs_dense.py --out bench-results/lapp_vs_dense
 
+# CPU training speed per memory format (benchmarks/memory_format.py): epoch CPU time of dense, LAPP pruning
+# and slim epochs with channels_last vs contiguous, per model family, the formats alternating; one thread;
+# table and JSON in bench-results/memory-format. About 20 minutes on 2 cores; re-running reuses finished runs.
+.PHONY: bench-memory-format
+bench-memory-format: setup
+	$(PYTHON) benchmarks/memory_format.py --out bench-results/memory-format
+
 # LAPP vs peers at equal FLOPs and epochs (benchmarks/compare.py): dense, uniform widths, Torch-Pruning
 # (L1, BN scale, group norm), LAPP and its ablations on Fashion-MNIST ResNet-20, targets 0.3 and 0.5, seeds
 # 0 and 1; accuracy, cost, training time and ONNX Runtime latency per method (table, JSON, plots in

@@ -135,13 +135,13 @@ def main() -> int:
     import torch
 
     machine = {"cpu": cpu_model(), "python": platform.python_version(), "torch": torch.__version__,
-               "threads": args.threads, "others_cpu_share_max": round(others, 3)}
+               "threads": args.threads, "others_cpu_share_mean": round(others, 3)}
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     atomic_write_json(Path(args.out) / "results.json", {"machine": machine, "settings": settings,
                                                          "rows": [asdict(r) for r in rows]})
     table = format_table(rows)
     header = (f"Machine: {machine['cpu']}, torch {machine['torch']}, {args.threads} thread(s); others' CPU share "
-              f"during the benchmark (largest): {machine['others_cpu_share_max']}\n\n")
+              f"over the whole benchmark (mean): {machine['others_cpu_share_mean']}\n\n")
     atomic_write_text(Path(args.out) / "results.md", header + table + "\n")
     print(header + table)
     return 0

@@ -107,8 +107,10 @@ class TrainConfig:
     test_subset: int = option(0, "evaluate on a seeded random subset of this many test images (0: all)")
     device: str = option("auto", "training device (auto: cuda when available)", choices=DEVICES)
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
-    memory_format: str = option("contiguous", "activation and weight layout in training: channels_last (NHWC) or contiguous "
-                                "(NCHW); CUDA training always uses channels_last", choices=MEMORY_FORMATS)
+    memory_format: str = option("channels_last", "activation and weight layout in training: channels_last (NHWC; on the CPU "
+                                "faster or level for every family and phase measured, up to a third off an epoch: "
+                                "make bench-memory-format) or contiguous (NCHW); CUDA training always uses channels_last",
+                                choices=MEMORY_FORMATS)
     bn_recalibration_batches: int = option(40, "training batches used to re-estimate BN statistics at freeze")
     trace_every: int = option(10, "record every layer's kept width every N pruning steps (for the plot)")
     scorer: str = option("bn_weight_norm", "channel importance score", choices=_scorer_names())
