@@ -142,6 +142,9 @@ class Trainer:
         self.model = build_model(config.model, info.in_channels, info.num_classes, config.bypass and not config.dense,
                                  config.coupled_groups and not config.dense, input_size=info.input_size)
         self._check_model_takes_inputs()
+        self.layout_note = ""              # why the run trains NCHW although channels_last was asked for
+        if self.channels_last:
+            self.channels_last = self._runs_in_channels_last()
         use_bypass_mode(self.model, config.bypass_mode)
         self.sites = prunable_sites(self.model)
         self.dense_widths = {site.name: site.channels for site in self.sites}
@@ -200,6 +203,25 @@ class Trainer:
             raise UserError(f"--batch-size 1: {self.config.model} on {self.input_shape[1]}x{self.input_shape[2]} inputs has "
                             "BatchNorm layers on 1x1 maps, which cannot train on one image per batch; use --batch-size 2 or more")
 
+    def _runs_in_channels_last(self) -> bool:
+        """One image through the model in channels_last (eval mode, nothing changes). A model that
+        reshapes activations with `.view` needs NCHW strides and cannot: False, the model goes back to
+        NCHW, and `decisions` says so in one line (a user's model is not refused for its layout)."""
+        self.model.to(memory_format=torch.channels_last)
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(torch.zeros(1, *self.input_shape).contiguous(memory_format=torch.channels_last))
+            return True
+        except RuntimeError as error:
+            first = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+            self.layout_note = (f"layout: {self.config.model} does not run in channels_last ({first}); it trains "
+                                "NCHW, as --memory-format contiguous")
+            self.model.to(memory_format=torch.contiguous_format)
+            return False
+        finally:
+            self.model.train()
+
     def decisions(self) -> list[str]:
         """What was decided before training, for the user: the data's lines, the batch arithmetic, the target."""
         config, size = self.config, len(self.train_split)  # type: ignore[arg-type]
@@ -209,6 +231,8 @@ class Trainer:
             batches += ("; the last batch of each epoch would hold 1 image and is dropped (BatchNorm cannot train on one image; "
                         "shuffling puts it in another batch next epoch)")
         lines.append(batches + f"; evaluation on {len(self.test_split)} images")  # type: ignore[arg-type]
+        if self.layout_note:
+            lines.append(self.layout_note)
         if self.latency is not None:
             for entry in self.latency.shaped_for:
                 lines.append(f"LAPP: latency on {entry['target']} at batch {entry['batch']} kept to {entry['budget_ratio']:.4f} of "

@@ -360,3 +360,24 @@ def test_byom_doc_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.Mo
     assert (tmp_path / "resnet18-slim.onnx").is_file()
     ratio = flop_counter_macs(net, (3, 32, 32)) / pruner.cost.dense_macs  # type: ignore[attr-defined, arg-type]
     assert abs(ratio - 0.5) <= 0.01
+
+
+def test_a_user_model_that_cannot_run_in_channels_last_trains_nchw_and_says_so(tmp_path: Path, fmnist) -> None:  # type: ignore[no-untyped-def]
+    """channels_last is the CPU default; a model that flattens with .view needs NCHW strides. It is not
+    refused: it trains NCHW, and the run's decisions say why."""
+    from lapp_edge.training.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tmp_path / "run", model="tests.models.user_nets:view_flatten_net", flops_target=0.53,
+                         channel_multiple=8, train_subset=128, test_subset=100, batch_size=32)
+    assert config.memory_format == "channels_last"
+    trainer = Trainer(config, fmnist)
+    notes = [line for line in trainer.decisions() if line.startswith("layout:")]
+    assert len(notes) == 1 and "does not run in channels_last (view size is not compatible" in notes[0], notes
+    report = trainer.run()
+    assert report["accuracy"]["test_top1"] > 0
+    assert all(m.weight.is_contiguous() for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    # a model that does run in channels_last gets no such line
+    assert not [line for line in Trainer(tiny_config(tmp_path / "other", model="tests.models.user_nets:small_net",
+                                                      dense=True, train_subset=128, test_subset=100), fmnist).decisions()
+                if line.startswith("layout:")]

@@ -115,3 +115,22 @@ NOT_A_MODEL = 3
 
 def not_a_module(num_classes: int = 10) -> object:
     return {"classes": num_classes}
+
+
+class ViewFlattenNet(nn.Module):
+    """Flattens its 7x7 feature map with `.view`, as many classic CNNs do: that needs NCHW strides, so
+    the model cannot run in channels_last."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = conv_bn(in_channels, 16, 3, 2)
+        self.body = conv_bn(16, 16, 3, 2)
+        self.fc = nn.Linear(16 * 7 * 7, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.stem(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def view_flatten_net(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    return ViewFlattenNet(num_classes, in_channels)
