@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lapp_edge.deploy.measure import CpuSnapshot, cpu_model, cpu_snapshot  # noqa: E402
+from lapp_edge.deploy.measure import cpu_model, cpu_snapshot, other_cpu_share_since  # noqa: E402
 from lapp_edge.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 
 FORMATS = ("contiguous", "channels_last")
@@ -42,17 +41,6 @@ class Row:
     channels_last_cpu_s: float
     ratio: float                 # median over repeats of channels_last / contiguous (paired within a repeat)
     ratios: list[float]
-
-
-def others_share(start: CpuSnapshot | None, children_start: float) -> float:
-    """Share of the machine's CPU time since `start` used by processes other than this one and its
-    finished children (the training runs); 0 where /proc/stat is missing."""
-    end = cpu_snapshot()
-    if start is None or end is None or end.total <= start.total:
-        return 0.0
-    total = end.total - start.total
-    ours = (end.own_seconds - start.own_seconds + sum(os.times()[2:4]) - children_start) * os.sysconf("SC_CLK_TCK")
-    return max(0.0, min(1.0, (total - (end.idle - start.idle) - ours) / total))
 
 
 def run_train(out: Path, model: str, mode: str, memory_format: str, args: argparse.Namespace) -> dict:
@@ -79,7 +67,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], float]:
     cpu_s: dict[tuple[str, str, str, int], float] = {}
     models = [m for m in args.models.split(",") if m]
     total, done = len(models) * 2 * len(FORMATS) * args.repeats, 0
-    began, snapshot, children = time.monotonic(), cpu_snapshot(), sum(os.times()[2:4])
+    began, snapshot = time.monotonic(), cpu_snapshot(with_children=True)     # the training runs are ours
     for model in models:
         for repeat in range(args.repeats):
             order = FORMATS if repeat % 2 == 0 else FORMATS[::-1]
@@ -100,7 +88,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], float]:
                             statistics.median(cpu_s[(model, phase, "contiguous", r)] for r in range(args.repeats)),
                             statistics.median(cpu_s[(model, phase, "channels_last", r)] for r in range(args.repeats)),
                             statistics.median(ratios), ratios))
-    return rows, others_share(snapshot, children)
+    return rows, other_cpu_share_since(snapshot)
 
 
 def format_table(rows: list[Row]) -> str:

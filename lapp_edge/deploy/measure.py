@@ -123,25 +123,30 @@ def _cpu_jiffies() -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class CpuSnapshot:
-    """Machine-wide CPU jiffies (total, idle) and this process's own CPU seconds at one moment."""
+    """Machine-wide CPU jiffies (total, idle) and this process's own CPU seconds at one moment
+    (with its finished, waited-for children's where `with_children`)."""
 
     total: int
     idle: int
     own_seconds: float
+    with_children: bool = False
 
 
-def cpu_snapshot() -> CpuSnapshot | None:
-    """A snapshot for `other_cpu_share_since` (None where /proc/stat does not exist)."""
+def cpu_snapshot(with_children: bool = False) -> CpuSnapshot | None:
+    """A snapshot for `other_cpu_share_since` (None where /proc/stat does not exist). `with_children`:
+    count this process's finished child processes as its own (a caller that runs its work in subprocesses)."""
     if not Path("/proc/stat").is_file():
         return None
     total, idle = _cpu_jiffies()
-    return CpuSnapshot(total, idle, sum(os.times()[:2]))
+    times = os.times()
+    own = times.user + times.system + (times.children_user + times.children_system if with_children else 0.0)
+    return CpuSnapshot(total, idle, own, with_children)
 
 
 def other_cpu_share_since(start: CpuSnapshot | None) -> float:
     """Fraction of the machine's CPU time used by other processes since `start` (0 where unknown).
     Taken around a measurement, it says how loaded the machine was while measuring."""
-    end = cpu_snapshot()
+    end = cpu_snapshot(start.with_children) if start is not None else None
     if start is None or end is None:
         return 0.0
     total = end.total - start.total
