@@ -66,6 +66,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from lapp_edge.child_processes import ChildProcesses, ChildrenStopped  # noqa: E402
 from lapp_edge.fileio import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from lapp_vs_dense import train_command  # noqa: E402
 
@@ -74,6 +75,7 @@ CHECKPOINT = "checkpoint.pt"
 TP_METHODS = ("tp-l1", "tp-bn", "tp-gn")
 LATENCY_TARGET = "x86-ort-fp32"
 LATENCY_BATCH = 32
+CHILDREN = ChildProcesses("compare")   # the training processes, stopped with this one (SIGTERM, SIGHUP, SIGINT)
 
 
 @dataclass(frozen=True)
@@ -847,8 +849,8 @@ def run_one(job: Job, args: argparse.Namespace) -> int:
     with open(log_path, "ab") as log:
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads)),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
-        return subprocess.run(job_command(job, args), stdout=log, stderr=subprocess.STDOUT, env=env,
-                              preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None).returncode
+        return CHILDREN.run(job_command(job, args), stdout=log, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None).returncode
 
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace) -> list[Job]:
@@ -875,13 +877,20 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace) -> list[Job]:
         nonlocal finished
         for job in chain:
             with lock:
+                if CHILDREN.stopping:                  # a stop signal arrived: start nothing more
+                    return
                 state = job_state(job, out)
                 print(f"[{finished}/{len(pending)} done] {job.label}: {'resuming' if state == 'resume' else 'starting'}{eta()}",
                       flush=True)
             job_started = time.perf_counter()
-            code = run_one(job, args)
+            try:
+                code = run_one(job, args)
+            except ChildrenStopped:
+                return
             elapsed = time.perf_counter() - job_started
             with lock:
+                if CHILDREN.stopping:
+                    return
                 finished += 1
                 if code != 0 or job_state(job, out) != "done":
                     failed.append(job)
@@ -958,7 +967,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(methods, targets, seeds)
     started = time.perf_counter()
-    failed = [] if args.no_train else run_jobs(jobs, args)
+    with CHILDREN.stop_on_signal():
+        failed = [] if args.no_train else run_jobs(jobs, args)
     results = [result_of(job, out) for job in jobs if job_state(job, out) == "done"]
     if not args.no_latency and results:
         measure_latencies(results, out, args.data_dir or None, args.compiles)

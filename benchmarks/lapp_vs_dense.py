@@ -21,7 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lapp_edge.child_processes import ChildProcesses  # noqa: E402
 from lapp_edge.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+
+CHILDREN = ChildProcesses("lapp_vs_dense")   # the training processes, stopped with this one
 
 CONFIGURATIONS: dict[str, list[str]] = {
     "dense": ["--dense"],
@@ -71,7 +74,7 @@ def launch(name: str, args: argparse.Namespace) -> subprocess.Popen[bytes] | Non
     if name != "dense":  # a dense run refuses LAPP-only options
         common += ["--prune-epochs", str(args.prune_epochs), "--flops-target", str(args.flops_target)]
     log = open(Path(args.out) / f"{name}.log", "ab")  # noqa: SIM115 - closed when the process ends
-    return subprocess.Popen(train_command(out, [*common, *CONFIGURATIONS[name]]), stdout=log, stderr=subprocess.STDOUT)
+    return CHILDREN.start(train_command(out, [*common, *CONFIGURATIONS[name]]), stdout=log, stderr=subprocess.STDOUT)
 
 
 def row_from_report(name: str, report: dict) -> Row:
@@ -125,8 +128,9 @@ def main() -> int:
         print(f"lapp_vs_dense: error: configs must come from {list(CONFIGURATIONS)}", file=sys.stderr)
         return 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    processes = {name: launch(name, args) for name in names}
-    failed = [name for name, process in processes.items() if process is not None and process.wait() != 0]
+    with CHILDREN.stop_on_signal():
+        processes = {name: launch(name, args) for name in names}
+        failed = [name for name, process in processes.items() if process is not None and process.wait() != 0]
     if failed:
         print(f"lapp_vs_dense: error: runs failed: {failed}; see their logs in {args.out}", file=sys.stderr)
         return 1

@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lapp_edge.child_processes import ChildProcesses  # noqa: E402
 from lapp_edge.costs.latency_table import find_table_file, load_table, onnx_conv_layers  # noqa: E402
 from lapp_edge.deploy.package import load_package  # noqa: E402
 from lapp_edge.deploy.compile import OnnxModel, ratio_over_compiles  # noqa: E402
@@ -38,6 +39,8 @@ from lapp_edge.deploy.measure import cpu_model, cpu_snapshot, machine_key, other
 from lapp_edge.deploy.targets import load_target, runtime_version  # noqa: E402
 from lapp_edge.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from lapp_edge.resources import find_latency_file  # noqa: E402
+
+CHILDREN = ChildProcesses("latency_aware_lapp")   # the training processes, stopped with this one
 
 
 @dataclass
@@ -97,7 +100,7 @@ def launch(run: Run, args: argparse.Namespace) -> subprocess.Popen[bytes] | None
         command = ["--out", str(out), "--model", args.model, "--epochs", str(args.epochs), "--prune-epochs", str(args.prune_epochs),
                    "--train-subset", str(args.train_subset), "--seed", str(run.seed), "--threads", "1", "--quiet", *run.flags]
     log = open(Path(args.out) / f"{run.name}.log", "ab")  # noqa: SIM115 - closed when the process ends
-    return subprocess.Popen([sys.executable, "-m", "lapp_edge.cli", "train", *command], stdout=log, stderr=subprocess.STDOUT)
+    return CHILDREN.start([sys.executable, "-m", "lapp_edge.cli", "train", *command], stdout=log, stderr=subprocess.STDOUT)
 
 
 def train_all(runs: list[Run], args: argparse.Namespace) -> list[str]:
@@ -116,6 +119,7 @@ def train_all(runs: list[Run], args: argparse.Namespace) -> list[str]:
             print(f"[{time.perf_counter() - started:6.0f} s] training {run.name}", flush=True)
         for name, process in list(active.items()):
             if process.poll() is not None:
+                CHILDREN.forget(process)
                 del active[name]
                 finished += 1
                 if process.returncode != 0:
@@ -287,7 +291,8 @@ def main() -> int:
     targets = [t for t in args.targets.split(",") if t]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     runs = plan(args)
-    failed = train_all(runs, args)
+    with CHILDREN.stop_on_signal():
+        failed = train_all(runs, args)
     if failed:
         print(f"latency_aware_lapp: error: runs failed: {failed}; see their logs in {args.out}", file=sys.stderr)
         return 1

@@ -25,8 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lapp_edge.child_processes import ChildProcesses  # noqa: E402
 from lapp_edge.deploy.measure import cpu_model, cpu_snapshot, other_cpu_share_since  # noqa: E402
 from lapp_edge.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+
+CHILDREN = ChildProcesses("memory_format")   # the training process, stopped with this one
 
 FORMATS = ("contiguous", "channels_last")
 PHASES = {"dense": ("dense",), "lapp": ("pruning", "slim")}
@@ -55,7 +58,7 @@ def run_train(out: Path, model: str, mode: str, memory_format: str, args: argpar
                "--threads", str(args.threads), "--device", "cpu", "--memory-format", memory_format, "--quiet"]
     command += ["--dense", "--epochs", "1"] if mode == "dense" else [
         "--epochs", "2", "--prune-epochs", "1", "--flops-target", str(args.flops_target)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = CHILDREN.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {(done.stderr or done.stdout).strip()[-400:]}")
     return json.loads(report.read_text())
@@ -116,7 +119,8 @@ def main() -> int:
         return 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
-        rows, others = measure(args)
+        with CHILDREN.stop_on_signal():
+            rows, others = measure(args)
     except RuntimeError as error:
         print(f"memory_format: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 1

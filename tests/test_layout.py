@@ -14,7 +14,7 @@ RUNTIMES = ("onnxruntime", "openvino", "nncf", "tensorrt")
 TORCH = ("torch", "torchvision")
 # Modules that must run on a device without torch (the deploy side, and what it reads with).
 DEPLOY_SIDE = ("lapp_edge.deploy", "lapp_edge.resources", "lapp_edge.costs", "lapp_edge.data.readers", "lapp_edge.data.imagefolder",
-               "lapp_edge.fileio", "lapp_edge.errors")
+               "lapp_edge.fileio", "lapp_edge.errors", "lapp_edge.child_processes")
 TORCH_BACKENDS = ("lapp_edge.deploy.backends.torch_cuda",)    # its runtime *is* torch (imported when it loads)
 TRAINING_SIDE = ("lapp_edge.lapp", "lapp_edge.training", "lapp_edge.models", "lapp_edge.data.torch_data", "lapp_edge.torch_io")
 # What the training side may read of the deploy side to shape a network for a target (latency-aware

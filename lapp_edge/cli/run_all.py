@@ -41,6 +41,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from lapp_edge.child_processes import ChildProcesses
 from lapp_edge.deploy.measure import COMPILES_PER_RATIO
 from lapp_edge.errors import UserError
 
@@ -144,7 +145,15 @@ EPOCH_LINE = re.compile(r"^epoch +\d+ \[")
 def train_in_parallel(trainers: dict[str, tuple[Any, bool]]) -> None:
     """Train the runs at the same time, each in its own `lapp-edge train --resume` process (its
     config.json is written first, so it starts from epoch 0 or its last checkpoint), output in
-    <run>/train.log; each finished epoch is echoed here. A failure is one line naming the run."""
+    <run>/train.log; each finished epoch is echoed here. A failure is one line naming the run.
+    SIGTERM, SIGHUP or SIGINT to this process stops the training processes too (`ChildProcesses`):
+    the same command resumes them."""
+    children = ChildProcesses("lapp-edge run-all")
+    with children.stop_on_signal():
+        _train_in_parallel(trainers, children)
+
+
+def _train_in_parallel(trainers: dict[str, tuple[Any, bool]], children: ChildProcesses) -> None:
     from lapp_edge.training.run_dir import RunDirectory
 
     processes, logs = {}, {}
@@ -156,8 +165,8 @@ def train_in_parallel(trainers: dict[str, tuple[Any, bool]]) -> None:
         print("\n".join(f"   {line}" for line in trainer.decisions()), flush=True)
         logs[name] = run_dir.path / "train.log"
         with open(logs[name], "ab") as log:
-            processes[name] = subprocess.Popen([sys.executable, "-m", "lapp_edge.cli", "train", "--out", trainer.config.out, "--resume"],
-                                               stdout=log, stderr=subprocess.STDOUT)
+            processes[name] = children.start([sys.executable, "-m", "lapp_edge.cli", "train", "--out", trainer.config.out, "--resume"],
+                                             stdout=log, stderr=subprocess.STDOUT)
     trainers.clear()                                   # free the data the checks loaded
     seen = {name: 0 for name in processes}
     while True:
