@@ -200,7 +200,7 @@ def test_resume_skips_finished_runs_and_resumes_unfinished_ones(tmp_path: Path, 
         _finish(job, tmp_path, 0.7)
         return type("Done", (), {"returncode": 0})()
 
-    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare.CHILDREN, "run", fake_run)
     assert compare.run_jobs(jobs, args) == []
     assert len(launched) == 2                                  # the finished dense run was not launched again
     assert "1 already finished, 2 to train" in capsys.readouterr().out
@@ -287,7 +287,7 @@ def test_a_worker_keeps_the_callers_python_path(tmp_path: Path, monkeypatch: pyt
         return type("Done", (), {"returncode": 0})()
 
     monkeypatch.setenv("PYTHONPATH", "/opt/site-extra")
-    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare.CHILDREN, "run", fake_run)
     args = compare.build_parser().parse_args(["--out", str(tmp_path)])
     assert compare.run_one(compare.Job("uniform", 0.5, 0), args) == 0
     assert seen["PYTHONPATH"].split(":") == [str(REPO), "/opt/site-extra"]
