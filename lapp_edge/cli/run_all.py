@@ -1,5 +1,5 @@
 """`lapp-edge run-all CONFIG.yaml [--out DIR]`: the whole mission from one file, with the stage
-functions the other commands use: train the slim network (LAPP to a FLOPs budget) and the dense
+functions the other commands use: train the slim network (LAPP to a FLOPs or latency budget) and the dense
 baseline, export both (verified packages), bench the slim package on every target with the dense
 one measured side by side, and write the finished report (table + plot).
 
@@ -7,7 +7,12 @@ one measured side by side, and write the finished report (table + plot).
     model: resnet20
     data: fashion-mnist                 # or a mapping: {dataset, data_dir, input_size, augment, mean, std,
                                         #                train_subset, test_subset}
-    budget: 0.4                         # kept share of the dense network's FLOPs
+    budget: 0.4                         # kept share of the dense network's FLOPs (or {flops: 0.4}); or a latency
+                                        # budget on a target, as its layer table predicts it (lapp-edge profile-layers):
+                                        # {latency: 0.5, target: x86-ort-fp32} (share of the dense latency) or
+                                        # {latency_ms: 1.5, target: ...}; optional batch (default: the profile's
+                                        # largest) and table (a layer-table file); target and latency may be lists
+                                        # (several targets, the tightest binding). The budget's targets are benched.
     epochs: 3
     prune_epochs: 1                     # optional (TrainConfig's default otherwise)
     targets: [x86-ort-fp32, x86-ort-int8]   # profile names or YAML paths ("target: NAME" for one; "available":
@@ -49,6 +54,9 @@ CONFIG_NAME = "run-all.yaml"
 TOP_LEVEL = ("out", "model", "data", "budget", "epochs", "prune_epochs", "targets", "target", "dense_baseline",
              "parallel_training", "compiles", "train")
 DATA_KEYS = ("dataset", "data_dir", "input_size", "augment", "mean", "std", "train_subset", "test_subset")
+BUDGET_KEYS = ("flops", "latency", "latency_ms", "target", "batch", "table")
+# the TrainConfig fields `budget` sets (so `train` may not)
+BUDGET_FIELDS = ("flops_target", "target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table")
 
 
 def add_run_all_command(subparsers: argparse._SubParsersAction) -> None:
@@ -98,7 +106,7 @@ def train_configs(payload: dict[str, Any], out: Path, where: Path, parallel: boo
     if not isinstance(train, dict):
         raise UserError(f"{where}: train must be a mapping of `lapp-edge train` settings")
     known = set(defaults())
-    reserved = {"out", "dense", "flops_target", "model", "epochs", "prune_epochs", *DATA_KEYS}
+    reserved = {"out", "dense", "model", "epochs", "prune_epochs", *BUDGET_FIELDS, *DATA_KEYS}
     bad = sorted(str(k) for k in train if k not in known or k in reserved)
     if bad:
         raise UserError(f"{where}: train: {', '.join(bad)} cannot be set there (unknown, or set by model/data/budget/epochs/"
@@ -106,7 +114,7 @@ def train_configs(payload: dict[str, Any], out: Path, where: Path, parallel: boo
     common: dict[str, Any] = {"model": payload["model"], "epochs": payload["epochs"], **data, **train}
     if parallel and payload.get("dense_baseline", True) is True and "threads" not in train:
         common["threads"] = max(1, (os.cpu_count() or 2) // 2)
-    lapp: dict[str, Any] = {"flops_target": payload["budget"]}
+    lapp: dict[str, Any] = budget_settings(payload["budget"], where)
     if "prune_epochs" in payload:
         lapp["prune_epochs"] = payload["prune_epochs"]
     dense_baseline = payload.get("dense_baseline", True)
@@ -123,6 +131,59 @@ def train_configs(payload: dict[str, Any], out: Path, where: Path, parallel: boo
             _check_types(config, where)
             validate_config(config)
     return slim, dense
+
+
+def budget_settings(budget: object, where: Path) -> dict[str, Any]:
+    """The TrainConfig fields of the config's `budget` (see the module docstring): a number is the kept
+    FLOPs share; a mapping gives `flops`, or `latency` / `latency_ms` with `target` (a name or a list) and
+    optionally `batch` and `table`. UserError, one line, for any other shape; the values themselves are
+    checked by `validate_config` (ranges, one value per target, a table per target)."""
+    if not isinstance(budget, dict):
+        return {"flops_target": budget}
+    unknown = sorted(str(k) for k in budget if k not in BUDGET_KEYS)
+    if unknown:
+        raise UserError(f"{where}: budget: unknown key(s) {', '.join(unknown)}; budget takes {', '.join(BUDGET_KEYS)}")
+    kinds = [k for k in ("flops", "latency", "latency_ms") if k in budget]
+    if len(kinds) != 1:
+        raise UserError(f"{where}: budget must give exactly one of flops, latency (a share of the dense latency) or "
+                        f"latency_ms, got {', '.join(kinds) or 'none'}")
+    if kinds == ["flops"]:
+        extra = sorted(str(k) for k in budget if k != "flops")
+        if extra:
+            raise UserError(f"{where}: budget: {', '.join(extra)} only go with a latency budget")
+        return {"flops_target": budget["flops"]}
+    if "target" not in budget:
+        raise UserError(f"{where}: a latency budget needs target: the profile(s) whose latency it is (lapp-edge targets)")
+
+    def listed(key: str, kind: tuple[type, ...]) -> str:
+        values = budget[key] if isinstance(budget[key], list) else [budget[key]]
+        if not values or any(isinstance(v, bool) or not isinstance(v, kind) or (isinstance(v, str) and not v.strip())
+                             for v in values):
+            what = "a number or a list of numbers" if kind != (str,) else "a name or a list of names"
+            raise UserError(f"{where}: budget: {key} must be {what}, got {budget[key]!r}")
+        return ",".join(str(v) for v in values)
+
+    settings: dict[str, Any] = {"target": listed("target", (str,))}
+    settings["latency_target" if kinds == ["latency"] else "latency_budget_ms"] = listed(kinds[0], (int, float))
+    if "batch" in budget:
+        settings["latency_batch"] = budget["batch"]
+    if "table" in budget:
+        settings["latency_table"] = listed("table", (str,))
+    return settings
+
+
+def budget_title(config: Any, report: dict[str, Any]) -> str:
+    """What the slim network was trained to, for the report's title."""
+    from lapp_edge.training.config import split_values
+
+    flops = f"{report['flops']['ratio']:.3f} of the dense FLOPs"
+    if not config.latency_constrained:
+        return f"LAPP to {flops} (budget {config.flops_target})"
+    values = split_values(config.latency_target or config.latency_budget_ms)
+    unit = "x{} of the dense latency" if config.latency_target else "{} ms"
+    shaped = ", ".join(f"{unit.format(values[min(i, len(values) - 1)])} on {target}"
+                       for i, target in enumerate(split_values(config.target)))
+    return f"LAPP to a latency budget ({shaped}{f' at batch {config.latency_batch}' if config.latency_batch else ''}), {flops}"
 
 
 def _check_types(config: Any, where: Path) -> None:
@@ -213,10 +274,11 @@ def target_list(payload: dict[str, Any], where: Path) -> list[str]:
 def run_all_command(args: argparse.Namespace) -> int:
     from lapp_edge.deploy.bench import run_bench
     from lapp_edge.deploy.calibration_set import load_definition
-    from lapp_edge.deploy.summary import format_mission, mission_rows, plot_mission
+    from lapp_edge.deploy.summary import format_mission, mission_rows, plot_mission, table_batch
     from lapp_edge.deploy.targets import load_target
     from lapp_edge.export.package_writer import export_run
     from lapp_edge.fileio import atomic_write_json, atomic_write_text, read_json
+    from lapp_edge.training.config import split_values
     from lapp_edge.training.run_dir import RunDirectory
     from lapp_edge.training.trainer import Trainer
 
@@ -237,6 +299,12 @@ def run_all_command(args: argparse.Namespace) -> int:
         raise UserError(f"{where}: compiles must be an integer of at least 1, got {compiles!r}")
     slim_config, dense_config = train_configs(payload, out, where, parallel)
     targets = target_list(payload, where)
+    benched = {load_target(t).name for t in targets}
+    shaped_for = [t for t in split_values(slim_config.target) if load_target(t).name not in benched] \
+        if slim_config.latency_constrained else []
+    if shaped_for:                                               # a budget's target is always measured
+        print(f"targets: adding {', '.join(shaped_for)} (the latency budget's target) to the bench", flush=True)
+        targets += shaped_for
     for profile in (load_target(t) for t in targets):          # every profile and calibration set, before any work
         if profile.precision == "int8":
             load_definition(profile.calibration)
@@ -289,11 +357,11 @@ def run_all_command(args: argparse.Namespace) -> int:
     bench = asdict(report)
     rows = mission_rows(bench)
     slim_report = read_json(Path(slim_config.out) / "report.json")
-    title = (f"{slim_config.model} on {slim_config.dataset}: LAPP to {slim_report['flops']['ratio']:.3f} of the dense FLOPs "
-             f"(budget {slim_config.flops_target}), {slim_config.epochs} epochs")
-    table = format_mission(rows)
+    title = f"{slim_config.model} on {slim_config.dataset}: {budget_title(slim_config, slim_report)}, {slim_config.epochs} epochs"
+    batch = table_batch(rows)
+    table = format_mission(rows, batch)
     plot = out / "accuracy_vs_latency.png"
-    plot_mission(rows, plot, title=title)
+    plot_mission(rows, plot, batch, title=title)
     files = {
         "config": str(stored), "slim run": slim_config.out, "dense run": dense_config.out if dense_config else None,
         "slim package": str(packages["slim"]), "dense package": str(packages.get("dense")) if "dense" in packages else None,

@@ -10,6 +10,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from lapp_edge.deploy.bench import LANDING_TOLERANCE
 from lapp_edge.fileio import atomic_write_bytes
 
 
@@ -37,8 +38,30 @@ def mission_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "predicted_ms": {b: latency[b] * c["predicted_ratio"] / c["measured_ratio"] for b, c in prediction.items() if b in latency},
             "prediction_error_pct": {b: c["error_pct"] for b, c in prediction.items()},
             "prediction_note": variant.get("prediction_note", ""),
+            "budgets": [budget_row(check, baseline) for check in variant.get("budgets") or []],
         })
     return rows
+
+
+def budget_row(check: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """A latency budget the package was shaped for on this target (bench's `BudgetCheck`, measured against
+    the layer table's dense reference), with the same ratio measured against the dense *package* benched
+    beside it (1 / speedup at the budget's batch; None without one): the two dense networks are the same
+    architecture, so both ratios measure the same thing, each interleaved in one process."""
+    speedup = (baseline.get("speedup") or {}).get(str(check["batch"])) or (baseline.get("speedup") or {}).get(check["batch"])
+    side_by_side = 1.0 / speedup if speedup else None
+    return {**check, "measured_vs_dense_package": side_by_side,
+            "off_vs_dense_package_pct": 100 * (side_by_side / check["budget_ratio"] - 1) if side_by_side else None}
+
+
+def table_batch(rows: list[dict[str, Any]]) -> int:
+    """The batch the table and plot show: 1 where every measured target has it, else the smallest batch
+    every measured target has (a profile may measure batch 32 only), else 1."""
+    measured = [set(row["slim_ms"]) for row in rows if "slim_ms" in row]
+    if not measured or all(1 in batches for batches in measured):
+        return 1
+    common = set.intersection(*measured)
+    return min(common) if common else 1
 
 
 def _ms(value: float | None) -> str:
@@ -70,7 +93,23 @@ def format_mission(rows: list[dict[str, Any]], batch: int = 1) -> str:
             lines.append(f"{row['target']}: asked {row['precision']}, this CPU ran {row['used']} (no {row['precision']} kernels here)")
         if row.get("prediction_note"):
             lines.append(f"{row['target']}: {row['prediction_note']}")
+        for budget in row.get("budgets") or []:
+            lines.append(budget_line(row["target"], budget))
     return "\n".join(lines)
+
+
+def budget_line(target: str, budget: dict[str, Any]) -> str:
+    """One line: the latency budget, what was measured against the dense package and against the table's
+    dense reference, and whether it landed within bench's tolerance."""
+    measured = [(value, off, what) for value, off, what in (
+        (budget.get("measured_vs_dense_package"), budget.get("off_vs_dense_package_pct"), "vs the dense package"),
+        (budget.get("measured_ratio"), budget.get("off_pct"), "vs the table's dense reference")) if value is not None]
+    head = f"{target}: shaped for a latency budget of x{budget['budget_ratio']:.3f} of dense at batch {budget['batch']}"
+    if not measured:
+        return f"{head}: not measured ({budget.get('note') or 'no dense network measured at that batch'})"
+    landed = all(abs(off) <= 100 * LANDING_TOLERANCE for _, off, _ in measured)
+    return (f"{head}: measured " + ", ".join(f"x{value:.3f} {what} ({off:+.1f}%)" for value, off, what in measured)
+            + f": {'within' if landed else 'OUTSIDE'} +-{100 * LANDING_TOLERANCE:.0f}%")
 
 
 def plot_mission(rows: list[dict[str, Any]], path: str | Path, batch: int = 1, title: str = "") -> None:

@@ -96,6 +96,15 @@ BAD_CONFIGS = [
     ({"compiles": 0}, "compiles must be an integer of at least 1, got 0"),
     ({"compiles": True}, "compiles must be an integer of at least 1, got True"),
     ({"compiles": "2"}, "compiles must be an integer of at least 1, got '2'"),
+    ({"budget": {"flops": 0.4, "latency": 0.5, "target": "x86-ort-fp32"}}, "budget must give exactly one of flops, latency"),
+    ({"budget": {"latency": 0.5}}, "a latency budget needs target"),
+    ({"budget": {"latency": "half", "target": "x86-ort-fp32"}}, "budget: latency must be a number or a list of numbers"),
+    ({"budget": {"latency": 0.5, "target": ["x86-ort-fp32", True]}}, "budget: target must be a name or a list of names"),
+    ({"budget": {"latency": 0.5, "target": "x86-ort-fp32", "speed": 2}}, "budget: unknown key(s) speed"),
+    ({"budget": {"flops": 0.4, "batch": 32}}, "budget: batch only go with a latency budget"),
+    ({"budget": {"latency": 1.5, "target": "x86-ort-fp32"}}, "--latency-target"),
+    ({"budget": {"latency": [0.5, 0.6], "target": "x86-ort-fp32"}}, "one value for all targets or one per --target"),
+    ({"train": {"latency_target": "0.5", "target": "x86-ort-fp32"}}, "cannot be set there"),
 ]
 
 
@@ -119,3 +128,46 @@ def test_another_config_for_the_same_directory_is_refused(tmp_path: Path, capsys
     (out / "notes.txt").write_text("mine")
     assert main(["run-all", str(config)]) == 2
     assert "already holds files that are not a run-all" in one_error(capsys)
+
+
+def test_run_all_trains_to_a_latency_budget_and_reports_where_it_landed(tmp_path: Path, fmnist: Dataset) -> None:
+    """`budget: {latency: 0.5, target: ...}`: the slim run is shaped for the target's layer table (a
+    synthetic one for this machine here), the report names the budget and says where it landed at the
+    budget's batch (the profile's largest, 32), measured against the table's dense reference. (Against
+    a dense package benched beside it: tests/deploy/test_bench_report.py; no dense run here, for time.)"""
+    from tests.lapp.test_latency_cost import _write, resnet20, synthetic_table
+
+    _, sites, layers = resnet20()
+    table = _write(tmp_path, synthetic_table(layers, sites))
+    (tmp_path / "profile").mkdir()
+    profile = quick_profile(tmp_path / "profile")              # write_config rewrites tmp_path's own
+    payload = yaml.safe_load(profile.read_text())
+    profile.write_text(yaml.safe_dump({**payload, "batch_sizes": [32]}))
+    config = write_config(tmp_path, targets=[str(profile)], dense_baseline=False,
+                          budget={"latency": 0.5, "target": str(profile), "table": str(table)},
+                          train={"threads": 1, "progress": False, "bn_recalibration_batches": 2, "measure_at_freeze": False})
+    out = tmp_path / "all"
+    assert main(["run-all", str(config)]) == 0
+    run = json.loads((out / "slim" / "report.json").read_text())
+    assert run["constraint"] == "latency" and run["shaped_for"][0]["target"] == "x86-ort-fp32"
+    report = json.loads((out / "report.json").read_text())
+    assert "latency budget (x0.5 of the dense latency on" in report["title"]
+    [row] = report["targets"]
+    [budget] = row["budgets"]
+    assert budget["budget_ratio"] == 0.5 and budget["batch"] == 32 and budget["measured_ratio"] > 0
+    assert budget["measured_vs_dense_package"] is None                        # no dense package benched beside it
+    text = (out / "report.txt").read_text()
+    assert "x86-ort-fp32: shaped for a latency budget of x0.500 of dense at batch 32: measured x" in text
+    assert "vs the table's dense reference" in text
+
+
+def test_a_latency_budget_without_a_table_for_this_machine_is_one_line_and_writes_nothing(
+        tmp_path: Path, fmnist: Dataset, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lapp_edge.training.latency.machine_key", lambda: "A CPU nobody profiled; avx2")
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, budget={"latency": 0.5, "target": "x86-ort-fp32"}, targets=["x86-openvino-f32"])
+    assert main(["run-all", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert "targets: adding x86-ort-fp32 (the latency budget's target) to the bench" in captured.out
+    assert len(captured.err.strip().splitlines()) == 1 and "lapp-edge profile-layers --target x86-ort-fp32" in captured.err
+    assert not (tmp_path / "all").exists()

@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lapp_edge.deploy.bench import batch_of, fit_for, fit_machine_note
 from lapp_edge.deploy.package import ModelPackage
-from lapp_edge.deploy.summary import format_mission, mission_rows, plot_mission
+from lapp_edge.deploy.summary import format_mission, mission_rows, plot_mission, table_batch
 from lapp_edge.deploy.measure import machine_key
 from lapp_edge.deploy.targets import load_target
 from lapp_edge.resources import find_profile
@@ -85,3 +86,29 @@ def test_the_mission_table_says_what_ran_and_what_was_predicted(tmp_path: Path) 
     plot = tmp_path / "plot.png"
     plot_mission(rows, plot)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_latency_budget_is_checked_against_the_dense_package_and_the_tables_reference() -> None:
+    """A package shaped for x0.5 of dense at batch 32: measured 1 / 1.9 = 0.526 beside the dense package
+    (+5.3%: outside +-5%) and 0.51 against the table's dense reference (+2%): the line names both."""
+    report = bench_report()
+    variant = report["targets"][0]["variants"]["fp32"]
+    variant["budgets"] = [{"batch": 32, "budget_ratio": 0.5, "measured_ratio": 0.51, "off_pct": 2.0, "within": True, "note": ""}]
+    [budget] = mission_rows(report)[0]["budgets"]
+    assert budget["measured_vs_dense_package"] == pytest.approx(1 / 1.9)
+    assert budget["off_vs_dense_package_pct"] == pytest.approx(100 * (1 / 1.9 / 0.5 - 1))
+    line = next(l for l in format_mission(mission_rows(report)).splitlines() if "latency budget" in l)
+    assert line == ("x86-ort-fp32: shaped for a latency budget of x0.500 of dense at batch 32: measured x0.526 vs the dense "
+                    "package (+5.3%), x0.510 vs the table's dense reference (+2.0%): OUTSIDE +-5%")
+    variant["baseline"]["speedup"] = {"1": 1.8}                  # no dense package at batch 32, no table reference either
+    variant["budgets"][0].update(measured_ratio=None, off_pct=None, within=None, note="no dense reference")
+    line = next(l for l in format_mission(mission_rows(report)).splitlines() if "latency budget" in l)
+    assert line.endswith("at batch 32: not measured (no dense reference)")
+
+
+def test_the_table_shows_batch_1_unless_a_target_did_not_measure_it() -> None:
+    rows = mission_rows(bench_report())
+    assert table_batch(rows) == 1
+    for row in rows:
+        row.get("slim_ms", {}).pop(1, None)
+    assert table_batch(rows) == 32
