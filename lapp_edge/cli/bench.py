@@ -23,6 +23,8 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compiles", type=int, default=COMPILES_PER_RATIO,
                    help="fresh compiles of the package and the dense reference behind each predicted-vs-measured latency "
                         "ratio (median taken; one compile's ratio moves by a few percent; default %(default)s)")
+    p.add_argument("--test-images", type=int, default=None, metavar="N",
+                   help="top-1 on the first N images of the test split (default: all of it); a quicker, noisier check")
     p.set_defaults(handler=run_bench_command)
 
 
@@ -31,7 +33,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from lapp_edge.deploy.bench import format_bench, run_bench
 
     report = run_bench(args.package, args.target, args.out, args.data_dir, args.work_dir, baseline_dir=args.baseline,
-                       compiles=args.compiles)
+                       compiles=args.compiles, test_images=args.test_images)
     print(format_bench(report))
     unavailable = [t for t in report.targets if t.status != "ok"]
     for target in unavailable:

@@ -22,6 +22,8 @@ one measured side by side, and write the finished report (table + plot).
                                         # process with half the cores (unless train.threads says otherwise)
     compiles: 3                         # optional: fresh compiles behind each predicted-vs-measured latency
                                         # (bench --compiles; fewer is faster, more averages compile noise)
+    test_images: 2000                   # optional: bench's top-1 on the first N test images (bench --test-images;
+                                        # default: the whole test split)
     train: {batch_size: 128}            # optional: any other `lapp-edge train` setting (TrainConfig field names)
 
 Every key is used or refused (unknown keys, a setting given twice, a bad value: one line, exit 2),
@@ -52,7 +54,7 @@ from lapp_edge.errors import UserError
 
 CONFIG_NAME = "run-all.yaml"
 TOP_LEVEL = ("out", "model", "data", "budget", "epochs", "prune_epochs", "targets", "target", "dense_baseline",
-             "parallel_training", "compiles", "train")
+             "parallel_training", "compiles", "test_images", "train")
 DATA_KEYS = ("dataset", "data_dir", "input_size", "augment", "mean", "std", "train_subset", "test_subset")
 BUDGET_KEYS = ("flops", "latency", "latency_ms", "target", "batch", "table")
 # the TrainConfig fields `budget` sets (so `train` may not)
@@ -272,6 +274,7 @@ def target_list(payload: dict[str, Any], where: Path) -> list[str]:
 
 
 def run_all_command(args: argparse.Namespace) -> int:
+    from lapp_edge.cli.train import freeze_measurer
     from lapp_edge.deploy.bench import run_bench
     from lapp_edge.deploy.calibration_set import load_definition
     from lapp_edge.deploy.summary import format_mission, mission_rows, plot_mission, table_batch
@@ -297,6 +300,10 @@ def run_all_command(args: argparse.Namespace) -> int:
     compiles = payload.get("compiles", COMPILES_PER_RATIO)
     if isinstance(compiles, bool) or not isinstance(compiles, int) or compiles < 1:
         raise UserError(f"{where}: compiles must be an integer of at least 1, got {compiles!r}")
+    test_images = payload.get("test_images")
+    if test_images is not None and (isinstance(test_images, bool) or not isinstance(test_images, int) or test_images < 1):
+        raise UserError(f"{where}: test_images must be an integer of at least 1 (or left out: the whole test split), "
+                        f"got {test_images!r}")
     slim_config, dense_config = train_configs(payload, out, where, parallel)
     targets = target_list(payload, where)
     benched = {load_target(t).name for t in targets}
@@ -329,7 +336,7 @@ def run_all_command(args: argparse.Namespace) -> int:
             continue
         resume = resuming and run_dir.is_dir() and any(run_dir.iterdir())
         RunDirectory(run_dir).check_usable(resume)
-        trainers[name] = (Trainer(config), resume)
+        trainers[name] = (Trainer(config, measure=freeze_measurer(config)), resume)
 
     out.mkdir(parents=True, exist_ok=True)
     if not resuming:
@@ -353,11 +360,12 @@ def run_all_command(args: argparse.Namespace) -> int:
     print(f"== bench {packages['slim']} on {', '.join(targets)}"
           + (", dense measured side by side" if "dense" in packages else ""), flush=True)
     report = run_bench(packages["slim"], targets, str(out / "bench.json"), baseline_dir=packages.get("dense"),
-                       compiles=compiles)
+                       compiles=compiles, test_images=test_images)
     bench = asdict(report)
     rows = mission_rows(bench)
     slim_report = read_json(Path(slim_config.out) / "report.json")
-    title = f"{slim_config.model} on {slim_config.dataset}: {budget_title(slim_config, slim_report)}, {slim_config.epochs} epochs"
+    title = f"{slim_config.model} on {slim_config.dataset}: {budget_title(slim_config, slim_report)}, {slim_config.epochs} epochs" \
+        + (f"; bench top-1 on the first {test_images} test images" if test_images else "")
     batch = table_batch(rows)
     table = format_mission(rows, batch)
     plot = out / "accuracy_vs_latency.png"

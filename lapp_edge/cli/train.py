@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from lapp_edge.cli.flags import add_dataclass_arguments, given_options
 from lapp_edge.errors import UserError
@@ -45,16 +46,22 @@ def run_train_command(args: argparse.Namespace) -> int:
     from lapp_edge.models.traced import UnprunableLayersWarning
     from lapp_edge.training.distributed import is_main_process
 
-    measure = None
-    if config.latency_constrained and config.measure_at_freeze and not config.dense:
-        from lapp_edge.latency.measure_plan import PlanMeasurer
-
-        measure = PlanMeasurer()     # the freeze's plan measured on each --target (training/landing.py)
     with one_line_warnings(UnprunableLayersWarning):     # a user model's unprunable layers, named in one line
-        report = run_training(config, resume=args.resume, measure=measure)
+        report = run_training(config, resume=args.resume, measure=freeze_measurer(config))
     if is_main_process():          # under torchrun every process returns the report; rank 0 prints it
         print(format_report(report))
     return 0
+
+
+def freeze_measurer(config: Any) -> Any:
+    """The `Measure` a run's freeze uses to measure its planned widths on each --target
+    (training/landing.py): a `PlanMeasurer` for a latency-constrained LAPP run with measure_at_freeze,
+    else None (the table alone). Every command that trains (train, run-all) takes it from here."""
+    if config.latency_constrained and config.measure_at_freeze and not config.dense:
+        from lapp_edge.latency.measure_plan import PlanMeasurer
+
+        return PlanMeasurer()
+    return None
 
 
 def _completed_epochs(out: Path) -> int | None:

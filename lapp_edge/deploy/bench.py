@@ -193,11 +193,11 @@ def load_test_split(package: ModelPackage, data_dir: str | None, count: int | No
     return split if count is None else InMemorySplit(split.images[:count], split.labels[:count])
 
 
-def load_test_set(package: ModelPackage, data_dir: str | None) -> TestSet:
-    """The package's dataset's test split, normalised with the package's mean/std (float32 NCHW).
-    Raises UserError when its images do not fit the package."""
+def load_test_set(package: ModelPackage, data_dir: str | None, count: int | None = None) -> TestSet:
+    """The package's dataset's test split (its first `count` images; all when None), normalised with the
+    package's mean/std (float32 NCHW). Raises UserError when its images do not fit the package."""
     manifest = package.manifest
-    split = load_test_split(package, data_dir)
+    split = load_test_split(package, data_dir, count)
     images = normalize_uint8(split.images, manifest["input"]["mean"], manifest["input"]["std"])
     if images.shape[1:] != package.input_shape:
         raise UserError(f"test images are {images.shape[1:]}, the package expects {package.input_shape}")
@@ -499,16 +499,20 @@ def check_baseline(baseline: ModelPackage, package: ModelPackage) -> None:
 
 def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None = None, data_dir: str | None = None,
               work_dir: str | None = None, reference_threads: int | None = None,
-              baseline_dir: str | Path | None = None, compiles: int = COMPILES_PER_RATIO) -> BenchReport:
+              baseline_dir: str | Path | None = None, compiles: int = COMPILES_PER_RATIO,
+              test_images: int | None = None) -> BenchReport:
     """Bench a package on every target (profiles by name or path); optionally write the report
     as JSON to `out`. With `baseline_dir` (a package of the dense network), each target also
     compiles the baseline the same way and measures it side by side: its accuracy, and the
     package's speedup over it, interleaved in one process. The latency predicted by the target's fit
     or layer table is checked against the median over `compiles` fresh compiles (>= 1) of the package
-    and the dense reference. Every profile, calibration set and the baseline are validated before any
-    work (UserError)."""
+    and the dense reference. Top-1 is measured on the first `test_images` images of the test split (all
+    when None; the report records how many). Every profile, calibration set and the baseline are
+    validated before any work (UserError)."""
     if compiles < 1:
         raise UserError(f"--compiles must be at least 1, got {compiles}")
+    if test_images is not None and test_images < 1:
+        raise UserError(f"--test-images must be at least 1 (or left out: the whole test split), got {test_images}")
     profiles = [load_target(path) for path in target_paths]          # validate every profile before any work
     for profile in profiles:                                          # and every calibration set they name
         if profile.precision == "int8":
@@ -518,7 +522,7 @@ def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None 
     if baseline is not None:
         check_baseline(baseline, package)
     data_dir = data_dir or recorded_data_dir(package.manifest)     # where the package says its data came from
-    test = load_test_set(package, data_dir)
+    test = load_test_set(package, data_dir, test_images)
     threads = reference_threads or min(p.threads for p in profiles)
     with tempfile.TemporaryDirectory(prefix="lapp-bench-") as temporary:
         work = artifacts.work_directory(work_dir) if work_dir else Path(temporary)

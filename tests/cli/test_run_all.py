@@ -28,7 +28,7 @@ def write_config(directory: Path, **changes: object) -> Path:
     config: dict[str, object] = {
         "out": str(directory / "all"), "model": "resnet20",
         "data": {"dataset": "fashion-mnist", "train_subset": 256, "test_subset": 200},
-        "budget": 0.5, "epochs": 2, "prune_epochs": 1, "targets": [str(quick_profile(directory))], "compiles": 1,
+        "budget": 0.5, "epochs": 2, "prune_epochs": 1, "targets": [str(quick_profile(directory))], "compiles": 1, "test_images": 500,
         "train": {"threads": 1, "progress": False, "bn_recalibration_batches": 2},
     }
     config.update(changes)
@@ -72,6 +72,7 @@ def test_run_all_trains_exports_benches_and_reports(tmp_path: Path, fmnist: Data
     assert "speedup (measured side by side)" in stdout and str(out / "accuracy_vs_latency.png") in stdout
     bench = json.loads((out / "bench.json").read_text())
     assert bench["baseline"].endswith("models/dense")
+    assert bench["reference"]["images"] == 500 and "top-1 on the first 500 test images" in report["title"]
     per_compile = list(values_of(bench, "measured_per_compile"))
     assert per_compile and all(len(ratios) == 1 for ratios in per_compile)   # the config's compiles: 1 reached bench
 
@@ -96,6 +97,8 @@ BAD_CONFIGS = [
     ({"compiles": 0}, "compiles must be an integer of at least 1, got 0"),
     ({"compiles": True}, "compiles must be an integer of at least 1, got True"),
     ({"compiles": "2"}, "compiles must be an integer of at least 1, got '2'"),
+    ({"test_images": 0}, "test_images must be an integer of at least 1"),
+    ({"test_images": "all"}, "test_images must be an integer of at least 1"),
     ({"budget": {"flops": 0.4, "latency": 0.5, "target": "x86-ort-fp32"}}, "budget must give exactly one of flops, latency"),
     ({"budget": {"latency": 0.5}}, "a latency budget needs target"),
     ({"budget": {"latency": "half", "target": "x86-ort-fp32"}}, "budget: latency must be a number or a list of numbers"),
@@ -171,3 +174,29 @@ def test_a_latency_budget_without_a_table_for_this_machine_is_one_line_and_write
     assert "targets: adding x86-ort-fp32 (the latency budget's target) to the bench" in captured.out
     assert len(captured.err.strip().splitlines()) == 1 and "lapp-edge profile-layers --target x86-ort-fp32" in captured.err
     assert not (tmp_path / "all").exists()
+
+
+class _StopBeforeTraining(Exception):
+    pass
+
+
+def test_run_all_measures_the_freezes_plan_like_train_does(tmp_path: Path, fmnist: Dataset, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A latency budget trained by run-all (one run after the other) lands at freeze on the measured latency,
+    as `lapp-edge train` does: run-all built its trainer without the plan measurer, so its freeze used the
+    table alone. Stopped before the first step: the trainer's own account of the freeze says which."""
+    from tests.lapp.test_latency_cost import _write, resnet20, synthetic_table
+    from lapp_edge.training.trainer import Trainer
+
+    _, sites, layers = resnet20()
+    table = _write(tmp_path, synthetic_table(layers, sites))
+
+    def stop(self: Trainer, *args: object, **kwargs: object) -> None:
+        raise _StopBeforeTraining
+
+    monkeypatch.setattr(Trainer, "run", stop)
+    config = write_config(tmp_path, parallel_training=False, dense_baseline=False,
+                          budget={"latency": 0.5, "target": "x86-ort-fp32", "batch": 32, "table": str(table)})
+    with pytest.raises(_StopBeforeTraining):
+        main(["run-all", str(config)])
+    assert "at freeze the planned widths are measured on each target" in capsys.readouterr().out

@@ -128,7 +128,7 @@ def test_missing_runtime_is_one_line_and_other_targets_run(
         payload.update(batch_sizes=[1], latency=quick)
         profiles.append(tmp_path / f"{name}.yaml")
         profiles[-1].write_text(yaml.safe_dump(payload))
-    args = ["bench", str(package.directory), "--out", str(tmp_path / "bench.json"), "--compiles", "1"]
+    args = ["bench", str(package.directory), "--out", str(tmp_path / "bench.json"), "--compiles", "1", "--test-images", "64"]
     for profile in profiles:
         args += ["--target", str(profile)]
     assert main(args) == 2
@@ -140,6 +140,15 @@ def test_missing_runtime_is_one_line_and_other_targets_run(
     ort, ov = report["targets"]
     assert ort["status"] == "ok" and ort["variants"]["fp32"]["accuracy"]["agreement"] == 1.0
     assert ov["status"] == "unavailable"
+    assert report["reference"]["images"] == 64 and ort["variants"]["fp32"]["accuracy"]["images"] == 64   # --test-images
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_test_images_below_one_is_one_line_before_any_work(value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tmp_path / "no-package"), "--target", "x86-ort-fp32", "--test-images", value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--test-images must be at least 1" in err[0] and not out.exists()
 
 
 def _profile(tmp_path: Path, **changes: object) -> Path:
