@@ -52,7 +52,8 @@ def test_deploy_side_imports_and_benches_a_package_without_torch(package: ModelP
 import lapp_edge.deploy.package, lapp_edge.deploy.targets, lapp_edge.deploy.backends, lapp_edge.deploy.measure
 import lapp_edge.deploy.bench, lapp_edge.deploy.compile, lapp_edge.deploy.calibration_set, lapp_edge.costs.latency_fit
 from lapp_edge.cli import main
-code = main(["bench", {str(package.directory)!r}, "--target", {str(profile)!r}, "--out", {str(out)!r}, "--compiles", "1"])
+code = main(["bench", {str(package.directory)!r}, "--target", {str(profile)!r}, "--out", {str(out)!r}, "--compiles", "1",
+             "--test-images", "1000"])
 print("exit", code, "torch loaded:", any(m == "torch" or m.startswith("torch.") for m in sys.modules))
 """
     result = run_without_torch(code, tmp_path)
