@@ -56,11 +56,11 @@ class ChildProcesses:
         with self._lock:
             self._live.discard(process)
 
-    def run(self, command: Sequence[str], input_text: str | None = None, **popen_kwargs: Any) -> subprocess.CompletedProcess[Any]:
-        """Like `subprocess.run` (no check, no timeout): start, wait (collecting piped output), forget."""
+    def run(self, command: Sequence[str], **popen_kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Like `subprocess.run` (no input, check or timeout): start, wait (collecting piped output), forget."""
         process = self.start(command, **popen_kwargs)
         try:
-            stdout, stderr = process.communicate(input_text)
+            stdout, stderr = process.communicate()
         finally:
             self.forget(process)
         return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -306,13 +306,15 @@ def run_all_command(args: argparse.Namespace) -> int:
                         f"got {test_images!r}")
     slim_config, dense_config = train_configs(payload, out, where, parallel)
     targets = target_list(payload, where)
-    benched = {load_target(t).name for t in targets}
-    shaped_for = [t for t in split_values(slim_config.target) if load_target(t).name not in benched] \
-        if slim_config.latency_constrained else []
+    profiles = {t: load_target(t) for t in targets}             # every profile, before any work
+    benched = {profile.name for profile in profiles.values()}
+    budget_profiles = {t: load_target(t) for t in split_values(slim_config.target)} if slim_config.latency_constrained else {}
+    shaped_for = {t: profile for t, profile in budget_profiles.items() if profile.name not in benched}
     if shaped_for:                                               # a budget's target is always measured
         print(f"targets: adding {', '.join(shaped_for)} (the latency budget's target) to the bench", flush=True)
-        targets += shaped_for
-    for profile in (load_target(t) for t in targets):          # every profile and calibration set, before any work
+        targets += list(shaped_for)
+        profiles.update(shaped_for)
+    for profile in profiles.values():                           # and every calibration set they name
         if profile.precision == "int8":
             load_definition(profile.calibration)
 
