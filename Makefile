@@ -16,9 +16,9 @@ setup: $(VENV)/.installed data
 
 # Versions are pinned by constraints.txt (the exact set a passing `make test` ran with);
 # README "Dependencies" says how to update it (tools/update_constraints.py).
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml runtime/pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,openvino,gpu]'
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,openvino,gpu]' -e ./runtime
 	touch $@
 
 data: $(FMNIST)

@@ -65,6 +65,53 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+def missing_text(path: str | os.PathLike[str], kind: str = "dir") -> str:
+    """Why `path` is not the `kind` ("dir" or "file") a command wanted, as the end of a sentence:
+    "does not exist", "is a file, not a directory" or "is a directory, not a file"."""
+    target = Path(path)
+    if not os.path.lexists(target):
+        return "does not exist"
+    if kind == "dir":
+        return "is a file, not a directory" if not target.is_dir() else "is a directory"
+    return "is a directory, not a file" if target.is_dir() else "is not a regular file"
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself or its closest ancestor that exists (`.` for a relative path with none)."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(".")
+
+
+def check_output_location(path: str | os.PathLike[str], where: str, kind: str = "dir") -> None:
+    """Check, before any work, that an output `path` can be written: a directory (`kind` "dir":
+    absent, or an existing directory) or a file (`kind` "file": absent, or an existing file). Its
+    nearest existing ancestor must be a directory this process can create files in, which is tried
+    (a probe file made and removed; `os.access` says yes for root even on read-only mounts and /proc).
+
+    `where` names the option in the message ("--out"). Raises UserError (one line) otherwise: an
+    output refused only after hours of training, or a traceback from the final rename, is what
+    this prevents."""
+    target = Path(path)
+    if str(path) == "":
+        raise UserError(f"{where} is empty: give a {'directory' if kind == 'dir' else 'file'} name")
+    if kind == "dir" and target.exists() and not target.is_dir():
+        raise UserError(f"{where} {target} exists and is not a directory")
+    if kind == "file" and target.is_dir():
+        raise UserError(f"{where} {target} is a directory: give a file name (for example {target / 'report.json'})")
+    existing = _nearest_existing(target if kind == "dir" else target.parent)
+    if not existing.is_dir():
+        raise UserError(f"{where} {target} cannot be made: {existing} is a file, not a directory")
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".lapp-edge-probe-", suffix=".tmp")
+    except OSError as error:
+        raise UserError(f"{where} {target} cannot be written: cannot create files in {existing} "
+                        f"({error.strerror or error})") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     """Delete the `.<name>.<random>.tmp` files a killed atomic write left in `directory`.
     Call only while holding the directory's lock (no live writer is then using them)."""

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from lapp_edge.errors import UserError, one_line
+from lapp_edge.errors import UserError, one_line, os_error_text
 
 EXIT_USAGE = 2
 
@@ -20,7 +20,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports errors in one line (no usage block) and exits with 2."""
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{self.prog}: {message}")
+        command = self.prog.partition(" ")[2]      # "lapp-edge train" -> "train"; main prints "lapp-edge: error: "
+        raise UserError(f"{command}: {message}" if command else message)
 
 
 def _commands() -> list[tuple[tuple[str, ...], Callable[[argparse._SubParsersAction], None]]]:
@@ -81,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lapp-edge: error: this command needs PyTorch, which cannot be imported here ({one_line(str(error))}); "
               "install it with 'pip install torch torchvision' (bench and targets work without it)", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:
+        # what the checks before the work cannot foresee: a disk that fills, a mount gone read-only
+        print(f"lapp-edge: error: {one_line(os_error_text(error))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("lapp-edge: interrupted", file=sys.stderr)

@@ -19,7 +19,7 @@ def add_baseline_commands(subparsers: argparse._SubParsersAction) -> None:
         ("latency-check", "measure a target's speedup and ratio to its reference target; compare with its baselines",
          run_check_command),
     ):
-        p = subparsers.add_parser(name, help=help_text)
+        p = subparsers.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         p.add_argument("--target", action="append", required=True, help="target profile: a name or a YAML path; repeat for several")
         p.add_argument("--batch", type=int, action="append", default=None, help="batch size (repeat; default: the profile's)")
         p.add_argument("--blocks", type=int, default=12, help="interleaved A/B blocks per ratio (default 12)")

@@ -16,14 +16,15 @@ def add_calibrate_latency_command(subparsers: argparse._SubParsersAction) -> Non
     p.add_argument("--target", required=True, help="target profile: a name (lapp-edge targets) or a YAML path")
     p.add_argument("--model", default="resnet20", help="model family (default resnet20)")
     p.add_argument("--configs", type=int, default=24, help="width configurations to measure (>= 3; default 24)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random width configurations (default 0)")
     p.add_argument("--batch", type=int, action="append", default=None, help="batch size to measure (repeat; default 1)")
     p.add_argument("--out", default="latency-data", help="directory for the fit JSON, its PNG and the dense reference ONNX "
                    "(default latency-data/, searched before the shipped latency data)")
     p.add_argument("--blocks", type=int, default=defaults.blocks, help="interleaved A/B blocks per measurement")
     p.add_argument("--max-other-cpu", type=float, default=defaults.max_other_cpu,
                    help="retry a measurement while other processes use more than this share of the machine")
-    p.add_argument("--retries", type=int, default=defaults.retries)
+    p.add_argument("--retries", type=int, default=defaults.retries,
+                   help="measurements repeated while the machine is busy, before the ratio is kept and flagged")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=run_calibrate_latency_command)
 

@@ -14,7 +14,8 @@ def add_export_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("verify", help="check a model package's hashes and re-run ORT vs PyTorch")
     p.add_argument("package", help="model package directory")
-    p.add_argument("--data-dir", default=None, help="test images for verification (default: the dataset's standard place)")
+    p.add_argument("--data-dir", default=None, help="test images for verification (default: where the package says its data "
+                   "came from, else the dataset's standard place)")
     p.set_defaults(handler=_run_verify)
 
 

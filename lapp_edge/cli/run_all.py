@@ -51,14 +51,17 @@ from typing import Any
 from lapp_edge.child_processes import ChildProcesses
 from lapp_edge.deploy.measure import COMPILES_PER_RATIO
 from lapp_edge.errors import UserError
+from lapp_edge.fileio import check_output_location
 
 CONFIG_NAME = "run-all.yaml"
 TOP_LEVEL = ("out", "model", "data", "budget", "epochs", "prune_epochs", "targets", "target", "dense_baseline",
              "parallel_training", "compiles", "test_images", "train")
 DATA_KEYS = ("dataset", "data_dir", "input_size", "augment", "mean", "std", "train_subset", "test_subset")
-BUDGET_KEYS = ("flops", "latency", "latency_ms", "target", "batch", "table")
-# the TrainConfig fields `budget` sets (so `train` may not)
-BUDGET_FIELDS = ("flops_target", "target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table")
+# the budget's keys and the TrainConfig field each sets (so `train` may not set them)
+BUDGET_KEY_FIELDS = {"flops": "flops_target", "latency": "latency_target", "latency_ms": "latency_budget_ms",
+                     "target": "target", "batch": "latency_batch", "table": "latency_table"}
+BUDGET_KEYS = tuple(BUDGET_KEY_FIELDS)
+BUDGET_FIELDS = tuple(BUDGET_KEY_FIELDS.values())
 
 
 def add_run_all_command(subparsers: argparse._SubParsersAction) -> None:
@@ -131,8 +134,24 @@ def train_configs(payload: dict[str, Any], out: Path, where: Path, parallel: boo
     for config in (slim, dense):
         if config is not None:
             _check_types(config, where)
-            validate_config(config)
+            try:
+                validate_config(config)
+            except UserError as error:             # train's flag names -> this file's keys, naming the file
+                raise UserError(f"{where}: {as_config_keys(str(error))}") from None
     return slim, dense
+
+
+def as_config_keys(message: str) -> str:
+    """A `lapp-edge train` error in a run-all config's words: `--flops-target` -> `budget`, `--latency-target`
+    -> `budget: latency` (each budget field by its budget key), any other `--some-flag` -> `some_flag`."""
+    budget_key = {field: key for key, field in BUDGET_KEY_FIELDS.items()}
+
+    def key(match: re.Match[str]) -> str:
+        field = match.group(1).replace("-", "_")
+        if field == "flops_target":
+            return "budget"
+        return f"budget: {budget_key[field]}" if field in budget_key else field
+    return re.sub(r"--([a-z][a-z0-9-]*)", key, message)
 
 
 def budget_settings(budget: object, where: Path) -> dict[str, Any]:
@@ -165,8 +184,7 @@ def budget_settings(budget: object, where: Path) -> dict[str, Any]:
             raise UserError(f"{where}: budget: {key} must be {what}, got {budget[key]!r}")
         return ",".join(str(v) for v in values)
 
-    settings: dict[str, Any] = {"target": listed("target", (str,))}
-    settings["latency_target" if kinds == ["latency"] else "latency_budget_ms"] = listed(kinds[0], (int, float))
+    settings: dict[str, Any] = {"target": listed("target", (str,)), BUDGET_KEY_FIELDS[kinds[0]]: listed(kinds[0], (int, float))}
     if "batch" in budget:
         settings["latency_batch"] = budget["batch"]
     if "table" in budget:
@@ -294,6 +312,7 @@ def run_all_command(args: argparse.Namespace) -> int:
     if not isinstance(out_value, str) or not out_value:
         raise UserError(f"{where}: no output directory: set 'out' in the config or pass --out")
     out = Path(out_value)
+    check_output_location(out, "--out" if args.out else f"{where}: out", "dir")
     parallel = payload.get("parallel_training", True)
     if not isinstance(parallel, bool):
         raise UserError(f"{where}: parallel_training must be true or false")
@@ -338,7 +357,10 @@ def run_all_command(args: argparse.Namespace) -> int:
             continue
         resume = resuming and run_dir.is_dir() and any(run_dir.iterdir())
         RunDirectory(run_dir).check_usable(resume)
-        trainers[name] = (Trainer(config, measure=freeze_measurer(config)), resume)
+        try:
+            trainers[name] = (Trainer(config, measure=freeze_measurer(config)), resume)
+        except UserError as error:
+            raise UserError(f"{where}: {as_config_keys(str(error))}") from None
 
     out.mkdir(parents=True, exist_ok=True)
     if not resuming:

@@ -33,6 +33,10 @@ from lapp_edge.errors import UserError
 
 AUGMENTATIONS = ("auto", "small", "imagenet", "none")   # TrainConfig --augment (applied in data.torch_data)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# modes whose pixels do not fit 8 bits: PIL's convert to L or RGB clips them to 255 (a 16-bit scan turns
+# almost white), so they are refused, as the device runner refuses them
+WIDE_MODES = {"I": "32-bit integer", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit",
+              "F": "32-bit float"}
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 SMALL_IMAGES = 64            # augment auto: small-image augmentation up to this side, ImageNet-style above
 LARGEST_AUTO_SIZE = 224      # input size auto: the median shorter side, at most this (ImageNet's)
@@ -137,6 +141,9 @@ def scan_split(root: Path, classes: list[str] | None = None, skipped: Skipped | 
                             f"hold{'s' if len(empty) == 1 else ''} no images ({', '.join(IMAGE_EXTENSIONS)}): "
                             "add images or remove the directory")
         classes = sorted(class_dirs)
+        if len(classes) < 2:
+            raise UserError(f"{split_name}/ holds one class directory ({classes[0]}): a classifier needs at least two "
+                            f"classes ({split_name}/<class>/<image>)")
     else:
         unknown = sorted(set(class_dirs) - set(classes))
         if unknown:
@@ -195,6 +202,10 @@ def image_header(path: Path) -> tuple[int, int, str]:
     except Exception as error:  # noqa: BLE001 - any failure to read an image is bad input, named
         raise UserError(f"cannot read image {path}: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}") from None
     check_pixels(path, width, height)
+    if mode in WIDE_MODES:
+        raise UserError(f"image {path} has {WIDE_MODES[mode]} pixels (mode {mode}); lapp-edge reads 8-bit images (1, L, LA, P, "
+                        "RGB, RGBA, CMYK, YCbCr) and would clip these to 255: convert the tree to 8 bits first, scaling as the "
+                        "data needs (for 16-bit, value // 256)")
     return width, height, mode
 
 

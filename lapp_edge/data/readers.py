@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lapp_edge.errors import UserError
+from lapp_edge.fileio import missing_text
 
 DEFAULT_DATA_DIRS = {
     "fashion-mnist": "/usr/share/datasets/fashion-mnist",
@@ -252,7 +253,7 @@ def data_directory(name: str, data_dir: str | os.PathLike[str] | None = None) ->
     directory = Path(data_dir or DEFAULT_DATA_DIRS[name])
     if not directory.is_dir():
         hint = "install it with 'apt-get install dataset-fashion-mnist' or " if name == "fashion-mnist" else ""
-        raise UserError(f"data directory {directory} for {name} does not exist: {hint}pass --data-dir")
+        raise UserError(f"data directory {directory} for {name} {missing_text(directory)}: {hint}pass --data-dir")
     return directory
 
 

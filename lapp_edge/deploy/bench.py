@@ -40,10 +40,10 @@ from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route, ratio_over_compiles
 from lapp_edge.deploy.measure import COMPILES_PER_RATIO, LatencyStats, RatioProtocol, interleaved_ratio, machine_key, measure_latency, quiet_block_ratios
 from lapp_edge.deploy.package import MAX_MODEL_BYTES, ModelPackage, check_external_data, load_package, recorded_data_dir
-from lapp_edge.deploy.targets import TargetProfile, load_target
+from lapp_edge.deploy.targets import TargetProfile, check_input_shape, load_target
 from lapp_edge.deploy.tolerance import RUNTIME_FP32, compare_logits
 from lapp_edge.errors import UserError
-from lapp_edge.fileio import atomic_write_json, read_file_bytes
+from lapp_edge.fileio import atomic_write_json, check_output_location, read_file_bytes
 from lapp_edge.resources import find_latency_file, find_profile, profile_names
 
 ACCURACY_BATCH = 32
@@ -251,7 +251,7 @@ def fit_for(profile: TargetProfile, package: ModelPackage, precision_used: str =
     model = str(package.manifest.get("model", ""))
     fit_path = find_latency_file(fit_file_name(profile.name, model))
     if fit_path is None:
-        return None, None, None, f"no latency fit for {profile.name}/{model} (lapp-edge calibrate-latency --target {profile.name} --model {model})"
+        return None, None, None, f"no latency fit for {profile.name}/{model} (lapp-edge calibrate-latency --target {profile.argument} --model {model})"
     fit = load_fit(fit_path)
     note = ""
     if precision_used and fit.precision_used != precision_used:
@@ -416,8 +416,7 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
     against the reference and latency at each profile batch. A missing runtime makes the
     result `unavailable` with its one-line message instead of raising."""
     result = TargetResult(profile.name, profile.path, profile.backend, profile.precision, profile.threads, "ok")
-    if profile.input_shape != package.input_shape:
-        raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; {package.name} takes {list(package.input_shape)}")
+    check_input_shape(profile, package.input_shape, package.name)
     try:
         folder = ((layout_from_manifest(package.manifest), list(package.manifest.get("class_names") or []))
                   if package.manifest.get("dataset") == "imagefolder" else None)
@@ -511,6 +510,8 @@ def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None 
     validated before any work (UserError)."""
     if compiles < 1:
         raise UserError(f"--compiles must be at least 1, got {compiles}")
+    if out:
+        check_output_location(out, "--out", "file")
     if test_images is not None and test_images < 1:
         raise UserError(f"--test-images must be at least 1 (or left out: the whole test split), got {test_images}")
     profiles = [load_target(path) for path in target_paths]          # validate every profile before any work

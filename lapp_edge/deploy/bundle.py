@@ -46,6 +46,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import tempfile
@@ -62,10 +63,10 @@ from lapp_edge.deploy.measure import LatencyProtocol, LatencyStats, cpu_model, m
 from lapp_edge.deploy.compile import int8_calibration, int8_route
 from lapp_edge.deploy.calibration_set import CalibrationSet, normalize_uint8
 from lapp_edge.errors import UserError
-from lapp_edge.fileio import atomic_write_bytes, atomic_write_json
+from lapp_edge.fileio import atomic_write_bytes, atomic_write_json, check_output_location
 from lapp_edge.deploy.package import MANIFEST as PACKAGE_MANIFEST
 from lapp_edge.deploy.package import ModelPackage, load_package, sha256_of
-from lapp_edge.deploy.targets import TargetProfile, load_target
+from lapp_edge.deploy.targets import TargetProfile, check_input_shape, load_target
 from lapp_edge.deploy.tolerance import Tolerance
 
 FORMAT = 1
@@ -74,6 +75,7 @@ LATENCY_KIND = "lapp-edge-bundle-latency"
 MANIFEST = "bundle.json"
 EXPECTED_LATENCY = "expected_latency.json"
 SUFFIX = ".tar.gz"
+MAX_BUNDLE_MEMBERS = 256          # a bundle holds ~10 members (model, samples, manifest, int8/OpenVINO files)
 SIDECAR_SUFFIX = ".latency.json"
 SAMPLE_COUNT = 8
 ARCHIVE_MTIME = 0
@@ -298,8 +300,7 @@ def build_bundle(package_dir: str | Path, profile_path: str | Path, out_dir: str
     profile = load_target(profile_path)
     if profile.backend not in RUNTIME_MODULES:
         raise UserError(f"target {profile.name}: bundles are built for {', '.join(RUNTIME_MODULES)} targets, not {profile.backend}")
-    if profile.input_shape != package.input_shape:
-        raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; {package.name} takes {list(package.input_shape)}")
+    check_input_shape(profile, package.input_shape, package.name)
     channels = package.input_shape[0]
     if channels not in IMAGE_MODES:
         raise UserError(f"{package.name} takes {channels} channels; bundles take 1 (L) or 3 (RGB) channel images")
@@ -366,13 +367,49 @@ def build_bundle(package_dir: str | Path, profile_path: str | Path, out_dir: str
     return out
 
 
+def bundled_package_sha256(path: Path) -> str | None:
+    """The `package_manifest_sha256` an existing bundle archive records (which package it was built
+    from), or None where `path` is not a bundle this tool can read. Reads the archive bounded: at most
+    MAX_BUNDLE_MEMBERS member headers, the manifest only (1 MiB at most)."""
+    try:
+        with tarfile.open(path, mode="r:gz") as archive:
+            for index, member in enumerate(archive):
+                if index >= MAX_BUNDLE_MEMBERS:
+                    return None
+                if member.name == MANIFEST and member.isfile() and member.size <= 1 << 20:
+                    stream = archive.extractfile(member)
+                    manifest = json.loads(stream.read(1 << 20)) if stream is not None else None
+                    return str(manifest["model"]["package_manifest_sha256"])      # type: ignore[index]
+    except (OSError, EOFError, tarfile.TarError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def check_bundle_slot(out: Path, package: ModelPackage) -> None:
+    """Refuse (UserError) to replace an existing file at a bundle's path unless it is a bundle of this
+    very package (shipping the same package again rebuilds it): two packages with the same folder name
+    would otherwise overwrite each other's bundles silently."""
+    if not os.path.lexists(out):
+        return
+    recorded = bundled_package_sha256(out) if out.is_file() and not out.is_symlink() else None
+    if recorded is None:
+        raise UserError(f"--out: {out} exists and is not a bundle lapp-edge can read; remove it or choose another --out")
+    if recorded != sha256_of(package.directory / PACKAGE_MANIFEST):
+        raise UserError(f"--out: {out} holds a bundle of another model package (also named {package.name}); "
+                        "remove it or choose another --out")
+
+
 def build_bundles(package_dir: str | Path, profile_paths: Sequence[str | Path], out_dir: str | Path,
                   data_dir: str | None = None, expected_latency_dir: str | Path | None = None) -> list[Path]:
     """`build_bundle` for each profile (all profiles are read first, so a bad one stops before any work).
     With `expected_latency_dir`, each bundle embeds `<dir>/<archive name>.latency.json`."""
+    check_output_location(out_dir, "--out", "dir")
     for path in profile_paths:
         load_target(path)
-    package_name = load_package(package_dir).name
+    package = load_package(package_dir)
+    package_name = package.name
+    for path in profile_paths:                        # before any work: no bundle of another model is replaced
+        check_bundle_slot(Path(out_dir) / f"{package_name}-{load_target(path).name}{SUFFIX}", package)
     built = []
     for path in profile_paths:
         pinned = None

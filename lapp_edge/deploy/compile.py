@@ -24,7 +24,7 @@ from lapp_edge.deploy.backends import LoadRequest, Runner, get_backend
 from lapp_edge.deploy.calibration_set import CalibrationSet, draw_calibration, load_definition
 from lapp_edge.deploy.package import ModelPackage
 from lapp_edge.deploy.measure import COMPILES_PER_RATIO, RatioProtocol, quiet_block_ratios
-from lapp_edge.deploy.targets import TargetProfile
+from lapp_edge.deploy.targets import TargetProfile, check_input_shape
 from lapp_edge.errors import UserError
 
 
@@ -89,9 +89,7 @@ def compile_runner(model: ModelPackage | OnnxModel, profile: TargetProfile, batc
     Raises UserError for an input shape the profile does not take, BackendUnavailable when the
     runtime is missing."""
     onnx_model = onnx_model_of(model)
-    if profile.input_shape != onnx_model.input_shape:
-        raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; "
-                        f"{onnx_model.onnx_path} takes {list(onnx_model.input_shape)}")
+    check_input_shape(profile, onnx_model.input_shape, str(onnx_model.onnx_path))
     backend = get_backend(profile.backend)
     if profile.precision == "int8" and calibration is None:
         drawn = int8_calibration(profile, onnx_model.mean, onnx_model.std, data_dir)

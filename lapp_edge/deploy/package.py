@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from lapp_edge.errors import UserError
-from lapp_edge.fileio import check_relative_name, open_regular_under, read_json_under, regular_files_under, shown
+from lapp_edge.fileio import check_relative_name, missing_text, open_regular_under, read_json_under, regular_files_under, shown
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -275,7 +275,9 @@ def load_package(directory: str | Path, check: bool = True) -> ModelPackage:
     """Read a package's manifest (bounded, schema-checked) and (by default) check the package's
     files: the closed set, their sha256, model.onnx's external data. UserError otherwise."""
     path = Path(directory)
-    if not path.is_dir() or not os.path.lexists(path / MANIFEST):
+    if not path.is_dir():
+        raise UserError(f"model package {path} {missing_text(path)}")
+    if not os.path.lexists(path / MANIFEST):
         raise UserError(f"{path} is not a model package: {MANIFEST} is missing")
     where = str(path / MANIFEST)
     manifest = read_json_under(path, MANIFEST, MAX_MANIFEST_BYTES)

@@ -81,6 +81,17 @@ class TargetProfile:
     # has ("default" where none matches); see channel_multiple_for
     channel_multiples: tuple[tuple[str, int], ...] = (("default", DEFAULT_CHANNEL_MULTIPLE),)
 
+    @property
+    def argument(self) -> str:
+        """How a command line names this profile (`--target ...` in a printed hint): its name where the
+        name finds this very file, else the path it was read from (a user's own profile)."""
+        try:
+            if not self.path or Path(find_profile(self.name)).resolve() == Path(self.path).resolve():
+                return self.name
+        except UserError:
+            pass
+        return self.path
+
 
 def _positive_int(value: Any, where: str, high: int = 1 << 16) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
@@ -155,11 +166,11 @@ def parse_profile(payload: Any, where: str) -> TargetProfile:
     if not isinstance(payload, dict):
         raise UserError(f"{where}: a target profile must be a YAML mapping")
     missing = [key for key in REQUIRED if key not in payload]
-    if missing:
-        raise UserError(f"{where}: missing field(s): {', '.join(missing)}")
-    unknown = sorted(set(payload) - set(KNOWN))
-    if unknown:
-        raise UserError(f"{where}: unknown field(s): {', '.join(unknown)}")
+    unknown = sorted(str(key) for key in set(payload) - set(KNOWN))
+    if missing or unknown:                       # both at once: `thread: 1` is a typo of the missing `threads`
+        parts = ([f"missing field(s): {', '.join(missing)}"] if missing else []) + \
+                ([f"unknown field(s): {', '.join(unknown)}"] if unknown else [])
+        raise UserError(f"{where}: {'; '.join(parts)}")
     name = _name(payload["name"], f"{where}: name")
     backend = payload["backend"]
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -235,6 +246,16 @@ def runtime_version(backend: str) -> str:
         return f"{distribution} {importlib.metadata.version(distribution)}"
     except importlib.metadata.PackageNotFoundError:
         return f"{distribution} not installed"
+
+
+def check_input_shape(profile: TargetProfile, shape: tuple[int, ...], what: str) -> None:
+    """Raise UserError unless `what` (a package, an ONNX file) takes the profile's input shape (C, H, W).
+    The shipped profiles are for Fashion-MNIST's 1x28x28; another input needs its own profile."""
+    if tuple(profile.input_shape) == tuple(shape):
+        return
+    raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; {what} takes {list(shape)}: copy "
+                    f"{profile.path or 'the profile'} to a YAML file of your own, set its input_size to {list(shape)} "
+                    "(and, for int8, a calibration set of such images) and pass that file as --target")
 
 
 def load_target(name_or_path: str | Path) -> TargetProfile:

@@ -37,7 +37,7 @@ from lapp_edge.errors import UserError
 from lapp_edge.export.onnx import EXPORTER, INPUT_NAME, OPSET, OUTPUT_NAME, GraphCheck, check_graph, export_onnx
 from lapp_edge.export.verify import VERIFY_IMAGES, Verification, compare_with_torch, ort_session, verify_package
 from lapp_edge.fileio import (
-    atomic_write_bytes, atomic_write_json, open_regular_under, read_bounded, read_json_under, regular_files_under,
+    atomic_write_bytes, atomic_write_json, check_output_location, missing_text, open_regular_under, read_bounded, read_json_under, regular_files_under,
 )
 from lapp_edge.lapp.flops import deployed_figures
 from lapp_edge.models import rebuild_model
@@ -223,8 +223,9 @@ def export_run(
     package that already holds it changes nothing: that package is re-verified and its
     manifest returned. Any other non-empty --out is refused."""
     run, out = Path(run_dir), Path(out_dir)
+    check_output_location(out, "--out", "dir")
     if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist")
+        raise UserError(f"run directory {run} {missing_text(run)}")
     regular_files_under(run, f"run directory {run}", skip=(".lock",))    # no link or special file anywhere in it
     report = read_run_report(run)
     model, spec = load_slim_model(run)

@@ -50,7 +50,7 @@ from lapp_edge.deploy.measure import (
 )
 from lapp_edge.deploy.targets import TargetProfile, load_target
 from lapp_edge.errors import UserError
-from lapp_edge.fileio import atomic_write_bytes
+from lapp_edge.fileio import atomic_write_bytes, check_output_location
 from lapp_edge.lapp.flops import DeployedFigures, deployed_figures
 from lapp_edge.lapp.widths import allowed_widths
 
@@ -210,6 +210,7 @@ def calibrate(target_path: str | Path, model: str = "resnet20", configs: int = 2
     into `out`. Raises UserError for a bad target, model, batch or count before any measuring."""
     options = options or RatioProtocol()
     profile = load_target(target_path)
+    check_output_location(out, "--out", "dir")
     if configs < MIN_CONFIGS:
         raise UserError(f"--configs must be at least {MIN_CONFIGS} (a line and a held-out point), not {configs}")
     batch_sizes = sorted(set(batches or [1]))

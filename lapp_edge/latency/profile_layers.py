@@ -52,7 +52,7 @@ from lapp_edge.deploy.measure import (
 )
 from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, load_target, runtime_version
 from lapp_edge.errors import UserError
-from lapp_edge.fileio import atomic_write_bytes
+from lapp_edge.fileio import atomic_write_bytes, check_output_location
 from lapp_edge.lapp.flops import DeployedLayer, FlopsCost
 from lapp_edge.lapp.widths import allowed_widths
 
@@ -296,6 +296,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
         raise UserError(f"--max-grid must be at least 2, not {max_grid}")
     if network_compiles < 1:
         raise UserError(f"--network-compiles must be at least 1, not {network_compiles}")
+    check_output_location(out, "--out", "dir")
     multiple = channel_multiple or channel_multiple_for(profile)
     described = describe_model(model, shape, coupled, multiple, max_grid)  # type: ignore[arg-type]
     points = grid_points(described)

@@ -58,7 +58,9 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import os
 import re
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -127,9 +129,11 @@ def resolve_builder(reference: str) -> Callable[..., Any]:
     module_name, _, attribute = reference.partition(":")
     if any(part.startswith("_") for part in attribute.split(".")):
         raise ModelReferenceError(f"model reference '{reference}' names a private attribute")
+    if os.getcwd() not in sys.path:      # `lapp-edge` is a console script: like `python -m`, look in the working directory
+        sys.path.append(os.getcwd())     # (last: an installed package of the same name still wins)
     try:
         target: Any = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - any import failure is the user's, in one line
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - any import failure is the user's, in one line
         raise ModelReferenceError(f"cannot import module '{module_name}' for --model {reference}: {_first_line(error)}") from None
     for part in attribute.split("."):
         if not hasattr(target, part):
@@ -179,7 +183,7 @@ def call_builder(reference: str, in_channels: int, num_classes: int) -> nn.Modul
             kwargs["in_channels"] = in_channels
     try:
         model = builder(**kwargs)
-    except Exception as error:  # noqa: BLE001 - the user's builder failed: one line
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - the user's builder failed (or called sys.exit): one line
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         raise ModelReferenceError(f"{reference}({shown}) failed: {_first_line(error)}") from None
     if not isinstance(model, nn.Module):
@@ -196,7 +200,28 @@ def build_reference(reference: str, in_channels: int, num_classes: int, input_si
         raise UserModelError(f"{reference} is traced to find its prunable layers, which needs the input size")
     model = call_builder(reference, in_channels, num_classes)
     example = torch.zeros(1, in_channels, input_size, input_size)
-    return lapp_ready(model, example, bypass=bypass, coupled=coupled, source=reference)
+    traced = lapp_ready(model, example, bypass=bypass, coupled=coupled, source=reference)
+    check_class_count(traced, example, num_classes, reference)
+    return traced
+
+
+def check_class_count(model: nn.Module, example: torch.Tensor, num_classes: int, source: str) -> None:
+    """Raise UserModelError unless `model` maps `example` (N, C, H, W) to logits of shape (N, num_classes):
+    a model with fewer outputs than the dataset has classes fails in the first training step, one with
+    more trains and ships a classifier whose extra outputs name no class. Runs one eval-mode forward."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(example)
+    finally:
+        model.train(was_training)
+    wanted = (example.shape[0], num_classes)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != wanted:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise UserModelError(f"{source} outputs {got} for an input of shape {tuple(example.shape)}, but the dataset has "
+                             f"{num_classes} classes: it must output logits of shape {wanted} (its builder is given "
+                             f"num_classes={num_classes} when it takes that argument)")
 
 
 # --- the traced model ---------------------------------------------------------------------------
@@ -248,6 +273,8 @@ class TracedModel(nn.Module):
 # --- tracing and grouping -----------------------------------------------------------------------
 
 def _first_line(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"it called sys.exit({error.code!r})"
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
@@ -341,6 +368,16 @@ def _gate_reaches_only_multiplications(node: Any, ops: Any) -> bool:
     return True
 
 
+INDEX_MAPPING = "a channel index mapping"     # a symptom seen on every layer a flatten or concat re-indexes
+
+
+def _ranked(reasons: list[str]) -> list[str]:
+    """A group's distinct reasons, the specific ones first in the order the group meets them (from its
+    root conv outwards), the generic index mapping last: the first is the one a warning names."""
+    distinct = list(dict.fromkeys(reasons))
+    return [r for r in distinct if r != INDEX_MAPPING] + [r for r in distinct if r == INDEX_MAPPING]
+
+
 def _classify_group(group: Any, graph: Any, pairs: dict[str, str], names: dict[nn.Module, str], reused: set[str],
                     coupled: bool) -> tuple[SiteLayout | None, list[str], list[str]]:
     """One Torch-Pruning group -> (layout or None, its conv paths, the reasons it cannot be a site)."""
@@ -374,7 +411,7 @@ def _classify_group(group: Any, graph: Any, pairs: dict[str, str], names: dict[n
             if is_out:
                 convs.append(path)
             if list(idxs) != full:
-                reasons.append("a channel index mapping")
+                reasons.append(INDEX_MAPPING)
             elif path in reused:
                 reasons.append("a layer called more than once")
             elif _is_depthwise(module):
@@ -407,8 +444,10 @@ def _classify_group(group: Any, graph: Any, pairs: dict[str, str], names: dict[n
             else:
                 consumers.append(path)
         elif isinstance(module, nn.BatchNorm2d):
-            if names.get(module) not in wrapped_bns or list(idxs) != full:
+            if names.get(module) not in wrapped_bns:
                 reasons.append("a BatchNorm not right after a conv")
+            elif list(idxs) != full:             # a right-placed BN mapped by what follows (a flatten, a concat)
+                reasons.append(INDEX_MAPPING)
         else:
             reasons.append(f"a {type(module).__name__} layer")
     if not producers and not reasons:
@@ -416,7 +455,7 @@ def _classify_group(group: Any, graph: Any, pairs: dict[str, str], names: dict[n
     if len(producers) > 1 and not coupled:
         reasons.append("residual-coupled channels (coupled groups are off)")
     if reasons:
-        return None, convs, sorted(set(reasons))
+        return None, convs, _ranked(reasons)
     unique = lambda paths: list(dict.fromkeys(paths))  # noqa: E731
     # named after its first producer in forward order once sorted (`_analyse`); the suffix marks a coupled group
     suffix = "" if len(producers) == 1 else (".residual" if has_add else ".coupled")

@@ -37,6 +37,8 @@ def find_profile(name_or_path: str) -> Path:
     """A target profile by path (`my/target.yaml`) or by name (`x86-ort-fp32`).
     Raises UserError naming the known profiles when neither exists."""
     found = _search(name_or_path, ".yaml", "targets", TARGETS_DIR)
+    if found is None and Path(name_or_path).is_dir():
+        raise UserError(f"target profile {name_or_path} is a directory: give a YAML file or a profile name ({', '.join(profile_names())})")
     if found is None:
         raise UserError(f"target profile {name_or_path} does not exist (a path to a YAML file, or one of: {', '.join(profile_names())})")
     return found

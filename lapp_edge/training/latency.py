@@ -70,7 +70,7 @@ def find_table(profile: TargetProfile, model: str, input_shape: tuple[int, int, 
     found = find_table_file(profile.name, model, input_shape, machine_key())
     if found is None:
         raise UserError(f"no layer latency table for {profile.name} / {model} / {'x'.join(map(str, input_shape))} on this "
-                        f"machine ({machine_key()}): measure one with lapp-edge profile-layers --target {profile.name} "
+                        f"machine ({machine_key()}): measure one with lapp-edge profile-layers --target {profile.argument} "
                         f"--model {model} --input {'x'.join(map(str, input_shape))}")
     return found
 
@@ -87,7 +87,7 @@ def check_table(table: LatencyTable, path: Path, profile: TargetProfile, model: 
                         f"{model} at {'x'.join(map(str, input_shape))}")
     if table.machine != machine_key():
         raise UserError(f"{where} was measured on {table.machine}; this machine is {machine_key()}: latency does not "
-                        f"transfer between CPUs, run lapp-edge profile-layers --target {profile.name} --model {model} here")
+                        f"transfer between CPUs, run lapp-edge profile-layers --target {profile.argument} --model {model} here")
     if batch not in table.batches:
         raise UserError(f"{where} holds batches {sorted(table.batches)}, not --latency-batch {batch}")
     here = runtime_version(profile.backend)

@@ -24,7 +24,7 @@ from typing import Any
 
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import (
-    DirectoryLock, atomic_write_bytes, atomic_write_json, read_json_under, regular_files_under, remove_stale_temporaries,
+    DirectoryLock, atomic_write_bytes, check_output_location, atomic_write_json, read_json_under, regular_files_under, remove_stale_temporaries,
 )
 from lapp_edge.torch_io import atomic_torch_save, safe_torch_load
 
@@ -67,8 +67,7 @@ class RunDirectory:
     def check_usable(self, resume: bool) -> None:
         """A new run needs an empty or absent directory; a resumed one needs its checkpoint or
         config (a run killed before its first checkpoint restarts from epoch 0). UserError otherwise."""
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"--out {self.path} exists and is not a directory")
+        check_output_location(self.path, "--out", "dir")
         if resume:
             if not self.checkpoint_path.is_file() and not self.config_path.is_file():
                 raise UserError(f"nothing to resume: {self.checkpoint_path} does not exist")

@@ -97,6 +97,9 @@ def classify(bundle: Bundle, paths: Sequence[str], top: int) -> list[dict[str, A
     batch = min(len(pixels), max(bundle.manifest["target"]["batch_sizes"]))
     probabilities = softmax(infer_all(load_engine(bundle, batch), _inputs(bundle, pixels)))
     names = bundle.class_names
+    if probabilities.ndim != 2 or probabilities.shape[1] != len(names):
+        raise RunnerError(f"the bundle's model outputs {list(probabilities.shape[1:])} scores per image but names "
+                          f"{len(names)} classes: rebuild it (lapp-edge ship) from a package whose model matches its data")
     predictions = []
     for path, row in zip(paths, probabilities):
         order = np.argsort(-row, kind="stable")

@@ -84,13 +84,15 @@ def test_run_all_trains_exports_benches_and_reports(tmp_path: Path, fmnist: Data
 
 BAD_CONFIGS = [
     ({"epochs": "2"}, "epochs must be int"),
-    ({"budget": 1.5}, "--flops-target must lie in (0, 1]"),
+    ({"budget": 1.5}, "config.yaml: budget must lie in (0, 1]"),
+    ({"budget": 0}, "config.yaml: budget must lie in (0, 1], got 0"),
+    ({"epochs": -2}, "config.yaml: epochs must be"),
     ({"budget": 0.92, "train": {"channel_multiple": 32, "threads": 1}}, "cannot be met"),
     ({"learning_rate": 0.1}, "unknown key(s) learning_rate"),
     ({"train": {"flops_target": 0.3}}, "train: flops_target cannot be set there"),
     ({"train": {"lr_warmup": 3}}, "train: lr_warmup cannot be set there"),
     ({"data": {"dataset": "fashion-mnist", "resize": 32}}, "data: unknown key(s) resize"),
-    ({"data": {"dataset": "fashion-mnist", "input_size": 32}}, "--input-size 32: fashion-mnist images are 28x28"),
+    ({"data": {"dataset": "fashion-mnist", "input_size": 32}}, "config.yaml: input_size 32: fashion-mnist images are 28x28"),
     ({"targets": ["x86-nonexistent"]}, "target profile x86-nonexistent does not exist"),
     ({"targets": []}, "targets must be a non-empty list"),
     ({"dense_baseline": "yes"}, "dense_baseline must be true or false"),
@@ -105,8 +107,8 @@ BAD_CONFIGS = [
     ({"budget": {"latency": 0.5, "target": ["x86-ort-fp32", True]}}, "budget: target must be a name or a list of names"),
     ({"budget": {"latency": 0.5, "target": "x86-ort-fp32", "speed": 2}}, "budget: unknown key(s) speed"),
     ({"budget": {"flops": 0.4, "batch": 32}}, "budget: batch only go with a latency budget"),
-    ({"budget": {"latency": 1.5, "target": "x86-ort-fp32"}}, "--latency-target"),
-    ({"budget": {"latency": [0.5, 0.6], "target": "x86-ort-fp32"}}, "one value for all targets or one per --target"),
+    ({"budget": {"latency": 1.5, "target": "x86-ort-fp32"}}, "config.yaml: budget: latency"),
+    ({"budget": {"latency": [0.5, 0.6], "target": "x86-ort-fp32"}}, "config.yaml: budget: latency takes one value for all targets or one per budget: target (1), got 2"),
     ({"train": {"latency_target": "0.5", "target": "x86-ort-fp32"}}, "cannot be set there"),
 ]
 

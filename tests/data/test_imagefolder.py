@@ -96,6 +96,28 @@ def test_a_file_that_is_not_an_image_is_refused_naming_it(tmp_path: Path) -> Non
         load_dataset("imagefolder", tmp_path)
 
 
+def test_a_tree_of_one_class_is_refused(tmp_path: Path) -> None:
+    # one class trains to 100% top-1 and means nothing: a tree missing its other classes, most likely
+    write_tree(tmp_path, "train", "cat", 2)
+    write_tree(tmp_path, "val", "cat", 1)
+    with pytest.raises(UserError, match=r"train/ holds one class directory \(cat\): a classifier needs at least two"):
+        load_dataset("imagefolder", tmp_path)
+
+
+@pytest.mark.parametrize(("mode", "dtype", "words"), [("I;16", np.uint16, "16-bit"), ("I", np.int32, "32-bit integer"),
+                                                      ("F", np.float32, "32-bit float")])
+def test_an_image_wider_than_8_bits_is_refused_not_clipped(tmp_path: Path, mode: str, dtype: type, words: str) -> None:
+    # PIL's convert to L/RGB clips such pixels to 255 (a 16-bit scan turns almost white), so it is refused
+    # naming the file, as the device runner refuses it
+    write_tree(tmp_path, "train", "cat,dog", 2)
+    write_tree(tmp_path, "val", "cat,dog", 1)
+    wide = tmp_path / "train" / "dog" / "scan.tif"
+    Image.fromarray(np.full((40, 48), 40000 if mode != "F" else 0.5, dtype=dtype)).save(wide)
+    assert Image.open(wide).mode == mode
+    with pytest.raises(UserError, match=rf"image .*scan.tif has {words} pixels \(mode {mode}\).*convert the tree to 8 bits"):
+        load_dataset("imagefolder", tmp_path)
+
+
 # --- kind 3: a truncated image, found before training where the tree is decoded up front ------------
 
 def test_a_truncated_image_is_refused_before_training_naming_it(tmp_path: Path) -> None:

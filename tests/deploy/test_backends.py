@@ -166,6 +166,7 @@ BAD_PROFILES = [
     ({"input_size": [28, 28]}, "input_size must be [C, H, W]"),
     ({"int8_routes": ["nncf"]}, "int8_routes must be a list drawn from"),
     ({"colour": "blue"}, "unknown field(s): colour"),
+    ({"threads": None, "thread": 1}, "missing field(s): threads; unknown field(s): thread"),     # a typo names both
 ]
 
 

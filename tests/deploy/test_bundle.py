@@ -29,7 +29,7 @@ from PIL import Image
 
 from lapp_edge.data.readers import Dataset
 from lapp_edge.deploy.backends import LoadRequest, get_backend, run_batched
-from lapp_edge.deploy.bundle import SIDECAR_SUFFIX, archive_bytes, build_bundle, build_bundles
+from lapp_edge.deploy.bundle import SIDECAR_SUFFIX, archive_bytes, build_bundle, build_bundles, check_bundle_slot
 from lapp_edge.deploy.calibration_set import normalize_uint8
 from lapp_edge.deploy.package import load_package
 from lapp_edge.errors import UserError
@@ -183,7 +183,7 @@ def test_builder_refuses_bad_input(package: Path, profiles: dict[str, Path], tmp
     payload["input_size"] = [3, 32, 32]
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text(yaml.safe_dump(payload))
-    with pytest.raises(UserError, match="is for inputs"):
+    with pytest.raises(UserError, match=r"is for inputs \[3, 32, 32\]; tiny takes \[1, 28, 28\]: copy .* set its input_size"):
         build_bundle(package, wrong, tmp_path / "out")
     tampered = tmp_path / "tampered"
     shutil.copytree(package, tampered)
@@ -195,6 +195,46 @@ def test_builder_refuses_bad_input(package: Path, profiles: dict[str, Path], tmp
 
 
 # --- the runner: check, classify, bench ---------------------------------------------------
+
+def test_ship_refuses_to_replace_a_bundle_of_another_package(bundles: dict[str, Path], package: Path,
+                                                             profiles: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Bundles are named <package folder>-<target>: a second package in a folder of the same name shipped to
+    the same --out replaced the first one's bundle silently (a user's report). Now refused before any work,
+    as is a file at that path that is no bundle; the same package again is allowed (a rebuild)."""
+    from lapp_edge.cli import main as cli_main
+
+    other = tmp_path / "elsewhere" / "tiny"                 # same folder name, another package (its manifest differs)
+    shutil.copytree(package, other)
+    manifest = other / "manifest.json"
+    manifest.write_text(manifest.read_text() + "\n")
+    existing = bundles["x86-ort-fp32"]
+    before = existing.read_bytes()
+    ship = ["ship", "--target", str(profiles["x86-ort-fp32"]), "--out", str(existing.parent)]
+    assert cli_main([ship[0], str(other), *ship[1:]]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "holds a bundle of another model package (also named tiny)" in err, err
+    assert existing.read_bytes() == before
+    check_bundle_slot(existing, load_package(package))       # the package it was built from may rebuild it
+    not_a_bundle = tmp_path / "dist" / existing.name
+    not_a_bundle.parent.mkdir()
+    not_a_bundle.write_bytes(b"my notes")
+    assert cli_main([ship[0], str(package), *ship[1:3], "--out", str(not_a_bundle.parent)]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not a bundle lapp-edge can read" in err and not_a_bundle.read_bytes() == b"my notes"
+
+
+def test_classify_refuses_a_model_whose_outputs_do_not_match_its_class_names(
+        bundles: dict[str, Path], fmnist: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # a bundle whose model had 12 outputs for 10 class names crashed classify (IndexError) on a top class >= 10
+    import lapp_edge_runtime.cli as runtime_cli
+
+    monkeypatch.setattr(runtime_cli, "softmax", lambda logits: np.full((len(logits), 12), 1 / 12))
+    image = write_png(fmnist.test.images[0][0], tmp_path / "0.png")
+    code, _, err = run([bundles["x86-ort-fp32"], image, "--top", "12"], capsys)
+    assert_one_line_error(code, err, "outputs [12] scores per image but names 10 classes")
+
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_check_passes_on_an_untouched_bundle(bundles: dict[str, Path], target: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -325,3 +325,19 @@ def test_two_targets_combine_with_the_tightest_budget_binding(tmp_path: Path, mo
     assert resolve_channel_multiple(replace(config, channel_multiple=0)) == 8          # AVX2: 8 for both
     monkeypatch.setattr("lapp_edge.deploy.measure.cpu_flags", lambda: {"avx512f", "amx_bf16"})
     assert resolve_channel_multiple(replace(config, channel_multiple=0)) == 32         # lcm(16 for fp32 ORT, 32 for AMX bf16)
+
+
+def test_a_hint_to_profile_names_a_users_profile_by_its_path(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # a profile passed by path is not found by its name: the printed command must carry the path to run as printed
+    from lapp_edge.cli import main
+    from lapp_edge.deploy.targets import load_target
+    from lapp_edge.resources import TARGETS_DIR
+
+    mine = tmp_path / "edge-box.yaml"
+    mine.write_text((TARGETS_DIR / "x86-ort-fp32.yaml").read_text().replace("name: x86-ort-fp32", "name: edge-box"))
+    assert load_target(mine).argument == str(mine) and load_target("x86-ort-fp32").argument == "x86-ort-fp32"
+    monkeypatch.setattr("lapp_edge.training.latency.machine_key", lambda: "A CPU nobody profiled; avx2")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", "run", "--epochs", "2", "--prune-epochs", "1", "--train-subset", "256", "--quiet",
+                 "--channel-multiple", "8", "--target", str(mine), "--latency-target", "0.5"]) == 2
+    assert f"lapp-edge profile-layers --target {mine} --model resnet20" in capsys.readouterr().err

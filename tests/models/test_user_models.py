@@ -17,6 +17,8 @@ numerically unsafe activation, the CLI (`--model module:function` / `torchvision
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -290,6 +292,28 @@ def test_bad_input_raises_one_line_errors() -> None:
         assert issubclass(error, UserError)
 
 
+def test_an_unprunable_layer_is_named_with_its_cause_not_a_symptom_of_it() -> None:
+    # the BN after each conv is in place; what stops the groups is the flatten of the 7x7 map (which also
+    # re-indexes that BN's channels: a symptom, not the cause, so it is not what the warning names)
+    with pytest.warns(UnprunableLayersWarning) as caught:
+        lapp_ready(user_nets.view_flatten_net(10, 1), torch.zeros(1, 1, 28, 28))
+    text = str(caught[0].message)
+    assert "a flattened spatial map" in text and "BatchNorm" not in text, text
+    # no BN at all, then a flatten: the missing BN is the cause named
+    with pytest.raises(NoPrunableLayerError, match=r"\(no BatchNorm after the conv\)"):
+        lapp_ready(nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 26 * 26, 10)),
+                   torch.zeros(1, 1, 28, 28))
+
+
+def test_a_module_reference_is_found_in_the_working_directory(tmp_path: Path) -> None:
+    # `lapp-edge` is a console script: unlike `python -m`, nothing puts the working directory on sys.path.
+    # -I runs Python the same way (no working directory, no PYTHONPATH on sys.path).
+    (tmp_path / "mynets.py").write_text("import torch.nn as nn\n\ndef build(num_classes=10):\n    return nn.Conv2d(1, 4, 3)\n")
+    code = "from lapp_edge.models.traced import resolve_builder; print(resolve_builder('mynets:build').__module__)"
+    done = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "mynets", done.stderr
+
+
 # --- the CLI ----------------------------------------------------------------------------------------
 
 def cli_train(tmp_path: Path, model: str, *extra: str) -> list[str]:
@@ -305,6 +329,9 @@ def cli_train(tmp_path: Path, model: str, *extra: str) -> list[str]:
     ("tests.models.user_nets:costly_unprunable_net", ("--flops-target", "0.5"), "FLOPs target 0.5 cannot be reached"),
     ("tests.models.user_nets:nothing_here", (), "has no 'nothing_here'"),
     ("torchvision:not_a_model", (), "unknown torchvision model"),
+    ("tests.models.user_nets:too_few_outputs", (), r"outputs \(1, 7\) .* the dataset has 10 classes"),
+    ("tests.models.user_nets:too_many_outputs", (), r"outputs \(1, 12\) .* must output logits of shape \(1, 10\)"),
+    ("tests.models.user_nets:exiting_builder", (), r"failed: it called sys.exit\(3\)"),
 ])
 def test_cli_bad_user_model_exits_2_in_one_line_writing_nothing(model: str, extra: tuple[str, ...], pattern: str,
                                                                   tmp_path: Path, fmnist,  # type: ignore[no-untyped-def]

@@ -134,3 +134,18 @@ class ViewFlattenNet(nn.Module):
 
 def view_flatten_net(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     return ViewFlattenNet(num_classes, in_channels)
+
+
+def too_few_outputs(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """Ignores num_classes: 7 logits, fewer than Fashion-MNIST's 10 classes."""
+    return SmallNet(7, in_channels)
+
+
+def too_many_outputs(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """Ignores num_classes: 12 logits, two of which would name no class."""
+    return SmallNet(12, in_channels)
+
+
+def exiting_builder(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """A builder that calls sys.exit (a script's main pasted into a builder)."""
+    raise SystemExit(3)
