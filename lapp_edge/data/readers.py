@@ -129,6 +129,9 @@ def _find(directory: Path, stem: str) -> Path:
     for candidate in (directory / f"{stem}.gz", directory / stem):
         if candidate.is_file():
             return candidate
+    if (directory / "train").is_dir():            # an ImageFolder tree given without --dataset imagefolder
+        raise UserError(f"Fashion-MNIST file {stem}(.gz) not found in {directory}, which holds a train/ folder: for an "
+                        "ImageFolder tree (train/<class>/<image>) pass --dataset imagefolder")
     raise UserError(
         f"Fashion-MNIST file {stem}(.gz) not found in {directory}: install it with "
         "'apt-get install dataset-fashion-mnist' or pass --data-dir"

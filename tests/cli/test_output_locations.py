@@ -98,12 +98,15 @@ def test_a_file_system_error_during_the_work_is_one_line(monkeypatch: pytest.Mon
     (["bench", "{dir}/pkg", "--target", "{dir}"], "target profile {dir} is a directory: give a YAML file"),
     (["train", "--data-dir", "{file}", "--out", "{dir}/run", "--epochs", "2", "--prune-epochs", "1"],
      "data directory {file} for fashion-mnist is a file, not a directory"),
+    (["train", "--data-dir", "{tree}", "--out", "{dir}/run", "--epochs", "2", "--prune-epochs", "1"],
+     "which holds a train/ folder: for an ImageFolder tree (train/<class>/<image>) pass --dataset imagefolder"),
 ])
 def test_an_input_of_the_wrong_kind_is_named_as_such(argv: list[str], message: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     afile = tmp_path / "afile"
     afile.write_text("x")
-    fill = {"file": str(afile), "dir": str(tmp_path)}
+    (tmp_path / "tree" / "train" / "cat").mkdir(parents=True)
+    fill = {"file": str(afile), "dir": str(tmp_path), "tree": str(tmp_path / "tree")}
     assert main([a.format(**fill) for a in argv]) == 2
     assert message.format(**fill) in one_error(capsys)
 
