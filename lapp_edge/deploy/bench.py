@@ -510,7 +510,7 @@ def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None 
     validated before any work (UserError)."""
     if compiles < 1:
         raise UserError(f"--compiles must be at least 1, got {compiles}")
-    if out:
+    if out is not None:
         check_output_location(out, "--out", "file")
     if test_images is not None and test_images < 1:
         raise UserError(f"--test-images must be at least 1 (or left out: the whole test split), got {test_images}")

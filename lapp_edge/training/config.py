@@ -169,6 +169,8 @@ def validate_config(config: TrainConfig) -> None:
     from lapp_edge.lapp.scores import SCORERS
     from lapp_edge.models import MODEL_BUILDERS
 
+    if not str(config.out).strip():
+        raise UserError("--out is empty: give a directory name")
     if ":" in config.model:     # torchvision:<name> or module:function (models/traced.py); imported, not yet called
         from lapp_edge.models.traced import resolve_builder
 

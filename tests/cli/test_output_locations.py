@@ -67,6 +67,19 @@ def test_an_output_where_no_file_can_be_made_is_refused(command: str, tmp_path: 
     assert "cannot be written: cannot create files in /proc" in one_error(capsys)
 
 
+@pytest.mark.parametrize("command", list(commands("x", Path("c"))))
+def test_an_empty_output_is_refused_not_read_as_the_working_directory(command: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = commands("", run_all_config(tmp_path))[command]
+    if command == "bench":
+        argv[-1] = ""
+    assert main(argv) == 2
+    line = one_error(capsys)
+    assert "--out is empty" in line or "no output directory" in line, line
+
+
 def test_bench_refuses_a_directory_as_its_report_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "no-such-package", "--target", "x86-ort-fp32", "--out", str(tmp_path)]) == 2
     assert f"--out {tmp_path} is a directory: give a file name" in one_error(capsys)
