@@ -69,6 +69,8 @@ def missing_text(path: str | os.PathLike[str], kind: str = "dir") -> str:
     """Why `path` is not the `kind` ("dir" or "file") a command wanted, as the end of a sentence:
     "does not exist", "is a file, not a directory" or "is a directory, not a file"."""
     target = Path(path)
+    if target.is_symlink() and not target.exists():
+        return f"is a symbolic link to {os.readlink(target)}, which does not exist"
     if not os.path.lexists(target):
         return "does not exist"
     if kind == "dir":
@@ -84,11 +86,13 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
-def check_output_location(path: str | os.PathLike[str], where: str, kind: str = "dir") -> None:
+def check_output_location(path: str | os.PathLike[str], where: str, kind: str = "dir", staged_beside: bool = False) -> None:
     """Check, before any work, that an output `path` can be written: a directory (`kind` "dir":
-    absent, or an existing directory) or a file (`kind` "file": absent, or an existing file). Its
-    nearest existing ancestor must be a directory this process can create files in, which is tried
-    (a probe file made and removed; `os.access` says yes for root even on read-only mounts and /proc).
+    absent, or an existing directory) or a file (`kind` "file": absent, or an existing file). The
+    directory the writes go to must be one this process can create files in, which is tried (a probe
+    file made and removed; `os.access` says yes for root even on read-only mounts and /proc): the
+    output directory's nearest existing ancestor (itself when it exists), or, with `staged_beside`
+    (a directory built beside its place and renamed onto it, as export does), its parent's.
 
     `where` names the option in the message ("--out"). Raises UserError (one line) otherwise: an
     output refused only after hours of training, or a traceback from the final rename, is what
@@ -100,7 +104,9 @@ def check_output_location(path: str | os.PathLike[str], where: str, kind: str = 
         raise UserError(f"{where} {target} exists and is not a directory")
     if kind == "file" and target.is_dir():
         raise UserError(f"{where} {target} is a directory: give a file name (for example {target / 'report.json'})")
-    existing = _nearest_existing(target if kind == "dir" else target.parent)
+    existing = _nearest_existing(target if kind == "dir" and not staged_beside else target.parent)
+    if existing.is_symlink() and not existing.exists():
+        raise UserError(f"{where} {target} cannot be made: {existing} {missing_text(existing)}")
     if not existing.is_dir():
         raise UserError(f"{where} {target} cannot be made: {existing} is a file, not a directory")
     try:

@@ -7,6 +7,7 @@ summary); each stage is also callable from Python with the same arguments.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -14,6 +15,7 @@ from typing import NoReturn
 from lapp_edge.errors import UserError, one_line, os_error_text
 
 EXIT_USAGE = 2
+DEBUG_VARIABLE = "LAPP_EDGE_DEBUG"     # set (to anything): an OSError shows its traceback instead of one line
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -85,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except OSError as error:
         # what the checks before the work cannot foresee: a disk that fills, a mount gone read-only
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
         print(f"lapp-edge: error: {one_line(os_error_text(error))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

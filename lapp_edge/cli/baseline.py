@@ -28,15 +28,19 @@ def add_baseline_commands(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(handler=handler)
 
 
-def _measure(args: argparse.Namespace) -> list:
+def _measure(args: argparse.Namespace, records: bool = False) -> list:
     from lapp_edge.deploy.measure import RatioProtocol
     from lapp_edge.deploy.regression import measure_target
     from lapp_edge.deploy.targets import load_target
     from lapp_edge.errors import UserError
+    from lapp_edge.fileio import check_output_location
+    from lapp_edge.resources import find_profile
 
     if args.blocks < 1 or args.compiles < 1 or any(b <= 0 for b in args.batch or []):
         raise UserError("--blocks, --compiles and --batch must be positive")
     profiles = [load_target(t) for t in args.target]
+    for profile in profiles if records else []:        # baseline writes each profile's file after minutes of measuring
+        check_output_location(find_profile(profile.path or profile.name), "--target", "file")
     results = []
     with tempfile.TemporaryDirectory(prefix="lapp-regression-") as work:
         for profile in profiles:
@@ -50,7 +54,7 @@ def run_baseline_command(args: argparse.Namespace) -> int:
     from lapp_edge.deploy.regression import format_results, record_baseline
 
     command = "lapp-edge baseline " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    for profile, results in _measure(args):
+    for profile, results in _measure(args, records=True):
         print(format_results(results))
         print(f"recorded in {record_baseline(profile, results, command)}")
     return 0

@@ -50,6 +50,7 @@ from typing import Any
 
 from lapp_edge.child_processes import ChildProcesses
 from lapp_edge.deploy.measure import COMPILES_PER_RATIO
+from lapp_edge.deploy.targets import check_input_shape
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import check_output_location
 
@@ -61,6 +62,7 @@ DATA_KEYS = ("dataset", "data_dir", "input_size", "augment", "mean", "std", "tra
 BUDGET_KEY_FIELDS = {"flops": "flops_target", "latency": "latency_target", "latency_ms": "latency_budget_ms",
                      "target": "target", "batch": "latency_batch", "table": "latency_table"}
 BUDGET_KEYS = tuple(BUDGET_KEY_FIELDS)
+TOP_LEVEL_FIELDS = ("model", "epochs", "prune_epochs")      # TrainConfig fields set by the config's top-level keys
 BUDGET_FIELDS = tuple(BUDGET_KEY_FIELDS.values())
 
 
@@ -111,7 +113,7 @@ def train_configs(payload: dict[str, Any], out: Path, where: Path, parallel: boo
     if not isinstance(train, dict):
         raise UserError(f"{where}: train must be a mapping of `lapp-edge train` settings")
     known = set(defaults())
-    reserved = {"out", "dense", "model", "epochs", "prune_epochs", *BUDGET_FIELDS, *DATA_KEYS}
+    reserved = {"out", "dense", *TOP_LEVEL_FIELDS, *BUDGET_FIELDS, *DATA_KEYS}
     bad = sorted(str(k) for k in train if k not in known or k in reserved)
     if bad:
         raise UserError(f"{where}: train: {', '.join(bad)} cannot be set there (unknown, or set by model/data/budget/epochs/"
@@ -143,15 +145,22 @@ def train_configs(payload: dict[str, Any], out: Path, where: Path, parallel: boo
 
 def as_config_keys(message: str) -> str:
     """A `lapp-edge train` error in a run-all config's words: `--flops-target` -> `budget`, `--latency-target`
-    -> `budget: latency` (each budget field by its budget key), any other `--some-flag` -> `some_flag`."""
+    -> `budget: latency` (each budget field by its budget key), `--data-dir` -> `data: data_dir`, `--epochs` ->
+    `epochs`, any other `--some-flag` -> `train: some_flag`. A command the message suggests (from `lapp-edge `
+    on) is left as it is, to be run as printed."""
     budget_key = {field: key for key, field in BUDGET_KEY_FIELDS.items()}
 
     def key(match: re.Match[str]) -> str:
         field = match.group(1).replace("-", "_")
         if field == "flops_target":
             return "budget"
-        return f"budget: {budget_key[field]}" if field in budget_key else field
-    return re.sub(r"--([a-z][a-z0-9-]*)", key, message)
+        if field in budget_key:
+            return f"budget: {budget_key[field]}"
+        if field in DATA_KEYS:
+            return f"data: {field}"
+        return field if field in TOP_LEVEL_FIELDS else f"train: {field}"
+    words, command, hint = message.partition("lapp-edge ")
+    return re.sub(r"--([a-z][a-z0-9-]*)", key, words) + command + hint
 
 
 def budget_settings(budget: object, where: Path) -> dict[str, Any]:
@@ -308,7 +317,7 @@ def run_all_command(args: argparse.Namespace) -> int:
     began = time.monotonic()
     where = Path(args.config)
     payload, text = load_config(where)
-    out_value = args.out or payload.get("out")
+    out_value = args.out if args.out is not None else payload.get("out")
     if not isinstance(out_value, str) or not out_value:
         raise UserError(f"{where}: no output directory: set 'out' in the config or pass --out")
     out = Path(out_value)
@@ -361,6 +370,9 @@ def run_all_command(args: argparse.Namespace) -> int:
             trainers[name] = (Trainer(config, measure=freeze_measurer(config)), resume)
         except UserError as error:
             raise UserError(f"{where}: {as_config_keys(str(error))}") from None
+    for profile in profiles.values():                              # a bench target the trained model will not fit
+        for shape in {trainer.input_shape for trainer, _ in trainers.values()}:
+            check_input_shape(profile, shape, f"the {slim_config.model} trained on this data")
 
     out.mkdir(parents=True, exist_ok=True)
     if not resuming:

@@ -202,11 +202,16 @@ def image_header(path: Path) -> tuple[int, int, str]:
     except Exception as error:  # noqa: BLE001 - any failure to read an image is bad input, named
         raise UserError(f"cannot read image {path}: {str(error).splitlines()[0][:200] if str(error) else type(error).__name__}") from None
     check_pixels(path, width, height)
+    check_depth(path, mode)
+    return width, height, mode
+
+
+def check_depth(path: Path, mode: str) -> None:
+    """UserError for an image whose pixels do not fit 8 bits (WIDE_MODES), for training and evaluation alike."""
     if mode in WIDE_MODES:
         raise UserError(f"image {path} has {WIDE_MODES[mode]} pixels (mode {mode}); lapp-edge reads 8-bit images (1, L, LA, P, "
                         "RGB, RGBA, CMYK, YCbCr) and would clip these to 255: convert the tree to 8 bits first, scaling as the "
                         "data needs (for 16-bit, value // 256)")
-    return width, height, mode
 
 
 def check_pixels(path: Path, width: int, height: int) -> None:
@@ -245,6 +250,7 @@ def open_converted(path: Path, mode: str) -> Any:
     try:
         with Image.open(path) as image:
             check_pixels(path, int(image.width), int(image.height))
+            check_depth(path, str(image.mode))
             image.load()
             converted = image.convert(mode) if image.mode != mode else image.copy()
     except UserError:

@@ -271,11 +271,11 @@ def fit_for(profile: TargetProfile, package: ModelPackage, precision_used: str =
     check_external_data(read_file_bytes(reference, MAX_MODEL_BYTES), str(reference), {})
     if list(package.input_shape) != list(fit.input_shape):
         return fit, fit_path, None, f"{fit_path.name} is for inputs {fit.input_shape}, the package takes {list(package.input_shape)}"
-    machine_note = fit_machine_note(fit, machine_key())
+    machine_note = fit_machine_note(fit, machine_key(), profile.argument)
     return fit, fit_path, reference, "; ".join(part for part in (note, machine_note) if part)
 
 
-def fit_machine_note(fit: LatencyFit, this_machine: str) -> str:
+def fit_machine_note(fit: LatencyFit, this_machine: str, target_argument: str = "") -> str:
     """A warning where `fit` was measured on another CPU than `this_machine` (a `measure.machine_key`:
     CPU model + ISA flags), or on one whose ISA flags it did not record; "" where they match.
     The fit is still used, but the bench says so; a layer table from another machine is refused
@@ -287,7 +287,7 @@ def fit_machine_note(fit: LatencyFit, this_machine: str) -> str:
         return ""
     measured_on = recorded or f"{load.get('cpu') or 'an unrecorded CPU'} without its ISA flags recorded"
     return (f"{fit.target}'s fit was measured on {measured_on}, this machine is {this_machine}: "
-            f"re-run lapp-edge calibrate-latency --target {fit.target} --model {fit.model} here")
+            f"re-run lapp-edge calibrate-latency --target {target_argument or fit.target} --model {fit.model} here")
 
 
 def _fit_measured_with(profile: TargetProfile, model: str, precision_used: str) -> tuple[LatencyFit, Path] | None:
@@ -356,7 +356,7 @@ def table_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyTab
     path = find_table_file(profile.name, model, package.input_shape, machine_key())
     if path is None:
         return None, None, None, (f"no layer latency table for {profile.name}/{model} on this machine (lapp-edge profile-layers "
-                                  f"--target {profile.name} --model {model} --input {'x'.join(map(str, package.input_shape))})")
+                                  f"--target {profile.argument} --model {model} --input {'x'.join(map(str, package.input_shape))})")
     table = load_table(path)
     reference = find_latency_file(table.dense_reference) if table.dense_reference else None
     if reference is None:
@@ -512,6 +512,8 @@ def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None 
         raise UserError(f"--compiles must be at least 1, got {compiles}")
     if out is not None:
         check_output_location(out, "--out", "file")
+    if work_dir is not None:
+        check_output_location(work_dir, "--work-dir", "dir")
     if test_images is not None and test_images < 1:
         raise UserError(f"--test-images must be at least 1 (or left out: the whole test split), got {test_images}")
     profiles = [load_target(path) for path in target_paths]          # validate every profile before any work
@@ -519,6 +521,8 @@ def run_bench(package_dir: str | Path, target_paths: list[str], out: str | None 
         if profile.precision == "int8":
             load_definition(profile.calibration)
     package = load_package(package_dir)
+    for profile in profiles:                                          # every target takes the package's input
+        check_input_shape(profile, package.input_shape, package.name)
     baseline = load_package(baseline_dir) if baseline_dir is not None else None
     if baseline is not None:
         check_baseline(baseline, package)

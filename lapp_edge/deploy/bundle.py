@@ -385,37 +385,39 @@ def bundled_package_sha256(path: Path) -> str | None:
     return None
 
 
-def check_bundle_slot(out: Path, package: ModelPackage) -> None:
+def check_bundle_slot(out: Path, package: ModelPackage, replace: bool = False) -> None:
     """Refuse (UserError) to replace an existing file at a bundle's path unless it is a bundle of this
-    very package (shipping the same package again rebuilds it): two packages with the same folder name
-    would otherwise overwrite each other's bundles silently."""
-    if not os.path.lexists(out):
+    very package manifest (shipping the same package again rebuilds it) or `replace` is set: two packages
+    with the same folder name would otherwise overwrite each other's bundles silently."""
+    if not os.path.lexists(out) or replace:
         return
     recorded = bundled_package_sha256(out) if out.is_file() and not out.is_symlink() else None
     if recorded is None:
-        raise UserError(f"--out: {out} exists and is not a bundle lapp-edge can read; remove it or choose another --out")
+        raise UserError(f"--out: {out} exists and is not a bundle lapp-edge can read; remove it, pass --replace or "
+                        "choose another --out")
     if recorded != sha256_of(package.directory / PACKAGE_MANIFEST):
-        raise UserError(f"--out: {out} holds a bundle of another model package (also named {package.name}); "
-                        "remove it or choose another --out")
+        raise UserError(f"--out: {out} holds a bundle built from another package manifest (another package named "
+                        f"{package.name}, or this one exported again); pass --replace to replace it, or choose another --out")
 
 
 def build_bundles(package_dir: str | Path, profile_paths: Sequence[str | Path], out_dir: str | Path,
-                  data_dir: str | None = None, expected_latency_dir: str | Path | None = None) -> list[Path]:
-    """`build_bundle` for each profile (all profiles are read first, so a bad one stops before any work).
-    With `expected_latency_dir`, each bundle embeds `<dir>/<archive name>.latency.json`."""
+                  data_dir: str | None = None, expected_latency_dir: str | Path | None = None,
+                  replace: bool = False) -> list[Path]:
+    """`build_bundle` for each profile. Everything that can refuse is checked for every profile before the
+    first bundle is built: the --out location, the profiles and their input shape, the pinned latency files
+    (with `expected_latency_dir`, each bundle embeds `<dir>/<archive name>.latency.json`), and that no bundle
+    of another package manifest is replaced (unless `replace`)."""
     check_output_location(out_dir, "--out", "dir")
-    for path in profile_paths:
-        load_target(path)
+    profiles = [load_target(path) for path in profile_paths]
     package = load_package(package_dir)
-    package_name = package.name
-    for path in profile_paths:                        # before any work: no bundle of another model is replaced
-        check_bundle_slot(Path(out_dir) / f"{package_name}-{load_target(path).name}{SUFFIX}", package)
-    built = []
-    for path in profile_paths:
-        pinned = None
-        if expected_latency_dir is not None:
-            pinned = Path(expected_latency_dir) / f"{package_name}-{load_target(path).name}{SUFFIX}{SIDECAR_SUFFIX}"
-            if not pinned.is_file():
-                raise UserError(f"no expected latency {pinned} for target {load_target(path).name}")
-        built.append(build_bundle(package_dir, path, out_dir, data_dir, pinned))
-    return built
+    pinned: list[Path | None] = []
+    for profile in profiles:
+        check_input_shape(profile, package.input_shape, package.name)
+        check_bundle_slot(Path(out_dir) / f"{package.name}-{profile.name}{SUFFIX}", package, replace)
+        if expected_latency_dir is None:
+            pinned.append(None)
+            continue
+        pinned.append(Path(expected_latency_dir) / f"{package.name}-{profile.name}{SUFFIX}{SIDECAR_SUFFIX}")
+        if not pinned[-1].is_file():                                  # type: ignore[union-attr]
+            raise UserError(f"no expected latency {pinned[-1]} for target {profile.name}")
+    return [build_bundle(package_dir, path, out_dir, data_dir, pin) for path, pin in zip(profile_paths, pinned)]

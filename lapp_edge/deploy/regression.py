@@ -35,7 +35,7 @@ from lapp_edge.costs.latency_fit import fit_file_name, load_fit
 from lapp_edge.deploy.backends import get_backend
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
 from lapp_edge.deploy.measure import COMPILES_PER_RATIO, RatioProtocol, cpu_snapshot, machine_key, other_cpu_share_since, quiet_block_ratios
-from lapp_edge.deploy.targets import TargetProfile, load_target
+from lapp_edge.deploy.targets import TargetProfile, check_input_shape, load_target
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_text
 from lapp_edge.resources import find_latency_file, find_profile
@@ -106,6 +106,7 @@ class RegressionResult:
     notes: list[str] = field(default_factory=list)
     speedup_per_compile: list[float] = field(default_factory=list)   # each fresh compile's speedup (the compile noise)
     ratio_to_reference_per_compile: list[float] = field(default_factory=list)
+    target_argument: str = ""                   # how a command line names the profile (its path for a user's own)
 
 
 def measure_target(profile: TargetProfile, batches: list[int], work_dir: Path, protocol: RatioProtocol | None = None,
@@ -119,9 +120,7 @@ def measure_target(profile: TargetProfile, batches: list[int], work_dir: Path, p
         raise ValueError(f"compiles must be at least 1, got {compiles}")
     protocol = protocol or RatioProtocol()
     models = reference_models()
-    if profile.input_shape != models.input_shape:
-        raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; the regression references "
-                        f"take {list(models.input_shape)}")
+    check_input_shape(profile, models.input_shape, "the regression references")
     calibration = dataset_calibration(profile)
     backend = get_backend(profile.backend)
     dense = OnnxModel(models.path_for("dense", backend, work_dir), "input", models.input_shape)
@@ -154,7 +153,7 @@ def measure_target(profile: TargetProfile, batches: list[int], work_dir: Path, p
                         to_reference.append(float(np.median(quiet_block_ratios(dense_runner, ref, data, protocol).block_ratios)))
         ratio_to_reference = float(np.median(to_reference)) if to_reference else (1.0 if baselines is not None else None)
         result = RegressionResult(
-            target=profile.name, batch=batch, machine=machine, speedup=float(np.median(speedups)),
+            target=profile.name, target_argument=profile.argument, batch=batch, machine=machine, speedup=float(np.median(speedups)),
             speedup_iqr=[float(np.percentile(blocks, 25)), float(np.percentile(blocks, 75))],
             ratio_to_reference=ratio_to_reference, other_cpu_share=other_cpu_share_since(start), flagged=flagged,
             tolerance=baselines.tolerance if baselines else 0.0, speedup_per_compile=speedups,
@@ -194,7 +193,7 @@ def check(result: RegressionResult) -> None:
     where = f"target {result.target}, batch {result.batch}"
     if result.expected_speedup is None and result.expected_ratio_to_reference is None:
         result.notes.append(f"no baseline recorded for this machine ({result.machine}): "
-                            f"record one with `lapp-edge baseline --target {result.target}`")
+                            f"record one with `lapp-edge baseline --target {result.target_argument or result.target}`")
     if result.expected_speedup is not None and result.speedup < result.expected_speedup * (1 - tolerance):
         result.problems.append(f"{where}: dense/slim speedup {result.speedup:.3f}, expected >= {result.expected_speedup:.3f} "
                                f"x (1 - {tolerance:g}) = {result.expected_speedup * (1 - tolerance):.3f}")

@@ -254,8 +254,8 @@ def check_input_shape(profile: TargetProfile, shape: tuple[int, ...], what: str)
     if tuple(profile.input_shape) == tuple(shape):
         return
     raise UserError(f"target {profile.name} is for inputs {list(profile.input_shape)}; {what} takes {list(shape)}: copy "
-                    f"{profile.path or 'the profile'} to a YAML file of your own, set its input_size to {list(shape)} "
-                    "(and, for int8, a calibration set of such images) and pass that file as --target")
+                    f"{profile.path or 'the profile'} to a YAML file of your own, give it a new name, set its input_size "
+                    f"to {list(shape)} (and, for int8, a calibration set of such images) and pass that file as --target")
 
 
 def load_target(name_or_path: str | Path) -> TargetProfile:

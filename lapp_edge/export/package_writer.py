@@ -223,7 +223,7 @@ def export_run(
     package that already holds it changes nothing: that package is re-verified and its
     manifest returned. Any other non-empty --out is refused."""
     run, out = Path(run_dir), Path(out_dir)
-    check_output_location(out_dir, "--out", "dir")       # the string: Path("") would read as "."
+    check_output_location(out_dir, "--out", "dir", staged_beside=True)    # the string: Path("") would read as "."
     if not run.is_dir():
         raise UserError(f"run directory {run} {missing_text(run)}")
     regular_files_under(run, f"run directory {run}", skip=(".lock",))    # no link or special file anywhere in it

@@ -57,6 +57,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.machinery
+import importlib.util
 import inspect
 import os
 import re
@@ -111,6 +113,21 @@ def is_reference(name: str) -> bool:
     return ":" in name
 
 
+def _look_in_working_directory(top_level: str) -> None:
+    """`lapp-edge` is a console script, so unlike `python -m` the working directory is not on sys.path:
+    put it there (last) when the reference's top-level module is not importable otherwise and the working
+    directory holds it, and only then (an empty folder there would otherwise shadow missing optional
+    packages, such as tensorrt, for the whole process)."""
+    here = os.getcwd()
+    try:
+        if here in sys.path or importlib.util.find_spec(top_level) is not None:
+            return
+    except (ImportError, ValueError):
+        return
+    if importlib.machinery.PathFinder.find_spec(top_level, [here]) is not None:
+        sys.path.append(here)
+
+
 def resolve_builder(reference: str) -> Callable[..., Any]:
     """The builder a reference names (imported; not called). ModelReferenceError otherwise.
 
@@ -129,8 +146,7 @@ def resolve_builder(reference: str) -> Callable[..., Any]:
     module_name, _, attribute = reference.partition(":")
     if any(part.startswith("_") for part in attribute.split(".")):
         raise ModelReferenceError(f"model reference '{reference}' names a private attribute")
-    if os.getcwd() not in sys.path:      # `lapp-edge` is a console script: like `python -m`, look in the working directory
-        sys.path.append(os.getcwd())     # (last: an installed package of the same name still wins)
+    _look_in_working_directory(module_name.partition(".")[0])
     try:
         target: Any = importlib.import_module(module_name)
     except (Exception, SystemExit) as error:  # noqa: BLE001 - any import failure is the user's, in one line

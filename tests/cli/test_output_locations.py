@@ -41,7 +41,8 @@ def commands(out: str, config: Path) -> dict[str, list[str]]:
 
 def run_all_config(directory: Path) -> Path:
     path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump({"model": "resnet20", "data": "fashion-mnist", "budget": 0.5, "epochs": 1}))
+    path.write_text(yaml.safe_dump({"out": str(directory / "from-config"), "model": "resnet20", "data": "fashion-mnist",
+                                    "budget": 0.5, "epochs": 1}))
     return path
 
 
@@ -77,7 +78,8 @@ def test_an_empty_output_is_refused_not_read_as_the_working_directory(command: s
         argv[-1] = ""
     assert main(argv) == 2
     line = one_error(capsys)
-    assert "--out is empty" in line or "no output directory" in line, line
+    assert "--out is empty" in line or "no output directory" in line, line     # run-all: not the config's out either
+    assert not (tmp_path / "from-config").exists()
 
 
 def test_bench_refuses_a_directory_as_its_report_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

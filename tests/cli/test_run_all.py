@@ -92,7 +92,7 @@ BAD_CONFIGS = [
     ({"train": {"flops_target": 0.3}}, "train: flops_target cannot be set there"),
     ({"train": {"lr_warmup": 3}}, "train: lr_warmup cannot be set there"),
     ({"data": {"dataset": "fashion-mnist", "resize": 32}}, "data: unknown key(s) resize"),
-    ({"data": {"dataset": "fashion-mnist", "input_size": 32}}, "config.yaml: input_size 32: fashion-mnist images are 28x28"),
+    ({"data": {"dataset": "fashion-mnist", "input_size": 32}}, "config.yaml: data: input_size 32: fashion-mnist images are 28x28"),
     ({"targets": ["x86-nonexistent"]}, "target profile x86-nonexistent does not exist"),
     ({"targets": []}, "targets must be a non-empty list"),
     ({"dense_baseline": "yes"}, "dense_baseline must be true or false"),
@@ -119,6 +119,17 @@ def test_a_bad_config_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pyt
     config = write_config(tmp_path, **change)
     assert main(["run-all", str(config)]) == 2
     assert message in one_error(capsys)
+    assert not (tmp_path / "all").exists()
+
+
+def test_a_bench_target_for_another_input_size_is_refused_before_training(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    payload = yaml.safe_load(quick_profile(tmp_path).read_text())
+    payload.update(name="rgb-box", input_size=[3, 32, 32])
+    (tmp_path / "rgb-box.yaml").write_text(yaml.safe_dump(payload))
+    config = write_config(tmp_path, targets=[str(tmp_path / "rgb-box.yaml")])
+    assert main(["run-all", str(config)]) == 2
+    assert "target rgb-box is for inputs [3, 32, 32]; the resnet20 trained on this data takes [1, 28, 28]" in one_error(capsys)
     assert not (tmp_path / "all").exists()
 
 

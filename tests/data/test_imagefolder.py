@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import lapp_edge.data.torch_data as torch_data
-from lapp_edge.data.imagefolder import FolderLayout, load_image, scan_tree
+from lapp_edge.data.imagefolder import FolderLayout, load_image, open_converted, scan_tree
 from lapp_edge.data.torch_data import DataOptions, FolderDataset, batch_count, iterate_batches, load_dataset
 from lapp_edge.errors import UserError
 
@@ -116,6 +116,8 @@ def test_an_image_wider_than_8_bits_is_refused_not_clipped(tmp_path: Path, mode:
     assert Image.open(wide).mode == mode
     with pytest.raises(UserError, match=rf"image .*scan.tif has {words} pixels \(mode {mode}\).*convert the tree to 8 bits"):
         load_dataset("imagefolder", tmp_path)
+    with pytest.raises(UserError, match=rf"scan.tif has {words} pixels"):     # evaluation (verify, bench, ship) reads it so
+        open_converted(wide, "L")
 
 
 # --- kind 3: a truncated image, found before training where the tree is decoded up front ------------

@@ -42,6 +42,8 @@ def test_a_fit_from_another_cpu_is_used_with_a_warning_naming_both_machines() ->
     assert fit_machine_note(fit, here) == ""
     fit.load = {"cpu": "AMD EPYC"}                      # a fit from before the ISA flags were recorded
     assert "without its ISA flags recorded" in fit_machine_note(fit, here)
+    # a profile given by path: the hint carries the path, so it runs as printed
+    assert "calibrate-latency --target my/edge.yaml --model" in fit_machine_note(fit, here, "my/edge.yaml")
 
 
 def test_the_bench_note_carries_the_machine_warning_of_a_shipped_fit() -> None:

@@ -213,15 +213,43 @@ def test_ship_refuses_to_replace_a_bundle_of_another_package(bundles: dict[str, 
     ship = ["ship", "--target", str(profiles["x86-ort-fp32"]), "--out", str(existing.parent)]
     assert cli_main([ship[0], str(other), *ship[1:]]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "holds a bundle of another model package (also named tiny)" in err, err
-    assert existing.read_bytes() == before
+    assert len(err.splitlines()) == 1 and "holds a bundle built from another package manifest" in err, err
+    assert "pass --replace" in err and existing.read_bytes() == before
     check_bundle_slot(existing, load_package(package))       # the package it was built from may rebuild it
+    check_bundle_slot(existing, load_package(other), replace=True)      # and --replace says "replace it"
     not_a_bundle = tmp_path / "dist" / existing.name
     not_a_bundle.parent.mkdir()
     not_a_bundle.write_bytes(b"my notes")
     assert cli_main([ship[0], str(package), *ship[1:3], "--out", str(not_a_bundle.parent)]) == 2
     err = capsys.readouterr().err
     assert "exists and is not a bundle lapp-edge can read" in err and not_a_bundle.read_bytes() == b"my notes"
+
+
+def test_every_target_is_checked_before_the_first_is_built_or_benched(package: Path, profiles: dict[str, Path],
+                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a wrong second target used to be found after the first target's bundle was built (or benched)
+    import lapp_edge.deploy.bench as bench
+    import lapp_edge.deploy.bundle as bundle
+
+    payload = yaml.safe_load(profiles["x86-ort-fp32"].read_text())
+    payload.update(name="rgb-box", input_size=[3, 32, 32])
+    wrong = tmp_path / "rgb-box.yaml"
+    wrong.write_text(yaml.safe_dump(payload))
+
+    def no_work(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("work started before every target was checked")
+
+    monkeypatch.setattr(bundle, "build_bundle", no_work)
+    monkeypatch.setattr(bench, "bench_target", no_work)
+    with pytest.raises(UserError, match="target rgb-box is for inputs"):
+        build_bundles(package, [profiles["x86-ort-fp32"], wrong], tmp_path / "dist")
+    (tmp_path / "tiny-x86-ort-fp32.tar.gz.latency.json").write_text("{}")     # the first target's is there
+    with pytest.raises(UserError, match="no expected latency .*tiny-x86-ort-int8"):
+        build_bundles(package, [profiles["x86-ort-fp32"], profiles["x86-ort-int8"]], tmp_path / "dist",
+                      expected_latency_dir=tmp_path)
+    with pytest.raises(UserError, match="target rgb-box is for inputs"):
+        bench.run_bench(str(package), [str(profiles["x86-ort-fp32"]), str(wrong)])
+    assert not (tmp_path / "dist").exists()
 
 
 def test_classify_refuses_a_model_whose_outputs_do_not_match_its_class_names(

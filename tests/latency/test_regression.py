@@ -57,6 +57,37 @@ def test_check_flags_each_kind_of_miss() -> None:
                                   problems=[], notes=[])
     check(unknown)
     assert unknown.problems == [] and "lapp-edge baseline --target t" in unknown.notes[0]
+    mine = dataclasses.replace(unknown, target_argument="my/edge.yaml", notes=[])    # a user's profile, by path
+    check(mine)
+    assert "lapp-edge baseline --target my/edge.yaml" in mine.notes[0]
+
+
+def test_baseline_checks_it_can_write_each_profile_before_measuring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # baseline records into the profile's file after minutes of measuring: a file it cannot write is refused first
+    import tempfile
+
+    from lapp_edge.cli import main
+    from lapp_edge.resources import TARGETS_DIR
+
+    profile = tmp_path / "ro" / "edge-box.yaml"
+    profile.parent.mkdir()
+    profile.write_text((TARGETS_DIR / "x86-ort-fp32.yaml").read_text().replace("name: x86-ort-fp32", "name: edge-box"))
+    make_temp = tempfile.mkstemp
+
+    def read_only_folder(*args: object, dir: object = None, **kwargs: object) -> tuple[int, str]:  # noqa: A002
+        if Path(str(dir)) == profile.parent:            # root may write anywhere: stand in for a read-only mount
+            raise PermissionError(13, "Permission denied")
+        return make_temp(*args, dir=dir, **kwargs)      # type: ignore[arg-type]
+
+    def no_measuring(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("measured before the profile file was checked")
+
+    monkeypatch.setattr("lapp_edge.fileio.tempfile.mkstemp", read_only_folder)
+    monkeypatch.setattr("lapp_edge.deploy.regression.measure_target", no_measuring)
+    assert main(["baseline", "--target", str(profile)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create files in" in err and str(profile.parent) in err and len(err.splitlines()) == 1
 
 
 def targets() -> list[str]:

@@ -312,6 +312,13 @@ def test_a_module_reference_is_found_in_the_working_directory(tmp_path: Path) ->
     code = "from lapp_edge.models.traced import resolve_builder; print(resolve_builder('mynets:build').__module__)"
     done = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "mynets", done.stderr
+    # ... and only for a module found there: an empty folder named like an optional package (tensorrt) must not
+    # become importable because a reference to an installed module was resolved
+    (tmp_path / "tensorrt").mkdir()
+    code = ("import importlib.util, os, sys; from lapp_edge.models.traced import resolve_builder; resolve_builder('json:loads'); "
+            "print(importlib.util.find_spec('tensorrt') is None and os.getcwd() not in sys.path)")
+    done = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True", done.stderr
 
 
 # --- the CLI ----------------------------------------------------------------------------------------
