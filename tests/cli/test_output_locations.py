@@ -93,6 +93,9 @@ def test_the_location_check_leaves_nothing_behind(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []                  # no probe file left, nothing created
     with pytest.raises(UserError, match="--out is empty"):
         check_output_location("", "--out", "dir")
+    (tmp_path / "runs").symlink_to(tmp_path / "unmounted" / "runs")       # a data disk not mounted
+    with pytest.raises(UserError, match=r"runs is a symbolic link to .*unmounted/runs, which does not exist"):
+        check_output_location(tmp_path / "runs" / "a", "--out", "dir")
 
 
 def test_a_file_system_error_during_the_work_is_one_line(monkeypatch: pytest.MonkeyPatch,
