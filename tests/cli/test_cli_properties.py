@@ -552,4 +552,5 @@ def test_package_paths_that_are_not_packages(path_kind: str, command: str, scrat
         package.mkdir()
     args = {"verify": ["verify", str(package)],
             "bench": ["bench", str(package), "--target", str(TARGETS_DIR / "x86-ort-fp32.yaml")]}[command]
-    assert "not a model package" in run_bad(args, directory, capsys)
+    expected = {"absent": "does not exist", "file": "is a file, not a directory", "empty-dir": "not a model package"}[path_kind]
+    assert expected in run_bad(args, directory, capsys)
