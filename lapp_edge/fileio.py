@@ -86,13 +86,15 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
-def check_output_location(path: str | os.PathLike[str], where: str, kind: str = "dir", staged_beside: bool = False) -> None:
+def check_output_location(path: str | os.PathLike[str], where: str, kind: str = "dir", staged_beside: bool = False,
+                          probe: bool = True) -> None:
     """Check, before any work, that an output `path` can be written: a directory (`kind` "dir":
     absent, or an existing directory) or a file (`kind` "file": absent, or an existing file). The
     directory the writes go to must be one this process can create files in, which is tried (a probe
     file made and removed; `os.access` says yes for root even on read-only mounts and /proc): the
     output directory's nearest existing ancestor (itself when it exists), or, with `staged_beside`
-    (a directory built beside its place and renamed onto it, as export does), its parent's.
+    (a directory built beside its place and renamed onto it, as export does), its parent's. `probe`
+    False checks the kinds only (a process that reads the output but never writes it).
 
     `where` names the option in the message ("--out"). Raises UserError (one line) otherwise: an
     output refused only after hours of training, or a traceback from the final rename, is what
@@ -109,6 +111,8 @@ def check_output_location(path: str | os.PathLike[str], where: str, kind: str = 
         raise UserError(f"{where} {target} cannot be made: {existing} {missing_text(existing)}")
     if not existing.is_dir():
         raise UserError(f"{where} {target} cannot be made: {existing} is a file, not a directory")
+    if not probe:
+        return
     try:
         handle, probe = tempfile.mkstemp(dir=existing, prefix=".lapp-edge-probe-", suffix=".tmp")
     except OSError as error:

@@ -414,9 +414,9 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
                  data_dir: str | None = None, baseline: ModelPackage | None = None, compiles: int = COMPILES_PER_RATIO) -> TargetResult:
     """Compile the package for one target (every int8 route the profile lists), then accuracy
     against the reference and latency at each profile batch. A missing runtime makes the
-    result `unavailable` with its one-line message instead of raising."""
+    result `unavailable` with its one-line message instead of raising. The profile's input shape is
+    checked for every target by `run_bench` before the first (and again by the compile)."""
     result = TargetResult(profile.name, profile.path, profile.backend, profile.precision, profile.threads, "ok")
-    check_input_shape(profile, package.input_shape, package.name)
     try:
         folder = ((layout_from_manifest(package.manifest), list(package.manifest.get("class_names") or []))
                   if package.manifest.get("dataset") == "imagefolder" else None)

@@ -67,10 +67,7 @@ class RunDirectory:
     def check_usable(self, resume: bool) -> None:
         """A new run needs an empty or absent directory; a resumed one needs its checkpoint or
         config (a run killed before its first checkpoint restarts from epoch 0). UserError otherwise."""
-        if self.writer:                           # a rank that never writes needs no writable directory
-            check_output_location(self.path, "--out", "dir")
-        elif self.path.exists() and not self.path.is_dir():
-            raise UserError(f"--out {self.path} exists and is not a directory")
+        check_output_location(self.path, "--out", "dir", probe=self.writer)   # a rank that never writes needs no writable directory
         if resume:
             if not self.checkpoint_path.is_file() and not self.config_path.is_file():
                 raise UserError(f"nothing to resume: {self.checkpoint_path} does not exist")
