@@ -24,7 +24,8 @@ one measured side by side, and write the finished report (table + plot).
                                         # (bench --compiles; fewer is faster, more averages compile noise)
     test_images: 2000                   # optional: bench's top-1 on the first N test images (bench --test-images;
                                         # default: the whole test split)
-    train: {batch_size: 128}            # optional: any other `lapp-edge train` setting (TrainConfig field names)
+    train: {batch_size: 128}            # optional: any other `lapp-edge train` setting (TrainConfig field names:
+                                        # --quiet is progress: false, --no-bypass is bypass: false)
 
 Every key is used or refused (unknown keys, a setting given twice, a bad value: one line, exit 2),
 and everything is checked (settings, data, reachable budget, profiles, calibration sets) before
@@ -97,7 +98,7 @@ def load_config(path: Path) -> tuple[dict[str, Any], str]:
 def train_configs(payload: dict[str, Any], out: Path, where: Path, parallel: bool = False) -> tuple[Any, Any | None]:
     """The slim (LAPP) TrainConfig and the dense one (None without dense_baseline), checked. Trained in
     parallel without `threads` given, each run takes half the machine's cores."""
-    from lapp_edge.training.config import LAPP_ONLY, TrainConfig, defaults, validate_config
+    from lapp_edge.training.config import LAPP_ONLY, TrainConfig, defaults, field_of_flag, flag_name, validate_config
 
     missing = [key for key in ("model", "data", "budget", "epochs") if key not in payload]
     if missing:
@@ -115,6 +116,11 @@ def train_configs(payload: dict[str, Any], out: Path, where: Path, parallel: boo
     known = set(defaults())
     reserved = {"out", "dense", *TOP_LEVEL_FIELDS, *BUDGET_FIELDS, *DATA_KEYS}
     bad = sorted(str(k) for k in train if k not in known or k in reserved)
+    renamed = [(key, field_of_flag(key)) for key in bad if field_of_flag(key) is not None]
+    if renamed:                       # a flag written as a key: name the key it sets
+        key, (name, value) = renamed[0]
+        setting = f"{name}: {str(value).lower()}" if isinstance(value, bool) else name
+        raise UserError(f"{where}: train: {key} is the command-line flag {flag_name(name)}; in a config write {setting}")
     if bad:
         raise UserError(f"{where}: train: {', '.join(bad)} cannot be set there (unknown, or set by model/data/budget/epochs/"
                         "prune_epochs at the top level)")

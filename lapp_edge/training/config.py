@@ -159,6 +159,18 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def field_of_flag(word: str) -> tuple[str, Any] | None:
+    """The TrainConfig field a command-line flag sets, and the value the bare flag gives it, for a
+    word written as the flag without its dashes ("quiet", "no-bypass" or "no_bypass"): ("progress",
+    False) for --quiet. None where the word is no renamed flag (a field's own name is not one)."""
+    wanted = "--" + word.strip().lstrip("-").replace("_", "-")
+    for item in fields(TrainConfig):
+        flag = item.metadata.get("flag")
+        if flag == wanted and flag != "--" + item.name.replace("_", "-"):
+            return item.name, False if isinstance(item.default, bool) else None
+    return None
+
+
 def defaults() -> dict[str, Any]:
     """Every field's default (the required `out` excluded)."""
     return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}

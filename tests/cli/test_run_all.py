@@ -4,6 +4,7 @@ refused in one line before anything is written; the same config again continues.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from lapp_edge.cli import main
 from lapp_edge.data.torch_data import Dataset
 from lapp_edge.resources import TARGETS_DIR
+from lapp_edge.training.config import TrainConfig
 
 
 def quick_profile(directory: Path) -> Path:
@@ -91,6 +93,7 @@ BAD_CONFIGS = [
     ({"learning_rate": 0.1}, "unknown key(s) learning_rate"),
     ({"train": {"flops_target": 0.3}}, "train: flops_target cannot be set there"),
     ({"train": {"lr_warmup": 3}}, "train: lr_warmup cannot be set there"),
+    ({"train": {"quiet": True}}, "train: quiet is the command-line flag --quiet; in a config write progress: false"),
     ({"data": {"dataset": "fashion-mnist", "resize": 32}}, "data: unknown key(s) resize"),
     ({"data": {"dataset": "fashion-mnist", "input_size": 32}}, "config.yaml: data: input_size 32: fashion-mnist images are 28x28"),
     ({"targets": ["x86-nonexistent"]}, "target profile x86-nonexistent does not exist"),
@@ -120,6 +123,23 @@ def test_a_bad_config_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pyt
     assert main(["run-all", str(config)]) == 2
     assert message in one_error(capsys)
     assert not (tmp_path / "all").exists()
+
+
+RENAMED_FLAGS = [(item.metadata["flag"], item.name) for item in dataclasses.fields(TrainConfig)
+                 if item.metadata.get("flag") and item.metadata["flag"] != "--" + item.name.replace("_", "-")]
+
+
+@pytest.mark.parametrize(("flag", "name"), RENAMED_FLAGS)
+def test_a_flag_written_as_a_train_key_names_the_key_it_sets(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             flag: str, name: str) -> None:
+    """Every flag whose name is not its field's (--quiet sets progress, --no-bypass sets bypass), written in
+    a config's train: mapping with dashes or underscores, is refused with the key to write instead."""
+    for written in (flag[2:], flag[2:].replace("-", "_")):
+        config = write_config(tmp_path, train={written: True})
+        assert main(["run-all", str(config)]) == 2
+        assert f"train: {written} is the command-line flag {flag}; in a config write {name}: false" in one_error(capsys)
+        assert not (tmp_path / "all").exists()
+    assert len(RENAMED_FLAGS) >= 4                  # --quiet, --no-bypass, --no-groups, --no-measure-at-freeze
 
 
 def test_a_bench_target_for_another_input_size_is_refused_before_training(tmp_path: Path,
