@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -31,23 +30,15 @@ def load_average() -> list[float]:
 
 
 def time_blocks(trainers: dict[str, Any], blocks: int) -> dict[str, dict[str, float]]:
-    names = list(trainers)
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    for block in range(blocks):
-        order = names[block % len(names):] + names[: block % len(names)]
-        for name in order:
-            trainer = trainers[name]
-            record = trainer.train_epoch()
-            cpu[name].append(record.cpu_seconds / trainer.steps_per_epoch * 1e3)
-            wall[name].append(record.seconds / trainer.steps_per_epoch * 1e3)
-    result = {}
-    for name in names:
-        result[name] = {"cpu_ms_per_step": statistics.median(cpu[name]), "wall_ms_per_step": statistics.median(wall[name]),
-                        "cpu_ratio_to_branch": statistics.median(cpu[name]) / statistics.median(cpu["branch"]),
-                        "wall_ratio_to_branch": statistics.median(wall[name]) / statistics.median(wall["branch"]),
-                        "cpu_blocks": cpu[name]}
-    return result
+    """Per-step cost of every mode, interleaved (`training.step_cost`), with its ratio to "branch"."""
+    from lapp_edge.training.step_cost import interleaved_step_costs
+
+    costs = interleaved_step_costs(trainers, blocks)
+    branch = costs["branch"]
+    return {name: {"cpu_ms_per_step": c.cpu_ms_per_step, "wall_ms_per_step": c.wall_ms_per_step,
+                   "cpu_ratio_to_branch": c.cpu_ms_per_step / branch.cpu_ms_per_step,
+                   "wall_ratio_to_branch": c.wall_ms_per_step / branch.wall_ms_per_step, "cpu_blocks": c.cpu_blocks}
+            for name, c in costs.items()}
 
 
 def main() -> int:

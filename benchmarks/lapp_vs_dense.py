@@ -32,7 +32,6 @@ CONFIGURATIONS: dict[str, list[str]] = {
     "lapp-inner": ["--no-groups"],                     # inner convs only (the layout before coupled groups)
     "lapp-groups-max": ["--group-reduce", "max"],      # coupled groups, group score = max of the producers'
     "lapp-no-bypass": ["--no-bypass"],
-    "lapp-m16": ["--channel-multiple", "16"],          # coupled groups, widths in multiples of 16 (AVX-512's fp32 block)
 }
 
 
