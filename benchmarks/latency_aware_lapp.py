@@ -98,7 +98,8 @@ def launch(run: Run, args: argparse.Namespace) -> subprocess.Popen[bytes] | None
         command = ["--out", str(out), "--resume", "--quiet"]
     else:
         command = ["--out", str(out), "--model", args.model, "--epochs", str(args.epochs), "--prune-epochs", str(args.prune_epochs),
-                   "--train-subset", str(args.train_subset), "--seed", str(run.seed), "--threads", "1", "--quiet", *run.flags]
+                   "--train-subset", str(args.train_subset), "--seed", str(run.seed), "--threads", "1", "--quiet", *run.flags,
+                   *(["--channel-multiple", str(args.channel_multiple)] if args.channel_multiple else [])]
     log = open(Path(args.out) / f"{run.name}.log", "ab")  # noqa: SIM115 - closed when the process ends
     return CHILDREN.start([sys.executable, "-m", "lapp_edge.cli", "train", *command], stdout=log, stderr=subprocess.STDOUT)
 
@@ -274,6 +275,9 @@ def main() -> int:
     parser.add_argument("--train-targets", default="x86-ort-fp32,x86-openvino-bf16", help="targets latency-aware runs are shaped for")
     parser.add_argument("--targets", default="x86-ort-fp32,x86-openvino-bf16", help="targets every package is measured on")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--channel-multiple", type=int, default=0,
+                        help="widths of every run in multiples of this (0: the train default, the targets' multiple on this CPU "
+                             "for latency-aware runs; 8 lets them reach budgets a coarser block cannot)")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once (one thread each)")
     parser.add_argument("--compiles", type=int, default=3, help="fresh compiles of both networks per latency ratio (median taken)")
     parser.add_argument("--summarize", action="store_true",
@@ -309,7 +313,8 @@ def main() -> int:
     header = {"machine": f"{cpu_model()} ({machine_key()})", "runtimes": ", ".join(runtime_version(load_target(t).backend) for t in targets),
               "others' CPU share while measuring": f"{other_cpu_share_since(start):.2f}",
               "schedule": f"{args.model}, {args.epochs} epochs ({args.prune_epochs} pruning), {args.train_subset or 60000} "
-                          f"training images, seeds {args.seeds}, one thread per run",
+                          f"training images, seeds {args.seeds}, one thread per run"
+                          + (f", channel multiple {args.channel_multiple}" if args.channel_multiple else ""),
               "latency": f"batch {args.batch}, ratio to the dense network measured interleaved in one process, median over "
                          f"{args.compiles} fresh compiles of both [their range]; (predicted) = the target's layer table"}
     atomic_write_json(Path(args.out) / "results.json", {"settings": vars(args), "header": header, "rows": [asdict(r) for r in rows]})

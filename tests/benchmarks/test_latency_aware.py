@@ -83,3 +83,21 @@ def test_summarize_shows_how_far_off_budget_each_run_landed_and_what_its_freeze_
     line = next(l for l in (tmp_path / "results.md").read_text().splitlines() if l.startswith("| latency-s0"))
     assert line.endswith("| +4.0% | 0.507 |")
     assert json.loads((tmp_path / "results.json").read_text())["rows"][2]["at_freeze"] == {TARGET: 0.507}
+
+
+@pytest.mark.parametrize("multiple", [0, 8])
+def test_every_run_trains_at_the_channel_multiple_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            multiple: int) -> None:
+    """--channel-multiple reaches every new run's `lapp-edge train` command (0: the train default, not passed)."""
+    import argparse
+
+    commands: list[list[str]] = []
+    monkeypatch.setattr(bench.CHILDREN, "start", lambda command, **_: commands.append(command))
+    args = argparse.Namespace(out=str(tmp_path), model="resnet20", epochs=4, prune_epochs=1, train_subset=256, seeds=[0],
+                              train_targets=[TARGET], latency_targets=[0.5], flops_targets=[0.3], batch=32,
+                              channel_multiple=multiple)
+    for run in bench.plan(args):
+        bench.launch(run, args)
+    assert len(commands) == 2
+    for command in commands:
+        assert (command[command.index("--channel-multiple") + 1] == "8") if multiple else "--channel-multiple" not in command
