@@ -12,6 +12,7 @@ resumes from its last checkpoint when the same command runs again.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -50,6 +52,26 @@ class ChildProcesses:
             process = subprocess.Popen(command, **popen_kwargs)
             self._live.add(process)
         return process
+
+    @staticmethod
+    def _unregistered_children(known: list[subprocess.Popen[Any]]) -> list[subprocess.Popen[Any]]:
+        """Every live child process of this one (Linux /proc; none elsewhere) that is not in `known`, sent
+        SIGTERM and returned as waitable handles."""
+        known_pids = {process.pid for process in known}
+        found = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            except (OSError, ValueError, IndexError):
+                continue
+            pid = int(entry.name)
+            if int(parent) == os.getpid() and state != "Z" and pid not in known_pids:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+                found.append(_Orphan(pid))
+        return found
 
     def forget(self, process: subprocess.Popen[Any]) -> None:
         """Stop tracking a child that has exited."""
@@ -104,7 +126,7 @@ class ChildProcesses:
         deadlock. The waiting happens here, once the exit has unwound that frame (worker threads see
         their child exit and `stopping` set); a timer SIGKILLs children still alive after `grace_s`,
         so an orchestrator whose thread pool waits for its workers cannot hang on a stubborn child."""
-        signalled: list[subprocess.Popen[Any]] = []
+        signalled: list[Any] = []        # Popen handles, and _Orphan ones found at the end
         received: list[int] = []
 
         def kill_stragglers() -> None:
@@ -127,12 +149,50 @@ class ChildProcesses:
             yield self
         finally:
             if received:
+                # a signal that lands inside Popen, after the fork but before `start` registered the child,
+                # leaves a child no list knows (it trained on, orphaned): stop every child process we have
+                signalled.extend(self._unregistered_children(signalled))
                 self.wait_for(signalled, grace_s)
                 print(f"{self.program}: stopped by {signal.Signals(received[0]).name}; stopped {len(signalled)} training "
                       "process(es): run the same command again to resume them from their last checkpoints",
                       file=sys.stderr, flush=True)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+class _Orphan:
+    """A child process known only by its pid (started by a Popen that a stop signal interrupted): the
+    `wait`/`poll`/`kill` that `ChildProcesses.wait_for` uses, through os.waitpid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = 0
+                return self.returncode
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class ChildrenStopped(RuntimeError):

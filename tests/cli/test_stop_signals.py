@@ -152,3 +152,29 @@ def test_sigterm_to_run_all_stops_its_parallel_training_and_the_same_config_resu
     code, stderr, _ = stop_once_training(command, signal.SIGTERM, tmp_path, wanted_children=2)
     assert code == 128 + signal.SIGTERM and "in use" not in stderr, stderr
     assert yaml.safe_load(config.read_text())["out"] == str(tmp_path / "all")
+
+
+def test_a_signal_inside_popen_before_the_child_is_registered_still_stops_that_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race CI hit once: SIGTERM landed after Popen forked a training process but before `start` registered
+    it; the handler stopped the registered children only and the new one trained on, orphaned. Made
+    deterministic here: the signal is raised from inside Popen, right after the child exists."""
+    from lapp_edge import child_processes
+    from lapp_edge.child_processes import ChildProcesses
+
+    spawned: list[int] = []
+    real_popen = subprocess.Popen
+
+    def popen_then_signal(command: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        process = real_popen(command, **kwargs)        # type: ignore[call-overload]
+        spawned.append(process.pid)
+        os.kill(os.getpid(), signal.SIGTERM)           # handled before `start` can register the child
+        return process
+
+    monkeypatch.setattr(child_processes.subprocess, "Popen", popen_then_signal)
+    children = ChildProcesses("race")
+    with pytest.raises(SystemExit) as stopped:
+        with children.stop_on_signal(grace_s=10):
+            children.start([sys.executable, "-c", "import time; time.sleep(60)"])
+            time.sleep(5)                              # not reached: the handler raises inside start
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert spawned and not alive(spawned[0]), "the child started during the signal outlived the orchestrator"
