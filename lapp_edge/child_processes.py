@@ -54,7 +54,7 @@ class ChildProcesses:
         return process
 
     @staticmethod
-    def _unregistered_children(known: list[subprocess.Popen[Any]]) -> list[subprocess.Popen[Any]]:
+    def _unregistered_children(known: list[Any]) -> list[_Orphan]:
         """Every live child process of this one (Linux /proc; none elsewhere) that is not in `known`, sent
         SIGTERM and returned as waitable handles."""
         known_pids = {process.pid for process in known}

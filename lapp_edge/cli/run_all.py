@@ -116,7 +116,7 @@ def train_configs(payload: dict[str, Any], out: Path, where: Path, parallel: boo
     known = set(defaults())
     reserved = {"out", "dense", *TOP_LEVEL_FIELDS, *BUDGET_FIELDS, *DATA_KEYS}
     bad = sorted(str(k) for k in train if k not in known or k in reserved)
-    renamed = [(key, field_of_flag(key)) for key in bad if field_of_flag(key) is not None]
+    renamed = [(key, found) for key in bad if (found := field_of_flag(key)) is not None]
     if renamed:                       # a flag written as a key: name the key it sets
         key, (name, value) = renamed[0]
         setting = f"{name}: {str(value).lower()}" if isinstance(value, bool) else name
