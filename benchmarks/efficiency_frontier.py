@@ -72,9 +72,10 @@ class Network:
 
 
 def scan(model: str, shape: tuple[int, int, int], targets: list[str], batch: int, flops_target: float, band: float,
-         multiple: int, limit: int) -> tuple[FrontierScan, dict[str, int], dict[str, LatencyCost]]:
+         multiple: int, limit: int, block_removal: bool = False) -> tuple[FrontierScan, dict[str, int], dict[str, LatencyCost]]:
     """The frontier scan over the model's coupled groups with each target's layer table (refused
-    in one line where a table is missing or was measured elsewhere)."""
+    in one line where a table is missing or was measured elsewhere). `block_removal`: residual
+    branches may also be removed (their inner width 0), as `lapp-edge train --block-removal` allows."""
     dense = build_model(model, shape[0], NUM_CLASSES, False, True)
     sites = prunable_sites(dense)
     layers = deployed_layers(dense, sites, shape)
@@ -88,7 +89,8 @@ def scan(model: str, shape: tuple[int, int, int], targets: list[str], batch: int
             print(line, file=sys.stderr)
         latency[name] = LatencyCost(layers, channels, table.batch(batch), name)
     try:
-        result = scan_frontier(build_flops_cost(dense, sites, shape), latency, flops_target, band, multiple, limit=limit)
+        minimums = [0 if block_removal and site.removal is not None else multiple for site in sites]
+        result = scan_frontier(build_flops_cost(dense, sites, shape), latency, flops_target, band, multiple, minimums, limit=limit)
     except ValueError as error:
         raise UserError(str(error)) from None
     return result, {site.name: site.channels for site in sites}, latency
@@ -200,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="enumerate at most this many allocations, else sample")
     parser.add_argument("--compiles", type=int, default=3, help="each ratio is the median over this many fresh compiles of both networks")
     parser.add_argument("--runs", default="", help="comma-separated run folders whose widths are measured too")
+    parser.add_argument("--block-removal", action="store_true", help="allocations may also remove residual branches (inner width 0)")
     args = parser.parse_args(argv)
     try:
         if args.compiles < 1:
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         multiple = args.multiple or math.lcm(*(channel_multiple_for(load_target(t)) for t in targets))
         runs = run_networks([r for r in args.runs.split(",") if r])
         print(f"scanning {args.model} width allocations at FLOPs {args.flops_target} +- {args.band} (multiple {multiple})", flush=True)
-        result, dense_widths, latency = scan(args.model, shape, targets, args.batch, args.flops_target, args.band, multiple, args.limit)
+        result, dense_widths, latency = scan(args.model, shape, targets, args.batch, args.flops_target, args.band, multiple, args.limit,
+                                               args.block_removal)
     except UserError as error:
         print(f"efficiency_frontier: error: {error}", file=sys.stderr)
         return 2

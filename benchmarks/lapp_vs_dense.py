@@ -32,7 +32,12 @@ CONFIGURATIONS: dict[str, list[str]] = {
     "lapp-inner": ["--no-groups"],                     # inner convs only (the layout before coupled groups)
     "lapp-groups-max": ["--group-reduce", "max"],      # coupled groups, group score = max of the producers'
     "lapp-no-bypass": ["--no-bypass"],
+    # shaped for the target's latency (its layer table on this CPU, `lapp-edge profile-layers`) instead of FLOPs, at
+    # --latency-target of the dense latency on --latency-on; with --block-removal residual branches may go too
+    "lapp-latency": ["--channel-multiple", "8"],
+    "lapp-latency-blocks": ["--channel-multiple", "8", "--block-removal"],
 }
+LATENCY_SHAPED = ("lapp-latency", "lapp-latency-blocks")
 
 
 @dataclass
@@ -71,7 +76,9 @@ def launch(name: str, args: argparse.Namespace) -> subprocess.Popen[bytes] | Non
         "--train-subset", str(args.train_subset), "--seed", str(args.seed), "--threads", str(args.threads),
         "--device", args.device, "--quiet",
     ]
-    if name != "dense":  # a dense run refuses LAPP-only options
+    if name in LATENCY_SHAPED:
+        common += ["--prune-epochs", str(args.prune_epochs), "--target", args.latency_on, "--latency-target", str(args.latency_target)]
+    elif name != "dense":  # a dense run refuses LAPP-only options
         common += ["--prune-epochs", str(args.prune_epochs), "--flops-target", str(args.flops_target)]
     log = open(Path(args.out) / f"{name}.log", "ab")  # noqa: SIM115 - closed when the process ends
     return CHILDREN.start(train_command(out, [*common, *CONFIGURATIONS[name]]), stdout=log, stderr=subprocess.STDOUT)
@@ -99,9 +106,9 @@ def format_table(rows: list[Row], summary: dict) -> str:
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
-    lines = [f"{'run':16s} {'top-1':>7s} {'FLOPs':>6s} {'params':>6s} {'cpu s/epoch: dense':>19s} {'pruning':>8s} {'slim':>6s}"]
+    lines = [f"{'run':20s} {'top-1':>7s} {'FLOPs':>6s} {'params':>6s} {'cpu s/epoch: dense':>19s} {'pruning':>8s} {'slim':>6s}"]
     for r in rows:
-        lines.append(f"{r.name:16s} {r.test_top1:7.4f} {r.flops_ratio:6.3f} {r.params_ratio:6.3f} "
+        lines.append(f"{r.name:20s} {r.test_top1:7.4f} {r.flops_ratio:6.3f} {r.params_ratio:6.3f} "
                      f"{fmt(r.dense_cpu_s):>19s} {fmt(r.pruning_cpu_s):>8s} {fmt(r.slim_cpu_s):>6s}")
     lines.append("")
     for key, value in summary.items():
@@ -116,6 +123,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--prune-epochs", type=int, default=3)
     parser.add_argument("--flops-target", type=float, default=0.4)
+    parser.add_argument("--latency-target", type=float, default=0.45, help="the latency-shaped configurations' budget (ratio to dense)")
+    parser.add_argument("--latency-on", default="x86-ort-fp32", help="the target profile the latency-shaped configurations are shaped for")
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

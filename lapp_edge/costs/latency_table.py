@@ -126,13 +126,21 @@ class LayerTable:
 
     def lookup(self, c_in: Any, c_out: Any) -> Any:
         """Bilinear interpolation of the table at (c_in, c_out) (numpy arrays or floats, any shape),
-        clamped to the grid's range."""
+        clamped to the grid's range above it; below the smallest grid width, linear down to 0 ms at
+        0 channels (a layer with no channels is not run: a removed block, `--block-removal`)."""
         values = np.asarray(self.ms, dtype=np.float64)
         c_out = np.asarray(c_out, dtype=np.float64)
+        grid_out = np.asarray(self.c_out_grid, dtype=np.float64)
         if self.tied:
-            return interpolate_1d(np.asarray(self.c_out_grid, dtype=np.float64), values[0], c_out)
-        return interpolate_2d(np.asarray(self.c_in_grid, dtype=np.float64), np.asarray(self.c_out_grid, dtype=np.float64),
-                              values, np.asarray(c_in, dtype=np.float64), c_out)
+            return interpolate_1d(grid_out, values[0], c_out) * below_grid_scale(grid_out, c_out)
+        grid_in, c_in = np.asarray(self.c_in_grid, dtype=np.float64), np.asarray(c_in, dtype=np.float64)
+        return (interpolate_2d(grid_in, grid_out, values, c_in, c_out)
+                * below_grid_scale(grid_in, c_in) * below_grid_scale(grid_out, c_out))
+
+
+def below_grid_scale(grid: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """1 from the grid's smallest width up, x / that width below it (0 at 0 channels)."""
+    return np.clip(x / grid[0], 0.0, 1.0) if grid[0] > 0 else np.ones(np.shape(x))
 
 
 def axis_weights(grid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -46,6 +46,7 @@ class LappConfig:
     group_reduce: str = "sum"        # how a coupled group's channel score combines its producers' (sum | max)
     tolerance: float = 0.01          # the slim network must land within +-tolerance of the target ratio
     shared_threshold: bool = False   # ablation: one threshold (z units) for every site instead of one per site
+    block_removal: bool = False      # sites with a `removal` (residual branches) may keep zero channels
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -60,6 +61,13 @@ class FreezeResult:
     unrounded: dict[str, int]
     readded: dict[str, int]          # channels kept at freeze that were masked off (re-enter as no-ops)
     cost_ratio: float
+
+
+def site_min_widths(sites: list[PrunableSite], config: LappConfig) -> list[int]:
+    """Per site, the fewest channels it may keep: 0 for a removable site (`PrunableSite.removal`)
+    when `config.block_removal`, else `config.min_channels` (at least 1)."""
+    base = max(1, config.min_channels)
+    return [0 if config.block_removal and site.removal is not None else base for site in sites]
 
 
 class LappController(nn.Module):
@@ -101,8 +109,15 @@ class LappController(nn.Module):
     def scores(self) -> list[torch.Tensor]:
         return [standardize(group_score(self.scorer, site, self.config.group_reduce).float()) for site in self.sites]
 
-    def _min_keep(self, channels: int) -> int:
+    def _min_keep(self, index: int, channels: int) -> int:
+        if self.min_widths[index] == 0:
+            return 0
         return min(channels, max(1, self.config.min_channels, self.config.channel_multiple))
+
+    @property
+    def min_widths(self) -> list[int]:
+        """Per site, the fewest channels the freeze may keep: 0 where the site may be removed."""
+        return site_min_widths(self.sites, self.config)
 
     def update_masks(self, with_grad: bool = True) -> torch.Tensor:
         """Recompute every layer's mask from the current weights and thresholds; returns
@@ -149,9 +164,11 @@ class LappController(nn.Module):
         """Keep every threshold just below its layer's k-th largest score (k = min keep),
         so no layer collapses or loses its gradient."""
         caps = []
-        for score in self.last_scores or self.scores():
-            k = self._min_keep(score.numel())
-            caps.append(score.topk(k).values[-1] - 1e-3)
+        for index, score in enumerate(self.last_scores or self.scores()):
+            k = self._min_keep(index, score.numel())
+            # a removable site may mask every channel, but its threshold stays within reach of its best
+            # channel (4 temperatures: the sigmoid still passes a gradient) so the branch can come back
+            caps.append(score.topk(k).values[-1] - 1e-3 if k > 0 else score.max() + 4 * self.config.tau)
         # one tensor op, no host round-trip per layer (matters on a GPU)
         self.thresholds.copy_(torch.minimum(self.thresholds, self._fit(torch.stack(caps).to(self.thresholds.device))))
 
@@ -167,10 +184,9 @@ class LappController(nn.Module):
         and pick each layer's channels by score."""
         scores = self.scores()
         unrounded = np.array(self.hard_counts(), dtype=np.float64)
-        min_width = max(1, self.config.min_channels)
         widths = choose_widths(
             unrounded, self.cost, self.config.target, self.config.channel_multiple,
-            min_width, aim=self.config.tolerance * 0.4,
+            self.min_widths, aim=self.config.tolerance * 0.4,
         )
         keep_indices: dict[str, list[int]] = {}
         readded: dict[str, int] = {}

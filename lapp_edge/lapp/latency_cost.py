@@ -49,14 +49,21 @@ class _TorchLayer:
         self.grid_in = torch.tensor(table.c_in_grid, device=device, dtype=dtype)
         self.grid_out = torch.tensor(table.c_out_grid, device=device, dtype=dtype)
         self.values = torch.tensor(table.ms, device=device, dtype=dtype)
+        self.smallest_in, self.smallest_out = float(table.c_in_grid[0]), float(table.c_out_grid[0])
 
     def lookup(self, c_in: torch.Tensor, c_out: torch.Tensor) -> torch.Tensor:
+        """As `LayerTable.lookup`: bilinear, clamped above, linear to 0 ms at 0 channels below the grid."""
         o0, o1, wo = _torch_axis(self.grid_out, c_out)
         if self.tied:
-            return (1 - wo) * self.values[0, o0] + wo * self.values[0, o1]
+            return ((1 - wo) * self.values[0, o0] + wo * self.values[0, o1]) * _below_grid(self.smallest_out, c_out)
         i0, i1, wi = _torch_axis(self.grid_in, c_in)
-        return ((1 - wi) * (1 - wo) * self.values[i0, o0] + (1 - wi) * wo * self.values[i0, o1]
-                + wi * (1 - wo) * self.values[i1, o0] + wi * wo * self.values[i1, o1])
+        return (((1 - wi) * (1 - wo) * self.values[i0, o0] + (1 - wi) * wo * self.values[i0, o1]
+                 + wi * (1 - wo) * self.values[i1, o0] + wi * wo * self.values[i1, o1])
+                * _below_grid(self.smallest_in, c_in) * _below_grid(self.smallest_out, c_out))
+
+
+def _below_grid(smallest: float, x: torch.Tensor) -> torch.Tensor:
+    return (x / smallest).clamp(0.0, 1.0) if smallest > 0 else torch.ones_like(x)
 
 
 class LatencyCost:

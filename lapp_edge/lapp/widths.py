@@ -12,6 +12,9 @@ With multiple=1 the same search is the greedy add/drop repair that lands within 
 
 The search is local, so where it ends outside `aim` from the learned widths it is run again
 from the end of a search from fixed starts (dense, uniform scalings, the smallest widths).
+A site whose minimum width is 0 (a removable residual branch, `--block-removal`) may also be
+given no channels at all: its branch is then removed.
+
 `target_widths` runs that fixed-start search before training, so a run whose target no
 width combination it finds can meet is refused before anything is written, and the freeze
 meets the target wherever that check did (a descent that starts on target stays on it).
@@ -19,27 +22,44 @@ meets the target wherever that check did (a descent that starts on target stays 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from lapp_edge.lapp.cost import CostModel
 
+MinWidths = int | Sequence[int]      # one minimum for every site, or one per site (0: the site may be removed)
+
 
 def allowed_widths(total: int, multiple: int, min_width: int) -> np.ndarray:
-    """Widths a site of `total` channels may keep: multiples of `multiple` from `min_width` up, and `total`."""
+    """Widths a site of `total` channels may keep: multiples of `multiple` from `min_width` up, and
+    `total`; with `min_width` 0 also 0 (the site removed), then the multiples from one up."""
     multiple = max(1, multiple)
     start = -(-max(1, min_width) // multiple) * multiple  # smallest multiple >= min_width
     values = list(range(start, total + 1, multiple))
     if not values or values[-1] != total:
         values.append(total)
-    return np.array(sorted(set(v for v in values if v >= 1)), dtype=np.int64)
+    kept = sorted(set(v for v in values if v >= 1))
+    return np.array(([0] if min_width == 0 else []) + kept, dtype=np.int64)
+
+
+def per_site(min_width: MinWidths, count: int) -> list[int]:
+    """`min_width` as one minimum per site (ValueError for a list of another length)."""
+    if isinstance(min_width, int):
+        return [min_width] * count
+    values = [int(v) for v in min_width]
+    if len(values) != count:
+        raise ValueError(f"{len(values)} minimum widths for {count} sites")
+    return values
 
 
 class _WidthSearch:
     """The local search over one cost model's allowed widths (see the module docstring)."""
 
-    def __init__(self, cost: CostModel, target_ratio: float, multiple: int, min_width: int, aim: float,
+    def __init__(self, cost: CostModel, target_ratio: float, multiple: int, min_width: MinWidths, aim: float,
                  max_iterations: int) -> None:
-        self.options = [allowed_widths(total, multiple, min_width) for total in cost.site_channels]
+        minimums = per_site(min_width, len(cost.site_channels))
+        self.options = [allowed_widths(total, multiple, low) for total, low in zip(cost.site_channels, minimums)]
         self.cost, self.target, self.aim, self.max_iterations = cost, target_ratio, aim, max_iterations
         self.step = float(max(1, multiple))
         self.limits = np.array([len(opts) - 1 for opts in self.options])
@@ -97,7 +117,7 @@ def choose_widths(
     cost: CostModel,
     target_ratio: float,
     multiple: int,
-    min_width: int,
+    min_width: MinWidths,
     aim: float = 0.004,
     max_iterations: int = 10_000,
 ) -> np.ndarray:
@@ -117,7 +137,7 @@ def choose_widths(
     return search.widths_of(result[1])
 
 
-def target_widths(cost: CostModel, target_ratio: float, multiple: int, min_width: int, aim: float,
+def target_widths(cost: CostModel, target_ratio: float, multiple: int, min_width: MinWidths, aim: float,
                   max_iterations: int = 10_000) -> tuple[np.ndarray, float]:
     """Before training: the widths the freeze's fallback search reaches (from fixed starts, knowing
     nothing learned) and their cost ratio. The freeze meets the aim wherever these do."""
@@ -128,9 +148,10 @@ def target_widths(cost: CostModel, target_ratio: float, multiple: int, min_width
     return widths, float(cost.ratio(widths.astype(np.float64)))
 
 
-def smallest_cost_ratio(cost: CostModel, multiple: int, min_width: int) -> float:
+def smallest_cost_ratio(cost: CostModel, multiple: int, min_width: MinWidths) -> float:
     """The cost ratio with every site at its smallest allowed width: the lowest target LAPP can reach."""
-    smallest = [int(allowed_widths(c, multiple, min_width)[0]) for c in cost.site_channels]
+    minimums = per_site(min_width, len(cost.site_channels))
+    smallest = [int(allowed_widths(c, multiple, low)[0]) for c, low in zip(cost.site_channels, minimums)]
     return float(cost.ratio(np.array(smallest, dtype=np.float64)))
 
 

@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from lapp_edge.lapp.cost import CostModel
-from lapp_edge.lapp.widths import allowed_widths
+from lapp_edge.lapp.widths import MinWidths, allowed_widths, per_site
 
 DEFAULT_LIMIT = 20_000_000
 CHUNK = 1 << 19
@@ -88,16 +88,18 @@ def _positions(options: list[np.ndarray], limit: int, seed: int) -> Iterator[np.
 
 
 def scan_frontier(flops: CostModel, latency: dict[str, CostModel], flops_target: float, band: float, multiple: int,
-                  min_width: int = 1, limit: int = DEFAULT_LIMIT, seed: int = 0) -> FrontierScan:
+                  min_width: MinWidths = 1, limit: int = DEFAULT_LIMIT, seed: int = 0) -> FrontierScan:
     """Rank the width allocations whose FLOPs ratio lies within `band` of `flops_target` by their
     predicted efficiency on each target of `latency` (target name -> its latency cost, same sites
     as `flops`). Raises ValueError for no targets, a band of 0 or less, or no allocation in the
-    band (the caller says which target and band in its own words)."""
+    band (the caller says which target and band in its own words). `min_width`: one minimum, or
+    one per site (0 lets a removable residual branch go, `--block-removal`)."""
     if not latency:
         raise ValueError("no target to rank allocations on")
     if band <= 0:
         raise ValueError(f"band {band} must be above 0")
-    options = [allowed_widths(c, multiple, min_width) for c in flops.site_channels]
+    minimums = per_site(min_width, len(flops.site_channels))
+    options = [allowed_widths(c, multiple, low) for c, low in zip(flops.site_channels, minimums)]
     total = allocation_count(options)
     low, high = flops_target - band, flops_target + band
     kept: list[np.ndarray] = []

@@ -17,8 +17,25 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from lapp_edge.models.units import ConvBN
 
 
-def fuse_convbn(unit: ConvBN) -> nn.Conv2d:
+class ChannelConstant(nn.Module):
+    """The deployed form of an input-free ConvBN (a removed residual branch, `ConvBN.drop_inputs`):
+    its per-channel constant, 1 x C x 1 x 1, whatever the input (exported as an initializer the
+    residual add broadcasts)."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("values", values.detach().clone().view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.values
+
+
+def fuse_convbn(unit: ConvBN) -> nn.Module:
+    """The unit as one conv with bias (eval mode), or a `ChannelConstant` for an input-free unit."""
     conv, bn = unit.conv, unit.bn
+    if conv is None:
+        assert bn.running_mean is not None and bn.running_var is not None
+        return ChannelConstant(bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps))
     reparam = unit.bypass_mode == "reparam" and unit.bypass_conv is not None
     # bypass mode "reparam" (models/reparam.py): the main BN normalises the merged kernel's output
     kernel = unit.reparam_weight() if reparam else conv.weight

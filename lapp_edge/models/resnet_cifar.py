@@ -6,6 +6,11 @@ stage's residual stream is prunable too, as one group: the stem (stage 1, whose 
 shortcut is the identity) or the stage's projection shortcut, and every block's second conv,
 all summed by the residual adds; its consumers are each block's first conv, the next stage's
 first conv and projection, and the classifier.
+
+A block's inner conv may keep zero channels (`lapp-edge train --block-removal`): the block's
+residual branch is then removed (`BasicBlock.remove_branch`) and the block computes
+relu(shortcut(x) + c), c the per-channel constant the branch gave once its input was all zero.
+Removing whole blocks cuts the per-layer costs that narrowing a layer never does.
 """
 
 from __future__ import annotations
@@ -26,7 +31,26 @@ class BasicBlock(nn.Module):
             self.shortcut = ConvBN(in_channels, channels, 1, stride)
         self.relu = nn.ReLU(inplace=True)
 
+    @property
+    def removed(self) -> bool:
+        """The residual branch was removed (its inner width pruned to zero)."""
+        return self.conv1 is None
+
+    def remove_branch(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Remove the residual branch: conv1 goes, conv2 keeps only the constant it gave a zero
+        input (`ConvBN.drop_inputs`; exact for a branch whose inner channels were all masked off),
+        and their parameters leave `optimizer`."""
+        from lapp_edge.models.slicing import drop_from_optimizer
+
+        if self.conv1 is None:
+            return
+        dropped = list(self.conv1.parameters()) + self.conv2.drop_inputs()
+        self.conv1 = None  # type: ignore[assignment]
+        drop_from_optimizer(dropped, optimizer)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv1 is None:
+            return self.relu(self.conv2(x) + self.shortcut(x))
         out = self.relu(self.conv1(x))
         out = self.conv2(out)
         return self.relu(out + self.shortcut(x))
@@ -70,13 +94,15 @@ class CifarResNet(nn.Module):
             if self.coupled:
                 first = blocks[0]
                 entry = first.shortcut if isinstance(first.shortcut, ConvBN) else self.stem
-                consumers: list[nn.Module] = [b.conv1 for b in (blocks if entry is self.stem else blocks[1:])]
+                consumers: list[nn.Module] = [b.conv1 for b in (blocks if entry is self.stem else blocks[1:]) if b.conv1 is not None]
                 if stage_index + 1 < len(stages):
                     following = stages[stage_index + 1][0]
-                    consumers += [following.conv1, following.shortcut]
+                    consumers += [unit for unit in (following.conv1, following.shortcut) if unit is not None]
                 else:
                     consumers.append(self.fc)
                 sites.append(PrunableSite(f"{stage_name}.residual", [entry, *(b.conv2 for b in blocks)], [], consumers))
             for index, block in enumerate(blocks):
-                sites.append(PrunableSite(f"{stage_name}.{index}.conv1", [block.conv1], [], [block.conv2]))
+                if block.conv1 is not None:          # a removed branch has no inner site left
+                    sites.append(PrunableSite(f"{stage_name}.{index}.conv1", [block.conv1], [], [block.conv2],
+                                              removal=block.remove_branch))
         return sites

@@ -100,9 +100,26 @@ def select_gate_outputs(module: nn.Module, index: torch.Tensor, optimizer: torch
         raise TypeError(f"cannot slice the output channels of {type(module).__name__}")
 
 
+def drop_from_optimizer(parameters: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer | None) -> None:
+    """Take parameters that left the model (a removed branch) out of the optimizer and its state."""
+    if optimizer is None or not parameters:
+        return
+    gone = {id(p) for p in parameters}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in gone]
+    for parameter in parameters:
+        optimizer.state.pop(parameter, None)
+
+
 def slim_site(site: PrunableSite, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Remove every channel of `site` not in `keep` (sorted indices), wherever it appears."""
+    """Remove every channel of `site` not in `keep` (sorted indices), wherever it appears. An
+    empty `keep` removes what the site feeds (`site.removal`); ValueError where it may not."""
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    if len(keep) == 0:
+        if site.removal is None:
+            raise ValueError(f"site {site.name} must keep at least one channel")
+        site.removal(optimizer)
+        return
     for unit in site.units:
         select_output_channels(unit, keep, optimizer)
     for gate in site.gates:

@@ -59,7 +59,8 @@ def _check_fields(payload: dict[str, Any], where: str) -> None:
         for site, width in value.items():
             if not isinstance(site, str) or len(site) > MAX_NAME_CHARS:
                 raise UserError(f"{where}: {key} has a bad layer name {shown(site)}")
-            _int_in(width, 1, 1 << 20, f"{where}: {key}[{site!r}]")
+            # widths may hold 0 (a removed residual branch); build_from_spec allows it only where the family does
+            _int_in(width, 0 if key == "widths" else 1, 1 << 20, f"{where}: {key}[{site!r}]")
     for key in ("mean", "std"):
         value = payload.get(key, [])
         if not isinstance(value, list) or (value and len(value) != channels) or any(
@@ -109,7 +110,7 @@ class ArchitectureSpec:
 
 def build_from_spec(spec: ArchitectureSpec, where: str = "architecture spec") -> nn.Module:
     """The dense family member resized to the spec's widths. Each width must lie in
-    [1, the family's dense width] and each dense width must be the family's (UserError
+    [1, the family's dense width] (from 0 where the site is a removable residual branch) and each dense width must be the family's (UserError
     otherwise, before any slicing)."""
     if spec.model not in MODEL_BUILDERS and ":" not in spec.model:
         raise UserError(f"{where}: unknown model {shown(spec.model)}")
@@ -121,8 +122,10 @@ def build_from_spec(spec: ArchitectureSpec, where: str = "architecture spec") ->
     unknown = set(spec.widths) - set(dense)
     if unknown:
         raise UserError(f"{where} names layers that {spec.model} does not have: {sorted(unknown)[:3]}")
+    removable = {site.name for site in sites if site.removal is not None}
     for name, width in spec.widths.items():
-        _int_in(width, 1, dense[name], f"{where}: widths[{name!r}] (the family's dense width is {dense[name]})")
+        # 0: a removed residual branch (--block-removal), where the family allows it
+        _int_in(width, 0 if name in removable else 1, dense[name], f"{where}: widths[{name!r}] (the family's dense width is {dense[name]})")
     for name, width in spec.dense_widths.items():
         if dense.get(name) != width:
             raise UserError(f"{where}: dense_widths[{name!r}] is {shown(width)}; {spec.model} has {dense.get(name)} there")

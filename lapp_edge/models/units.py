@@ -9,6 +9,10 @@ attribute, never saved). It is applied inside BatchNorm's affine transform,
 BN(x) * m = x_hat * (gamma * m) + beta * m, so masking costs no extra pass over the
 activations and the mask's gradient comes out of BN's own gamma/beta gradient.
 
+A residual branch whose inner width is pruned to zero is removed (`lapp-edge train --block-removal`,
+CIFAR ResNets): its last unit keeps only its BatchNorm and no conv (`conv is None`), and outputs
+the per-channel constant that BatchNorm gives a zero input, added to the shortcut.
+
 `PrunableSite` describes one group of output channels that are kept or removed together
 (a coupled-channel group): every unit that produces them (one conv, or every conv whose
 outputs a residual add sums: a stage's stem or projection shortcut and each block's last
@@ -18,6 +22,7 @@ consume them as input channels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -79,11 +84,40 @@ class ConvBN(nn.Module):
 
     @property
     def out_channels(self) -> int:
-        return self.conv.out_channels
+        return self.conv.out_channels if self.conv is not None else self.bn.num_features
 
     @property
     def is_depthwise(self) -> bool:
-        return self.conv.groups > 1 and self.conv.groups == self.conv.in_channels == self.conv.out_channels
+        conv = self.conv
+        return conv is not None and conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+    @property
+    def input_free(self) -> bool:
+        """The unit's inputs were all pruned (`drop_inputs`): it outputs a per-channel constant."""
+        return self.conv is None
+
+    @torch.no_grad()
+    def drop_inputs(self) -> list[nn.Parameter]:
+        """Every input channel was pruned: the conv reads zeros, so the unit's output is what its
+        BatchNorm gives a zero input in eval mode, beta - gamma * mean / sqrt(var + eps) per channel.
+        That constant is folded into BN's bias (running mean set to 0, so training and eval
+        mode give it alike) and the conv and bypass are dropped. Returns the dropped parameters
+        (the caller takes them out of an optimizer)."""
+        bn = self.bn
+        assert bn.running_mean is not None and bn.running_var is not None
+        constant = bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+        bn.bias.copy_(constant)
+        bn.running_mean.zero_()
+        dropped = [p for module in (self.conv, self.bypass_conv, self.bypass_bn) if module is not None for p in module.parameters()]
+        self.conv = None  # type: ignore[assignment]
+        self.bypass_conv, self.bypass_bn = None, None
+        self.bypass_mode = "branch"
+        return dropped
+
+    def constant_output(self) -> torch.Tensor:
+        """An input-free unit's output, 1 x C x 1 x 1 (BN's bias, masked where a mask is set)."""
+        bias = self.bn.bias if self.channel_mask is None else self.bn.bias * self.channel_mask
+        return bias.view(1, -1, 1, 1)
 
     def _normalize(self, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
         return bn(x) if self.channel_mask is None else masked_batch_norm(bn, x, self.channel_mask)
@@ -105,12 +139,16 @@ class ConvBN(nn.Module):
         instance, so it is still called as a module: hooks that read conv outputs, such as the
         FLOPs cost's, see the one conv that runs); "branch": the plain conv again."""
         self.bypass_mode = mode if self.bypass_conv is not None else "branch"
+        if self.conv is None:
+            return
         if self.bypass_mode == "reparam":
             self.conv.forward = self._merged_conv     # type: ignore[method-assign]
         else:
             self.conv.__dict__.pop("forward", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return self.constant_output()
         y = self._normalize(self.bn, self.conv(x))
         if self.bypass_mode == "reparam":
             return y                                  # the bypass is inside self.conv's kernel
@@ -132,6 +170,9 @@ class PrunableSite:
     gates:     modules (nn.Conv2d, nn.Linear, no BatchNorm) whose output channels only multiply
                these channels one to one (squeeze-excitation's expanding layer): sliced with the
                site, never masked (a gate times a masked zero is zero)
+    removal:   where the site may keep zero channels (a residual branch's inner conv, CIFAR
+               ResNets): removes the branch, given the optimizer to take its parameters out of;
+               None where it may not (at least one channel is always kept)
     """
 
     name: str
@@ -139,6 +180,7 @@ class PrunableSite:
     followers: list[ConvBN] = field(default_factory=list)
     consumers: list[nn.Module] = field(default_factory=list)
     gates: list[nn.Module] = field(default_factory=list)
+    removal: Callable[[torch.optim.Optimizer | None], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.producers:

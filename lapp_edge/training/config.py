@@ -97,6 +97,9 @@ class TrainConfig:
     coupled_groups: bool = option(True, "prune only inner convs: leave residual-coupled channel groups (stage widths) at full width",
                                   flag="--no-groups")
     group_reduce: str = option("sum", "how a coupled group's channel score combines its producers' scores", choices=("sum", "max"))
+    block_removal: bool = option(False, "let LAPP prune a residual block's inner conv to zero channels, removing the block's "
+                                 "branch (CIFAR ResNets: removing blocks cuts per-layer costs that narrowing never does; "
+                                 "docs/RESULTS.md has the measured speed)")
     batch_size: int = option(128, "images per training batch")
     lr: float = option(0.1, "peak learning rate (SGD, Nesterov momentum)")
     momentum: float = option(0.9, "SGD momentum, in [0, 1)")
@@ -134,6 +137,7 @@ class TrainConfig:
             target=self.flops_target if target is None else target, channel_multiple=multiple, scorer=self.scorer,
             min_channels=max(1, multiple), group_reduce=self.group_reduce,
             shared_threshold=self.shared_threshold, anneal_fraction=self.anneal_fraction,
+            block_removal=self.block_removal,
         )
 
 
@@ -148,7 +152,7 @@ def split_values(text: str) -> list[str]:
 # Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
 LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer",
              "target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table", "shared_threshold",
-             "anneal_fraction", "measure_at_freeze", "merge_bypass_at_freeze")
+             "anneal_fraction", "measure_at_freeze", "merge_bypass_at_freeze", "block_removal")
 
 
 def flag_name(name: str) -> str:

@@ -114,6 +114,9 @@ def format_report(report: dict[str, Any]) -> str:
         for layer in report["layers"]:
             learned = "" if layer["learned"] is None else str(layer["learned"])
             lines.append(f"{layer['name']:28s} {layer['kept']:5d} {layer['total']:5d} {layer['kept_ratio']:6.2f} {learned:>7s}")
+        removed = [layer["name"].rsplit(".", 1)[0] for layer in report["layers"] if layer["kept"] == 0]
+        if removed:
+            lines.append(f"blocks removed (--block-removal; their residual branch is gone): {', '.join(removed)}")
     flops, params = report["flops"], report["params"]
     lines.append(f"MACs    dense {flops['dense_macs'] / 1e6:9.3f} M   slim {flops['slim_macs'] / 1e6:9.3f} M   "
                  f"ratio {flops['ratio']:.4f}" + (f" (target {report['flops_target']})" if report["flops_target"] else ""))

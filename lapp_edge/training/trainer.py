@@ -36,7 +36,7 @@ from lapp_edge.data.torch_data import (
     to_device,
 )
 from lapp_edge.errors import UserError
-from lapp_edge.lapp.controller import FreezeResult, LappController
+from lapp_edge.lapp.controller import FreezeResult, LappController, site_min_widths
 from lapp_edge.lapp.cost import CostModel
 from lapp_edge.lapp.flops import build_flops_cost
 from lapp_edge.training.latency import LatencyConstraint, latency_constraint, predicted_ratios, resolve_channel_multiple
@@ -147,6 +147,9 @@ class Trainer:
             self.channels_last = self._runs_in_channels_last()
         use_bypass_mode(self.model, config.bypass_mode)
         self.sites = prunable_sites(self.model)
+        if config.block_removal and not any(site.removal is not None for site in self.sites):
+            raise UserError(f"--block-removal: {config.model} has no residual branch LAPP can remove (the CIFAR ResNets "
+                            "resnet20/32/56/110 have); drop --block-removal")
         self.dense_widths = {site.name: site.channels for site in self.sites}
         self.flops_cost = build_flops_cost(self.model, self.sites, self.input_shape)
         self.cost: CostModel = self.flops_cost
@@ -258,14 +261,15 @@ class Trainer:
         lapp = self.lapp_settings
         what = (f"FLOPs target {self.config.flops_target}" if self.latency is None else
                 f"latency target {lapp.target:.4f} (of the dense latency on {', '.join(e['target'] for e in self.latency.shaped_for)})")
-        floor = smallest_cost_ratio(self.cost, lapp.channel_multiple, lapp.min_channels)
-        fixed = all(len(allowed_widths(c, lapp.channel_multiple, lapp.min_channels)) == 1 for c in self.cost.site_channels)
+        minimums = site_min_widths(self.sites, lapp)
+        floor = smallest_cost_ratio(self.cost, lapp.channel_multiple, minimums)
+        fixed = all(len(allowed_widths(c, lapp.channel_multiple, low)) == 1 for c, low in zip(self.cost.site_channels, minimums))
         if floor > lapp.target + lapp.tolerance and not fixed:
             raise UserError(
                 f"{what} cannot be reached: with every prunable layer of {self.config.model} at its minimum width "
                 f"({lapp.channel_multiple} channels) the network keeps {floor:.3f} of its {self.cost.name}"
             )
-        _, ratio = target_widths(self.cost, lapp.target, lapp.channel_multiple, lapp.min_channels, aim=lapp.tolerance * 0.4)
+        _, ratio = target_widths(self.cost, lapp.target, lapp.channel_multiple, minimums, aim=lapp.tolerance * 0.4)
         self.target_ratio = ratio
         if abs(ratio - lapp.target) > lapp.tolerance:
             why = (f"with --channel-multiple {lapp.channel_multiple} every prunable layer of {self.config.model} "

@@ -26,7 +26,8 @@ def resize_guard(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def guarded(model, sites, widths):  # noqa: ANN001, ANN202
         for site in sites:
-            assert site.name not in widths or 1 <= int(widths[site.name]) <= site.channels, "a bad width reached the resize"
+            low = 0 if site.removal is not None else 1          # 0: a removed residual branch (--block-removal)
+            assert site.name not in widths or low <= int(widths[site.name]) <= site.channels, "a bad width reached the resize"
         return real(model, sites, widths)
 
     monkeypatch.setattr(spec_module, "resize_to_widths", guarded)
@@ -45,7 +46,7 @@ CASES = [
     ("widths.layer1.0.conv1", 10**9, "widths['layer1.0.conv1']"),
     ("widths.layer1.0.conv1", 100, "dense width is 16"),           # above the family's width, below the cap
     ("widths.layer1.0.conv1", -5, "widths['layer1.0.conv1']"),
-    ("widths.layer1.0.conv1", 0, "widths['layer1.0.conv1']"),
+    ("dense_widths.layer1.0.conv1", 0, "dense_widths['layer1.0.conv1']"),   # widths may be 0 where a branch is removed
     ("widths.layer1.0.conv1", "8", "widths['layer1.0.conv1']"),
     ("widths.layer1.0.conv1", 8.0, "widths['layer1.0.conv1']"),
     ("widths.layer1.0.conv1", True, "widths['layer1.0.conv1']"),

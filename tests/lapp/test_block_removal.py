@@ -1,0 +1,199 @@
+"""--block-removal: a CIFAR ResNet block whose inner conv keeps zero channels loses its residual
+branch. The removed network must equal the masked one, count its FLOPs as torch does, fuse,
+export and rebuild from its spec exactly; the width search and the latency tables must know
+that a removed layer costs nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from lapp_edge.cli import main
+from lapp_edge.costs.latency_table import LayerTable
+from lapp_edge.errors import UserError
+from lapp_edge.export.onnx import export_onnx
+from lapp_edge.lapp.controller import LappConfig, LappController, site_min_widths
+from lapp_edge.lapp.flops import build_flops_cost, count_deployed_macs
+from lapp_edge.lapp.freeze import freeze
+from lapp_edge.lapp.latency_cost import _TorchLayer
+from lapp_edge.lapp.widths import allowed_widths, choose_widths
+from lapp_edge.models import build_model, prunable_sites
+from lapp_edge.models.fuse import ChannelConstant, fuse_model
+from lapp_edge.models.slicing import slim_site
+from lapp_edge.models.spec import ArchitectureSpec, build_from_spec
+from tests.models.test_fuse import randomize_batchnorm
+from tests.models.test_model_families import flop_counter_macs
+
+SHAPE = (1, 28, 28)
+# one removed block per kind: identity shortcut in stage 1 and 2, a projection shortcut (stride 2) in stage 3
+REMOVED = ("layer1.1.conv1", "layer2.2.conv1", "layer3.0.conv1")
+
+
+def resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 10, bypass=True, coupled=True).eval()
+    randomize_batchnorm(model, torch.Generator().manual_seed(1))
+    return model
+
+
+def keeps_with_removals(sites: list, generator: torch.Generator) -> list[torch.Tensor]:
+    keeps = []
+    for site in sites:
+        if site.name in REMOVED:
+            keeps.append(torch.zeros(0, dtype=torch.long))
+        else:
+            count = int(torch.randint(1, site.channels + 1, (1,), generator=generator))
+            keeps.append(torch.randperm(site.channels, generator=generator)[:count].sort().values)
+    return keeps
+
+
+def masked_and_removed() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    model = resnet20()
+    sites = prunable_sites(model)
+    keeps = keeps_with_removals(sites, torch.Generator().manual_seed(2))
+    for site, keep in zip(sites, keeps):
+        mask = torch.zeros(site.channels)
+        mask[keep] = 1.0
+        for unit in site.units:
+            unit.channel_mask = mask
+    removed = copy.deepcopy(model)
+    for site, keep in zip(prunable_sites(removed), keeps):
+        slim_site(site, keep)
+        for unit in site.units:
+            unit.channel_mask = None
+    return model, removed, keeps
+
+
+def test_a_removed_block_equals_the_masked_one_and_costs_what_torch_counts() -> None:
+    model, removed, keeps = masked_and_removed()
+    blocks = {name: removed.get_submodule(name.rsplit(".", 1)[0]) for name in REMOVED}
+    assert all(block.removed and block.conv1 is None and block.conv2.input_free for block in blocks.values())
+    assert [s.name for s in prunable_sites(removed) if s.name in REMOVED] == []   # no inner site is left to prune
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        masked, result = model(x), removed(x)
+    assert float((masked - result).abs().max()) / float(masked.abs().max().clamp(min=1.0)) <= 1e-5
+    # the FLOPs cost at width 0 is what FlopCounterMode counts on the removed network (no conv of the branch runs)
+    dense = resnet20()
+    cost = build_flops_cost(dense, prunable_sites(dense), SHAPE)
+    widths = torch.tensor([float(len(k)) for k in keeps], dtype=torch.float64)
+    assert float(cost.macs(widths)) == count_deployed_macs(removed, SHAPE) == flop_counter_macs(removed, SHAPE)
+
+
+def test_a_removed_block_fuses_exports_and_rebuilds_from_its_spec(tmp_path) -> None:
+    _, removed, keeps = masked_and_removed()
+    fused = fuse_model(removed)
+    assert sum(isinstance(m, ChannelConstant) for m in fused.modules()) == len(REMOVED)
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference, fused_out = removed(x), fused(x)
+    assert float((reference - fused_out).abs().max()) <= 1e-5 * float(reference.abs().max().clamp(min=1.0))
+    session = ort.InferenceSession(export_onnx(fused, SHAPE), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert float(np.abs(onnx_out - reference.numpy()).max()) <= 1e-4 * max(1.0, float(reference.abs().max()))
+    # architecture.json round trip: widths with zeros rebuild the same structure, the weights load
+    dense = {s.name: s.channels for s in prunable_sites(resnet20())}
+    widths = {name: len(keep) for name, keep in zip(dense, keeps)}
+    spec = ArchitectureSpec("resnet20", 1, 10, 28, True, widths=widths, dense_widths=dense, coupled=True)
+    rebuilt = build_from_spec(spec).eval()
+    rebuilt.load_state_dict(removed.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), reference)
+
+
+def test_only_a_residual_branch_may_keep_zero_channels() -> None:
+    dense = {s.name: s.channels for s in prunable_sites(resnet20())}
+    for name in ("layer2.residual", "layer1.0.conv1"):
+        widths = {**dense, name: 0}
+        spec = ArchitectureSpec("resnet20", 1, 10, 28, True, widths=widths, dense_widths=dense, coupled=True)
+        if name.endswith("residual"):
+            with pytest.raises(UserError, match="layer2.residual"):
+                build_from_spec(spec)
+        else:
+            assert build_from_spec(spec).layer1[0].removed
+    with pytest.raises(ValueError, match="at least one channel"):
+        site = next(s for s in prunable_sites(resnet20()) if s.name == "layer2.residual")
+        slim_site(site, torch.zeros(0, dtype=torch.long))
+
+
+def test_width_search_may_remove_a_branch_only_where_allowed() -> None:
+    assert allowed_widths(16, 8, 0).tolist() == [0, 8, 16]
+    assert allowed_widths(16, 8, 8).tolist() == [8, 16]
+    model = resnet20()
+    sites = prunable_sites(model)
+    cost = build_flops_cost(model, sites, SHAPE)
+    on = site_min_widths(sites, LappConfig(min_channels=8, block_removal=True))
+    off = site_min_widths(sites, LappConfig(min_channels=8))
+    assert [s.name for s, m in zip(sites, on) if m == 0] == [s.name for s in sites if not s.name.endswith("residual")]
+    assert set(off) == {8}
+    # learned: stage 1's inner convs all but gone; the search removes them where it may, not otherwise
+    learned = np.array([16.0 if s.name.endswith("residual") else (0.5 if s.name.startswith("layer1") else s.channels * 0.6)
+                        for s in sites])
+    target = float(cost.ratio(np.where(learned < 1, 0.0, learned)))
+    with_removal = choose_widths(learned, cost, target, 8, on)
+    without = choose_widths(learned, cost, target, 8, off)
+    stage1_inner = [i for i, s in enumerate(sites) if s.name.startswith("layer1.") and not s.name.endswith("residual")]
+    assert all(with_removal[i] == 0 for i in stage1_inner)
+    assert all(without[i] >= 8 for i in stage1_inner)
+    assert abs(float(cost.ratio(with_removal.astype(float))) - target) <= 0.01
+
+
+def test_freeze_removes_a_branch_whose_channels_were_all_masked_and_training_goes_on() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 10, bypass=True, coupled=True)
+    sites = prunable_sites(model)
+    cost = build_flops_cost(model, sites, SHAPE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, *SHAPE), torch.randint(0, 10, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()                                   # momentum state exists for every parameter
+    index = [s.name for s in sites].index("layer2.1.conv1")
+    widths = np.array([float(s.channels) for s in sites])
+    widths[index] = 0.0
+    controller = LappController(sites, cost, LappConfig(target=float(cost.ratio(widths)), channel_multiple=8, min_channels=8,
+                                                        block_removal=True))
+    controller.update_masks(with_grad=False)
+    with torch.no_grad():
+        controller.thresholds[index] = controller.last_scores[index].max() + 1.0   # every channel masked off
+    controller.clamp_thresholds()                      # the cap leaves a removable site fully masked
+    assert controller.hard_counts()[index] == 0
+    plan = freeze(controller, optimizer)
+    assert plan.widths["layer2.1.conv1"] == 0 and model.layer2[1].removed
+    live = {id(p) for p in model.parameters()}
+    assert all(id(p) in live for group in optimizer.param_groups for p in group["params"])
+    assert all(id(p) in live for p in optimizer.state)
+    model.train()
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    assert model.layer2[1].conv2.bn.bias.grad is not None   # the block's constant keeps training
+
+
+def test_latency_tables_price_a_removed_layer_at_zero() -> None:
+    table = LayerTable("s", [8, 16], [8, 16], [[1.0, 2.0], [3.0, 4.0]])
+    assert table.lookup(8, 8) == 1.0 and table.lookup(16, 16) == 4.0
+    assert table.lookup(0, 16) == 0.0 and table.lookup(16, 0) == 0.0
+    assert table.lookup(4, 8) == pytest.approx(0.5)            # linear from 0 ms at 0 channels to the grid
+    torch_layer = _TorchLayer(table, torch.device("cpu"), torch.float64)
+    for c_in, c_out in ((0.0, 16.0), (4.0, 8.0), (12.0, 10.0), (16.0, 0.0)):
+        value = torch_layer.lookup(torch.tensor(c_in, dtype=torch.float64), torch.tensor(c_out, dtype=torch.float64))
+        assert float(value) == pytest.approx(float(table.lookup(c_in, c_out)))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "mobilenetv2"], "--block-removal: mobilenetv2 has no residual branch"),
+    (["--model", "vgg16_bn"], "--block-removal: vgg16_bn has no residual branch"),
+    (["--model", "resnet20", "--dense"], "--block-removal"),
+])
+def test_block_removal_where_there_is_no_branch_to_remove_is_refused_in_one_line(args: list[str], message: str, tmp_path,
+                                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *args, "--block-removal", "--train-subset", "64", "--epochs", "2", "--prune-epochs", "1", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
+    assert not out.exists()
