@@ -197,3 +197,25 @@ def test_block_removal_where_there_is_no_branch_to_remove_is_refused_in_one_line
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
     assert not out.exists()
+
+
+def test_a_run_with_removed_blocks_resumes_reports_them_and_exports_verified(tmp_path, fmnist,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from lapp_edge.training.report import format_report
+    from lapp_edge.training.trainer import Trainer
+    from tests.conftest import StopRun, stop_after_epoch, tiny_config
+
+    config = tiny_config(tmp_path / "run", epochs=2, train_subset=256, test_subset=200, block_removal=True, flops_target=0.5)
+    trainer = Trainer(config, dataset=fmnist)
+    widths = {**trainer.dense_widths, "layer1.1.conv1": 0, "layer3.0.conv1": 0}
+    trainer.start_slim(widths)
+    with pytest.raises(StopRun):                       # killed after its first epoch (checkpoint written)
+        trainer.run(on_epoch=stop_after_epoch(1))
+    resumed = Trainer(config, dataset=fmnist)
+    report = resumed.run(resume=True)
+    assert resumed.state.widths == widths and resumed.model.layer1[1].removed and resumed.model.layer3[0].removed
+    assert "blocks removed (--block-removal; their residual branch is gone): layer1.1, layer3.0" in format_report(report)
+    assert report["flops"]["slim_macs"] * 2 == report["flops"]["independent_slim_flops"]
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "pkg")]) == 0   # verified against ORT
+    assert "top-1 agreement" in capsys.readouterr().out
