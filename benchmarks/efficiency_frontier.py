@@ -41,6 +41,7 @@ from lapp_edge.deploy.targets import channel_multiple_for, load_target, runtime_
 from lapp_edge.errors import UserError  # noqa: E402
 from lapp_edge.export.onnx import INPUT_NAME  # noqa: E402
 from lapp_edge.fileio import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from lapp_edge.lapp.controller import LappConfig, site_min_widths  # noqa: E402
 from lapp_edge.lapp.flops import build_flops_cost, count_deployed_macs, deployed_layers  # noqa: E402
 from lapp_edge.lapp.latency_cost import LatencyCost  # noqa: E402
 from lapp_edge.latency.calibrate import NUM_CLASSES, build_fused, export_config  # noqa: E402
@@ -89,7 +90,7 @@ def scan(model: str, shape: tuple[int, int, int], targets: list[str], batch: int
             print(line, file=sys.stderr)
         latency[name] = LatencyCost(layers, channels, table.batch(batch), name)
     try:
-        minimums = [0 if block_removal and site.removal is not None else multiple for site in sites]
+        minimums = site_min_widths(sites, LappConfig(min_channels=multiple, block_removal=block_removal))
         result = scan_frontier(build_flops_cost(dense, sites, shape), latency, flops_target, band, multiple, minimums, limit=limit)
     except ValueError as error:
         raise UserError(str(error)) from None

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from lapp_edge.models.units import ConvBN
+from lapp_edge.models.units import ConvBN, batch_norm_of_zeros
 
 
 class ChannelConstant(nn.Module):
@@ -34,8 +34,7 @@ def fuse_convbn(unit: ConvBN) -> nn.Module:
     """The unit as one conv with bias (eval mode), or a `ChannelConstant` for an input-free unit."""
     conv, bn = unit.conv, unit.bn
     if conv is None:
-        assert bn.running_mean is not None and bn.running_var is not None
-        return ChannelConstant(bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps))
+        return ChannelConstant(batch_norm_of_zeros(bn))
     reparam = unit.bypass_mode == "reparam" and unit.bypass_conv is not None
     # bypass mode "reparam" (models/reparam.py): the main BN normalises the merged kernel's output
     kernel = unit.reparam_weight() if reparam else conv.weight

@@ -47,6 +47,12 @@ def masked_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, mask: torch.Tensor) -
     )
 
 
+def batch_norm_of_zeros(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """What eval-mode `bn` outputs for a zero input, per channel: beta - gamma * mean / sqrt(var + eps)."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    return bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+
+
 class ConvBN(nn.Module):
     """kxk conv + BN, plus an optional 1x1 conv + BN bypass summed into the output."""
 
@@ -104,9 +110,8 @@ class ConvBN(nn.Module):
         mode give it alike) and the conv and bypass are dropped. Returns the dropped parameters
         (the caller takes them out of an optimizer)."""
         bn = self.bn
-        assert bn.running_mean is not None and bn.running_var is not None
-        constant = bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
-        bn.bias.copy_(constant)
+        bn.bias.copy_(batch_norm_of_zeros(bn))
+        assert bn.running_mean is not None
         bn.running_mean.zero_()
         dropped = [p for module in (self.conv, self.bypass_conv, self.bypass_bn) if module is not None for p in module.parameters()]
         self.conv = None  # type: ignore[assignment]
