@@ -31,16 +31,19 @@ from lapp_edge.fileio import atomic_write_bytes  # noqa: E402
 
 
 def points(results: list[dict[str, Any]], target: str, batch: int) -> tuple[dict[str, list[tuple[float, float, str]]], float | None]:
-    """Per method (run folder name), (speedup, top-1, package name) of every slim row at target/batch;
-    and the dense top-1 (the first file's). Raises ValueError where no row matches."""
+    """Per method (run folder name), (speedup, top-1, package name) of every slim row at target/batch
+    (a package measured in several files: the first file's figure); and the dense top-1 (the first
+    file's). Raises ValueError where no row matches."""
     series: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    seen: set[str] = set()
     dense_top1 = None
     for result in results:
         models = {m["name"]: m for m in result["models"]}
         dense_top1 = dense_top1 if dense_top1 is not None else next(
             (m.get("test_top1") for m in result["models"] if m["role"] == "dense"), None)
         for row in result["slim_rows"]:
-            if row["target"] == target and row["batch"] == batch:
+            if row["target"] == target and row["batch"] == batch and row["slim"] not in seen:
+                seen.add(row["slim"])
                 model = models[row["slim"]]
                 method = Path(model.get("source_run") or model["name"]).name
                 series[method].append((row["speedup"]["median"], model["test_top1"], model["name"]))
