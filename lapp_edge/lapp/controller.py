@@ -81,6 +81,8 @@ class LappController(nn.Module):
         self.cost = cost
         self.config = config
         self.scorer = get_scorer(config.scorer)
+        # per site, the fewest channels the freeze may keep (0 where the site may be removed); fixed for the run
+        self.min_widths = site_min_widths(sites, config)
         count = 1 if config.shared_threshold else len(sites)
         self.thresholds = nn.Parameter(torch.full((count,), float(config.threshold_init)))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -114,10 +116,6 @@ class LappController(nn.Module):
             return 0
         return min(channels, max(1, self.config.min_channels, self.config.channel_multiple))
 
-    @property
-    def min_widths(self) -> list[int]:
-        """Per site, the fewest channels the freeze may keep: 0 where the site may be removed."""
-        return site_min_widths(self.sites, self.config)
 
     def update_masks(self, with_grad: bool = True) -> torch.Tensor:
         """Recompute every layer's mask from the current weights and thresholds; returns

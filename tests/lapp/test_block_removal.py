@@ -27,7 +27,7 @@ from lapp_edge.models.fuse import ChannelConstant, fuse_model
 from lapp_edge.models.slicing import slim_site
 from lapp_edge.models.spec import ArchitectureSpec, build_from_spec
 from tests.models.test_fuse import randomize_batchnorm
-from tests.models.test_model_families import flop_counter_macs
+from tests.models.test_model_families import flop_counter_macs, mask_sites
 
 SHAPE = (1, 28, 28)
 # one removed block per kind: identity shortcut in stage 1 and 2, a projection shortcut (stride 2) in stage 3
@@ -56,11 +56,7 @@ def masked_and_removed() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
     model = resnet20()
     sites = prunable_sites(model)
     keeps = keeps_with_removals(sites, torch.Generator().manual_seed(2))
-    for site, keep in zip(sites, keeps):
-        mask = torch.zeros(site.channels)
-        mask[keep] = 1.0
-        for unit in site.units:
-            unit.channel_mask = mask
+    mask_sites(sites, keeps)
     removed = copy.deepcopy(model)
     for site, keep in zip(prunable_sites(removed), keeps):
         slim_site(site, keep)

@@ -56,6 +56,15 @@ def family(name: str, bypass: bool = True, coupled: bool = True) -> tuple[nn.Mod
     return model, (channels, size, size)
 
 
+def mask_sites(sites: list, keeps: list[torch.Tensor]) -> None:
+    """Set each site's mask on its units: 1 on the `keeps` channels, 0 elsewhere."""
+    for site, keep in zip(sites, keeps):
+        mask = torch.zeros(site.channels)
+        mask[keep] = 1.0
+        for unit in site.units:
+            unit.channel_mask = mask
+
+
 def random_keep(sites: list, generator: torch.Generator) -> list[torch.Tensor]:
     keeps = []
     for site in sites:
@@ -88,11 +97,7 @@ def test_masked_equals_slim_and_flops_match_the_flop_counter(name: str, coupled:
     cost = build_flops_cost(model, sites, shape)
     assert cost.dense_macs == flop_counter_macs(model, shape)
     keeps = random_keep(sites, torch.Generator().manual_seed(2))
-    for site, keep in zip(sites, keeps):
-        mask = torch.zeros(site.channels)
-        mask[keep] = 1.0
-        for unit in site.units:
-            unit.channel_mask = mask
+    mask_sites(sites, keeps)
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         masked = model(x)
