@@ -36,8 +36,11 @@ CONFIGURATIONS: dict[str, list[str]] = {
     # --latency-target of the dense latency on --latency-on; with --block-removal residual branches may go too
     "lapp-latency": ["--channel-multiple", "8"],
     "lapp-latency-blocks": ["--channel-multiple", "8", "--block-removal"],
+    # FLOPs at most --flops-target AND latency at most --flops-target / --min-efficiency on each --latency-on target
+    # (both budgets hold, the tightest binds): a FLOPs target whose cut must turn into measured speed
+    "lapp-efficiency-blocks": ["--channel-multiple", "8", "--block-removal"],
 }
-LATENCY_SHAPED = ("lapp-latency", "lapp-latency-blocks")
+LATENCY_SHAPED = ("lapp-latency", "lapp-latency-blocks", "lapp-efficiency-blocks")
 
 
 @dataclass
@@ -77,7 +80,13 @@ def launch(name: str, args: argparse.Namespace) -> subprocess.Popen[bytes] | Non
         "--device", args.device, "--quiet",
     ]
     if name in LATENCY_SHAPED:
-        common += ["--prune-epochs", str(args.prune_epochs), "--target", args.latency_on, "--latency-target", str(args.latency_target)]
+        common += ["--prune-epochs", str(args.prune_epochs)]
+        for target in args.latency_on.split(","):
+            common += ["--target", target]
+        if name == "lapp-efficiency-blocks":
+            common += ["--max-flops", str(args.flops_target), "--latency-target", f"{args.flops_target / args.min_efficiency:.4f}"]
+        else:
+            common += ["--latency-target", str(args.latency_target)]
     elif name != "dense":  # a dense run refuses LAPP-only options
         common += ["--prune-epochs", str(args.prune_epochs), "--flops-target", str(args.flops_target)]
     log = open(Path(args.out) / f"{name}.log", "ab")  # noqa: SIM115 - closed when the process ends
@@ -124,7 +133,10 @@ def main() -> int:
     parser.add_argument("--prune-epochs", type=int, default=3)
     parser.add_argument("--flops-target", type=float, default=0.4)
     parser.add_argument("--latency-target", type=float, default=0.45, help="the latency-shaped configurations' budget (ratio to dense)")
-    parser.add_argument("--latency-on", default="x86-ort-fp32", help="the target profile the latency-shaped configurations are shaped for")
+    parser.add_argument("--latency-on", default="x86-ort-fp32",
+                        help="the target profile(s) the latency-shaped configurations are shaped for (comma-separated: each gets the budget)")
+    parser.add_argument("--min-efficiency", type=float, default=0.85,
+                        help="lapp-efficiency-blocks: the latency budget is --flops-target / this (measured speedup >= this x the FLOPs speedup)")
     parser.add_argument("--train-subset", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

@@ -19,6 +19,7 @@ Several targets at once (`TightestBudgetCost`): each target t has its cost ratio
 ratio B_t; the combined ratio is min_t(B_t) * max_t(r_t / B_t). It is 1 for the dense network,
 reaches min_t(B_t) exactly when the tightest target sits on its budget (the others then lie
 within theirs), and its gradient flows to the target that binds. LAPP's target is min_t(B_t).
+A member may be any cost model with a ratio: `--max-flops` adds the FLOPs cost with its budget.
 """
 
 from __future__ import annotations
@@ -148,12 +149,14 @@ class LatencyCost:
 
 
 class TightestBudgetCost:
-    """Several targets' latency costs as one: min_t(B_t) * max_t(ratio_t / B_t) (module docstring)."""
+    """Several budgets as one cost: min_t(B_t) * max_t(ratio_t / B_t) (module docstring); the members are
+    the targets' latency costs and, with --max-flops, the FLOPs cost. Raises ValueError without one
+    budget per member."""
 
     name = "latency"
     unit = "share of the dense latency on the tightest target"
 
-    def __init__(self, costs: list[LatencyCost], budgets: list[float]) -> None:
+    def __init__(self, costs: list[Any], budgets: list[float]) -> None:
         if len(costs) != len(budgets) or not costs:
             raise ValueError("one budget ratio per target cost")
         self.costs, self.budgets = costs, budgets
@@ -169,3 +172,12 @@ class TightestBudgetCost:
 
     def cost(self, counts: Any) -> Any:
         return self.ratio(counts)
+
+
+def combined_cost(costs: list[Any], budgets: list[float], flops_bound: tuple[Any, float] | None) -> Any:
+    """One target's cost as it is, or several budgets (targets, and the FLOPs bound) as `TightestBudgetCost`."""
+    members, ratios = list(costs), list(budgets)
+    if flops_bound is not None:
+        members.append(flops_bound[0])
+        ratios.append(flops_bound[1])
+    return members[0] if len(members) == 1 else TightestBudgetCost(members, ratios)

@@ -78,6 +78,10 @@ class TrainConfig:
                                  "(0, 1]: one value for all targets or one per target (repeat)", repeat=True)
     latency_budget_ms: str = option("", "latency budget in ms on each --target at --latency-batch, instead of "
                                     "--latency-target: one value for all targets or one per target (repeat)", repeat=True)
+    max_flops: float = option(0.0, "with --latency-target / --latency-budget-ms: keep the FLOPs at most this share of the "
+                              "dense network's as well, in (0, 1] (0: no FLOPs bound); both budgets hold, the tightest "
+                              "binds. A FLOPs target and a speed floor at once: --max-flops 0.4 --latency-target 0.5 asks "
+                              "0.8 of the FLOPs cut as measured speed")
     latency_batch: int = option(0, "batch size the latency constraint is for (0: the largest batch size of the target profile)")
     latency_table: str = option("", "layer latency table file per --target, in the same order (repeat; default: found in "
                                 "latency-data/ or the shipped tables by target, model, input shape and this machine)",
@@ -151,7 +155,7 @@ def split_values(text: str) -> list[str]:
 
 # Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
 LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer",
-             "target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table", "shared_threshold",
+             "target", "latency_target", "latency_budget_ms", "max_flops", "latency_batch", "latency_table", "shared_threshold",
              "anneal_fraction", "measure_at_freeze", "merge_bypass_at_freeze", "block_removal")
 
 
@@ -286,6 +290,11 @@ def validate_latency_options(config: TrainConfig) -> None:
             raise UserError(f"--latency-target must lie in (0, 1], got {text}")
         if not all(math.isfinite(v) and v > 0 for v in values):
             raise UserError(f"{flag} must be positive, got {text}")
+    if not (0.0 <= config.max_flops <= 1.0) or math.isnan(config.max_flops):
+        raise UserError(f"--max-flops must lie in (0, 1] (0: no FLOPs bound), got {config.max_flops}")
+    if config.max_flops and not config.latency_constrained:
+        raise UserError("--max-flops bounds the FLOPs beside a latency budget (--latency-target / --latency-budget-ms); "
+                        "without one use --flops-target")
     tables = split_values(config.latency_table)
     if tables and len(tables) != len(targets):
         raise UserError(f"--latency-table takes one file per --target ({len(targets)}), got {len(tables)}")
@@ -298,7 +307,7 @@ def refuse_ignored_options(given: dict[str, Any]) -> None:
     refused in one line, never silently dropped: LAPP-only options with --dense."""
     if ("latency_target" in given or "latency_budget_ms" in given) and "flops_target" in given:
         raise UserError("--flops-target and a latency constraint (--latency-target / --latency-budget-ms) exclude each "
-                        "other: LAPP meets one cost target")
+                        "other: to bound the FLOPs beside a latency budget give --max-flops")
     if given.get("dense"):
         ignored = [flag_name(name) for name in LAPP_ONLY if name in given]
         if ignored:

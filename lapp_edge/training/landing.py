@@ -14,7 +14,8 @@ a time: RMS error 0.010 of the dense latency); its level is what is off. So:
    with the dense network, median over fresh compiles (`Measure`, supplied by the caller: the
    training side imports no runtime);
 2. where the measured ratio lies more than `aim` from the budget (for several targets: the tightest
-   share max_t measured_t / budget_t from 1), each target's table cost is scaled (`ScaledCost`) so
+   share max_t measured_t / budget_t from 1; with --max-flops the plan's exact FLOPs share counts as one
+   more, so a plan on its FLOPs bound and within its latency budgets ends the search), each target's table cost is scaled (`ScaledCost`) so
    that it plans for the table ratio expected to measure on budget (`next_table_target`: measured /
    predicted at the first plan, then the secant through measured plans) and the width search runs
    again from the learned widths;
@@ -34,7 +35,7 @@ import numpy as np
 
 from lapp_edge.lapp.controller import FreezeResult, LappController
 from lapp_edge.lapp.cost import CostModel
-from lapp_edge.lapp.latency_cost import LatencyCost, TightestBudgetCost
+from lapp_edge.lapp.latency_cost import LatencyCost, combined_cost
 from lapp_edge.models.spec import ArchitectureSpec
 
 LANDING_AIM = 0.02       # measured share within +-2% of the budget ends the search (a ratio's spread over compiles is ~1-2%)
@@ -67,10 +68,15 @@ class LandingRound:
     per_compile: dict[str, list[float]]
     other_cpu_share: dict[str, float]
     flagged: bool
+    flops: float | None = None       # the plan's FLOPs ratio (exact), where --max-flops bounds it
 
-    def share(self, budgets: dict[str, float]) -> float:
-        """The tightest target's measured latency as a share of its budget (1: on budget)."""
-        return max(self.measured[target] / budget for target, budget in budgets.items())
+    def share(self, budgets: dict[str, float], flops_budget: float | None = None) -> float:
+        """The tightest budget's share (1: on budget): each target's measured latency over its budget,
+        and with `flops_budget` the plan's FLOPs over it."""
+        shares = [self.measured[target] / budget for target, budget in budgets.items()]
+        if flops_budget and self.flops is not None:
+            shares.append(self.flops / flops_budget)
+        return max(shares)
 
 
 @dataclass
@@ -84,6 +90,7 @@ class Landing:
     chosen: int = 0                  # index into rounds of the applied plan
     seconds: float = 0.0
     note: str = ""                   # why fewer rounds were measured, or why none were
+    flops_budget: float | None = None   # --max-flops, where given
 
     def lines(self) -> list[str]:
         return landing_lines(asdict(self))
@@ -96,7 +103,11 @@ def landing_lines(landing: dict[str, Any]) -> list[str]:
     for index, item in enumerate(landing["rounds"]):
         parts = [f"{t} {item['measured'][t]:.4f} (table {item['predicted'][t]:.4f}"
                  + (f", scaled x{item['correction'][t]:.3f}" if item["correction"][t] != 1.0 else "") + ")" for t in budgets]
-        share = max(item["measured"][t] / b for t, b in budgets.items())
+        flops_budget, flops = landing.get("flops_budget"), item.get("flops")
+        share = max([item["measured"][t] / b for t, b in budgets.items()]
+                    + ([flops / flops_budget] if flops_budget and flops is not None else []))
+        if flops_budget and flops is not None:
+            parts.append(f"FLOPs {flops:.4f} (at most {flops_budget})")
         mark = "applied" if index == landing["chosen"] else "       "
         out.append(f"freeze plan {index + 1} {mark}: measured {', '.join(parts)}; {share:.3f} of budget"
                    + ("  (machine loaded)" if item["flagged"] else ""))
@@ -123,12 +134,12 @@ class ScaledCost:
         return self.dense_cost * self.ratio(counts)
 
 
-def corrected_cost(costs: list[LatencyCost], budgets: dict[str, float], factors: dict[str, float]) -> CostModel:
-    """The constraint's cost with each target's table scaled by its factor (several targets: tightest budget binds)."""
+def corrected_cost(costs: list[LatencyCost], budgets: dict[str, float], factors: dict[str, float],
+                   flops_bound: tuple[CostModel, float] | None = None) -> CostModel:
+    """The constraint's cost with each target's table scaled by its factor (several budgets, the FLOPs
+    bound among them: the tightest binds)."""
     scaled = [ScaledCost(cost, factors[cost.target]) for cost in costs]
-    if len(scaled) == 1:
-        return scaled[0]
-    return TightestBudgetCost(scaled, [budgets[cost.target] for cost in costs])  # type: ignore[arg-type]
+    return combined_cost(scaled, [budgets[cost.target] for cost in costs], flops_bound)
 
 
 def next_table_target(points: list[tuple[float, float]], budget: float) -> float:
@@ -159,21 +170,23 @@ def next_table_target(points: list[tuple[float, float]], budget: float) -> float
 
 def land_on_measured(controller: LappController, costs: list[LatencyCost], budgets: dict[str, float],
                      batches: dict[str, int], spec: ArchitectureSpec, measure: Measure,
-                     aim: float = LANDING_AIM, rounds: int = LANDING_ROUNDS) -> tuple[FreezeResult | None, Landing]:
+                     aim: float = LANDING_AIM, rounds: int = LANDING_ROUNDS,
+                     flops_bound: tuple[CostModel, float] | None = None) -> tuple[FreezeResult | None, Landing]:
     """The freeze plan to apply and what was measured (module docstring). `costs`: one table cost per
-    target; `budgets` / `batches`: per target name; `spec`: the run's architecture (its widths are
+    target; `budgets` / `batches`: per target name; `flops_bound`: the FLOPs cost and its budget ratio
+    (--max-flops), kept in every re-plan; `spec`: the run's architecture (its widths are
     replaced by each plan's). Returns (None, landing) when the table's own plan misses the cost
     target (the freeze then refuses it as it always did). The controller's cost is restored on return.
     Errors of `measure` propagate (the caller decides whether a run goes on without a measurement)."""
     started = time.perf_counter()
-    landing = Landing(dict(budgets), dict(batches), aim)
+    landing = Landing(dict(budgets), dict(batches), aim, flops_budget=flops_bound[1] if flops_bound else None)
     original = controller.cost
     factors = {target: 1.0 for target in budgets}
     plans: list[FreezeResult] = []
     try:
         for _ in range(max(1, rounds)):
             if any(f != 1.0 for f in factors.values()):
-                controller.cost = corrected_cost(costs, budgets, factors)
+                controller.cost = corrected_cost(costs, budgets, factors, flops_bound)
             plan = controller.plan_freeze()
             if abs(plan.cost_ratio - controller.config.target) > controller.config.tolerance:
                 landing.note = ("the table scaled by the measurement cannot land on the budget with these channel multiples; "
@@ -190,8 +203,8 @@ def land_on_measured(controller: LappController, costs: list[LatencyCost], budge
             landing.rounds.append(LandingRound(
                 dict(plan.widths), dict(factors), predicted, {t: m.ratio for t, m in measured.items()},
                 {t: list(m.per_compile) for t, m in measured.items()}, {t: m.other_cpu_share for t, m in measured.items()},
-                any(m.flagged for m in measured.values())))
-            if abs(landing.rounds[-1].share(budgets) - 1.0) <= aim:
+                any(m.flagged for m in measured.values()), float(flops_bound[0].ratio(counts)) if flops_bound else None))
+            if abs(landing.rounds[-1].share(budgets, landing.flops_budget) - 1.0) <= aim:
                 break
             factors = {target: budgets[target] / next_table_target(
                 [(item.predicted[target], item.measured[target]) for item in landing.rounds], budgets[target])
@@ -201,5 +214,5 @@ def land_on_measured(controller: LappController, costs: list[LatencyCost], budge
     landing.seconds = time.perf_counter() - started
     if not plans:
         return None, landing
-    landing.chosen = int(np.argmin([abs(item.share(budgets) - 1.0) for item in landing.rounds]))
+    landing.chosen = int(np.argmin([abs(item.share(budgets, landing.flops_budget) - 1.0) for item in landing.rounds]))
     return plans[landing.chosen], landing

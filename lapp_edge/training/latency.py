@@ -4,7 +4,10 @@
 each target's layer latency table (`costs.latency_table`, measured on this machine by
 `lapp-edge profile-layers`) becomes a `LatencyCost` at `--latency-batch`; one target constrains
 its latency ratio to R (or X / the table's dense latency), several are combined by
-`TightestBudgetCost` (the tightest budget binds). Widths round to the targets' channel multiple
+`TightestBudgetCost` (the tightest budget binds). `--max-flops F` adds the FLOPs cost as one more
+member of that combination with budget F: FLOPs and latency are both kept within their budgets, so a
+user can ask for a FLOPs target and a floor on how much of the FLOPs cut becomes measured speed at once
+(--max-flops 0.4 --latency-target 0.5: at least 0.8 of it). Widths round to the targets' channel multiple
 (`deploy.targets.channel_multiple_for`; the least common multiple for several targets).
 
 Which tables are accepted (the issue asked to say which and why):
@@ -31,8 +34,8 @@ from lapp_edge.deploy.measure import machine_key
 from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, load_target, runtime_version
 from lapp_edge.errors import UserError
 from lapp_edge.lapp.cost import CostModel
-from lapp_edge.lapp.flops import deployed_layers
-from lapp_edge.lapp.latency_cost import LatencyCost, TightestBudgetCost
+from lapp_edge.lapp.flops import build_flops_cost, deployed_layers
+from lapp_edge.lapp.latency_cost import LatencyCost, combined_cost
 from lapp_edge.models.units import PrunableSite
 from lapp_edge.training.config import DEFAULT_CHANNEL_MULTIPLE, TrainConfig, split_values
 
@@ -47,6 +50,7 @@ class LatencyConstraint:
     batch: int
     shaped_for: list[dict[str, Any]] = field(default_factory=list)   # per target: table, budget, dense ms
     warnings: list[str] = field(default_factory=list)
+    flops_bound: tuple[CostModel, float] | None = None   # --max-flops: the FLOPs cost and its budget ratio, else None
 
 
 def resolve_channel_multiple(config: TrainConfig) -> int:
@@ -98,8 +102,9 @@ def check_table(table: LatencyTable, path: Path, profile: TargetProfile, model: 
 
 
 def latency_constraint(config: TrainConfig, model: nn.Module, sites: list[PrunableSite],
-                       input_shape: tuple[int, int, int]) -> LatencyConstraint:
-    """The cost LAPP trains against for a latency-constrained run (see the module docstring).
+                       input_shape: tuple[int, int, int], flops_cost: CostModel | None = None) -> LatencyConstraint:
+    """The cost LAPP trains against for a latency-constrained run (see the module docstring);
+    `flops_cost`: the run's FLOPs cost, bounded by --max-flops where given (built here when None).
     Raises UserError for a missing or mismatched table, a layer the table lacks, or a budget above
     the dense latency or below what the table can reach (checked by the trainer)."""
     targets = [load_target(name) for name in split_values(config.target)]
@@ -127,10 +132,15 @@ def latency_constraint(config: TrainConfig, model: nn.Module, sites: list[Prunab
                            "budget_ms": budget * dense_ms, "dense_predicted_ms": dense_ms, "runtime": table.runtime,
                            "machine": table.machine, "table_held_out_median_abs_pct": validation.get("median_abs_pct")})
     batches = {entry["batch"] for entry in shaped_for}
-    cost: CostModel = costs[0] if len(costs) == 1 else TightestBudgetCost(costs, budgets)
+    flops_bound = None
+    if config.max_flops:
+        flops_bound = (flops_cost or build_flops_cost(model, sites, input_shape), config.max_flops)
+    cost = combined_cost(costs, budgets, flops_bound)
     for line in warnings:
         print(line, file=sys.stderr)
-    return LatencyConstraint(cost, costs, min(budgets), min(batches), shaped_for, warnings)
+    return LatencyConstraint(cost, costs, min(budgets + ([flops_bound[1]] if flops_bound else [])), min(batches),
+                             shaped_for, warnings, flops_bound)
+
 
 
 def predicted_ratios(constraint: LatencyConstraint, counts: Any) -> dict[str, float]:

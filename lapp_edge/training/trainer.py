@@ -155,7 +155,7 @@ class Trainer:
         self.cost: CostModel = self.flops_cost
         self.latency: LatencyConstraint | None = None
         if config.latency_constrained and not config.dense:
-            self.latency = latency_constraint(config, self.model, self.sites, self.input_shape)
+            self.latency = latency_constraint(config, self.model, self.sites, self.input_shape, self.flops_cost)
             self.cost = self.latency.cost
         self.lapp_settings = config.lapp_config(self.latency.target_ratio if self.latency else None)
         self.model.to(self.device)
@@ -241,6 +241,9 @@ class Trainer:
                 lines.append(f"LAPP: latency on {entry['target']} at batch {entry['batch']} kept to {entry['budget_ratio']:.4f} of "
                              f"the dense network's predicted {entry['dense_predicted_ms']:.3f} ms ({entry['budget_ms']:.3f} ms), "
                              f"from {entry['table']}")
+            if self.latency.flops_bound is not None:
+                lines.append(f"LAPP: FLOPs kept to at most {self.latency.flops_bound[1]:.4f} of the dense network's as well "
+                             "(--max-flops; the tightest budget binds)")
             lines.append(f"LAPP: widths in multiples of {config.channel_multiple}: the tightest budget is reachable (the "
                          f"freeze's width search lands on {self.target_ratio:.4f} before training)")
             if config.measure_at_freeze and self.measure is not None:
@@ -260,7 +263,8 @@ class Trainer:
         (every site at its smallest width), then the freeze's own width search from fixed starts."""
         lapp = self.lapp_settings
         what = (f"FLOPs target {self.config.flops_target}" if self.latency is None else
-                f"latency target {lapp.target:.4f} (of the dense latency on {', '.join(e['target'] for e in self.latency.shaped_for)})")
+                f"latency target {lapp.target:.4f} (of the dense latency on {', '.join(e['target'] for e in self.latency.shaped_for)}"
+                + (f"; FLOPs at most {self.latency.flops_bound[1]}" if self.latency.flops_bound else "") + ")")
         minimums = site_min_widths(self.sites, lapp)
         floor = smallest_cost_ratio(self.cost, lapp.channel_multiple, minimums)
         fixed = all(len(allowed_widths(c, lapp.channel_multiple, low)) == 1 for c, low in zip(self.cost.site_channels, minimums))
@@ -515,7 +519,7 @@ class Trainer:
             batches = {entry["target"]: entry["batch"] for entry in self.latency.shaped_for}
             try:
                 result = land_on_measured(self.controller, self.latency.per_target, budgets, batches,
-                                          self.architecture_spec(), self.measure)
+                                          self.architecture_spec(), self.measure, flops_bound=self.latency.flops_bound)
             except Exception as error:  # noqa: BLE001 - the run goes on with the table's plan; the reason is kept
                 note = f"the freeze's plan could not be measured ({type(error).__name__}: {error}); the table's plan is applied"
                 print(f"warning: {note}", file=sys.stderr, flush=True)

@@ -104,6 +104,38 @@ def test_with_two_targets_each_table_is_scaled_by_its_own_measurement_and_the_ti
         assert second.correction == {t: pytest.approx(first.measured[t] / first.predicted[t]) for t in targets}
 
 
+@pytest.mark.parametrize("latency_budget,binds", [(0.75, "flops"), (0.45, "latency")])
+def test_with_max_flops_every_plan_keeps_the_flops_bound_and_the_tighter_budget_ends_the_search(latency_budget: float, binds: str) -> None:
+    """--max-flops: the FLOPs cost is one more budget of the landing. Where FLOPs binds (a loose latency
+    budget), the table's plan sits on its FLOPs bound with the latency measured under budget: one plan,
+    applied. Where latency binds, the re-plans scaled for the measurement keep the FLOPs within bound."""
+    from lapp_edge.lapp.flops import build_flops_cost
+    from tests.lapp.test_latency_cost import SHAPE
+
+    model, sites, layers = resnet20()
+    table = _costs(layers, sites, step=0.3)[0]
+    truth = {"x86-ort-fp32": _costs(layers, sites, step=0.8)[0]}
+    flops = (build_flops_cost(model, sites, SHAPE), 0.4)
+    budgets = {"x86-ort-fp32": latency_budget}
+    controller = _controller(sites, TightestBudgetCost([table, flops[0]], [latency_budget, 0.4]), min(latency_budget, 0.4))
+    calls: list = []
+    plan, landing = land_on_measured(controller, [table], budgets, {"x86-ort-fp32": 32}, _spec(sites),
+                                     _true_measure(truth, sites, calls), flops_bound=flops)  # type: ignore[arg-type]
+    assert plan is not None and landing.flops_budget == 0.4
+    for item in landing.rounds:                       # every plan, re-plans included, within the FLOPs bound
+        assert item.flops is not None and item.flops <= 0.4 + controller.config.tolerance
+    chosen = landing.rounds[landing.chosen]
+    if binds == "flops":
+        assert len(landing.rounds) == 1 and chosen.flops == pytest.approx(0.4, abs=0.01)
+        assert chosen.measured["x86-ort-fp32"] < latency_budget
+        assert chosen.share(budgets, 0.4) == pytest.approx(chosen.flops / 0.4)
+    else:
+        assert chosen.flops < 0.4 - 0.01 and abs(chosen.measured["x86-ort-fp32"] / latency_budget - 1) <= 0.03
+        assert chosen.share(budgets) == chosen.share(budgets, 0.4)     # latency is the tightest share
+    lines = landing_lines(__import__("dataclasses").asdict(landing))
+    assert all("FLOPs" in line and "at most 0.4" in line for line in lines[:len(landing.rounds)])
+
+
 def test_the_next_table_target_scales_one_point_then_takes_the_secant_through_the_budget() -> None:
     assert next_table_target([(0.50, 0.525)], 0.5) == pytest.approx(0.50 * 0.5 / 0.525)
     # seed 3 of the ORT benchmark: scaling alone stepped from 0.524 to 0.470; the secant aims between

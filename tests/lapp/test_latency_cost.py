@@ -199,7 +199,8 @@ def test_latency_constrained_training_lands_on_the_budget_and_records_the_target
 
 
 @pytest.mark.parametrize("case", ["missing", "other-target", "other-machine", "below-floor", "above-dense",
-                                  "no-target", "both-constraints", "count-mismatch"])
+                                  "no-target", "both-constraints", "count-mismatch", "max-flops-alone",
+                                  "max-flops-range", "max-flops-below-floor"])
 def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path, case: str, capsys, monkeypatch) -> None:
     from lapp_edge.cli import main
 
@@ -209,7 +210,9 @@ def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path
     expected = {"missing": "no layer latency table", "other-target": "is a table for target",
                 "other-machine": "was measured on", "below-floor": "cannot be reached",
                 "above-dense": "above the dense network", "no-target": "need --target",
-                "both-constraints": "exclude each other", "count-mismatch": "one value for all targets"}[case]
+                "both-constraints": "exclude each other", "count-mismatch": "one value for all targets",
+                "max-flops-alone": "beside a latency budget", "max-flops-range": "--max-flops must lie in",
+                "max-flops-below-floor": "FLOPs at most 0.02"}[case]
     if case == "other-target":
         path = _write(tmp_path, synthetic_table(layers, sites, target="x86-openvino-bf16"))
         args += ["--latency-table", str(path)]
@@ -230,6 +233,12 @@ def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path
         args += ["--flops-target", "0.4"]
     elif case == "count-mismatch":
         args += ["--target", "x86-openvino-f32", "--latency-target", "0.6", "--latency-target", "0.7"]
+    elif case == "max-flops-alone":
+        args = [a for a in args if a not in ("--target", "x86-ort-fp32", "--latency-target", "0.5")] + ["--max-flops", "0.4"]
+    elif case == "max-flops-range":
+        args += ["--max-flops", "1.5"]
+    elif case == "max-flops-below-floor":        # the FLOPs bound, not the latency budget, is what cannot be reached
+        args += ["--max-flops", "0.02"]
     monkeypatch.chdir(tmp_path)
     code = main(args)
     err = capsys.readouterr().err
@@ -237,6 +246,35 @@ def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_max_flops_bounds_the_flops_beside_the_latency_budget_and_the_run_records_both(tmp_path: Path, fmnist, monkeypatch) -> None:
+    """--max-flops F with --latency-target L: one more budget in the tightest-binding combination; the
+    width search keeps both, the trained run lands within both and its report says so."""
+    from lapp_edge.lapp.flops import build_flops_cost
+    from lapp_edge.training.config import TrainConfig
+    from lapp_edge.training.latency import latency_constraint
+    from lapp_edge.training.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    model, sites, layers = resnet20()
+    _write(tmp_path, synthetic_table(layers, sites))
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(out=str(tmp_path / "c"), target="x86-ort-fp32", latency_target="0.7", max_flops=0.4)
+    constraint = latency_constraint(config, model, sites, SHAPE)
+    assert isinstance(constraint.cost, TightestBudgetCost) and constraint.target_ratio == 0.4
+    assert constraint.flops_bound is not None and constraint.flops_bound[1] == 0.4
+    flops = build_flops_cost(model, sites, SHAPE)
+    dense = np.array([s.channels for s in sites], dtype=np.float64)
+    widths = choose_widths(dense * 0.6, constraint.cost, 0.4, 8, 8, aim=0.004).astype(float)
+    latency = constraint.per_target[0].ratio(widths)
+    assert flops.ratio(widths) <= 0.41 and latency <= 0.71
+    assert max(flops.ratio(widths) / 0.4, latency / 0.7) == pytest.approx(1.0, abs=0.02)
+    run = tiny_config(tmp_path / "run", target="x86-ort-fp32", latency_target="0.7", max_flops=0.4, channel_multiple=8)
+    report = Trainer(run, fmnist).run()
+    assert report["max_flops"] == 0.4 and report["flops"]["ratio"] <= 0.41
+    assert report["latency_predicted_ratio"]["x86-ort-fp32"] <= 0.71
+    assert "at most 0.4, beside the latency budget" in (tmp_path / "run" / "report.txt").read_text()
 
 
 def test_another_runtime_version_is_used_with_a_warning(tmp_path: Path, monkeypatch) -> None:
