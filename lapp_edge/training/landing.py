@@ -14,11 +14,11 @@ a time: RMS error 0.010 of the dense latency); its level is what is off. So:
    with the dense network, median over fresh compiles (`Measure`, supplied by the caller: the
    training side imports no runtime);
 2. where the measured ratio lies more than `aim` from the budget (for several targets: the tightest
-   share max_t measured_t / budget_t from 1; with --max-flops the plan's exact FLOPs share counts as one
-   more, so a plan on its FLOPs bound and within its latency budgets ends the search), each target's table cost is scaled (`ScaledCost`) so
-   that it plans for the table ratio expected to measure on budget (`next_table_target`: measured /
-   predicted at the first plan, then the secant through measured plans) and the width search runs
-   again from the learned widths;
+   share max_t measured_t / budget_t from 1; with --max-flops the plan's exact FLOPs share counts as
+   one more, so a plan on its FLOPs bound and within its latency budgets ends the search), each
+   target's table cost is scaled (`ScaledCost`) so that it plans for the table ratio expected to
+   measure on budget (`next_table_target`: measured / predicted at the first plan, then the secant
+   through measured plans) and the width search runs again from the learned widths;
 3. at most `rounds` plans are measured; the one whose measured share lies closest to 1 is applied.
 
 NetAdapt (Yang et al., ECCV 2018) measures candidate networks on the device in its loop for the
@@ -71,12 +71,18 @@ class LandingRound:
     flops: float | None = None       # the plan's FLOPs ratio (exact), where --max-flops bounds it
 
     def share(self, budgets: dict[str, float], flops_budget: float | None = None) -> float:
-        """The tightest budget's share (1: on budget): each target's measured latency over its budget,
-        and with `flops_budget` the plan's FLOPs over it."""
-        shares = [self.measured[target] / budget for target, budget in budgets.items()]
-        if flops_budget and self.flops is not None:
-            shares.append(self.flops / flops_budget)
-        return max(shares)
+        """The tightest budget's share (1: on budget), `budget_share` of this plan."""
+        return budget_share(self.measured, budgets, self.flops, flops_budget)
+
+
+def budget_share(measured: dict[str, float], budgets: dict[str, float], flops: float | None,
+                 flops_budget: float | None) -> float:
+    """The tightest budget's share (1: on budget): each target's measured latency ratio over its budget,
+    and with `flops_budget` the plan's FLOPs ratio over it."""
+    shares = [measured[target] / budget for target, budget in budgets.items()]
+    if flops_budget and flops is not None:
+        shares.append(flops / flops_budget)
+    return max(shares)
 
 
 @dataclass
@@ -104,8 +110,7 @@ def landing_lines(landing: dict[str, Any]) -> list[str]:
         parts = [f"{t} {item['measured'][t]:.4f} (table {item['predicted'][t]:.4f}"
                  + (f", scaled x{item['correction'][t]:.3f}" if item["correction"][t] != 1.0 else "") + ")" for t in budgets]
         flops_budget, flops = landing.get("flops_budget"), item.get("flops")
-        share = max([item["measured"][t] / b for t, b in budgets.items()]
-                    + ([flops / flops_budget] if flops_budget and flops is not None else []))
+        share = budget_share(item["measured"], budgets, flops, flops_budget)
         if flops_budget and flops is not None:
             parts.append(f"FLOPs {flops:.4f} (at most {flops_budget})")
         mark = "applied" if index == landing["chosen"] else "       "

@@ -142,7 +142,6 @@ def latency_constraint(config: TrainConfig, model: nn.Module, sites: list[Prunab
                              shaped_for, warnings, flops_bound)
 
 
-
 def predicted_ratios(constraint: LatencyConstraint, counts: Any) -> dict[str, float]:
     """Per target: the latency ratio its table predicts for kept counts `counts`."""
     return {cost.target: float(cost.ratio(counts)) for cost in constraint.per_target}
