@@ -39,8 +39,10 @@ CONFIGURATIONS: dict[str, list[str]] = {
     # FLOPs at most --flops-target AND latency at most --flops-target / --min-efficiency on each --latency-on target
     # (both budgets hold, the tightest binds): a FLOPs target whose cut must turn into measured speed
     "lapp-efficiency-blocks": ["--channel-multiple", "8", "--block-removal"],
+    # the same budgets, the FLOPs landed on --flops-target and each latency a ceiling (--land-on-flops)
+    "lapp-efficiency-landed": ["--channel-multiple", "8", "--block-removal", "--land-on-flops"],
 }
-LATENCY_SHAPED = ("lapp-latency", "lapp-latency-blocks", "lapp-efficiency-blocks")
+LATENCY_SHAPED = ("lapp-latency", "lapp-latency-blocks", "lapp-efficiency-blocks", "lapp-efficiency-landed")
 
 
 @dataclass
@@ -83,7 +85,7 @@ def launch(name: str, args: argparse.Namespace) -> subprocess.Popen[bytes] | Non
         common += ["--prune-epochs", str(args.prune_epochs)]
         for target in args.latency_on.split(","):
             common += ["--target", target]
-        if name == "lapp-efficiency-blocks":
+        if name in ("lapp-efficiency-blocks", "lapp-efficiency-landed"):
             common += ["--max-flops", str(args.flops_target), "--latency-target", f"{args.flops_target / args.min_efficiency:.4f}"]
         else:
             common += ["--latency-target", str(args.latency_target)]

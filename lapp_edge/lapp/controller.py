@@ -11,7 +11,8 @@ Per prunable layer l with z-scored channel scores s (no gradient):
     kept count  sum(m) + (sum(q) - stop_grad(sum(q)))
 The cost of the masked network is computed from the kept counts by a cost model
 (`lapp_edge.lapp.cost.CostModel`; FLOPs today), and
-loss = task + penalty_weight * |cost / cost_dense - target(step)|.
+loss = task + penalty_weight * |cost / cost_dense - target(step)|
+(plus the excess over latency ceilings where the cost has them: `lapp.latency_cost`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from lapp_edge.lapp.cost import CostModel
+from lapp_edge.lapp.latency_cost import CEILING_WEIGHT
 from lapp_edge.lapp.schedule import annealed_target
 from lapp_edge.lapp.scores import get_scorer, group_score, standardize
 from lapp_edge.models.slicing import consumer_input_weights, slim_site
@@ -150,8 +152,15 @@ class LappController(nn.Module):
         return self.cost.ratio(self.kept)
 
     def penalty(self, target_now: float) -> torch.Tensor:
-        """penalty_weight * |cost ratio - target_now| (0-d tensor)."""
-        return self.config.penalty_weight * (self.cost_ratio() - target_now).abs()
+        """penalty_weight * |cost ratio - target_now| (0-d tensor); for a cost with latency ceilings
+        (`FlopsUnderLatencyCeilings`, --land-on-flops) plus penalty_weight * CEILING_WEIGHT * target_now *
+        the excess over the ceilings, loosened by target_now / target as the target anneals."""
+        value = (self.cost_ratio() - target_now).abs()
+        ceiling_excess = getattr(self.cost, "ceiling_excess", None)
+        if ceiling_excess is not None:
+            assert self.kept is not None
+            value = value + CEILING_WEIGHT * target_now * ceiling_excess(self.kept, target_now / self.config.target)
+        return self.config.penalty_weight * value
 
     def target_at(self, step: int, prune_steps: int) -> float:
         """The annealed cost target at `step` of a pruning phase of `prune_steps` steps."""

@@ -20,6 +20,17 @@ ratio B_t; the combined ratio is min_t(B_t) * max_t(r_t / B_t). It is 1 for the 
 reaches min_t(B_t) exactly when the tightest target sits on its budget (the others then lie
 within theirs), and its gradient flows to the target that binds. LAPP's target is min_t(B_t).
 A member may be any cost model with a ratio: `--max-flops` adds the FLOPs cost with its budget.
+
+FLOPs landed, latency as a ceiling (`FlopsUnderLatencyCeilings`, `--land-on-flops`): the tightest-binding
+combination stops pruning at whichever budget binds first, so where the latency budget binds first the
+network ends below its FLOPs target, slower per FLOP than it need be (measured on the AMX Xeon: 0.31 FLOPs
+at 0.46 of dense latency, docs/RESULTS.md). Landing the FLOPs on its target while each latency stays
+under its budget asks LAPP for a different allocation, not a smaller network: the penalty is
+    |F - t| + CEILING_WEIGHT * t * max_t relu(L_t / B_t(now) - 1)
+whose gradient, while a latency is over its ceiling and the FLOPs under their target, grows the sites
+with the least latency per MAC and cuts those with the most. It is the FLOPs target with the latency
+tables as a hard side constraint (HALP, Shen et al. 2022, maximises importance under a latency budget
+instead; here the FLOPs stay the capacity measure the user asked for).
 """
 
 from __future__ import annotations
@@ -174,8 +185,49 @@ class TightestBudgetCost:
         return self.ratio(counts)
 
 
-def combined_cost(costs: list[Any], budgets: list[float], flops_bound: tuple[Any, float] | None) -> Any:
-    """One target's cost as it is, or several budgets (targets, and the FLOPs bound) as `TightestBudgetCost`."""
+CEILING_WEIGHT = 4.0    # latency excess over a ceiling weighs 4x a FLOPs miss of the same share in the penalty
+CEILING_SEARCH_WEIGHT = 100.0   # in the freeze's width search a ceiling is (nearly) hard: any excess outweighs FLOPs misses
+
+
+class FlopsUnderLatencyCeilings:
+    """The FLOPs cost landed on its target, each target's latency kept under its budget (module
+    docstring). `ratio` is the FLOPs ratio (what LAPP lands on, what the report calls the constraint);
+    `ceiling_excess` is how far the latency is over its tightest ceiling. Raises ValueError without one
+    budget per latency cost."""
+
+    name = "flops"
+    unit = "MACs (latency under each target's budget)"
+
+    def __init__(self, flops: Any, costs: list[Any], budgets: list[float]) -> None:
+        if len(costs) != len(budgets) or not costs:
+            raise ValueError("one budget ratio per target cost")
+        self.flops, self.costs, self.budgets = flops, costs, budgets
+        self.site_channels = flops.site_channels
+        self.dense_cost = flops.dense_cost
+
+    def ratio(self, counts: Any) -> Any:
+        return self.flops.ratio(counts)
+
+    def cost(self, counts: Any) -> Any:
+        return self.flops.cost(counts)
+
+    def ceiling_excess(self, counts: Any, scale: float = 1.0) -> Any:
+        """max_t relu(L_t(counts) / (B_t * scale) - 1): 0 within every ceiling (torch: differentiable).
+        `scale` > 1 loosens every ceiling (the annealed target's share of the final one)."""
+        shares = [cost.ratio(counts) / (budget * scale) for cost, budget in zip(self.costs, self.budgets)]
+        if isinstance(counts, torch.Tensor):
+            return (torch.stack(shares, dim=-1).max(dim=-1).values - 1.0).clamp(min=0.0)
+        return np.maximum(np.max(np.stack(shares, axis=-1), axis=-1) - 1.0, 0.0)
+
+
+def combined_cost(costs: list[Any], budgets: list[float], flops_bound: tuple[Any, float] | None,
+                  land_on_flops: bool = False) -> Any:
+    """One target's cost as it is, or several budgets (targets, and the FLOPs bound) as `TightestBudgetCost`;
+    with `land_on_flops` (needs `flops_bound`) the FLOPs landed under latency ceilings."""
+    if land_on_flops:
+        if flops_bound is None:
+            raise ValueError("land_on_flops needs the FLOPs cost and its target")
+        return FlopsUnderLatencyCeilings(flops_bound[0], list(costs), list(budgets))
     members, ratios = list(costs), list(budgets)
     if flops_bound is not None:
         members.append(flops_bound[0])

@@ -12,6 +12,8 @@ With multiple=1 the same search is the greedy add/drop repair that lands within 
 
 The search is local, so where it ends outside `aim` from the learned widths it is run again
 from the end of a search from fixed starts (dense, uniform scalings, the smallest widths).
+Where the cost has latency ceilings (`--land-on-flops`), excess over a ceiling counts into 1.
+weighted so heavily that the search first gets under every ceiling, then onto the FLOPs target.
 A site whose minimum width is 0 (a removable residual branch, `--block-removal`) may also be
 given no channels at all: its branch is then removed.
 
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lapp_edge.lapp.cost import CostModel
+from lapp_edge.lapp.latency_cost import CEILING_SEARCH_WEIGHT
 
 MinWidths = int | Sequence[int]      # one minimum for every site, or one per site (0: the site may be removed)
 
@@ -75,6 +78,9 @@ class _WidthSearch:
     def objective(self, positions: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         widths = self.widths_of(positions).astype(np.float64)
         excess = np.maximum(0.0, np.abs(self.cost.ratio(widths) - self.target) - self.aim)
+        ceiling_excess = getattr(self.cost, "ceiling_excess", None)
+        if ceiling_excess is not None:      # latency ceilings (--land-on-flops): nearly hard, see lapp.latency_cost
+            excess = excess + CEILING_SEARCH_WEIGHT * ceiling_excess(widths)
         distance = (((widths - reference) / self.step) ** 2).sum(axis=-1)
         return np.round(excess, 12), distance
 

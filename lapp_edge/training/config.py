@@ -82,6 +82,9 @@ class TrainConfig:
                               "dense network's as well, in (0, 1] (0: no FLOPs bound); both budgets hold, the tightest "
                               "binds. A FLOPs target and a speed floor at once: --max-flops 0.4 --latency-target 0.5 asks "
                               "0.8 of the FLOPs cut as measured speed")
+    land_on_flops: bool = option(False, "with --max-flops: land the FLOPs on that share (as a FLOPs run does) and keep each "
+                                 "latency budget as a ceiling, instead of stopping where the first budget binds: the "
+                                 "same FLOPs, allocated so the latency fits (sites with the least latency per MAC grow)")
     latency_batch: int = option(0, "batch size the latency constraint is for (0: the largest batch size of the target profile)")
     latency_table: str = option("", "layer latency table file per --target, in the same order (repeat; default: found in "
                                 "latency-data/ or the shipped tables by target, model, input shape and this machine)",
@@ -156,7 +159,7 @@ def split_values(text: str) -> list[str]:
 # Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
 LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer",
              "target", "latency_target", "latency_budget_ms", "max_flops", "latency_batch", "latency_table", "shared_threshold",
-             "anneal_fraction", "measure_at_freeze", "merge_bypass_at_freeze", "block_removal")
+             "anneal_fraction", "measure_at_freeze", "merge_bypass_at_freeze", "block_removal", "land_on_flops")
 
 
 def flag_name(name: str) -> str:
@@ -295,6 +298,8 @@ def validate_latency_options(config: TrainConfig) -> None:
     if config.max_flops and not config.latency_constrained:
         raise UserError("--max-flops bounds the FLOPs beside a latency budget (--latency-target / --latency-budget-ms); "
                         "without one use --flops-target")
+    if config.land_on_flops and not config.max_flops:
+        raise UserError("--land-on-flops lands the FLOPs on --max-flops under the latency budgets; give --max-flops")
     tables = split_values(config.latency_table)
     if tables and len(tables) != len(targets):
         raise UserError(f"--latency-table takes one file per --target ({len(targets)}), got {len(tables)}")

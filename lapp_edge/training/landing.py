@@ -97,6 +97,7 @@ class Landing:
     seconds: float = 0.0
     note: str = ""                   # why fewer rounds were measured, or why none were
     flops_budget: float | None = None   # --max-flops, where given
+    flops_landed: bool = False          # --land-on-flops: the FLOPs are landed on flops_budget, latencies are ceilings
 
     def lines(self) -> list[str]:
         return landing_lines(asdict(self))
@@ -112,7 +113,7 @@ def landing_lines(landing: dict[str, Any]) -> list[str]:
         flops_budget, flops = landing.get("flops_budget"), item.get("flops")
         share = budget_share(item["measured"], budgets, flops, flops_budget)
         if flops_budget and flops is not None:
-            parts.append(f"FLOPs {flops:.4f} (at most {flops_budget})")
+            parts.append(f"FLOPs {flops:.4f} ({'target' if landing.get('flops_landed') else 'at most'} {flops_budget})")
         mark = "applied" if index == landing["chosen"] else "       "
         out.append(f"freeze plan {index + 1} {mark}: measured {', '.join(parts)}; {share:.3f} of budget"
                    + ("  (machine loaded)" if item["flagged"] else ""))
@@ -140,11 +141,11 @@ class ScaledCost:
 
 
 def corrected_cost(costs: list[LatencyCost], budgets: dict[str, float], factors: dict[str, float],
-                   flops_bound: tuple[CostModel, float] | None = None) -> CostModel:
+                   flops_bound: tuple[CostModel, float] | None = None, land_on_flops: bool = False) -> CostModel:
     """The constraint's cost with each target's table scaled by its factor (several budgets, the FLOPs
-    bound among them: the tightest binds)."""
+    bound among them: the tightest binds; `land_on_flops`: the FLOPs landed under the scaled ceilings)."""
     scaled = [ScaledCost(cost, factors[cost.target]) for cost in costs]
-    return combined_cost(scaled, [budgets[cost.target] for cost in costs], flops_bound)
+    return combined_cost(scaled, [budgets[cost.target] for cost in costs], flops_bound, land_on_flops)
 
 
 def next_table_target(points: list[tuple[float, float]], budget: float) -> float:
@@ -176,22 +177,26 @@ def next_table_target(points: list[tuple[float, float]], budget: float) -> float
 def land_on_measured(controller: LappController, costs: list[LatencyCost], budgets: dict[str, float],
                      batches: dict[str, int], spec: ArchitectureSpec, measure: Measure,
                      aim: float = LANDING_AIM, rounds: int = LANDING_ROUNDS,
-                     flops_bound: tuple[CostModel, float] | None = None) -> tuple[FreezeResult | None, Landing]:
+                     flops_bound: tuple[CostModel, float] | None = None,
+                     land_on_flops: bool = False) -> tuple[FreezeResult | None, Landing]:
     """The freeze plan to apply and what was measured (module docstring). `costs`: one table cost per
     target; `budgets` / `batches`: per target name; `flops_bound`: the FLOPs cost and its budget ratio
-    (--max-flops), kept in every re-plan; `spec`: the run's architecture (its widths are
+    (--max-flops), kept in every re-plan; `land_on_flops`: the FLOPs are landed on that budget and each
+    latency is a ceiling (a plan on its FLOPs target under every budget ends the search: its share is the
+    FLOPs share, ~1); `spec`: the run's architecture (its widths are
     replaced by each plan's). Returns (None, landing) when the table's own plan misses the cost
     target (the freeze then refuses it as it always did). The controller's cost is restored on return.
     Errors of `measure` propagate (the caller decides whether a run goes on without a measurement)."""
     started = time.perf_counter()
-    landing = Landing(dict(budgets), dict(batches), aim, flops_budget=flops_bound[1] if flops_bound else None)
+    landing = Landing(dict(budgets), dict(batches), aim, flops_budget=flops_bound[1] if flops_bound else None,
+                      flops_landed=land_on_flops)
     original = controller.cost
     factors = {target: 1.0 for target in budgets}
     plans: list[FreezeResult] = []
     try:
         for _ in range(max(1, rounds)):
             if any(f != 1.0 for f in factors.values()):
-                controller.cost = corrected_cost(costs, budgets, factors, flops_bound)
+                controller.cost = corrected_cost(costs, budgets, factors, flops_bound, land_on_flops)
             plan = controller.plan_freeze()
             if abs(plan.cost_ratio - controller.config.target) > controller.config.tolerance:
                 landing.note = ("the table scaled by the measurement cannot land on the budget with these channel multiples; "

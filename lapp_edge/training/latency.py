@@ -7,7 +7,9 @@ its latency ratio to R (or X / the table's dense latency), several are combined 
 `TightestBudgetCost` (the tightest budget binds). `--max-flops F` adds the FLOPs cost as one more
 member of that combination with budget F: FLOPs and latency are both kept within their budgets, so a
 user can ask for a FLOPs target and a floor on how much of the FLOPs cut becomes measured speed at once
-(--max-flops 0.4 --latency-target 0.5: at least 0.8 of it). Widths round to the targets' channel multiple
+(--max-flops 0.4 --latency-target 0.5: at least 0.8 of it). The tightest budget binds, so the FLOPs may
+end below F; `--land-on-flops` lands them on F with each latency as a ceiling
+(`lapp.latency_cost.FlopsUnderLatencyCeilings`): LAPP's target is then F. Widths round to the targets' channel multiple
 (`deploy.targets.channel_multiple_for`; the least common multiple for several targets).
 
 Which tables are accepted (the issue asked to say which and why):
@@ -51,6 +53,7 @@ class LatencyConstraint:
     shaped_for: list[dict[str, Any]] = field(default_factory=list)   # per target: table, budget, dense ms
     warnings: list[str] = field(default_factory=list)
     flops_bound: tuple[CostModel, float] | None = None   # --max-flops: the FLOPs cost and its budget ratio, else None
+    land_on_flops: bool = False             # --land-on-flops: FLOPs landed on flops_bound, latencies are ceilings
 
 
 def resolve_channel_multiple(config: TrainConfig) -> int:
@@ -135,11 +138,11 @@ def latency_constraint(config: TrainConfig, model: nn.Module, sites: list[Prunab
     flops_bound = None
     if config.max_flops:
         flops_bound = (flops_cost or build_flops_cost(model, sites, input_shape), config.max_flops)
-    cost = combined_cost(costs, budgets, flops_bound)
+    cost = combined_cost(costs, budgets, flops_bound, config.land_on_flops)
+    target_ratio = config.max_flops if config.land_on_flops else min(budgets + ([flops_bound[1]] if flops_bound else []))
     for line in warnings:
         print(line, file=sys.stderr)
-    return LatencyConstraint(cost, costs, min(budgets + ([flops_bound[1]] if flops_bound else [])), min(batches),
-                             shaped_for, warnings, flops_bound)
+    return LatencyConstraint(cost, costs, target_ratio, min(batches), shaped_for, warnings, flops_bound, config.land_on_flops)
 
 
 def predicted_ratios(constraint: LatencyConstraint, counts: Any) -> dict[str, float]:

@@ -77,6 +77,7 @@ def build_report(summary: RunSummary) -> dict[str, Any]:
         "constraint": summary.cost_name,
         "flops_target": None if config["dense"] or summary.shaped_for else config["flops_target"],
         "max_flops": (config.get("max_flops") or None) if summary.shaped_for else None,   # a FLOPs bound beside the latency budget
+        "land_on_flops": bool(config.get("land_on_flops")) if summary.shaped_for else None,  # that bound landed on, latencies ceilings
         "shaped_for": summary.shaped_for,
         "latency_predicted_ratio": summary.latency_ratios,
         "landing": freeze.get("landing"),
@@ -121,7 +122,8 @@ def format_report(report: dict[str, Any]) -> str:
     flops, params = report["flops"], report["params"]
     lines.append(f"MACs    dense {flops['dense_macs'] / 1e6:9.3f} M   slim {flops['slim_macs'] / 1e6:9.3f} M   "
                  f"ratio {flops['ratio']:.4f}" + (f" (target {report['flops_target']})" if report["flops_target"] else "")
-                 + (f" (at most {report['max_flops']}, beside the latency budget)" if report.get("max_flops") else ""))
+                 + (f" ({'target' if report.get('land_on_flops') else 'at most'} {report['max_flops']}, beside the latency budget)"
+                    if report.get("max_flops") else ""))
     for entry in report.get("shaped_for") or []:
         lines.append(f"latency on {entry['target']} (batch {entry['batch']}): predicted {report['latency_predicted_ratio'][entry['target']]:.4f} "
                      f"of dense (budget {entry['budget_ratio']:.4f} = {entry['budget_ms']:.3f} ms; table {entry['table']})")

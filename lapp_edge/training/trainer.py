@@ -242,7 +242,9 @@ class Trainer:
                              f"the dense network's predicted {entry['dense_predicted_ms']:.3f} ms ({entry['budget_ms']:.3f} ms), "
                              f"from {entry['table']}")
             if self.latency.flops_bound is not None:
-                lines.append(f"LAPP: FLOPs kept to at most {self.latency.flops_bound[1]:.4f} of the dense network's as well "
+                lines.append(f"LAPP: FLOPs landed on {self.latency.flops_bound[1]:.4f} of the dense network's, each latency "
+                             "kept under its budget (--max-flops --land-on-flops)" if self.latency.land_on_flops else
+                             f"LAPP: FLOPs kept to at most {self.latency.flops_bound[1]:.4f} of the dense network's as well "
                              "(--max-flops; the tightest budget binds)")
             lines.append(f"LAPP: widths in multiples of {config.channel_multiple}: the tightest budget is reachable (the "
                          f"freeze's width search lands on {self.target_ratio:.4f} before training)")
@@ -262,8 +264,10 @@ class Trainer:
         """Refuse, before anything is written, a target that no width combination meets: the floor
         (every site at its smallest width), then the freeze's own width search from fixed starts."""
         lapp = self.lapp_settings
+        landed = self.latency is not None and self.latency.land_on_flops
         what = (f"FLOPs target {self.config.flops_target}" if self.latency is None else
-                f"latency target {lapp.target:.4f} (of the dense latency on {', '.join(e['target'] for e in self.latency.shaped_for)}"
+                f"FLOPs target {lapp.target} under the latency budgets on {', '.join(e['target'] for e in self.latency.shaped_for)}"
+                if landed else f"latency target {lapp.target:.4f} (of the dense latency on {', '.join(e['target'] for e in self.latency.shaped_for)}"
                 + (f"; FLOPs at most {self.latency.flops_bound[1]}" if self.latency.flops_bound else "") + ")")
         minimums = site_min_widths(self.sites, lapp)
         floor = smallest_cost_ratio(self.cost, lapp.channel_multiple, minimums)
@@ -273,15 +277,20 @@ class Trainer:
                 f"{what} cannot be reached: with every prunable layer of {self.config.model} at its minimum width "
                 f"({lapp.channel_multiple} channels) the network keeps {floor:.3f} of its {self.cost.name}"
             )
-        _, ratio = target_widths(self.cost, lapp.target, lapp.channel_multiple, minimums, aim=lapp.tolerance * 0.4)
+        widths, ratio = target_widths(self.cost, lapp.target, lapp.channel_multiple, minimums, aim=lapp.tolerance * 0.4)
         self.target_ratio = ratio
+        over = float(self.cost.ceiling_excess(widths.astype(float))) if landed else 0.0  # type: ignore[attr-defined]
+        if landed and (over > 0 or abs(ratio - lapp.target) > lapp.tolerance):
+            raise UserError(f"{what} cannot be met: the closest network the width search finds keeps FLOPs {ratio:.4f} at "
+                            f"{over:.1%} over the tightest latency budget in the table; loosen --latency-target or lower --max-flops")
         if abs(ratio - lapp.target) > lapp.tolerance:
             why = (f"with --channel-multiple {lapp.channel_multiple} every prunable layer of {self.config.model} "
                    f"({min(self.cost.site_channels)}-{max(self.cost.site_channels)} channels) can only keep its full width"
                    if fixed else f"the closest network with widths that are multiples of {lapp.channel_multiple} keeps {ratio:.4f}")
             raise UserError(
                 f"{what} cannot be met within +-{lapp.tolerance}: {why}; "
-                f"choose another {'--flops-target' if self.latency is None else '--latency-target'} or --channel-multiple"
+                f"choose another {'--flops-target' if self.latency is None else '--max-flops' if landed else '--latency-target'} "
+                "or --channel-multiple"
             )
 
     # --- checkpointing -----------------------------------------------------------------
@@ -519,7 +528,8 @@ class Trainer:
             batches = {entry["target"]: entry["batch"] for entry in self.latency.shaped_for}
             try:
                 result = land_on_measured(self.controller, self.latency.per_target, budgets, batches,
-                                          self.architecture_spec(), self.measure, flops_bound=self.latency.flops_bound)
+                                          self.architecture_spec(), self.measure, flops_bound=self.latency.flops_bound,
+                                          land_on_flops=self.latency.land_on_flops)
             except Exception as error:  # noqa: BLE001 - the run goes on with the table's plan; the reason is kept
                 note = f"the freeze's plan could not be measured ({type(error).__name__}: {error}); the table's plan is applied"
                 print(f"warning: {note}", file=sys.stderr, flush=True)

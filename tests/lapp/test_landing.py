@@ -184,3 +184,29 @@ def test_a_real_measurement_at_freeze_is_recorded_and_a_failing_one_leaves_the_t
     assert report["latency_predicted_ratio"]["x86-ort-fp32"] == pytest.approx(0.5, abs=0.01)   # the table's plan
     off = Trainer(replace(config, out=str(tmp_path / "run3"), measure_at_freeze=False), fmnist, measure=quick)
     assert off.measured_landing() is None                        # --no-measure-at-freeze: the table's plan, nothing measured
+
+
+def test_land_on_flops_keeps_every_plan_on_the_flops_target_and_under_the_measured_ceiling() -> None:
+    """--land-on-flops: every measured plan sits on the FLOPs target; where the measured latency is over
+    its ceiling the table is scaled and the plan re-allocated at the same FLOPs, so the applied plan is
+    on target and under the ceiling."""
+    from lapp_edge.lapp.flops import build_flops_cost
+    from lapp_edge.lapp.latency_cost import FlopsUnderLatencyCeilings
+    from tests.lapp.test_latency_cost import SHAPE
+
+    model, sites, layers = resnet20()
+    table = _costs(layers, sites, step=0.3)[0]
+    truth = {"x86-ort-fp32": _costs(layers, sites, step=0.8)[0]}
+    flops = (build_flops_cost(model, sites, SHAPE), 0.4)
+    budget = 0.65     # the 'hardware' (step 0.8) fits FLOPs 0.4 under it; the table's first plan measures over it
+    controller = _controller(sites, FlopsUnderLatencyCeilings(flops[0], [table], [budget]), 0.4)
+    plan, landing = land_on_measured(controller, [table], {"x86-ort-fp32": budget}, {"x86-ort-fp32": 32}, _spec(sites),
+                                     _true_measure(truth, sites, []), flops_bound=flops, land_on_flops=True)  # type: ignore[arg-type]
+    assert plan is not None and landing.flops_landed
+    for item in landing.rounds:
+        assert item.flops == pytest.approx(0.4, abs=controller.config.tolerance)
+    chosen = landing.rounds[landing.chosen]
+    assert chosen.measured["x86-ort-fp32"] <= budget * (1 + LANDING_AIM)
+    assert landing.rounds[0].measured["x86-ort-fp32"] > budget * (1 + LANDING_AIM)   # the table's own plan was over
+    lines = landing_lines(__import__("dataclasses").asdict(landing))
+    assert all("FLOPs" in line and "target 0.4" in line for line in lines[:len(landing.rounds)])

@@ -25,6 +25,8 @@ from lapp_edge.models import build_model, prunable_sites
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (1, 28, 28)
+LANDED_BUDGET = 0.5     # FLOPs 0.4 under this latency ceiling exists in the stepped synthetic table, and the
+                        # tightest-binding combination of the two ends below 0.4 FLOPs there
 
 
 def resnet20() -> tuple[torch.nn.Module, list, list]:
@@ -200,7 +202,8 @@ def test_latency_constrained_training_lands_on_the_budget_and_records_the_target
 
 @pytest.mark.parametrize("case", ["missing", "other-target", "other-machine", "below-floor", "above-dense",
                                   "no-target", "both-constraints", "count-mismatch", "max-flops-alone",
-                                  "max-flops-range", "max-flops-below-floor"])
+                                  "max-flops-range", "max-flops-below-floor", "land-without-max-flops",
+                                  "land-over-ceiling"])
 def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path, case: str, capsys, monkeypatch) -> None:
     from lapp_edge.cli import main
 
@@ -212,7 +215,8 @@ def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path
                 "above-dense": "above the dense network", "no-target": "need --target",
                 "both-constraints": "exclude each other", "count-mismatch": "one value for all targets",
                 "max-flops-alone": "beside a latency budget", "max-flops-range": "--max-flops must lie in",
-                "max-flops-below-floor": "FLOPs at most 0.02"}[case]
+                "max-flops-below-floor": "FLOPs at most 0.02", "land-without-max-flops": "give --max-flops",
+                "land-over-ceiling": "loosen --latency-target or lower --max-flops"}[case]
     if case == "other-target":
         path = _write(tmp_path, synthetic_table(layers, sites, target="x86-openvino-bf16"))
         args += ["--latency-table", str(path)]
@@ -239,6 +243,10 @@ def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path
         args += ["--max-flops", "1.5"]
     elif case == "max-flops-below-floor":        # the FLOPs bound, not the latency budget, is what cannot be reached
         args += ["--max-flops", "0.02"]
+    elif case == "land-without-max-flops":
+        args += ["--land-on-flops"]
+    elif case == "land-over-ceiling":            # FLOPs 0.9 cannot fit under half the dense latency
+        args += ["--max-flops", "0.9", "--land-on-flops"]
     monkeypatch.chdir(tmp_path)
     code = main(args)
     err = capsys.readouterr().err
@@ -275,6 +283,51 @@ def test_max_flops_bounds_the_flops_beside_the_latency_budget_and_the_run_record
     assert report["max_flops"] == 0.4 and report["flops"]["ratio"] <= 0.41
     assert report["latency_predicted_ratio"]["x86-ort-fp32"] <= 0.71
     assert "at most 0.4, beside the latency budget" in (tmp_path / "run" / "report.txt").read_text()
+
+
+def test_land_on_flops_lands_the_flops_with_each_latency_under_its_ceiling(tmp_path: Path, fmnist, monkeypatch) -> None:
+    """--max-flops F --land-on-flops: the cost's ratio is the FLOPs, latency an (annealed) ceiling in the
+    penalty and a near-hard one in the width search. Where the tightest-binding combination ends below F
+    (the latency binds first), the landed one finds widths on F under the same latency budget; a run
+    records the FLOPs as a target."""
+    from lapp_edge.lapp.controller import LappConfig, LappController
+    from lapp_edge.lapp.latency_cost import CEILING_WEIGHT, FlopsUnderLatencyCeilings
+    from lapp_edge.training.config import TrainConfig
+    from lapp_edge.training.latency import latency_constraint
+    from lapp_edge.training.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    model, sites, layers = resnet20()
+    _write(tmp_path, synthetic_table(layers, sites))
+    monkeypatch.chdir(tmp_path)
+    budget = LANDED_BUDGET
+    config = TrainConfig(out=str(tmp_path / "c"), target="x86-ort-fp32", latency_target=str(budget), max_flops=0.4,
+                         land_on_flops=True)
+    constraint = latency_constraint(config, model, sites, SHAPE)
+    cost = constraint.cost
+    assert isinstance(cost, FlopsUnderLatencyCeilings) and constraint.target_ratio == 0.4 and constraint.land_on_flops
+    latency = constraint.per_target[0]
+    dense = np.array([s.channels for s in sites], dtype=np.float64)
+    assert cost.ratio(dense * 0.5) == pytest.approx(cost.flops.ratio(dense * 0.5))
+    assert cost.ceiling_excess(dense) == pytest.approx(1 / budget - 1)
+    assert cost.ceiling_excess(dense, scale=1 / budget) == 0.0           # an annealed ceiling above dense binds nothing
+    landed = choose_widths(dense * 0.6, cost, 0.4, 8, 8, aim=0.004).astype(float)
+    tightest = choose_widths(dense * 0.6, TightestBudgetCost([latency, cost.flops], [budget, 0.4]), 0.4, 8, 8,
+                             aim=0.004).astype(float)
+    assert cost.flops.ratio(tightest) < 0.39 and latency.ratio(tightest) <= budget + 0.004   # latency bound first
+    assert cost.flops.ratio(landed) == pytest.approx(0.4, abs=0.005) and latency.ratio(landed) <= budget + 1e-9
+    controller = LappController(sites, cost, LappConfig(target=0.4, channel_multiple=8, min_channels=8))
+    controller.update_masks(with_grad=True)                               # all channels kept at the start
+    value = float(controller.penalty(0.7).detach())
+    expected = 10.0 * (abs(1.0 - 0.7) + CEILING_WEIGHT * 0.7 * max(0.0, 1 / (budget * 0.7 / 0.4) - 1))
+    assert value == pytest.approx(expected, rel=1e-4)
+    run = tiny_config(tmp_path / "run", target="x86-ort-fp32", latency_target=str(budget), max_flops=0.4,
+                      land_on_flops=True, channel_multiple=8)
+    report = Trainer(run, fmnist).run()
+    assert report["land_on_flops"] and report["constraint"] == "flops"
+    assert report["flops"]["ratio"] == pytest.approx(0.4, abs=0.01)
+    assert report["latency_predicted_ratio"]["x86-ort-fp32"] <= budget + 0.01
+    assert "target 0.4, beside the latency budget" in (tmp_path / "run" / "report.txt").read_text()
 
 
 def test_another_runtime_version_is_used_with_a_warning(tmp_path: Path, monkeypatch) -> None:
