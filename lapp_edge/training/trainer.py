@@ -246,7 +246,9 @@ class Trainer:
                              "kept under its budget (--max-flops --land-on-flops)" if self.latency.land_on_flops else
                              f"LAPP: FLOPs kept to at most {self.latency.flops_bound[1]:.4f} of the dense network's as well "
                              "(--max-flops; the tightest budget binds)")
-            lines.append(f"LAPP: widths in multiples of {config.channel_multiple}: the tightest budget is reachable (the "
+            reachable = ("the FLOPs target is reachable under every latency budget" if self.latency.land_on_flops
+                         else "the tightest budget is reachable")
+            lines.append(f"LAPP: widths in multiples of {config.channel_multiple}: {reachable} (the "
                          f"freeze's width search lands on {self.target_ratio:.4f} before training)")
             if config.measure_at_freeze and self.measure is not None:
                 lines.append(f"LAPP: at freeze the planned widths are measured on each target and planned again where they "
