@@ -175,6 +175,8 @@ def check_manifest(manifest: Any, where: str) -> None:
         if not 0 < ratio <= 1:
             raise f.fail(f"latency_budgets[{index}].budget_ratio", "in (0, 1]", ratio)
         f.integer(entry.get("batch"), f"latency_budgets[{index}].batch", 1, 1 << 16)
+        if not isinstance(entry.get("ceiling", False), bool):
+            raise f.fail(f"latency_budgets[{index}].ceiling", "true or false", entry.get("ceiling"))
     files = f.mapping(manifest, "files", "files")
     if MODEL_FILE not in files:
         raise UserError(f"{where}: files does not list {MODEL_FILE}")

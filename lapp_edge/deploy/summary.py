@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from lapp_edge.deploy.bench import LANDING_TOLERANCE
+from lapp_edge.deploy.bench import budget_met, budget_verdict
 from lapp_edge.fileio import atomic_write_bytes
 
 
@@ -104,12 +104,14 @@ def budget_line(target: str, budget: dict[str, Any]) -> str:
     measured = [(value, off, what) for value, off, what in (
         (budget.get("measured_vs_dense_package"), budget.get("off_vs_dense_package_pct"), "vs the dense package"),
         (budget.get("measured_ratio"), budget.get("off_pct"), "vs the table's dense reference")) if value is not None]
-    head = f"{target}: shaped for a latency budget of x{budget['budget_ratio']:.3f} of dense at batch {budget['batch']}"
+    ceiling = bool(budget.get("ceiling"))
+    head = (f"{target}: shaped for a latency {'ceiling' if ceiling else 'budget'} of x{budget['budget_ratio']:.3f} of dense "
+            f"at batch {budget['batch']}")
     if not measured:
         return f"{head}: not measured ({budget.get('note') or 'no dense network measured at that batch'})"
-    landed = all(abs(off) <= 100 * LANDING_TOLERANCE for _, off, _ in measured)
+    landed = all(budget_met(off / 100, ceiling) for _, off, _ in measured)
     return (f"{head}: measured " + ", ".join(f"x{value:.3f} {what} ({off:+.1f}%)" for value, off, what in measured)
-            + f": {'within' if landed else 'OUTSIDE'} +-{100 * LANDING_TOLERANCE:.0f}%")
+            + f": {budget_verdict(landed, ceiling)}")
 
 
 def plot_mission(rows: list[dict[str, Any]], path: str | Path, batch: int = 1, title: str = "") -> None:

@@ -141,16 +141,18 @@ def accuracy_from_report(report: dict[str, Any]) -> dict[str, Any]:
 
 def latency_budgets_from_report(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The latency budgets a latency-constrained run was shaped for (its report's `shaped_for`), as the
-    manifest's `latency_budgets`: [{"target", "budget_ratio", "batch"}], so `bench` can say how far off
-    budget the package measures. [] for a FLOPs-constrained or dense run, or entries that do not parse."""
+    manifest's `latency_budgets`: [{"target", "budget_ratio", "batch"[, "ceiling": true]}], so `bench` can say how
+    far off budget the package measures (`ceiling`: a --land-on-flops run, whose latency need only stay under
+    its budget). [] for a FLOPs-constrained or dense run, or entries that do not parse."""
     budgets = []
+    ceiling = report.get("land_on_flops") is True
     for entry in report.get("shaped_for") or []:
         if not isinstance(entry, dict):
             continue
         target, ratio, batch = entry.get("target"), entry.get("budget_ratio"), entry.get("batch")
         if (isinstance(target, str) and isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= 1
                 and isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
-            budgets.append({"target": target, "budget_ratio": float(ratio), "batch": batch})
+            budgets.append({"target": target, "budget_ratio": float(ratio), "batch": batch} | ({"ceiling": True} if ceiling else {}))
     return budgets
 
 

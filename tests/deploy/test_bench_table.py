@@ -98,3 +98,21 @@ def test_bench_says_how_far_off_its_latency_budget_a_package_measures() -> None:
     assert missing.measured_ratio is None and missing.within is None and "no dense reference" in missing.note
     assert budget_checks(manifest, "x86-openvino-f32", [measured(32, 0.5)]) == []
     assert isinstance(check, BudgetCheck)
+    # a --land-on-flops run: its budgets are ceilings, so far under lands and only more than 5% over misses
+    ceilings = {"latency_budgets": latency_budgets_from_report({**report, "land_on_flops": True})}
+    assert all(entry["ceiling"] is True for entry in ceilings["latency_budgets"])
+    [under] = budget_checks(ceilings, "x86-ort-fp32", [measured(32, 0.40)])
+    assert under.ceiling and under.within and under.off_pct == pytest.approx(-20.0)
+    [over_ceiling] = budget_checks(ceilings, "x86-ort-fp32", [measured(32, 0.533)])
+    assert over_ceiling.ceiling and not over_ceiling.within
+
+
+def test_a_latency_ceiling_reads_as_one_in_the_summary() -> None:
+    from lapp_edge.deploy.summary import budget_line
+
+    line = budget_line("x86-ort-fp32", {"batch": 32, "budget_ratio": 0.47, "ceiling": True, "measured_ratio": 0.43,
+                                        "off_pct": 100 * (0.43 / 0.47 - 1), "measured_vs_dense_package": None})
+    assert "latency ceiling of x0.470" in line and line.endswith("under the ceiling (+5% allowed)")
+    line = budget_line("x86-ort-fp32", {"batch": 32, "budget_ratio": 0.47, "measured_ratio": 0.43,
+                                        "off_pct": 100 * (0.43 / 0.47 - 1), "measured_vs_dense_package": None})
+    assert "latency budget of x0.470" in line and line.endswith("OUTSIDE +-5%")

@@ -160,6 +160,8 @@ MANIFEST_CASES = [
     (lambda m: m.__setitem__("latency_budgets", [{"target": "", "budget_ratio": 0.5, "batch": 32}]), "latency_budgets[0].target"),
     (lambda m: m.__setitem__("latency_budgets", [{"target": "t", "budget_ratio": 1.5, "batch": 32}]), "latency_budgets[0].budget_ratio"),
     (lambda m: m.__setitem__("latency_budgets", [{"target": "t", "budget_ratio": 0.5, "batch": 0}]), "latency_budgets[0].batch"),
+    (lambda m: m.__setitem__("latency_budgets", [{"target": "t", "budget_ratio": 0.5, "batch": 32, "ceiling": "yes"}]),
+     "latency_budgets[0].ceiling"),
 ]
 
 
