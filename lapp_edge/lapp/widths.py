@@ -12,7 +12,7 @@ With multiple=1 the same search is the greedy add/drop repair that lands within 
 
 The search is local, so where it ends outside `aim` from the learned widths it is run again
 from the end of a search from fixed starts (dense, uniform scalings, the smallest widths).
-Where the cost has latency ceilings (`--land-on-flops`), excess over a ceiling counts into 1.
+Where the cost has latency ceilings (`--land-on-flops`), excess over a ceiling counts into 1,
 weighted so heavily that the search first gets under every ceiling, then onto the FLOPs target.
 A site whose minimum width is 0 (a removable residual branch, `--block-removal`) may also be
 given no channels at all: its branch is then removed.

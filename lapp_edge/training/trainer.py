@@ -291,8 +291,7 @@ class Trainer:
                    if fixed else f"the closest network with widths that are multiples of {lapp.channel_multiple} keeps {ratio:.4f}")
             raise UserError(
                 f"{what} cannot be met within +-{lapp.tolerance}: {why}; "
-                f"choose another {'--flops-target' if self.latency is None else '--max-flops' if landed else '--latency-target'} "
-                "or --channel-multiple"
+                f"choose another {'--flops-target' if self.latency is None else '--latency-target'} or --channel-multiple"
             )
 
     # --- checkpointing -----------------------------------------------------------------
