@@ -41,8 +41,10 @@ CONFIGURATIONS: dict[str, list[str]] = {
     "lapp-efficiency-blocks": ["--channel-multiple", "8", "--block-removal"],
     # the same budgets, the FLOPs landed on --flops-target and each latency a ceiling (--land-on-flops)
     "lapp-efficiency-landed": ["--channel-multiple", "8", "--block-removal", "--land-on-flops"],
+    "lapp-efficiency-landed-keep1": ["--channel-multiple", "8", "--block-removal", "--keep-blocks", "1", "--land-on-flops"],
 }
-LATENCY_SHAPED = ("lapp-latency", "lapp-latency-blocks", "lapp-efficiency-blocks", "lapp-efficiency-landed")
+LATENCY_SHAPED = ("lapp-latency", "lapp-latency-blocks", "lapp-efficiency-blocks", "lapp-efficiency-landed",
+                  "lapp-efficiency-landed-keep1")
 
 
 @dataclass
@@ -64,7 +66,7 @@ def train_command(out: Path, settings: list[str]) -> list[str]:
     directory holds a checkpoint (a resumed run keeps its saved settings). A directory that holds
     neither a checkpoint nor a config (killed before it wrote one) has trained nothing and is cleared."""
     if (out / "checkpoint.pt").is_file():
-        return [sys.executable, "-m", "lapp_edge.cli", "train", "--out", str(out), "--resume", "--quiet"]
+        return [sys.executable, "-m", "lapp_edge.cli", "train", "--out", str(out), "--resume"]
     if (out / "config.json").is_file():    # killed before its first checkpoint: resume takes the settings again
         return [sys.executable, "-m", "lapp_edge.cli", "train", "--out", str(out), "--resume", *settings]
     if out.is_dir():
@@ -79,13 +81,13 @@ def launch(name: str, args: argparse.Namespace) -> subprocess.Popen[bytes] | Non
     common = [
         "--model", args.model, "--dataset", "fashion-mnist", "--epochs", str(args.epochs),
         "--train-subset", str(args.train_subset), "--seed", str(args.seed), "--threads", str(args.threads),
-        "--device", args.device, "--quiet",
+        "--device", args.device,       # not --quiet: each run's log (OUT/NAME.log) shows its epochs and its freeze
     ]
     if name in LATENCY_SHAPED:
         common += ["--prune-epochs", str(args.prune_epochs)]
         for target in args.latency_on.split(","):
             common += ["--target", target]
-        if name in ("lapp-efficiency-blocks", "lapp-efficiency-landed"):
+        if name in ("lapp-efficiency-blocks", "lapp-efficiency-landed", "lapp-efficiency-landed-keep1"):
             common += ["--max-flops", str(args.flops_target), "--latency-target", f"{args.flops_target / args.min_efficiency:.4f}"]
         else:
             common += ["--latency-target", str(args.latency_target)]

@@ -39,6 +39,9 @@ def add_profile_layers_command(subparsers: argparse._SubParsersAction) -> None:
                         "only the whole networks again")
     p.add_argument("--network-compiles", type=int, default=COMPILES_PER_RATIO,
                    help="fresh compiles of each whole network and the dense one; its ratio is their median (default %(default)s)")
+    p.add_argument("--block-removal", action="store_true",
+                   help="about half the whole networks also remove residual branches (what train --block-removal "
+                        "ends with), so the fit covers such plans")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=run_profile_layers_command)
 
@@ -62,9 +65,11 @@ def run_profile_layers_command(args: argparse.Namespace) -> int:
                         *(["--input", args.input] if args.input else []), "--configs", str(args.configs),
                         *[f"--batch {b}" for b in (args.batch or [])], "--max-grid", str(args.max_grid),
                         *(["--reuse-layers", shlex.quote(args.reuse_layers)] if args.reuse_layers else []),
-                        "--network-compiles", str(args.network_compiles), "--out", shlex.quote(args.out)])
+                        "--network-compiles", str(args.network_compiles), *(["--block-removal"] if args.block_removal else []),
+                        "--out", shlex.quote(args.out)])
     path = profile_layers(args.target, args.model, shape, args.configs, args.batch, args.channel_multiple, args.coupled,
                           args.out, args.seed, args.max_grid, command=command, progress=not args.quiet,
-                          reuse_layers=args.reuse_layers or None, network_compiles=args.network_compiles)
+                          reuse_layers=args.reuse_layers or None, network_compiles=args.network_compiles,
+                          block_removal=args.block_removal)
     print(format_table_summary(load_table(path), path))
     return 0

@@ -49,6 +49,7 @@ class LappConfig:
     tolerance: float = 0.01          # the slim network must land within +-tolerance of the target ratio
     shared_threshold: bool = False   # ablation: one threshold (z units) for every site instead of one per site
     block_removal: bool = False      # sites with a `removal` (residual branches) may keep zero channels
+    keep_blocks: int = 0             # with block_removal: the first N branches of each stage are never removed
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -67,9 +68,11 @@ class FreezeResult:
 
 def site_min_widths(sites: list[PrunableSite], config: LappConfig) -> list[int]:
     """Per site, the fewest channels it may keep: 0 for a removable site (`PrunableSite.removal`)
-    when `config.block_removal`, else `config.min_channels` (at least 1)."""
+    when `config.block_removal`, unless it is among the first `config.keep_blocks` branches of its
+    stage (`PrunableSite.branch_index`), else `config.min_channels` (at least 1)."""
     base = max(1, config.min_channels)
-    return [0 if config.block_removal and site.removal is not None else base for site in sites]
+    return [0 if config.block_removal and site.removal is not None and site.branch_index >= config.keep_blocks else base
+            for site in sites]
 
 
 class LappController(nn.Module):

@@ -211,6 +211,11 @@ class FlopsUnderLatencyCeilings:
     def cost(self, counts: Any) -> Any:
         return self.flops.cost(counts)
 
+    def latency_ratio(self, counts: Any) -> Any:
+        """The predicted latency on the tightest ceiling's scale, min_t(B_t) * max_t(L_t / B_t) (as
+        `TightestBudgetCost.ratio`): what a run's per-epoch line and history show as its latency."""
+        return TightestBudgetCost(self.costs, self.budgets).ratio(counts)
+
     def ceiling_excess(self, counts: Any, scale: float = 1.0) -> Any:
         """max_t relu(L_t(counts) / (B_t * scale) - 1): 0 within every ceiling (torch: differentiable).
         `scale` > 1 loosens every ceiling (the annealed target's share of the final one)."""

@@ -34,6 +34,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,14 +104,25 @@ def _round_width(value: float, full: int, multiple: int = CHANNEL_MULTIPLE) -> i
     return int(min(full, max(multiple, multiple * round(value / multiple))))
 
 
-def draw_configs(dense_widths: dict[str, int], count: int, seed: int, multiple: int = CHANNEL_MULTIPLE) -> list[WidthConfig]:
+def draw_configs(dense_widths: dict[str, int], count: int, seed: int, multiple: int = CHANNEL_MULTIPLE,
+                 removable: Collection[str] = ()) -> list[WidthConfig]:
     """`count` distinct width configurations: dense, uniform fractions, then seeded random ones.
 
     A random configuration draws a level u ~ U(0.1, 1) and sets each site to
     round(u * full * U(0.6, 1.4)) in multiples of `multiple`, clipped to [multiple, full], so the
-    set covers the MAC range evenly while stages still get different fractions."""
+    set covers the MAC range evenly while stages still get different fractions.
+
+    `removable` (site names that may keep zero channels: residual branches, `--block-removal`):
+    every second random configuration then also removes each of those sites with a probability q
+    drawn per configuration, q ~ U(0.1, 0.7), so the set holds plans that remove one branch and plans
+    that remove half or more (what `--block-removal` runs end with: a table fitted without them
+    under-predicted such plans by 10-24% on ORT fp32, docs/RESULTS.md). The removals come from
+    their own generator, so the widths drawn are those of a draw without `removable`."""
     if count < MIN_CONFIGS:
         raise UserError(f"--configs must be at least {MIN_CONFIGS} (a line and a held-out point), not {count}")
+    unknown = sorted(set(removable) - set(dense_widths))
+    if unknown:
+        raise ValueError(f"removable sites {unknown} are not sites of the model")
     configs = [WidthConfig(DENSE, dict(dense_widths))]
     for fraction in UNIFORM_FRACTIONS:
         if len(configs) >= count:
@@ -119,11 +131,18 @@ def draw_configs(dense_widths: dict[str, int], count: int, seed: int, multiple: 
         configs.append(WidthConfig(f"uniform-x{fraction:g}", widths))
     seen = {tuple(c.widths.values()) for c in configs}
     rng = np.random.default_rng(seed)
+    removals = np.random.default_rng([seed, 1])
     # math.prod: exact (numpy's int64 product wrapped for MobileNetV2's 25 groups and stopped the draw at 4 networks)
-    space = math.prod(len(allowed_widths(full, multiple, multiple)) for full in dense_widths.values())
+    space = math.prod(len(allowed_widths(full, multiple, 0 if site in removable else multiple))
+                      for site, full in dense_widths.items())
+    drawn = 0
     while len(configs) < min(count, space):
         level = rng.uniform(0.1, 1.0)
         widths = {site: _round_width(level * full * rng.uniform(0.6, 1.4), full, multiple) for site, full in dense_widths.items()}
+        if removable and drawn % 2 == 1:
+            chance = removals.uniform(0.1, 0.7)
+            widths.update({site: 0 for site in removable if removals.uniform() < chance})
+        drawn += 1
         key = tuple(widths.values())
         if key in seen:
             continue

@@ -73,6 +73,7 @@ class ModelLayers:
     site_channels: list[int]
     site_names: list[str]
     flops: FlopsCost                # the same model's FLOPs cost (for the FLOPs fit it is compared with)
+    site_removable: list[bool]      # per site: may keep zero channels (a residual branch, `--block-removal`)
 
 
 def spread(values: np.ndarray, limit: int) -> list[int]:
@@ -264,18 +265,22 @@ def describe_model(model: str, input_shape: tuple[int, int, int], coupled: bool,
         raise UserError(f"model {model} has no prunable layer: there is nothing to profile")
     grids = [spread(allowed_widths(site.channels, multiple, multiple), max_grid) for site in sites]
     return ModelLayers(deployed_layers(network, sites, input_shape), grids, [site.channels for site in sites],
-                       [site.name for site in sites], build_flops_cost(network, sites, input_shape))
+                       [site.name for site in sites], build_flops_cost(network, sites, input_shape),
+                       [site.removal is not None for site in sites])
 
 
 def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tuple[int, int, int] | None = None,
                    configs: int = 24, batches: list[int] | None = None, channel_multiple: int = 0, coupled: bool = True,
                    out: str | Path = "latency-data", seed: int = 0, max_grid: int = MAX_GRID,
                    ratio_protocol: RatioProtocol | None = None, command: str = "", progress: bool = True,
-                   reuse_layers: str | Path | None = None, network_compiles: int = COMPILES_PER_RATIO) -> Path:
+                   reuse_layers: str | Path | None = None, network_compiles: int = COMPILES_PER_RATIO,
+                   block_removal: bool = False) -> Path:
     """Measure and write the layer latency table of `model` on `target` (see the module docstring).
     Each whole network's latency ratio is the median over `network_compiles` fresh compiles of it
     and the dense network (one compile moves a ratio by a few percent, docs/RESULTS.md); the
     spread over compiles is recorded in the table's `load`.
+    `block_removal`: about half the random networks also remove residual branches (inner width 0,
+    `latency.calibrate.draw_configs`), so the fit sees the plans `train --block-removal` ends with.
     `reuse_layers`: an earlier table of the same target, model, input, groups, channel multiple and
     batches on this machine whose layer points are kept (only the whole networks are measured and
     fitted again). Returns the table's path. Raises UserError for a bad target, model, input, batch,
@@ -299,6 +304,10 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
     check_output_location(out, "--out", "dir")
     multiple = channel_multiple or channel_multiple_for(profile)
     described = describe_model(model, shape, coupled, multiple, max_grid)  # type: ignore[arg-type]
+    removable = [name for name, can in zip(described.site_names, described.site_removable) if can] if block_removal else []
+    if block_removal and not removable:
+        raise UserError(f"--block-removal: {model} has no residual branch that can be removed (the CIFAR ResNets have); "
+                        "drop --block-removal")
     points = grid_points(described)
     reused = None
     if reuse_layers is not None:
@@ -377,7 +386,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
 
         # --- 3. whole networks -----------------------------------------------------------------
         dense_widths = dict(zip(described.site_names, described.site_channels))
-        width_configs = draw_configs(dense_widths, configs, seed, multiple)
+        width_configs = draw_configs(dense_widths, configs, seed, multiple, removable)
         flops = described.flops
         onnx_models: dict[str, OnnxModel] = {}
         counts: dict[str, np.ndarray] = {}

@@ -104,5 +104,5 @@ class CifarResNet(nn.Module):
             for index, block in enumerate(blocks):
                 if block.conv1 is not None:          # a removed branch has no inner site left
                     sites.append(PrunableSite(f"{stage_name}.{index}.conv1", [block.conv1], [], [block.conv2],
-                                              removal=block.remove_branch))
+                                              removal=block.remove_branch, branch_index=index))
         return sites

@@ -178,6 +178,8 @@ class PrunableSite:
     removal:   where the site may keep zero channels (a residual branch's inner conv, CIFAR
                ResNets): removes the branch, given the optimizer to take its parameters out of;
                None where it may not (at least one channel is always kept)
+    branch_index: where `removal` is set, the branch's position in its stage (0: the stage's first
+               block); `lapp-edge train --keep-blocks N` never removes the first N of a stage
     """
 
     name: str
@@ -186,6 +188,7 @@ class PrunableSite:
     consumers: list[nn.Module] = field(default_factory=list)
     gates: list[nn.Module] = field(default_factory=list)
     removal: Callable[[torch.optim.Optimizer | None], None] | None = None
+    branch_index: int = 0
 
     def __post_init__(self) -> None:
         if not self.producers:

@@ -107,6 +107,8 @@ class TrainConfig:
     block_removal: bool = option(False, "let LAPP prune a residual block's inner conv to zero channels, removing the block's "
                                  "branch (CIFAR ResNets: removing blocks cuts per-layer costs that narrowing never does; "
                                  "docs/RESULTS.md has the measured speed)")
+    keep_blocks: int = option(0, "with --block-removal: never remove the first N residual branches of each stage (depth "
+                              "kept at every resolution; docs/RESULTS.md has what it buys in accuracy)")
     batch_size: int = option(128, "images per training batch")
     lr: float = option(0.1, "peak learning rate (SGD, Nesterov momentum)")
     momentum: float = option(0.9, "SGD momentum, in [0, 1)")
@@ -144,7 +146,7 @@ class TrainConfig:
             target=self.flops_target if target is None else target, channel_multiple=multiple, scorer=self.scorer,
             min_channels=max(1, multiple), group_reduce=self.group_reduce,
             shared_threshold=self.shared_threshold, anneal_fraction=self.anneal_fraction,
-            block_removal=self.block_removal,
+            block_removal=self.block_removal, keep_blocks=self.keep_blocks,
         )
 
 
@@ -159,7 +161,7 @@ def split_values(text: str) -> list[str]:
 # Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
 LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer",
              "target", "latency_target", "latency_budget_ms", "max_flops", "latency_batch", "latency_table", "shared_threshold",
-             "anneal_fraction", "measure_at_freeze", "merge_bypass_at_freeze", "block_removal", "land_on_flops")
+             "anneal_fraction", "measure_at_freeze", "merge_bypass_at_freeze", "block_removal", "keep_blocks", "land_on_flops")
 
 
 def flag_name(name: str) -> str:
@@ -298,6 +300,10 @@ def validate_latency_options(config: TrainConfig) -> None:
     if config.max_flops and not config.latency_constrained:
         raise UserError("--max-flops bounds the FLOPs beside a latency budget (--latency-target / --latency-budget-ms); "
                         "without one use --flops-target")
+    if config.keep_blocks < 0:
+        raise UserError(f"--keep-blocks must not be negative, got {config.keep_blocks}")
+    if config.keep_blocks and not config.block_removal:
+        raise UserError("--keep-blocks says which residual branches --block-removal may not remove; give --block-removal")
     if config.land_on_flops and not config.max_flops:
         raise UserError("--land-on-flops lands the FLOPs on --max-flops under the latency budgets; give --max-flops")
     tables = split_values(config.latency_table)

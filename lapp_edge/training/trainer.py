@@ -370,7 +370,8 @@ class Trainer:
         lr = self._set_lr()
         ratio = 1.0 if self.state.phase == "dense" else self.current_cost_ratio()
         bar = tqdm(self._batches(generator), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs} [{self.state.phase}]",
-                   disable=not self.show_progress, leave=False, dynamic_ncols=True)
+                   disable=None if self.show_progress else True,     # None: a bar only on a terminal, not in a log file
+                   leave=False, dynamic_ncols=True)
         # on CUDA the loss is checked every 20 steps (each check waits for the GPU); a non-finite loss is remembered
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         for batch_index, (images, labels) in enumerate(bar):
@@ -416,6 +417,13 @@ class Trainer:
     def current_cost_ratio(self) -> float:
         """The cost ratio (what LAPP constrains) of the current kept counts."""
         return float(self.cost.ratio(self.current_counts()))
+
+    def current_latency_ratio(self) -> float:
+        """The latency the tables predict for the current kept counts (latency-constrained runs): the
+        cost ratio, except with --land-on-flops, whose cost is the FLOPs (latency is its ceilings')."""
+        latency_ratio = getattr(self.cost, "latency_ratio", None)
+        counts = self.current_counts()
+        return float(latency_ratio(counts)) if latency_ratio is not None else float(self.cost.ratio(counts))
 
     def current_flops_ratio(self) -> float:
         return float(self.flops_cost.ratio(self.current_counts()))
@@ -594,7 +602,7 @@ class Trainer:
                     self.freeze()
                 record.flops_ratio = self.current_flops_ratio()
                 if self.latency is not None:
-                    record.latency_ratio = self.current_cost_ratio()
+                    record.latency_ratio = self.current_latency_ratio()
                 record.test_top1 = self.evaluate()
                 self.state.history.append(asdict(record))
                 self.save_checkpoint()

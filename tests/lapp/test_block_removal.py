@@ -139,6 +139,37 @@ def test_width_search_may_remove_a_branch_only_where_allowed() -> None:
     assert abs(float(cost.ratio(with_removal.astype(float))) - target) <= 0.01
 
 
+def test_keep_blocks_keeps_the_first_branches_of_every_stage_and_the_search_removes_only_the_rest() -> None:
+    """--keep-blocks N: the first N residual branches of each stage have a nonzero minimum, so neither
+    training nor the freeze's width search can remove them; the others may go."""
+    model = resnet20()
+    sites = prunable_sites(model)
+    cost = build_flops_cost(model, sites, SHAPE)
+    kept_one = site_min_widths(sites, LappConfig(min_channels=8, block_removal=True, keep_blocks=1))
+    removable = [s.name for s, m in zip(sites, kept_one) if m == 0]
+    assert removable == [f"layer{stage}.{index}.conv1" for stage in (1, 2, 3) for index in (1, 2)]
+    kept_all = site_min_widths(sites, LappConfig(min_channels=8, block_removal=True, keep_blocks=3))
+    assert set(kept_all) == {8}
+    learned = np.array([16.0 if s.name.endswith("residual") else (0.5 if s.name.startswith("layer1") else s.channels * 0.6)
+                        for s in sites])
+    target = float(cost.ratio(np.where(learned < 1, 0.0, learned)))
+    widths = dict(zip([s.name for s in sites], choose_widths(learned, cost, target, 8, kept_one)))
+    assert widths["layer1.0.conv1"] >= 8 and widths["layer1.1.conv1"] == 0 and widths["layer1.2.conv1"] == 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--keep-blocks", "1"], "--keep-blocks says which residual branches --block-removal may not remove; give --block-removal"),
+    (["--block-removal", "--keep-blocks", "-1"], "--keep-blocks must not be negative, got -1"),
+])
+def test_keep_blocks_without_block_removal_or_below_zero_is_refused_in_one_line(args: list[str], message: str, tmp_path,
+                                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *args, "--train-subset", "64", "--epochs", "2", "--prune-epochs", "1", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
+    assert not out.exists()
+
+
 def test_freeze_removes_a_branch_whose_channels_were_all_masked_and_training_goes_on() -> None:
     torch.manual_seed(0)
     model = build_model("resnet20", 1, 10, bypass=True, coupled=True)

@@ -44,7 +44,8 @@ def synthetic_table(layers: list, sites: list, target: str = "x86-ort-fp32", mac
     from lapp_edge.lapp.widths import allowed_widths
 
     grids = [spread(allowed_widths(s.channels, 8, 8), 12) for s in sites]
-    described = ModelLayers(layers, grids, [s.channels for s in sites], [s.name for s in sites], None)  # type: ignore[arg-type]
+    described = ModelLayers(layers, grids, [s.channels for s in sites], [s.name for s in sites], None,  # type: ignore[arg-type]
+                            [False] * len(sites))
     tables = {}
     for name, (c_in, c_out, tied) in grid_points(described).items():
         layer = next(l for l in layers if l.kind == "conv" and l.signature == name)
@@ -310,6 +311,7 @@ def test_land_on_flops_lands_the_flops_with_each_latency_under_its_ceiling(tmp_p
     dense = np.array([s.channels for s in sites], dtype=np.float64)
     assert cost.ratio(dense * 0.5) == pytest.approx(cost.flops.ratio(dense * 0.5))
     assert cost.ceiling_excess(dense) == pytest.approx(1 / budget - 1)
+    assert cost.latency_ratio(dense) == pytest.approx(1.0) and cost.latency_ratio(dense * 0.5) == pytest.approx(latency.ratio(dense * 0.5))
     assert cost.ceiling_excess(dense, scale=1 / budget) == 0.0           # an annealed ceiling above dense binds nothing
     landed = choose_widths(dense * 0.6, cost, 0.4, 8, 8, aim=0.004).astype(float)
     tightest = choose_widths(dense * 0.6, TightestBudgetCost([latency, cost.flops], [budget, 0.4]), 0.4, 8, 8,
@@ -323,8 +325,13 @@ def test_land_on_flops_lands_the_flops_with_each_latency_under_its_ceiling(tmp_p
     assert value == pytest.approx(expected, rel=1e-4)
     run = tiny_config(tmp_path / "run", target="x86-ort-fp32", latency_target=str(budget), max_flops=0.4,
                       land_on_flops=True, channel_multiple=8)
-    report = Trainer(run, fmnist).run()
+    trainer = Trainer(run, fmnist)
+    report = trainer.run()
     assert report["land_on_flops"] and report["constraint"] == "flops"
+    # each epoch records the tables' latency, not the FLOPs the cost ratio is (they showed the FLOPs twice)
+    last = trainer.state.history[-1]
+    assert last["latency_ratio"] == pytest.approx(report["latency_predicted_ratio"]["x86-ort-fp32"], abs=1e-3)
+    assert abs(last["latency_ratio"] - last["flops_ratio"]) > 0.01
     assert report["flops"]["ratio"] == pytest.approx(0.4, abs=0.01)
     assert report["latency_predicted_ratio"]["x86-ort-fp32"] <= budget + 0.01
     assert "target 0.4, beside the latency budget" in (tmp_path / "run" / "report.txt").read_text()
@@ -393,6 +400,15 @@ def test_reused_layers_must_come_from_the_same_target_model_and_machine(tmp_path
     with pytest.raises(UserError, match="--reuse-layers .*model"):
         profile_layers("x86-ort-fp32", "mobilenetv2", out=tmp_path, progress=False, reuse_layers=shipped)
     assert not any(tmp_path.iterdir())
+
+
+def test_profile_layers_block_removal_needs_a_removable_branch(tmp_path: Path) -> None:
+    """--block-removal on a family with no removable residual branch: one line, before any measuring."""
+    from lapp_edge.latency.profile_layers import profile_layers
+
+    with pytest.raises(UserError, match="--block-removal: vgg16_bn has no residual branch"):
+        profile_layers("x86-ort-fp32", "vgg16_bn", out=tmp_path / "out", progress=False, block_removal=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_two_targets_combine_with_the_tightest_budget_binding(tmp_path: Path, monkeypatch) -> None:

@@ -117,6 +117,27 @@ def test_draw_configs_dense_uniform_then_seeded_random_multiples_of_8() -> None:
         draw_configs(RESNET20_DENSE, 2, seed=0)
 
 
+def test_draw_configs_with_removable_branches_removes_only_those_and_keeps_the_widths_drawn() -> None:
+    """profile-layers --block-removal: about half the random networks remove residual branches (only
+    removable sites go to 0), from their own generator, so every other width is what the plain draw gave."""
+    from lapp_edge.latency.calibrate import draw_configs
+
+    removable = [site for site in RESNET20_DENSE if site.endswith("conv1")]
+    plain = draw_configs(RESNET20_DENSE, 24, seed=0)
+    with_removal = draw_configs(RESNET20_DENSE, 24, seed=0, removable=removable)
+    removing = [c for c in with_removal if 0 in c.widths.values()]
+    assert 6 <= len(removing) <= 14
+    assert any(sum(w == 0 for w in c.widths.values()) >= 4 for c in removing)       # plans that remove half the branches
+    assert any(sum(w == 0 for w in c.widths.values()) <= 2 for c in removing)       # and plans that remove one or two
+    for config in with_removal:
+        assert all(site in removable for site, width in config.widths.items() if width == 0)
+    assert with_removal[4].widths == plain[4].widths                                # the first random one removes nothing
+    assert all(w in (0, plain[5].widths[site]) for site, w in with_removal[5].widths.items())   # the second: same widths, some removed
+    assert [c.widths for c in draw_configs(RESNET20_DENSE, 24, seed=0, removable=removable)] == [c.widths for c in with_removal]
+    with pytest.raises(ValueError, match="not sites"):
+        draw_configs(RESNET20_DENSE, 24, seed=0, removable=["fc"])
+
+
 # --- the stored fit and its reader ---------------------------------------------------------------
 
 def _stored_fit(path: Path) -> Path:
