@@ -73,10 +73,12 @@ class Network:
 
 
 def scan(model: str, shape: tuple[int, int, int], targets: list[str], batch: int, flops_target: float, band: float,
-         multiple: int, limit: int, block_removal: bool = False) -> tuple[FrontierScan, dict[str, int], dict[str, LatencyCost]]:
+         multiple: int, limit: int, block_removal: bool = False,
+         keep_blocks: int = 0) -> tuple[FrontierScan, dict[str, int], dict[str, LatencyCost]]:
     """The frontier scan over the model's coupled groups with each target's layer table (refused
     in one line where a table is missing or was measured elsewhere). `block_removal`: residual
-    branches may also be removed (their inner width 0), as `lapp-edge train --block-removal` allows."""
+    branches may also be removed (their inner width 0), as `lapp-edge train --block-removal` allows;
+    `keep_blocks`: except the first N of each stage (`train --keep-blocks`)."""
     dense = build_model(model, shape[0], NUM_CLASSES, False, True)
     sites = prunable_sites(dense)
     layers = deployed_layers(dense, sites, shape)
@@ -90,7 +92,7 @@ def scan(model: str, shape: tuple[int, int, int], targets: list[str], batch: int
             print(line, file=sys.stderr)
         latency[name] = LatencyCost(layers, channels, table.batch(batch), name)
     try:
-        minimums = site_min_widths(sites, LappConfig(min_channels=multiple, block_removal=block_removal))
+        minimums = site_min_widths(sites, LappConfig(min_channels=multiple, block_removal=block_removal, keep_blocks=keep_blocks))
         result = scan_frontier(build_flops_cost(dense, sites, shape), latency, flops_target, band, multiple, minimums, limit=limit)
     except ValueError as error:
         raise UserError(str(error)) from None
@@ -204,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compiles", type=int, default=3, help="each ratio is the median over this many fresh compiles of both networks")
     parser.add_argument("--runs", default="", help="comma-separated run folders whose widths are measured too")
     parser.add_argument("--block-removal", action="store_true", help="allocations may also remove residual branches (inner width 0)")
+    parser.add_argument("--keep-blocks", type=int, default=0, help="with --block-removal: never remove the first N branches of a stage")
     args = parser.parse_args(argv)
     try:
+        if args.keep_blocks < 0 or (args.keep_blocks and not args.block_removal):
+            raise UserError(f"--keep-blocks must be >= 0 and needs --block-removal, got {args.keep_blocks}")
         if args.compiles < 1:
             raise UserError(f"--compiles must be at least 1, got {args.compiles}")
         shape = parse_input_shape(args.input)
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = run_networks([r for r in args.runs.split(",") if r])
         print(f"scanning {args.model} width allocations at FLOPs {args.flops_target} +- {args.band} (multiple {multiple})", flush=True)
         result, dense_widths, latency = scan(args.model, shape, targets, args.batch, args.flops_target, args.band, multiple, args.limit,
-                                               args.block_removal)
+                                               args.block_removal, args.keep_blocks)
     except UserError as error:
         print(f"efficiency_frontier: error: {error}", file=sys.stderr)
         return 2
