@@ -81,7 +81,7 @@ def launch(name: str, args: argparse.Namespace) -> subprocess.Popen[bytes] | Non
     common = [
         "--model", args.model, "--dataset", "fashion-mnist", "--epochs", str(args.epochs),
         "--train-subset", str(args.train_subset), "--seed", str(args.seed), "--threads", str(args.threads),
-        "--device", args.device,       # not --quiet: each run's log (OUT/NAME.log) shows its epochs and its freeze
+        "--device", args.device,       # not --quiet: each run's log (OUT/NAME.log) shows its steps, epochs and freeze
     ]
     if name in LATENCY_SHAPED:
         common += ["--prune-epochs", str(args.prune_epochs)]

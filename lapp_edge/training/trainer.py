@@ -370,8 +370,7 @@ class Trainer:
         lr = self._set_lr()
         ratio = 1.0 if self.state.phase == "dense" else self.current_cost_ratio()
         bar = tqdm(self._batches(generator), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs} [{self.state.phase}]",
-                   disable=None if self.show_progress else True,     # None: a bar only on a terminal, not in a log file
-                   leave=False, dynamic_ncols=True)
+                   disable=not self.show_progress, leave=False, dynamic_ncols=True)
         # on CUDA the loss is checked every 20 steps (each check waits for the GPU); a non-finite loss is remembered
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         for batch_index, (images, labels) in enumerate(bar):
