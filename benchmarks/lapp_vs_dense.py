@@ -43,8 +43,9 @@ CONFIGURATIONS: dict[str, list[str]] = {
     "lapp-efficiency-landed": ["--channel-multiple", "8", "--block-removal", "--land-on-flops"],
     "lapp-efficiency-landed-keep1": ["--channel-multiple", "8", "--block-removal", "--keep-blocks", "1", "--land-on-flops"],
 }
-LATENCY_SHAPED = ("lapp-latency", "lapp-latency-blocks", "lapp-efficiency-blocks", "lapp-efficiency-landed",
-                  "lapp-efficiency-landed-keep1")
+# shaped for a latency budget of --flops-target / --min-efficiency beside a FLOPs bound (--max-flops)
+EFFICIENCY_SHAPED = ("lapp-efficiency-blocks", "lapp-efficiency-landed", "lapp-efficiency-landed-keep1")
+LATENCY_SHAPED = ("lapp-latency", "lapp-latency-blocks", *EFFICIENCY_SHAPED)
 
 
 @dataclass
@@ -87,7 +88,7 @@ def launch(name: str, args: argparse.Namespace) -> subprocess.Popen[bytes] | Non
         common += ["--prune-epochs", str(args.prune_epochs)]
         for target in args.latency_on.split(","):
             common += ["--target", target]
-        if name in ("lapp-efficiency-blocks", "lapp-efficiency-landed", "lapp-efficiency-landed-keep1"):
+        if name in EFFICIENCY_SHAPED:
             common += ["--max-flops", str(args.flops_target), "--latency-target", f"{args.flops_target / args.min_efficiency:.4f}"]
         else:
             common += ["--latency-target", str(args.latency_target)]

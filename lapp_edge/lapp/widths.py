@@ -170,15 +170,15 @@ def choose_widths(
 
 def target_widths(cost: CostModel, target_ratio: float, multiple: int, min_width: MinWidths, aim: float,
                   max_iterations: int = 10_000) -> tuple[np.ndarray, float]:
-    """Before training: the widths the freeze's fallback search reaches (from fixed starts, knowing
-    nothing learned) and their cost ratio. The freeze meets the aim wherever these do."""
+    """Before training: the widths the freeze's fallback search reaches (from fixed starts, then from
+    sampled ones where those miss; knowing nothing learned) and their cost ratio. The freeze meets the aim wherever these do."""
     if len(cost.site_channels) == 0:
         return np.zeros(0, dtype=np.int64), 1.0
     search = _WidthSearch(cost, target_ratio, multiple, min_width, aim, max_iterations)
     positions = search.from_fixed_starts()
-    widths = search.widths_of(positions).astype(np.float64)
-    if search.objective(positions[None], widths)[0][0] > 0:      # as choose_widths: sampled starts where those miss
-        positions = search.from_sampled_starts(widths)[1]
+    reached = search.widths_of(positions).astype(np.float64)
+    if search.objective(positions[None], reached)[0][0] > 0:      # as choose_widths: sampled starts where those miss
+        positions = search.from_sampled_starts(reached)[1]
     widths = search.widths_of(positions)
     return widths, float(cost.ratio(widths.astype(np.float64)))
 

@@ -264,7 +264,7 @@ class Trainer:
 
     def _check_target_reachable(self) -> None:
         """Refuse, before anything is written, a target that no width combination meets: the floor
-        (every site at its smallest width), then the freeze's own width search from fixed starts."""
+        (every site at its smallest width), then the freeze's own fallback width search (`target_widths`)."""
         lapp = self.lapp_settings
         landed = self.latency is not None and self.latency.land_on_flops
         what = (f"FLOPs target {self.config.flops_target}" if self.latency is None else
