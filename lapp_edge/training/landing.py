@@ -21,6 +21,12 @@ a time: RMS error 0.010 of the dense latency); its level is what is off. So:
    through measured plans) and the width search runs again from the learned widths;
 3. at most `rounds` plans are measured; the one whose measured share lies closest to 1 is applied.
 
+With --land-on-flops each latency budget is a ceiling, and the aim is one-sided: a plan ends the search
+only where every measured ratio is at or under its ceiling, a re-plan aims `CEILING_MARGIN` under it,
+and the plan applied is one under every ceiling where one was measured (else the lowest). Why: with
+the two-sided aim a plan measured at 1.016 of its ceiling ended the search, and a package trained for
+0.8 of its FLOPs cut as speed measured 0.799 (docs/RESULTS.md, "Block removal in the table's networks").
+
 NetAdapt (Yang et al., ECCV 2018) measures candidate networks on the device in its loop for the
 same reason; here only the freeze's plans are measured, a few, after training has shaped the network.
 """
@@ -41,6 +47,7 @@ from lapp_edge.models.spec import ArchitectureSpec
 LANDING_AIM = 0.02       # measured share within +-2% of the budget ends the search (a ratio's spread over compiles is ~1-2%)
 SECANT_SLOPES = (0.25, 4.0)  # measured change per table change trusted for the secant (else: scale the nearest plan)
 LANDING_ROUNDS = 3       # plans measured at most (each: a few seconds per compile per target at batch 32)
+CEILING_MARGIN = 0.01    # --land-on-flops: a re-plan aims this far under each ceiling (a compile moves a ratio by ~1%)
 
 
 @dataclass
@@ -73,6 +80,10 @@ class LandingRound:
     def share(self, budgets: dict[str, float], flops_budget: float | None = None) -> float:
         """The tightest budget's share (1: on budget), `budget_share` of this plan."""
         return budget_share(self.measured, budgets, self.flops, flops_budget)
+
+    def under_ceilings(self, budgets: dict[str, float]) -> bool:
+        """Every target's measured ratio is at or under its budget (the ceilings of --land-on-flops)."""
+        return all(self.measured[target] <= budget for target, budget in budgets.items())
 
 
 def budget_share(measured: dict[str, float], budgets: dict[str, float], flops: float | None,
@@ -115,7 +126,11 @@ def landing_lines(landing: dict[str, Any]) -> list[str]:
         if flops_budget and flops is not None:
             parts.append(f"FLOPs {flops:.4f} ({'target' if landing.get('flops_landed') else 'at most'} {flops_budget})")
         mark = "applied" if index == landing["chosen"] else "       "
-        out.append(f"freeze plan {index + 1} {mark}: measured {', '.join(parts)}; {share:.3f} of budget"
+        if landing.get("flops_landed"):      # ceilings: the FLOPs share is ~1 by construction, the latency's is what counts
+            share_text = f"{max(item['measured'][t] / b for t, b in budgets.items()):.3f} of its latency ceiling"
+        else:
+            share_text = f"{share:.3f} of budget"
+        out.append(f"freeze plan {index + 1} {mark}: measured {', '.join(parts)}; {share_text}"
                    + ("  (machine loaded)" if item["flagged"] else ""))
     if landing["note"]:
         out.append(f"freeze: {landing['note']}")
@@ -214,15 +229,37 @@ def land_on_measured(controller: LappController, costs: list[LatencyCost], budge
                 dict(plan.widths), dict(factors), predicted, {t: m.ratio for t, m in measured.items()},
                 {t: list(m.per_compile) for t, m in measured.items()}, {t: m.other_cpu_share for t, m in measured.items()},
                 any(m.flagged for m in measured.values()), float(flops_bound[0].ratio(counts)) if flops_bound else None))
-            if abs(landing.rounds[-1].share(budgets, landing.flops_budget) - 1.0) <= aim:
+            if _ends_search(landing.rounds[-1], landing):
                 break
+            aimed = {target: budget * (1.0 - CEILING_MARGIN) if land_on_flops else budget for target, budget in budgets.items()}
             factors = {target: budgets[target] / next_table_target(
-                [(item.predicted[target], item.measured[target]) for item in landing.rounds], budgets[target])
+                [(item.predicted[target], item.measured[target]) for item in landing.rounds], aimed[target])
                 for target in budgets}
     finally:
         controller.cost = original
     landing.seconds = time.perf_counter() - started
     if not plans:
         return None, landing
-    landing.chosen = int(np.argmin([abs(item.share(budgets, landing.flops_budget) - 1.0) for item in landing.rounds]))
+    landing.chosen = min(range(len(landing.rounds)), key=lambda index: _preference(landing.rounds[index], landing))
     return plans[landing.chosen], landing
+
+
+def _ends_search(item: LandingRound, landing: Landing) -> bool:
+    """A measured plan good enough to apply: on budget within the aim; with --land-on-flops (latency
+    ceilings, the plan already on its FLOPs target) under every ceiling."""
+    if landing.flops_landed:
+        return item.under_ceilings(landing.budgets)
+    return abs(item.share(landing.budgets, landing.flops_budget) - 1.0) <= landing.aim
+
+
+def _preference(item: LandingRound, landing: Landing) -> tuple[float, float]:
+    """Sort key of the plan to apply (lowest first): the share closest to 1; with --land-on-flops a plan
+    under every ceiling before any over one, then the FLOPs closest to the target among those under,
+    the lowest latency share among those over."""
+    share = item.share(landing.budgets, landing.flops_budget)
+    if not landing.flops_landed:
+        return (0.0, abs(share - 1.0))
+    if item.under_ceilings(landing.budgets):
+        flops_off = abs(item.flops / landing.flops_budget - 1.0) if item.flops is not None and landing.flops_budget else 0.0
+        return (0.0, flops_off)
+    return (1.0, max(item.measured[t] / b for t, b in landing.budgets.items()))
