@@ -215,10 +215,10 @@ def land_on_measured(controller: LappController, costs: list[LatencyCost], budge
             plan = controller.plan_freeze()
             if abs(plan.cost_ratio - controller.config.target) > controller.config.tolerance:
                 landing.note = ("the table scaled by the measurement cannot land on the budget with these channel multiples; "
-                                "the closest measured plan is applied") if plans else ""
+                                f"{_applied_words(land_on_flops)} is applied") if plans else ""
                 break
             if any(plan.widths == earlier.widths for earlier in plans):
-                landing.note = "the corrected table plans widths already measured; the closest measured plan is applied"
+                landing.note = f"the corrected table plans widths already measured; {_applied_words(land_on_flops)} is applied"
                 break
             counts = np.array([plan.widths[site.name] for site in controller.sites], dtype=np.float64)
             predicted = {cost.target: float(cost.ratio(counts)) for cost in costs}
@@ -242,6 +242,10 @@ def land_on_measured(controller: LappController, costs: list[LatencyCost], budge
         return None, landing
     landing.chosen = min(range(len(landing.rounds)), key=lambda index: _preference(landing.rounds[index], landing))
     return plans[landing.chosen], landing
+
+
+def _applied_words(land_on_flops: bool) -> str:
+    return "the measured plan lowest against its ceilings" if land_on_flops else "the closest measured plan"
 
 
 def _ends_search(item: LandingRound, landing: Landing) -> bool:
