@@ -251,8 +251,10 @@ class Trainer:
             lines.append(f"LAPP: widths in multiples of {config.channel_multiple}: {reachable} (the "
                          f"freeze's width search lands on {self.target_ratio:.4f} before training)")
             if config.measure_at_freeze and self.measure is not None:
+                miss = ("measure over a latency ceiling" if self.latency.land_on_flops
+                        else f"miss the budget by more than {LANDING_AIM:.0%}")
                 lines.append(f"LAPP: at freeze the planned widths are measured on each target and planned again where they "
-                             f"miss the budget by more than {LANDING_AIM:.0%} [--no-measure-at-freeze: the table alone]")
+                             f"{miss} [--no-measure-at-freeze: the table alone]")
             elif config.measure_at_freeze:
                 lines.append("LAPP: the freeze's widths come from the table alone (no measurer given to the trainer)")
             else:
