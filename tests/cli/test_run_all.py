@@ -242,3 +242,20 @@ def test_run_all_measures_the_freezes_plan_like_train_does(tmp_path: Path, fmnis
     with pytest.raises(_StopBeforeTraining):
         main(["run-all", str(config)])
     assert "at freeze the planned widths are measured on each target" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_shipped_config_is_a_valid_run_all_config(config: Path, tmp_path: Path) -> None:
+    """configs/*.yaml (the README's demos): every key known, every setting in range, the LAPP run's budget and
+    the dense baseline's settings checked as run-all checks them before anything is written (a config that
+    only fails after training would cost a user its minutes)."""
+    from lapp_edge.cli.run_all import load_config, train_configs
+
+    payload, _ = load_config(config)
+    slim, dense = train_configs(payload, tmp_path / "out", config)
+    assert slim.epochs == payload["epochs"] and not slim.dense
+    assert dense is not None and dense.dense
+    if config.name == "demo-efficient.yaml":       # FLOPs landed on 0.4 under a latency ceiling on two targets
+        assert slim.land_on_flops and slim.max_flops == 0.4 and slim.block_removal and slim.keep_blocks == 1
+        assert slim.target == "x86-ort-fp32,x86-openvino-f32" and slim.latency_constrained
