@@ -36,7 +36,7 @@ from lapp_edge.data.torch_data import (
     to_device,
 )
 from lapp_edge.errors import UserError
-from lapp_edge.lapp.controller import FreezeResult, LappController, site_min_widths
+from lapp_edge.lapp.controller import FreezeResult, LappConfig, LappController, site_min_widths
 from lapp_edge.lapp.cost import CostModel
 from lapp_edge.lapp.flops import build_flops_cost
 from lapp_edge.training.latency import LatencyConstraint, latency_constraint, predicted_ratios, resolve_channel_multiple
@@ -280,6 +280,7 @@ class Trainer:
             raise UserError(
                 f"{what} cannot be reached: with every prunable layer of {self.config.model} at its minimum width "
                 f"({lapp.channel_multiple} channels) the network keeps {floor:.3f} of its {self.cost.name}"
+                + self._lower_floor_hint(lapp)
             )
         widths, ratio = target_widths(self.cost, lapp.target, lapp.channel_multiple, minimums, aim=lapp.tolerance * 0.4)
         self.target_ratio = ratio
@@ -295,6 +296,23 @@ class Trainer:
                 f"{what} cannot be met within +-{lapp.tolerance}: {why}; "
                 f"choose another {'--flops-target' if self.latency is None else '--latency-target'} or --channel-multiple"
             )
+
+    def _lower_floor_hint(self, lapp: LappConfig) -> str:
+        """The settings under which the target's floor would sit below it, as the end of the unreachable
+        target's message: a channel multiple of 8 where a larger one is set (a target profile's own multiple,
+        e.g. 32 for OpenVINO bf16 on AMX, can leave ResNet-20's 16- and 32-channel stages one width each), and
+        --block-removal where the model has removable residual branches. Empty where neither reaches it."""
+        options = []
+        if lapp.channel_multiple > 8:
+            options.append(("--channel-multiple 8", replace(lapp, channel_multiple=8, min_channels=min(lapp.min_channels, 8))))
+        if not lapp.block_removal and any(site.removal is not None for site in self.sites):
+            options.append(("--block-removal", replace(lapp, block_removal=True, keep_blocks=0)))
+        reached = []
+        for flag, settings in options:
+            floor = smallest_cost_ratio(self.cost, settings.channel_multiple, site_min_widths(self.sites, settings))
+            if floor <= lapp.target:
+                reached.append(f"{flag} (floor {floor:.3f})")
+        return f"; it is within reach with {' or '.join(reached)}" if reached else ""
 
     # --- checkpointing -----------------------------------------------------------------
     def checkpoint_payload(self) -> dict[str, Any]:
