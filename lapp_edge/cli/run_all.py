@@ -218,7 +218,11 @@ def budget_title(config: Any, report: dict[str, Any]) -> str:
     unit = "x{} of the dense latency" if config.latency_target else "{} ms"
     shaped = ", ".join(f"{unit.format(values[min(i, len(values) - 1)])} on {target}"
                        for i, target in enumerate(split_values(config.target)))
-    return f"LAPP to a latency budget ({shaped}{f' at batch {config.latency_batch}' if config.latency_batch else ''}), {flops}"
+    at_batch = f" at batch {config.latency_batch}" if config.latency_batch else ""
+    if config.max_flops and config.land_on_flops:
+        return f"LAPP to {flops} (landed on {config.max_flops}) under latency ceilings ({shaped}{at_batch})"
+    bound = f"; FLOPs at most {config.max_flops}" if config.max_flops else ""
+    return f"LAPP to a latency budget ({shaped}{at_batch}{bound}), {flops}"
 
 
 def _check_types(config: Any, where: Path) -> None:

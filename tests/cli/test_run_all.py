@@ -259,3 +259,7 @@ def test_every_shipped_config_is_a_valid_run_all_config(config: Path, tmp_path: 
     if config.name == "demo-efficient.yaml":       # FLOPs landed on 0.4 under a latency ceiling on two targets
         assert slim.land_on_flops and slim.max_flops == 0.4 and slim.block_removal and slim.keep_blocks == 1
         assert slim.target == "x86-ort-fp32,x86-openvino-f32" and slim.latency_constrained
+        from lapp_edge.cli.run_all import budget_title
+        title = budget_title(slim, {"flops": {"ratio": 0.396}})   # the report's title says what it was trained to
+        assert title == ("LAPP to 0.396 of the dense FLOPs (landed on 0.4) under latency ceilings "
+                         "(x0.5 of the dense latency on x86-ort-fp32, x0.5 of the dense latency on x86-openvino-f32)")
