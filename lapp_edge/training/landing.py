@@ -83,17 +83,22 @@ class LandingRound:
 
     def under_ceilings(self, budgets: dict[str, float]) -> bool:
         """Every target's measured ratio is at or under its budget (the ceilings of --land-on-flops)."""
-        return all(self.measured[target] <= budget for target, budget in budgets.items())
+        return latency_share(self.measured, budgets) <= 1.0
+
+
+def latency_share(measured: dict[str, float], budgets: dict[str, float]) -> float:
+    """The tightest latency budget's share (1: on budget): the largest measured ratio over its budget."""
+    return max(measured[target] / budget for target, budget in budgets.items())
 
 
 def budget_share(measured: dict[str, float], budgets: dict[str, float], flops: float | None,
                  flops_budget: float | None) -> float:
-    """The tightest budget's share (1: on budget): each target's measured latency ratio over its budget,
-    and with `flops_budget` the plan's FLOPs ratio over it."""
-    shares = [measured[target] / budget for target, budget in budgets.items()]
+    """The tightest budget's share (1: on budget): `latency_share`, and with `flops_budget` the plan's
+    FLOPs ratio over it where that is larger."""
+    share = latency_share(measured, budgets)
     if flops_budget and flops is not None:
-        shares.append(flops / flops_budget)
-    return max(shares)
+        share = max(share, flops / flops_budget)
+    return share
 
 
 @dataclass
@@ -127,7 +132,7 @@ def landing_lines(landing: dict[str, Any]) -> list[str]:
             parts.append(f"FLOPs {flops:.4f} ({'target' if landing.get('flops_landed') else 'at most'} {flops_budget})")
         mark = "applied" if index == landing["chosen"] else "       "
         if landing.get("flops_landed"):      # ceilings: the FLOPs share is ~1 by construction, the latency's is what counts
-            share_text = f"{max(item['measured'][t] / b for t, b in budgets.items()):.3f} of its latency ceiling"
+            share_text = f"{latency_share(item['measured'], budgets):.3f} of its latency ceiling"
         else:
             share_text = f"{share:.3f} of budget"
         out.append(f"freeze plan {index + 1} {mark}: measured {', '.join(parts)}; {share_text}"
@@ -207,6 +212,7 @@ def land_on_measured(controller: LappController, costs: list[LatencyCost], budge
                       flops_landed=land_on_flops)
     original = controller.cost
     factors = {target: 1.0 for target in budgets}
+    aimed = {target: budget * (1.0 - CEILING_MARGIN) if land_on_flops else budget for target, budget in budgets.items()}
     plans: list[FreezeResult] = []
     try:
         for _ in range(max(1, rounds)):
@@ -231,7 +237,6 @@ def land_on_measured(controller: LappController, costs: list[LatencyCost], budge
                 any(m.flagged for m in measured.values()), float(flops_bound[0].ratio(counts)) if flops_bound else None))
             if _ends_search(landing.rounds[-1], landing):
                 break
-            aimed = {target: budget * (1.0 - CEILING_MARGIN) if land_on_flops else budget for target, budget in budgets.items()}
             factors = {target: budgets[target] / next_table_target(
                 [(item.predicted[target], item.measured[target]) for item in landing.rounds], aimed[target])
                 for target in budgets}
@@ -266,4 +271,4 @@ def _preference(item: LandingRound, landing: Landing) -> tuple[float, float]:
     if item.under_ceilings(landing.budgets):
         flops_off = abs(item.flops / landing.flops_budget - 1.0) if item.flops is not None and landing.flops_budget else 0.0
         return (0.0, flops_off)
-    return (1.0, max(item.measured[t] / b for t, b in landing.budgets.items()))
+    return (1.0, latency_share(item.measured, landing.budgets))
