@@ -136,19 +136,27 @@ def fit_candidate(rows: list[dict[str, float]], y: np.ndarray, features: list[st
 MEMORY_TERM_MIN_GAIN = 0.15
 MEMORY_TERM_MIN_POINTS = 0.3
 MEMORY_TERM_MIN_CONFIGS = 6      # fewer points cannot hold out a third and still fit three coefficients sensibly
+TWO_TERMS_MIN_CONFIGS = 12       # and four coefficients (base + two extra terms) need twice as many
 
 
 def choose_fit(rows: list[dict[str, float]], y: np.ndarray, seed: int = 0, base: str = "macs_ratio",
-               extras: tuple[str, ...] = ("params_ratio", "activations_ratio")) -> tuple[CandidateFit, list[CandidateFit]]:
+               extras: tuple[str, ...] = ("params_ratio", "activations_ratio"),
+               max_extra_terms: int = 1) -> tuple[CandidateFit, list[CandidateFit]]:
     """The line in `base` alone (the MACs ratio for a FLOPs fit, the table ratio for a layer table), unless
-    `base` + one extra term is measurably better held out (>= 15% relative and >= 0.3 points lower) and
+    `base` + extra terms (one, or with `max_extra_terms=2` also two) is measurably better held out (>= 15%
+    relative and >= 0.3 points lower than the fit chosen so far: a pair must beat the best single term) and
     monotone: every slope >= 0. Each feature is a cost (more MACs, a slower table sum, more bytes), so a
     negative slope says the terms are collinear, not that the cost lowers latency; trained against, it
     would reward a network for making that term larger (measured: OpenVINO's ResNet-20 table at batch 1
-    fitted -0.04 on its table term beside MACs; docs/RESULTS.md)."""
+    fitted -0.04 on its table term beside MACs; docs/RESULTS.md). Candidates are returned in the order
+    tried: base, base + each extra, then base + each pair of extras."""
     candidates = [fit_candidate(rows, y, [base], seed)]
     for memory in extras if len(y) >= MEMORY_TERM_MIN_CONFIGS else ():
         candidates.append(fit_candidate(rows, y, [base, memory], seed))
+    if max_extra_terms >= 2 and len(y) >= TWO_TERMS_MIN_CONFIGS:
+        for i, first in enumerate(extras):
+            for second in extras[i + 1:]:
+                candidates.append(fit_candidate(rows, y, [base, first, second], seed))
     chosen = candidates[0]
     for candidate in candidates[1:]:
         if any(slope < 0 for slope in candidate.coefficients[1:]):

@@ -15,7 +15,11 @@ measurements: isolated layers carry a fixed per-model cost and miss the non-conv
 whole-network latency") found the fitted constant and scale necessary (the constant comes
 out negative, the scale above 1 on OpenVINO). An extra term (conv MACs or output elements, as
 ratios to dense) is added only where it lowers the held-out error measurably, as the FLOPs fit adds
-its memory term (`costs.latency_fit.choose_fit`). The table file also records the held-out
+its memory term (`costs.latency_fit.choose_fit`). A third feature, output elements of convs whose
+width is off the 16-channel block (`off_block_share`), is evaluated and recorded but not fitted by
+`profile-layers` (it fitted random width-only networks better on AVX-512 and AMX, and predicted the
+networks LAPP trains worse: `latency.profile_layers`); a table file that carries it is read and
+predicted from like any other term. The table file also records the held-out
 error of this prediction and of the FLOPs fit on the same measurements, its own timing
 noise, the machine, the runtime version and the load while it was measured.
 
@@ -98,6 +102,21 @@ class Geometry:
         """Output elements per image (a memory-traffic proxy)."""
         return self.out_elements * c_out
 
+    def off_block_activations(self, c_out: Any) -> Any:
+        """Output elements per image counted where c_out is off the OFF_BLOCK_CHANNELS block (`off_block_share`)."""
+        return self.out_elements * c_out * off_block_share(c_out)
+
+
+OFF_BLOCK_CHANNELS = 16       # oneDNN's blocked layouts on AVX-512 / AMX (DEPLOY_NOTES: widths 24~32, 40~48 cost alike)
+
+
+def off_block_share(c_out: Any) -> Any:
+    """1 where `c_out` is an odd multiple of OFF_BLOCK_CHANNELS / 2 (8, 24, 40, ...), 0 at multiples of the
+    block (16, 32, ...), linear in between (numpy or torch arithmetic: a soft kept count gets a gradient
+    towards the nearest block). Exact for widths on a grid of 8, the tables' multiple on these CPUs."""
+    half = OFF_BLOCK_CHANNELS / 2
+    return 1.0 - abs((c_out / half) % 2.0 - 1.0)
+
 
 _SIGNATURE = re.compile(r"conv k(\d+)x(\d+) s(\d+)x(\d+) p(\d+)x(\d+) (dw|g\d+) (\d+)x(\d+)$")
 
@@ -166,18 +185,35 @@ def interpolate_2d(grid_in: np.ndarray, grid_out: np.ndarray, values: np.ndarray
             + wi * (1 - wo) * values[i1, o0] + wi * wo * values[i1, o1])
 
 
-EXTRA_FEATURES = ("macs_ratio", "activations_ratio")    # what a table's fit may add to its table ratio
+EXTRA_FEATURES = ("macs_ratio", "activations_ratio", "off_block_activations_ratio")   # what a table's fit may add
+FITTED_FEATURES = ("macs_ratio", "activations_ratio")   # what profile-layers' fit adds (the off-block term: recorded only)
+# the dense network's sum each feature's ratio is taken against: off-block elements are a share of all its output
+# elements (a dense network may have none off the block)
+FEATURE_NORMALISER = {"macs_ratio": "macs_ratio", "activations_ratio": "activations_ratio",
+                      "off_block_activations_ratio": "activations_ratio"}
+
+
+def feature_sums_of(layers: list[tuple[Geometry, Any, Any]]) -> dict[str, Any]:
+    """Conv MACs, output elements and off-block output elements per image of (shape, c_in, c_out) triples
+    (numpy, torch or plain numbers), keyed by EXTRA_FEATURES (not yet ratios: `dense_normalisers`)."""
+    macs: Any = 0.0
+    activations: Any = 0.0
+    off_block: Any = 0.0
+    for shape, c_in, c_out in layers:
+        macs = macs + shape.macs(c_in, c_out)
+        activations = activations + shape.activations(c_out)
+        off_block = off_block + shape.off_block_activations(c_out)
+    return {"macs_ratio": macs, "activations_ratio": activations, "off_block_activations_ratio": off_block}
 
 
 def feature_sums(layers: list[tuple[str, Any, Any]]) -> dict[str, Any]:
-    """Conv MACs and output elements per image of a network given as (signature, c_in, c_out) triples."""
-    macs: Any = 0.0
-    activations: Any = 0.0
-    for signature, c_in, c_out in layers:
-        shape = geometry(signature)
-        macs = macs + shape.macs(c_in, c_out)
-        activations = activations + shape.activations(c_out)
-    return {"macs_ratio": macs, "activations_ratio": activations}
+    """`feature_sums_of` for a network given as (signature, c_in, c_out) triples."""
+    return feature_sums_of([(geometry(signature), c_in, c_out) for signature, c_in, c_out in layers])
+
+
+def dense_normalisers(dense_sums: dict[str, Any]) -> dict[str, float]:
+    """For each feature, the dense network's sum its ratio is taken against (FEATURE_NORMALISER)."""
+    return {name: float(dense_sums[FEATURE_NORMALISER[name]]) for name in dense_sums}
 
 
 @dataclass
@@ -185,8 +221,9 @@ class BatchTable:
     """Every layer table of one batch size, the whole-network fit and what it was checked against.
 
     latency_ratio = constant + scale * table_ratio + sum_f extra[f] * feature_ratio_f, where the
-    feature ratios (conv MACs, output elements) are relative to the dense network's (`dense_features`);
-    `extra` is empty unless an extra term lowered the held-out error measurably (`costs.latency_fit.choose_fit`)."""
+    feature ratios (conv MACs, output elements, off-block output elements) are relative to the dense network's;
+    `extra` is empty unless extra terms lowered the held-out error measurably (`costs.latency_fit.choose_fit`);
+    `dense_features` holds each term's normaliser (`dense_normalisers`)."""
 
     batch: int
     layers: dict[str, LayerTable]
@@ -197,7 +234,7 @@ class BatchTable:
     noise_pct: float                   # timing noise: median |drift| of the reference layer timed beside every point
     validation: dict[str, Any] = field(default_factory=dict)   # held-out errors: table vs FLOPs fit vs raw sums
     extra: dict[str, float] = field(default_factory=dict)       # feature name -> coefficient
-    dense_features: dict[str, float] = field(default_factory=dict)   # feature name -> the dense network's sum
+    dense_features: dict[str, float] = field(default_factory=dict)   # feature name -> its dense normaliser
 
     def sum_ms(self, layers: list[tuple[str, Any, Any]]) -> Any:
         """Sum of layer tables for (signature, c_in, c_out) triples. Raises UserError for a layer
@@ -273,10 +310,10 @@ def _grid(value: Any, where: str) -> list[int]:
     return value
 
 
-def _features(payload: Any, where: str) -> dict[str, float]:
+def _features(payload: Any, where: str, positive: bool = False) -> dict[str, float]:
     if not isinstance(payload, dict) or any(name not in EXTRA_FEATURES for name in payload):
         raise UserError(f"{where} must map some of {', '.join(EXTRA_FEATURES)} to numbers")
-    return {name: _number(value, f"{where}: {name}") for name, value in payload.items()}
+    return {name: _number(value, f"{where}: {name}", positive) for name, value in payload.items()}
 
 
 def _layer(payload: Any, where: str) -> LayerTable:
@@ -312,7 +349,7 @@ def table_from_dict(payload: Any, where: str) -> LatencyTable:
                 int(key), layers, _number(raw["constant"], f"{where}: constant"), _number(raw["scale"], f"{where}: scale"),
                 _number(raw["dense_table_ms"], f"{where}: dense_table_ms", True), _number(raw["dense_ms"], f"{where}: dense_ms", True),
                 _number(raw["noise_pct"], f"{where}: noise_pct"), raw.get("validation") if isinstance(raw.get("validation"), dict) else {},
-                _features(raw.get("extra", {}), f"{where}: extra"), _features(raw.get("dense_features", {}), f"{where}: dense_features"))
+                _features(raw.get("extra", {}), f"{where}: extra"), _features(raw.get("dense_features", {}), f"{where}: dense_features", positive=True))
             if set(batches[int(key)].extra) - set(batches[int(key)].dense_features):
                 raise UserError(f"{where}: batch {key} fits an extra term without the dense network's value for it")
         text = {name: payload[name] for name in ("target", "backend", "precision", "precision_used", "runtime", "machine",

@@ -4,9 +4,10 @@ The second implementation of `lapp_edge.lapp.cost.CostModel` (FLOPs is the first
 and batch size, with the target's layer table (`costs.latency_table`, measured by
 `lapp-edge profile-layers`):
 
-    latency_ms(counts) = dense_ms * f(counts) / f(dense),   f = a + b * S(counts) / S(dense) [+ c * E(counts) / E(dense)]
+    latency_ms(counts) = dense_ms * f(counts) / f(dense),   f = a + b * S(counts) / S(dense) [+ sum_E c_E * E(counts) / N_E]
     S(counts) = sum over deployed convs l of T_l(c_in_l, c_out_l)
-    E = conv MACs or output elements, where the table's fit kept such a term (costs.latency_table)
+    E = conv MACs, output elements or off-block output elements, where the table's fit kept such terms;
+    N_E = the dense network's MACs or output elements (costs.latency_table)
 
 where c_in_l / c_out_l are the kept counts of the sites that prune layer l (or its fixed width)
 and T_l is bilinearly interpolated between the table's grid widths. Interpolation is linear in
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lapp_edge.costs.latency_table import BatchTable, LayerTable, geometry
+from lapp_edge.costs.latency_table import BatchTable, LayerTable, dense_normalisers, feature_sums_of, geometry
 from lapp_edge.lapp.flops import DeployedLayer
 
 
@@ -101,7 +102,7 @@ class LatencyCost:
         self._torch: dict[tuple[str, torch.dtype], list[_TorchLayer]] = {}
         dense = np.array(self.site_channels, dtype=np.float64)
         self.dense_sum = float(self.table_sum(dense))
-        self.dense_features = {name: float(value) for name, value in self.feature_sums(dense).items()}
+        self.dense_features = dense_normalisers(self.feature_sums(dense))
         self.dense_fitted = float(self.fitted(dense))
         self.dense_cost = float(table.dense_ms)
 
@@ -131,18 +132,13 @@ class LatencyCost:
         return total
 
     def feature_sums(self, counts: Any) -> dict[str, Any]:
-        """Conv MACs and output elements for kept counts (the table fit's extra terms)."""
-        macs: Any = 0.0
-        activations: Any = 0.0
-        for shape, (_, layer) in zip(self.geometries, self.entries):
-            c_in = self._width(counts, layer.in_site, layer.in_fixed)
-            c_out = self._width(counts, layer.out_site, layer.out_fixed)
-            macs = macs + shape.macs(c_in, c_out)
-            activations = activations + shape.activations(c_out)
-        return {"macs_ratio": macs, "activations_ratio": activations}
+        """The table fit's extra terms' sums (conv MACs, output elements, off-block output elements) for kept counts."""
+        return feature_sums_of([(shape, self._width(counts, layer.in_site, layer.in_fixed),
+                                 self._width(counts, layer.out_site, layer.out_fixed))
+                                for shape, (_, layer) in zip(self.geometries, self.entries)])
 
     def fitted(self, counts: Any) -> Any:
-        """The table fit's latency ratio a + b * table_ratio (+ c * extra feature ratio), unnormalised."""
+        """The table fit's latency ratio a + b * table_ratio (+ c_f * extra feature ratio f), unnormalised."""
         table = self.table
         value = table.constant + table.scale * self.table_sum(counts) / self.dense_sum
         if table.extra:

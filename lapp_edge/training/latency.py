@@ -82,10 +82,20 @@ def find_table(profile: TargetProfile, model: str, input_shape: tuple[int, int, 
     return found
 
 
+def fitted_on_removed_branches(table: LatencyTable, batch: int) -> bool:
+    """Whether any whole network the table's fit was checked on removes a residual branch (a site at 0
+    channels: `profile-layers --block-removal`)."""
+    configurations = table.batch(batch).validation.get("configurations") or []
+    return any(0 in configuration.get("widths", []) for configuration in configurations if isinstance(configuration, dict))
+
+
 def check_table(table: LatencyTable, path: Path, profile: TargetProfile, model: str,
-                input_shape: tuple[int, int, int], batch: int) -> list[str]:
+                input_shape: tuple[int, int, int], batch: int, block_removal: bool = False) -> list[str]:
     """Refuse (UserError) a table for another target, model, input or CPU; return warnings for
-    another runtime version (module docstring says why)."""
+    another runtime version (module docstring says why) and, with `block_removal`, for a table whose
+    fit never saw a network that removes a branch: its predictions for such networks are extrapolations
+    (measured on the AMX Xeon: the ORT fp32 table fitted without them under-predicted such networks by a
+    median 10.7%; docs/RESULTS.md, "Block removal in the table's networks")."""
     where = path.name
     if table.target != profile.name:
         raise UserError(f"{where} is a table for target {table.target}, not {profile.name}")
@@ -97,11 +107,16 @@ def check_table(table: LatencyTable, path: Path, profile: TargetProfile, model: 
                         f"transfer between CPUs, run lapp-edge profile-layers --target {profile.argument} --model {model} here")
     if batch not in table.batches:
         raise UserError(f"{where} holds batches {sorted(table.batches)}, not --latency-batch {batch}")
+    warnings = []
     here = runtime_version(profile.backend)
     if table.runtime != here:
-        return [f"warning: {where} was measured with {table.runtime}, this machine has {here}: its predictions may be off "
-                "(bench shows predicted next to measured; re-run profile-layers to refresh it)"]
-    return []
+        warnings.append(f"warning: {where} was measured with {table.runtime}, this machine has {here}: its predictions may be "
+                        "off (bench shows predicted next to measured; re-run profile-layers to refresh it)")
+    if block_removal and not fitted_on_removed_branches(table, batch):
+        warnings.append(f"warning: {where} was fitted on networks that keep every residual branch: with --block-removal "
+                        "its predictions are extrapolations (the freeze measures its plan unless --no-measure-at-freeze; "
+                        f"lapp-edge profile-layers --target {profile.argument} --model {model} --block-removal fits on such networks)")
+    return warnings
 
 
 def latency_constraint(config: TrainConfig, model: nn.Module, sites: list[PrunableSite],
@@ -121,7 +136,7 @@ def latency_constraint(config: TrainConfig, model: nn.Module, sites: list[Prunab
         batch = config.latency_batch or max(profile.batch_sizes)
         path = find_table(profile, config.model, input_shape, explicit)
         table = load_table(path)
-        warnings += check_table(table, path, profile, config.model, input_shape, batch)
+        warnings += check_table(table, path, profile, config.model, input_shape, batch, config.block_removal)
         cost = LatencyCost(layers, channels, table.batch(batch), profile.name)
         dense_ms = cost.dense_cost
         budget = value if config.latency_target else value / dense_ms

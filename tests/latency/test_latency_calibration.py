@@ -85,6 +85,25 @@ def test_memory_term_is_kept_only_where_it_measurably_helps() -> None:
     assert chosen.features == ["macs_ratio"] and len(candidates) == 1
 
 
+def test_two_extra_terms_are_tried_only_when_asked_and_must_beat_the_best_single_term() -> None:
+    """A layer table's fit may take two extra terms (`max_extra_terms=2`, profile-layers): chosen where the
+    latency holds both, not where one explains it; calibrate-latency's FLOPs fit keeps at most one."""
+    rows = _rows(24, 4)
+    macs, params, activations = (np.array([r[k] for r in rows]) for k in ("macs_ratio", "params_ratio", "activations_ratio"))
+    both = 0.1 + 0.5 * macs + 0.2 * params + 0.3 * activations
+    chosen, candidates = choose_fit(rows, both)
+    assert len(candidates) == 3 and len(chosen.features) == 2                       # one extra term at most by default
+    chosen, candidates = choose_fit(rows, both, max_extra_terms=2)
+    assert len(candidates) == 4 and candidates[-1].features == ["macs_ratio", "params_ratio", "activations_ratio"]
+    assert chosen.features == ["macs_ratio", "params_ratio", "activations_ratio"]
+    assert chosen.coefficients == pytest.approx([0.1, 0.5, 0.2, 0.3], abs=1e-9)
+    one = (0.2 + 0.5 * macs + 0.3 * activations) * (1 + 0.01 * np.random.default_rng(5).standard_normal(24))
+    chosen, _ = choose_fit(rows, one, max_extra_terms=2)                           # the pair explains only noise beyond it
+    assert chosen.features == ["macs_ratio", "activations_ratio"]
+    chosen, candidates = choose_fit(rows[:8], both[:8], max_extra_terms=2)          # too few points for four coefficients
+    assert len(candidates) == 3
+
+
 def test_a_term_with_a_negative_slope_is_never_chosen() -> None:
     """A second term that lowers the held-out error a lot but enters with a negative slope (here the
     latency truly falls as activations grow, which no cost does) is refused: trained against, the fit
