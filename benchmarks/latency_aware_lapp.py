@@ -83,7 +83,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
         for profile in args.train_targets:
             for ratio in args.latency_targets:
                 runs.append(Run(f"latency-{profile}-{ratio:g}-s{seed}", "latency", seed,
-                                ["--target", profile, "--latency-target", str(ratio), "--latency-batch", str(args.batch)],
+                                ["--target", profile, "--latency-target", str(ratio), "--latency-batch", str(args.batch),
+                                 *(["--block-removal"] if args.block_removal else [])],
                                 profile, ratio))
         for target in args.flops_targets:
             runs.append(Run(f"flops-{target:g}-s{seed}", "flops", seed, ["--flops-target", str(target)], "", target))
@@ -278,6 +279,9 @@ def main() -> int:
     parser.add_argument("--channel-multiple", type=int, default=0,
                         help="widths of every run in multiples of this (0: the train default, the targets' multiple on this CPU "
                              "for latency-aware runs; 8 lets them reach budgets a coarser block cannot)")
+    parser.add_argument("--block-removal", action="store_true",
+                        help="latency-aware runs may remove whole residual branches (train --block-removal); FLOPs runs "
+                             "stay as `lapp-edge train` trains by default, width only")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once (one thread each)")
     parser.add_argument("--compiles", type=int, default=3, help="fresh compiles of both networks per latency ratio (median taken)")
     parser.add_argument("--summarize", action="store_true",
@@ -314,7 +318,8 @@ def main() -> int:
               "others' CPU share while measuring": f"{other_cpu_share_since(start):.2f}",
               "schedule": f"{args.model}, {args.epochs} epochs ({args.prune_epochs} pruning), {args.train_subset or 60000} "
                           f"training images, seeds {args.seeds}, one thread per run"
-                          + (f", channel multiple {args.channel_multiple}" if args.channel_multiple else ""),
+                          + (f", channel multiple {args.channel_multiple}" if args.channel_multiple else "")
+                          + (", latency-aware runs with --block-removal" if args.block_removal else ""),
               "latency": f"batch {args.batch}, ratio to the dense network measured interleaved in one process, median over "
                          f"{args.compiles} fresh compiles of both [their range]; (predicted) = the target's layer table"}
     atomic_write_json(Path(args.out) / "results.json", {"settings": vars(args), "header": header, "rows": [asdict(r) for r in rows]})
