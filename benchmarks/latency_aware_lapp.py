@@ -82,7 +82,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
     for seed in args.seeds:
         for profile in args.train_targets:
             for ratio in args.latency_targets:
-                runs.append(Run(f"latency-{profile}-{ratio:g}-s{seed}", "latency", seed,
+                blocks = "-blocks" if args.block_removal else ""       # a run name says what was trained: never reused across
+                runs.append(Run(f"latency-{profile}-{ratio:g}{blocks}-s{seed}", "latency", seed,
                                 ["--target", profile, "--latency-target", str(ratio), "--latency-batch", str(args.batch),
                                  *(["--block-removal"] if args.block_removal else [])],
                                 profile, ratio))

@@ -144,7 +144,7 @@ def choose_fit(rows: list[dict[str, float]], y: np.ndarray, seed: int = 0, base:
                max_extra_terms: int = 1) -> tuple[CandidateFit, list[CandidateFit]]:
     """The line in `base` alone (the MACs ratio for a FLOPs fit, the table ratio for a layer table), unless
     `base` + extra terms (one, or with `max_extra_terms=2` also two) is measurably better held out (>= 15%
-    relative and >= 0.3 points lower than the fit chosen so far: a pair must beat the best single term) and
+    relative and >= 0.3 points lower than the fit chosen so far, candidates taken in order) and
     monotone: every slope >= 0. Each feature is a cost (more MACs, a slower table sum, more bytes), so a
     negative slope says the terms are collinear, not that the cost lowers latency; trained against, it
     would reward a network for making that term larger (measured: OpenVINO's ResNet-20 table at batch 1

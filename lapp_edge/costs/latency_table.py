@@ -113,7 +113,9 @@ OFF_BLOCK_CHANNELS = 16       # oneDNN's blocked layouts on AVX-512 / AMX (DEPLO
 def off_block_share(c_out: Any) -> Any:
     """1 where `c_out` is an odd multiple of OFF_BLOCK_CHANNELS / 2 (8, 24, 40, ...), 0 at multiples of the
     block (16, 32, ...), linear in between (numpy or torch arithmetic: a soft kept count gets a gradient
-    towards the nearest block). Exact for widths on a grid of 8, the tables' multiple on these CPUs."""
+    towards the nearest block). Exact for widths on a grid of 8, the tables' multiple on these CPUs. At a
+    width exactly on the block (a kink: the minimum) torch's gradient is the right-hand slope, +1/8, so a
+    fit carrying this term would push dense widths down at the first step; no shipped fit carries it."""
     half = OFF_BLOCK_CHANNELS / 2
     return 1.0 - abs((c_out / half) % 2.0 - 1.0)
 
@@ -195,7 +197,8 @@ FEATURE_NORMALISER = {"macs_ratio": "macs_ratio", "activations_ratio": "activati
 
 def feature_sums_of(layers: list[tuple[Geometry, Any, Any]]) -> dict[str, Any]:
     """Conv MACs, output elements and off-block output elements per image of (shape, c_in, c_out) triples
-    (numpy, torch or plain numbers), keyed by EXTRA_FEATURES (not yet ratios: `dense_normalisers`)."""
+    (numpy, torch or plain numbers), keyed by the names of the ratios they become (EXTRA_FEATURES) but raw
+    sums: a ratio is a sum over its `dense_normalisers` entry."""
     macs: Any = 0.0
     activations: Any = 0.0
     off_block: Any = 0.0

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from lapp_edge.costs.latency_fit import choose_fit
+from lapp_edge.costs.latency_fit import CandidateFit, choose_fit
 from lapp_edge.costs.latency_table import (
     EXTRA_FEATURES, FITTED_FEATURES, TABLE_FORMAT, BatchTable, LatencyTable, LayerTable, dense_normalisers, feature_sums,
     load_table, table_file_name, write_table_json,
@@ -196,12 +196,20 @@ def profile_point(layer: DeployedLayer, c_in: int, c_out: int, batch: int, profi
             runner.close()
 
 
+def _fit_record(fit: CandidateFit) -> dict[str, Any]:
+    """A fit as the table's validation stores it: its terms, coefficients, R^2 and held-out errors (%)."""
+    return {"features": fit.features, "coefficients": fit.coefficients, "r2": fit.r2,
+            "median_abs_pct": fit.held_out.median_abs_pct, "max_abs_pct": fit.held_out.max_abs_pct}
+
+
 def fit_whole_network(described: ModelLayers, table: BatchTable, configs: list[tuple[str, np.ndarray]], measured: list[float],
                       macs_ratio: list[float], seed: int = 0) -> tuple[float, float, dict[str, float], dict[str, float], dict[str, Any]]:
-    """Fit latency_ratio = a + b * table_ratio (+ one extra term where it helps) to whole-network
-    measurements (`configs`: name and per-site widths; `measured`: latency ratios to dense; `macs_ratio`:
-    FlopsCost ratios, for the FLOPs fit compared with). Returns a, b, the extra terms, the dense network's
-    feature sums for them, and the validation record (every configuration, both fits' held-out errors)."""
+    """Fit latency_ratio = a + b * table_ratio (+ one extra term, conv MACs or output elements, where it helps)
+    to whole-network measurements (`configs`: name and per-site widths; `measured`: latency ratios to dense;
+    `macs_ratio`: FlopsCost ratios, for the FLOPs fit compared with). Returns a, b, the extra terms, their
+    dense normalisers (`costs.latency_table.dense_normalisers`), and the validation record: every
+    configuration with its feature ratios, and the held-out errors of the table fit, of the FLOPs fit, and
+    of both allowed the off-block term too (recorded, not used: module docstring)."""
     y = np.array(measured)
     dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
     dense_sum = table.dense_table_ms
@@ -228,18 +236,12 @@ def fit_whole_network(described: ModelLayers, table: BatchTable, configs: list[t
         "configurations": [{"name": name, "widths": [int(v) for v in widths], "measured_ratio": m, **row,
                             "macs_ratio_with_classifier": f}
                            for (name, widths), m, row, f in zip(configs, measured, rows, macs_ratio)],
-        "table_fit": {"features": chosen.features, "coefficients": chosen.coefficients, "r2": chosen.r2,
-                      "median_abs_pct": chosen.held_out.median_abs_pct, "max_abs_pct": chosen.held_out.max_abs_pct},
+        "table_fit": _fit_record(chosen),
         "table_candidates": [{"features": c.features, "median_abs_pct": c.held_out.median_abs_pct,
                               "max_abs_pct": c.held_out.max_abs_pct} for c in candidates],
-        "flops_fit": {"features": flops_fit.features, "coefficients": flops_fit.coefficients, "r2": flops_fit.r2,
-                      "median_abs_pct": flops_fit.held_out.median_abs_pct, "max_abs_pct": flops_fit.held_out.max_abs_pct},
-        "table_fit_off_block": {"features": off_block.features, "coefficients": off_block.coefficients,
-                                "median_abs_pct": off_block.held_out.median_abs_pct,
-                                "max_abs_pct": off_block.held_out.max_abs_pct},
-        "flops_fit_off_block": {"features": flops_off_block.features, "coefficients": flops_off_block.coefficients,
-                                "median_abs_pct": flops_off_block.held_out.median_abs_pct,
-                                "max_abs_pct": flops_off_block.held_out.max_abs_pct},
+        "flops_fit": _fit_record(flops_fit),
+        "table_fit_off_block": _fit_record(off_block),
+        "flops_fit_off_block": _fit_record(flops_off_block),
         "raw_table_sum": {"median_abs_pct": float(np.median(raw)), "max_abs_pct": float(raw.max())},
         "held_out": f"median over {chosen.held_out.splits} random splits, {chosen.held_out.fit_points} fit / "
                     f"{chosen.held_out.held_out_points} held out; FLOPs fit: MACs (+ output elements where it helps), "

@@ -82,11 +82,15 @@ def find_table(profile: TargetProfile, model: str, input_shape: tuple[int, int, 
     return found
 
 
-def fitted_on_removed_branches(table: LatencyTable, batch: int) -> bool:
+def fitted_on_removed_branches(table: LatencyTable, batch: int) -> bool | None:
     """Whether any whole network the table's fit was checked on removes a residual branch (a site at 0
-    channels: `profile-layers --block-removal`)."""
-    configurations = table.batch(batch).validation.get("configurations") or []
-    return any(0 in configuration.get("widths", []) for configuration in configurations if isinstance(configuration, dict))
+    channels: `profile-layers --block-removal`); None where the table stores no such networks."""
+    configurations = table.batch(batch).validation.get("configurations")
+    widths = [c.get("widths") for c in configurations if isinstance(c, dict)] if isinstance(configurations, list) else []
+    widths = [w for w in widths if isinstance(w, list)]
+    if not widths:
+        return None
+    return any(0 in w for w in widths)
 
 
 def check_table(table: LatencyTable, path: Path, profile: TargetProfile, model: str,
@@ -112,9 +116,12 @@ def check_table(table: LatencyTable, path: Path, profile: TargetProfile, model: 
     if table.runtime != here:
         warnings.append(f"warning: {where} was measured with {table.runtime}, this machine has {here}: its predictions may be "
                         "off (bench shows predicted next to measured; re-run profile-layers to refresh it)")
-    if block_removal and not fitted_on_removed_branches(table, batch):
-        warnings.append(f"warning: {where} was fitted on networks that keep every residual branch: with --block-removal "
-                        "its predictions are extrapolations (the freeze measures its plan unless --no-measure-at-freeze; "
+    removed = fitted_on_removed_branches(table, batch) if block_removal else True
+    if not removed:
+        fitted_on = ("was fitted on networks that keep every residual branch" if removed is False
+                     else "records no networks its fit was checked on")
+        warnings.append(f"warning: {where} {fitted_on}: with --block-removal its predictions for networks that remove "
+                        "branches are extrapolations (the freeze measures its plan unless --no-measure-at-freeze; "
                         f"lapp-edge profile-layers --target {profile.argument} --model {model} --block-removal fits on such networks)")
     return warnings
 

@@ -85,19 +85,25 @@ def test_summarize_shows_how_far_off_budget_each_run_landed_and_what_its_freeze_
     assert json.loads((tmp_path / "results.json").read_text())["rows"][2]["at_freeze"] == {TARGET: 0.507}
 
 
-@pytest.mark.parametrize("multiple", [0, 8])
+@pytest.mark.parametrize(("multiple", "block_removal"), [(0, False), (8, True)])
 def test_every_run_trains_at_the_channel_multiple_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                            multiple: int) -> None:
-    """--channel-multiple reaches every new run's `lapp-edge train` command (0: the train default, not passed)."""
+                                                            multiple: int, block_removal: bool) -> None:
+    """--channel-multiple reaches every new run's `lapp-edge train` command (0: the train default, not passed);
+    --block-removal reaches the latency-aware runs only, and names them apart (a finished run without it is never
+    reused for one with it)."""
     import argparse
 
     commands: list[list[str]] = []
     monkeypatch.setattr(bench.CHILDREN, "start", lambda command, **_: commands.append(command))
     args = argparse.Namespace(out=str(tmp_path), model="resnet20", epochs=4, prune_epochs=1, train_subset=256, seeds=[0],
                               train_targets=[TARGET], latency_targets=[0.5], flops_targets=[0.3], batch=32,
-                              channel_multiple=multiple)
-    for run in bench.plan(args):
+                              channel_multiple=multiple, block_removal=block_removal)
+    runs = bench.plan(args)
+    for run in runs:
         bench.launch(run, args)
     assert len(commands) == 2
     for command in commands:
         assert (command[command.index("--channel-multiple") + 1] == "8") if multiple else "--channel-multiple" not in command
+    latency, flops = commands
+    assert ("--block-removal" in latency) == block_removal and "--block-removal" not in flops
+    assert runs[0].name.endswith("-blocks-s0") == block_removal
