@@ -19,6 +19,8 @@ Which tables are accepted (the issue asked to say which and why):
 - another runtime version: used, with a printed warning. Patch releases rarely change the conv
   kernels, re-profiling takes minutes, and `bench` shows the table's prediction next to the
   measured latency, so drift is visible where it matters.
+- with --block-removal, a table whose fit never saw a network that removes a branch: used, with a
+  printed warning (its predictions for such networks are extrapolations; the freeze measures plans).
 """
 
 from __future__ import annotations
