@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,23 +196,32 @@ FEATURE_NORMALISER = {"macs_ratio": "macs_ratio", "activations_ratio": "activati
                       "off_block_activations_ratio": "activations_ratio"}
 
 
-def feature_sums_of(layers: list[tuple[Geometry, Any, Any]]) -> dict[str, Any]:
-    """Conv MACs, output elements and off-block output elements per image of (shape, c_in, c_out) triples
-    (numpy, torch or plain numbers), keyed by the names of the ratios they become (EXTRA_FEATURES) but raw
-    sums: a ratio is a sum over its `dense_normalisers` entry."""
-    macs: Any = 0.0
-    activations: Any = 0.0
-    off_block: Any = 0.0
-    for shape, c_in, c_out in layers:
-        macs = macs + shape.macs(c_in, c_out)
-        activations = activations + shape.activations(c_out)
-        off_block = off_block + shape.off_block_activations(c_out)
-    return {"macs_ratio": macs, "activations_ratio": activations, "off_block_activations_ratio": off_block}
+# each extra term's value for one conv: (shape, c_in, c_out) -> per-image count
+_FEATURE_OF = {
+    "macs_ratio": lambda shape, c_in, c_out: shape.macs(c_in, c_out),
+    "activations_ratio": lambda shape, c_in, c_out: shape.activations(c_out),
+    "off_block_activations_ratio": lambda shape, c_in, c_out: shape.off_block_activations(c_out),
+}
 
 
-def feature_sums(layers: list[tuple[str, Any, Any]]) -> dict[str, Any]:
+def feature_sums_of(layers: list[tuple[Geometry, Any, Any]], names: Iterable[str] = EXTRA_FEATURES) -> dict[str, Any]:
+    """Per feature of `names` (default: conv MACs, output elements and off-block output elements), its sum per
+    image over (shape, c_in, c_out) triples (numpy, torch or plain numbers), keyed by the name of the ratio it
+    becomes but a raw sum: a ratio is a sum over its `dense_normalisers` entry. Only the features named are
+    computed (a training step needs just those its fit carries)."""
+    sums: dict[str, Any] = {}
+    for name in names:
+        feature = _FEATURE_OF[name]
+        total: Any = 0.0
+        for shape, c_in, c_out in layers:
+            total = total + feature(shape, c_in, c_out)
+        sums[name] = total
+    return sums
+
+
+def feature_sums(layers: list[tuple[str, Any, Any]], names: Iterable[str] = EXTRA_FEATURES) -> dict[str, Any]:
     """`feature_sums_of` for a network given as (signature, c_in, c_out) triples."""
-    return feature_sums_of([(geometry(signature), c_in, c_out) for signature, c_in, c_out in layers])
+    return feature_sums_of([(geometry(signature), c_in, c_out) for signature, c_in, c_out in layers], names)
 
 
 def dense_normalisers(dense_sums: dict[str, Any]) -> dict[str, float]:
@@ -255,7 +265,7 @@ class BatchTable:
         """The fitted latency ratio (latency / dense latency on the target) of a network given as layer triples."""
         value = self.constant + self.scale * self.sum_ms(layers) / self.dense_table_ms
         if self.extra:
-            sums = feature_sums(layers)
+            sums = feature_sums(layers, self.extra)
             for name, coefficient in self.extra.items():
                 value = value + coefficient * sums[name] / self.dense_features[name]
         return value

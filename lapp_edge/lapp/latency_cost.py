@@ -36,12 +36,15 @@ instead; here the FLOPs stay the capacity measure the user asked for).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
-from lapp_edge.costs.latency_table import BatchTable, LayerTable, dense_normalisers, feature_sums_of, geometry
+from lapp_edge.costs.latency_table import (
+    EXTRA_FEATURES, BatchTable, LayerTable, dense_normalisers, feature_sums_of, geometry,
+)
 from lapp_edge.lapp.flops import DeployedLayer
 
 
@@ -131,18 +134,19 @@ class LatencyCost:
             total = total + table.lookup(c_in, c_out)
         return total
 
-    def feature_sums(self, counts: Any) -> dict[str, Any]:
-        """The table fit's extra terms' sums (conv MACs, output elements, off-block output elements) for kept counts."""
+    def feature_sums(self, counts: Any, names: Iterable[str] = EXTRA_FEATURES) -> dict[str, Any]:
+        """The sums of the extra terms `names` (default all: conv MACs, output elements, off-block output
+        elements) for kept counts."""
         return feature_sums_of([(shape, self._width(counts, layer.in_site, layer.in_fixed),
                                  self._width(counts, layer.out_site, layer.out_fixed))
-                                for shape, (_, layer) in zip(self.geometries, self.entries)])
+                                for shape, (_, layer) in zip(self.geometries, self.entries)], names)
 
     def fitted(self, counts: Any) -> Any:
         """The table fit's latency ratio a + b * table_ratio (+ c_f * extra feature ratio f), unnormalised."""
         table = self.table
         value = table.constant + table.scale * self.table_sum(counts) / self.dense_sum
         if table.extra:
-            sums = self.feature_sums(counts)
+            sums = self.feature_sums(counts, table.extra)      # only the terms the fit carries
             for name, coefficient in table.extra.items():
                 value = value + coefficient * sums[name] / self.dense_features[name]
         return value
