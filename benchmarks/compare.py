@@ -24,6 +24,11 @@ Methods (each at every FLOPs target and seed; `dense` once per seed, the referen
   lapp-shared-threshold  ... --shared-threshold (one threshold for every layer)
   lapp-no-anneal         ... --anneal-fraction 0 (the final target from the first step: no progressive schedule)
   lapp-no-groups         ... --no-groups (inner convs only; stage widths stay full)
+  lapp-efficient         LAPP shaped for speed on the latency target (x86-ort-fp32): the FLOPs landed on T
+                         (--max-flops T --land-on-flops) under a latency ceiling of T / --min-efficiency of
+                         the dense latency as this machine's layer table predicts it, residual branches
+                         removable but the first of each stage (--block-removal --keep-blocks 1); what
+                         `make demo` trains. Needs the target's layer table for this machine
 
 Every method trains for --epochs epochs in all on the same data (lapp_edge.data: the seeded
 --train-subset, the full test split), with the same optimizer and learning-rate schedule. Each run
@@ -86,6 +91,7 @@ class Method:
     kind: str                       # dense | lapp | uniform | tp
     train_flags: tuple[str, ...] = ()
     description: str = ""
+    shaped_for_speed: bool = False  # lapp: FLOPs landed on the target under a latency ceiling (lapp-efficient)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -100,6 +106,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lapp-shared-threshold", "lapp", ("--shared-threshold",), "LAPP, one threshold for all layers"),
     Method("lapp-no-anneal", "lapp", ("--anneal-fraction", "0"), "LAPP, final target from the first step"),
     Method("lapp-no-groups", "lapp", ("--no-groups",), "LAPP, inner convs only"),
+    Method("lapp-efficient", "lapp", ("--block-removal", "--keep-blocks", "1"),
+           "LAPP, FLOPs landed under an ORT fp32 latency ceiling", shaped_for_speed=True),
 )}
 
 
@@ -211,8 +219,13 @@ def job_command(job: Job, args: argparse.Namespace) -> list[str]:
     if method.kind in ("dense", "lapp"):
         settings = common_settings(args, job.seed)
         if method.kind == "lapp":
-            settings += ["--prune-epochs", str(prune_epochs_of(args)), "--flops-target", str(job.target),
-                         "--channel-multiple", str(args.channel_multiple)]
+            settings += ["--prune-epochs", str(prune_epochs_of(args)), "--channel-multiple", str(args.channel_multiple)]
+            if method.shaped_for_speed:
+                assert job.target is not None
+                settings += ["--max-flops", str(job.target), "--land-on-flops", "--target", LATENCY_TARGET,
+                             "--latency-batch", str(LATENCY_BATCH), "--latency-target", f"{job.target / args.min_efficiency:.4f}"]
+            else:
+                settings += ["--flops-target", str(job.target)]
         return train_command(job.run_dir(out), [*settings, *method.train_flags])
     worker = [sys.executable, str(Path(__file__).resolve()), "--only", f"{job.method}:{job.target}:{job.seed}"]
     for flag in ("out", "model", "epochs", "train_subset", "test_subset", "threads", "device", "channel_multiple",
@@ -924,6 +937,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-subset", type=int, default=0, help="seeded subset of the training split (0: all)")
     parser.add_argument("--test-subset", type=int, default=0, help="seeded subset of the test split (0: all; for smoke runs)")
     parser.add_argument("--channel-multiple", type=int, default=8)
+    parser.add_argument("--min-efficiency", type=float, default=0.8,
+                        help="lapp-efficient: its latency ceiling is the FLOPs target / this (measured speedup >= this x "
+                             "the FLOPs speedup; default 0.8, issue 9's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training process (default 1)")
     parser.add_argument("--nice", type=int, default=0, help="niceness added to every training process")
     parser.add_argument("--jobs", type=int, default=1,
@@ -954,6 +970,10 @@ def main(argv: list[str] | None = None) -> int:
     if not targets or any(not 0 < t <= 1 for t in targets) or not seeds or args.epochs < 2 or args.jobs < 1 or args.compiles < 1:
         print("compare: error: --flops-targets must lie in (0, 1], --seeds must name one seed or more, --epochs >= 2, --jobs >= 1, "
               "--compiles >= 1",
+              file=sys.stderr)
+        return 2
+    if any(METHODS[m].shaped_for_speed for m in methods) and not all(0 < t / args.min_efficiency <= 1 for t in targets):
+        print("compare: error: lapp-efficient's latency ceiling, each FLOPs target / --min-efficiency, must lie in (0, 1]",
               file=sys.stderr)
         return 2
     if any(METHODS[m].kind == "tp" for m in methods):

@@ -13,6 +13,10 @@ one measured side by side, and write the finished report (table + plot).
                                         # {latency_ms: 1.5, target: ...}; optional batch (default: the profile's
                                         # largest) and table (a layer-table file); target and latency may be lists
                                         # (several targets, the tightest binding). The budget's targets are benched.
+                                        # missing_table: stop (default: no layer table for a target on this machine
+                                        # stops the run before anything is written) or flops (that target's budget is
+                                        # left out, with a line naming the command that makes its table; with none
+                                        # left the run trains to train: max_flops of the FLOPs alone, block removal off)
     epochs: 3
     prune_epochs: 1                     # optional (TrainConfig's default otherwise)
     targets: [x86-ort-fp32, x86-ort-int8]   # profile names or YAML paths ("target: NAME" for one; "available":
@@ -62,7 +66,8 @@ DATA_KEYS = ("dataset", "data_dir", "input_size", "augment", "mean", "std", "tra
 # the budget's keys and the TrainConfig field each sets (so `train` may not set them)
 BUDGET_KEY_FIELDS = {"flops": "flops_target", "latency": "latency_target", "latency_ms": "latency_budget_ms",
                      "target": "target", "batch": "latency_batch", "table": "latency_table"}
-BUDGET_KEYS = tuple(BUDGET_KEY_FIELDS)
+MISSING_TABLE_POLICIES = ("stop", "flops")            # budget: missing_table
+BUDGET_KEYS = (*BUDGET_KEY_FIELDS, "missing_table")
 TOP_LEVEL_FIELDS = ("model", "epochs", "prune_epochs")      # TrainConfig fields set by the config's top-level keys
 BUDGET_FIELDS = tuple(BUDGET_KEY_FIELDS.values())
 
@@ -146,7 +151,65 @@ def train_configs(payload: dict[str, Any], out: Path, where: Path, parallel: boo
                 validate_config(config)
             except UserError as error:             # train's flag names -> this file's keys, naming the file
                 raise UserError(f"{where}: {as_config_keys(str(error))}") from None
+    missing_table_policy(payload["budget"], slim, where)
     return slim, dense
+
+
+def missing_table_policy(budget: object, slim: Any, where: Path) -> str:
+    """The budget's `missing_table` ("stop" unless given; see the module docstring), checked: "flops" needs a
+    latency budget and `train: max_flops`, the FLOPs share the run falls back to. UserError, one line, otherwise."""
+    policy = budget.get("missing_table", "stop") if isinstance(budget, dict) else "stop"
+    if policy not in MISSING_TABLE_POLICIES:
+        raise UserError(f"{where}: budget: missing_table must be {' or '.join(MISSING_TABLE_POLICIES)}, got {policy!r}")
+    if policy == "flops" and not slim.max_flops:
+        raise UserError(f"{where}: budget: missing_table: flops trains to the FLOPs share train: max_flops where no budget "
+                        "target has a layer table on this machine; set train: max_flops")
+    return policy
+
+
+def drop_targets_without_table(slim: Any, where: Path) -> tuple[Any, list[str]]:
+    """`missing_table: flops`: the slim run's TrainConfig without the budget targets this machine has no layer
+    table for, and one line per target left out (naming the command that makes its table). With no target
+    left, the run trains to `max_flops` of the FLOPs alone, as a FLOPs budget does (block removal off: it
+    is measured to pay for itself only under a latency ceiling, docs/RESULTS.md). The data is read for its
+    input shape (the table's key); UserError, in the config's words, where it cannot be."""
+    from dataclasses import replace
+
+    from lapp_edge.data.torch_data import load_dataset
+    from lapp_edge.deploy.measure import machine_key
+    from lapp_edge.training.config import defaults, split_values, validate_config
+    from lapp_edge.training.latency import targets_without_table
+    from lapp_edge.training.trainer import data_options
+
+    try:
+        info = load_dataset(slim.dataset, slim.data_dir, data_options(slim)).info
+    except UserError as error:
+        raise UserError(f"{where}: {as_config_keys(str(error))}") from None
+    shape = (info.in_channels, info.input_size, info.input_size)
+    missing = targets_without_table(slim, shape)
+    if not missing:
+        return slim, []
+    size = "x".join(map(str, shape))
+    flags = (f" --grid-multiple {slim.channel_multiple}" if slim.channel_multiple else "") \
+        + (" --block-removal" if slim.block_removal else "")
+    notes = [f"budget: no layer table for {name} / {slim.model} / {size} on this machine ({machine_key()}): its latency "
+             f"budget is left out (missing_table: flops); lapp-edge profile-layers --target {name} --model {slim.model} "
+             f"--input {size}{flags} makes one" for name in missing]
+    targets = split_values(slim.target)
+    kept = [i for i, name in enumerate(targets) if name not in missing]
+    if kept:
+        budget_field = "latency_target" if slim.latency_target else "latency_budget_ms"
+        values = split_values(getattr(slim, budget_field))
+        values = values if len(values) == 1 else [values[i] for i in kept]
+        resolved = replace(slim, target=",".join(targets[i] for i in kept), **{budget_field: ",".join(values)})
+    else:
+        latency_fields = ("target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table", "max_flops",
+                          "land_on_flops", "measure_at_freeze", "block_removal", "keep_blocks")
+        resolved = replace(slim, flops_target=slim.max_flops, **{name: defaults()[name] for name in latency_fields})
+        notes.append(f"budget: no budget target has a layer table here: LAPP trains to {slim.max_flops} of the dense FLOPs "
+                     "alone (train: max_flops), block removal off")
+    validate_config(resolved)
+    return resolved, notes
 
 
 def as_config_keys(message: str) -> str:
@@ -343,6 +406,11 @@ def run_all_command(args: argparse.Namespace) -> int:
         raise UserError(f"{where}: test_images must be an integer of at least 1 (or left out: the whole test split), "
                         f"got {test_images!r}")
     slim_config, dense_config = train_configs(payload, out, where, parallel)
+    budget_notes: list[str] = []
+    if missing_table_policy(payload["budget"], slim_config, where) == "flops" and slim_config.latency_constrained:
+        slim_config, budget_notes = drop_targets_without_table(slim_config, where)
+        for note in budget_notes:
+            print(note, flush=True)
     targets = target_list(payload, where)
     profiles = {t: load_target(t) for t in targets}             # every profile, before any work
     benched = {profile.name for profile in profiles.values()}
@@ -421,10 +489,12 @@ def run_all_command(args: argparse.Namespace) -> int:
         "slim package": str(packages["slim"]), "dense package": str(packages.get("dense")) if "dense" in packages else None,
         "bench": str(out / "bench.json"), "plot": str(plot), "report": str(out / "report.txt"),
     }
-    summary = {"title": title, "targets": rows, "files": files, "seconds": round(time.monotonic() - began, 1)}
+    summary = {"title": title, "budget_notes": budget_notes, "targets": rows, "files": files,
+               "seconds": round(time.monotonic() - began, 1)}
     atomic_write_json(out / "report.json", summary)
-    atomic_write_text(out / "report.txt", f"{title}\n{table}\n")
-    print(f"\n{title}\n{table}")
+    heading = "\n".join([title, *budget_notes])
+    atomic_write_text(out / "report.txt", f"{heading}\n{table}\n")
+    print(f"\n{heading}\n{table}")
     print("files:\n" + "\n".join(f"  {what:14s} {path}" for what, path in files.items() if path))
     minutes, seconds = divmod(int(summary["seconds"]), 60)
     print(f"run-all took {minutes} min {seconds:02d} s (wall clock{', this invocation' if resuming else ''})")

@@ -84,6 +84,15 @@ def find_table(profile: TargetProfile, model: str, input_shape: tuple[int, int, 
     return found
 
 
+def targets_without_table(config: TrainConfig, input_shape: tuple[int, int, int]) -> list[str]:
+    """The budget's --target names (as given) for which neither ./latency-data nor the shipped latency data
+    holds a layer table for this model, input shape and machine; none where --latency-table names the files."""
+    if split_values(config.latency_table):
+        return []
+    return [name for name in split_values(config.target)
+            if find_table_file(load_target(name).name, config.model, input_shape, machine_key()) is None]
+
+
 def fitted_on_removed_branches(table: LatencyTable, batch: int) -> bool | None:
     """Whether any whole network the table's fit was checked on removes a residual branch (a site at 0
     channels: `profile-layers --block-removal`); None where the table stores no such networks."""

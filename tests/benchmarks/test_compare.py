@@ -178,6 +178,30 @@ def _finish(job, out: Path, top1: float = 0.5) -> None:
     (run / "report.json").write_text(json.dumps(report))
 
 
+def test_lapp_efficient_lands_the_flops_under_a_latency_ceiling_of_target_over_min_efficiency(tmp_path: Path) -> None:
+    """lapp-efficient trains what `make demo` trains: FLOPs landed on the target, ORT fp32 latency at most target /
+    --min-efficiency of dense (as the layer table predicts it), branches removable but the first of each stage; the
+    flags are ones `lapp-edge train` accepts together (no --flops-target beside the latency budget)."""
+    from lapp_edge.cli import build_parser
+    from lapp_edge.cli.flags import given_options
+    from lapp_edge.training.config import TrainConfig, refuse_ignored_options, validate_config
+
+    args = compare.build_parser().parse_args(["--out", str(tmp_path), "--epochs", "8", "--min-efficiency", "0.8"])
+    [job] = compare.plan_jobs(["lapp-efficient"], [0.5], [0])
+    command = compare.job_command(job, args)
+    flags = command[command.index("train") + 1:]
+    assert "--flops-target" not in flags
+    for flag, value in (("--max-flops", "0.5"), ("--latency-target", "0.6250"), ("--target", "x86-ort-fp32"),
+                        ("--latency-batch", "32"), ("--keep-blocks", "1"), ("--channel-multiple", "8")):
+        assert flags[flags.index(flag) + 1] == value, flag
+    given = given_options(build_parser().parse_args(["train", *flags]), TrainConfig)
+    refuse_ignored_options(given)
+    config = TrainConfig(**given)
+    validate_config(config)
+    assert config.land_on_flops and config.block_removal and config.latency_constrained and config.max_flops == 0.5
+    assert compare.main(["--out", str(tmp_path), "--methods", "lapp-efficient", "--flops-targets", "0.9"]) == 2
+
+
 def test_resume_skips_finished_runs_and_resumes_unfinished_ones(tmp_path: Path, monkeypatch, capsys) -> None:
     args = compare.build_parser().parse_args(["--out", str(tmp_path), "--epochs", "3", "--seeds", "0",
                                               "--flops-targets", "0.5", "--methods", "dense,lapp,uniform"])

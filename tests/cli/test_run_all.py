@@ -244,6 +244,80 @@ def test_run_all_measures_the_freezes_plan_like_train_does(tmp_path: Path, fmnis
     assert "at freeze the planned widths are measured on each target" in capsys.readouterr().out
 
 
+# `budget: missing_table: flops` (configs/demo.yaml): per machine kind, which of the demo's two targets has a
+# shipped ResNet-20 1x28x28 table decides what the slim run is shaped for
+AVX2_EPYC = "AMD EPYC; avx2"                 # ORT fp32 and OpenVINO bf16 tables ship for it, OpenVINO f32 does not
+UNPROFILED_CPU = "A CPU nobody profiled; avx2"
+
+
+def _trained_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, machine: str, budget: dict[str, object],
+                    train: dict[str, object]) -> TrainConfig:
+    """Run-all up to the slim run's first step on a machine of key `machine` (no ./latency-data); the
+    TrainConfig the slim run would have trained with."""
+    from lapp_edge.training.trainer import Trainer
+
+    monkeypatch.setattr("lapp_edge.training.latency.machine_key", lambda: machine)
+    monkeypatch.setattr("lapp_edge.deploy.measure.machine_key", lambda: machine)
+    monkeypatch.chdir(tmp_path)
+    seen: list[TrainConfig] = []
+
+    def stop(self: Trainer, *args: object, **kwargs: object) -> None:
+        seen.append(self.config)
+        raise _StopBeforeTraining
+
+    monkeypatch.setattr(Trainer, "run", stop)
+    config = write_config(tmp_path, parallel_training=False, dense_baseline=False, budget=budget,
+                          train={"threads": 1, "progress": False, "bn_recalibration_batches": 2, **train})
+    with pytest.raises(_StopBeforeTraining):
+        main(["run-all", str(config)])
+    return seen[0]
+
+
+DEMO_TRAIN = {"max_flops": 0.4, "land_on_flops": True, "block_removal": True, "keep_blocks": 1, "channel_multiple": 8}
+
+
+def test_missing_table_flops_leaves_out_the_targets_this_machine_has_no_table_for(
+        tmp_path: Path, fmnist: Dataset, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's budget on a CPU with a shipped ORT fp32 table and no OpenVINO f32 one: shaped for ORT alone (its
+    own latency value kept where each target has one), one line naming the command that makes the missing table."""
+    budget = {"latency": [0.6, 0.5], "target": ["x86-ort-fp32", "x86-openvino-f32"], "missing_table": "flops"}
+    config = _trained_config(tmp_path, monkeypatch, AVX2_EPYC, budget, DEMO_TRAIN)
+    assert config.target == "x86-ort-fp32" and config.latency_target == "0.6" and config.latency_constrained
+    assert config.land_on_flops and config.max_flops == 0.4 and config.block_removal and config.keep_blocks == 1
+    out = capsys.readouterr().out
+    assert (f"budget: no layer table for x86-openvino-f32 / resnet20 / 1x28x28 on this machine ({AVX2_EPYC}): its latency "
+            "budget is left out (missing_table: flops); lapp-edge profile-layers --target x86-openvino-f32 --model resnet20 "
+            "--input 1x28x28 --grid-multiple 8 --block-removal makes one") in out
+    assert "x86-ort-fp32 / resnet20" not in out
+
+
+def test_missing_table_flops_with_no_table_trains_to_the_flops_alone(
+        tmp_path: Path, fmnist: Dataset, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No budget target has a table: the run is the FLOPs-only LAPP run at max_flops (block removal off), every
+    latency setting reset, and the lines say so; nothing is written before training (the stop above)."""
+    budget = {"latency": 0.5, "target": ["x86-ort-fp32", "x86-openvino-f32"], "missing_table": "flops"}
+    config = _trained_config(tmp_path, monkeypatch, UNPROFILED_CPU, budget, DEMO_TRAIN)
+    assert not config.latency_constrained and config.flops_target == 0.4 and config.target == ""
+    assert (config.max_flops, config.land_on_flops, config.block_removal, config.keep_blocks) == (0.0, False, False, 0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("budget: ")]
+    assert len(lines) == 3 and "x86-ort-fp32" in lines[0] and "x86-openvino-f32" in lines[1]
+    assert lines[2] == ("budget: no budget target has a layer table here: LAPP trains to 0.4 of the dense FLOPs alone "
+                        "(train: max_flops), block removal off")
+
+
+@pytest.mark.parametrize(("budget", "train", "message"), [
+    ({"latency": 0.5, "target": "x86-ort-fp32", "missing_table": "skip"}, {}, "budget: missing_table must be stop or flops, got 'skip'"),
+    ({"latency": 0.5, "target": "x86-ort-fp32", "missing_table": "flops"}, {}, "missing_table: flops trains to the FLOPs share train: max_flops"),
+    ({"flops": 0.5, "missing_table": "flops"}, {}, "budget: missing_table only go with a latency budget"),
+])
+def test_a_bad_missing_table_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            budget: dict[str, object], train: dict[str, object], message: str) -> None:
+    config = write_config(tmp_path, budget=budget, train={"threads": 1, **train})
+    assert main(["run-all", str(config)]) == 2
+    assert message in one_error(capsys)
+    assert not (tmp_path / "all").exists()
+
+
 @pytest.mark.parametrize("config", sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml")),
                          ids=lambda path: path.name)
 def test_every_shipped_config_is_a_valid_run_all_config(config: Path, tmp_path: Path) -> None:
@@ -256,10 +330,12 @@ def test_every_shipped_config_is_a_valid_run_all_config(config: Path, tmp_path: 
     slim, dense = train_configs(payload, tmp_path / "out", config)
     assert slim.epochs == payload["epochs"] and not slim.dense
     assert dense is not None and dense.dense
-    if config.name == "demo-efficient.yaml":       # FLOPs landed on 0.4 under a latency ceiling on two targets
+    if config.name == "demo.yaml":                 # FLOPs landed on 0.4 under a latency ceiling on two targets
         assert slim.land_on_flops and slim.max_flops == 0.4 and slim.block_removal and slim.keep_blocks == 1
         assert slim.target == "x86-ort-fp32,x86-openvino-f32" and slim.latency_constrained
         from lapp_edge.cli.run_all import budget_title
         title = budget_title(slim, {"flops": {"ratio": 0.396}})   # the report's title says what it was trained to
         assert title == ("LAPP to 0.396 of the dense FLOPs (landed on 0.4) under latency ceilings "
                          "(x0.5 of the dense latency on x86-ort-fp32, x0.5 of the dense latency on x86-openvino-f32)")
+        from lapp_edge.cli.run_all import missing_table_policy
+        assert missing_table_policy(payload["budget"], slim, config) == "flops"   # runs on a CPU without the tables
