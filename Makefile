@@ -28,7 +28,8 @@ $(FMNIST):
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
 # The whole mission in one command (configs/demo.yaml, ~10 minutes on 2 CPU cores): LAPP-train
-# ResNet-20 on Fashion-MNIST to 40% of its FLOPs and the dense baseline, export both as verified
+# ResNet-20 on Fashion-MNIST to 40% of its FLOPs, shaped for ORT fp32 and OpenVINO f32 speed where this
+# CPU has their layer tables (FLOPs alone where not), and the dense baseline, export both as verified
 # packages, bench the slim one on every CPU target profile this machine can run with the dense one
 # measured side by side; prints per target the accuracy (dense, slim), measured vs predicted latency
 # and the speedup, draws accuracy vs latency, and says where the files are. The demo owns runs/demo

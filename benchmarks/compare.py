@@ -24,11 +24,12 @@ Methods (each at every FLOPs target and seed; `dense` once per seed, the referen
   lapp-shared-threshold  ... --shared-threshold (one threshold for every layer)
   lapp-no-anneal         ... --anneal-fraction 0 (the final target from the first step: no progressive schedule)
   lapp-no-groups         ... --no-groups (inner convs only; stage widths stay full)
-  lapp-efficient         LAPP shaped for speed on the latency target (x86-ort-fp32): the FLOPs landed on T
-                         (--max-flops T --land-on-flops) under a latency ceiling of T / --min-efficiency of
-                         the dense latency as this machine's layer table predicts it, residual branches
-                         removable but the first of each stage (--block-removal --keep-blocks 1); what
-                         `make demo` trains. Needs the target's layer table for this machine
+  lapp-efficient         (asked for by name) LAPP shaped for speed on the latency target (x86-ort-fp32): the
+                         FLOPs landed on T (--max-flops T --land-on-flops) under a latency ceiling of
+                         T / --min-efficiency of the dense latency as this machine's layer table predicts it,
+                         residual branches removable but the first of each stage (--block-removal
+                         --keep-blocks 1): the demo's shape with its ORT ceiling alone. Needs the target's
+                         layer table for this machine (refused in one line before training otherwise)
 
 Every method trains for --epochs epochs in all on the same data (lapp_edge.data: the seeded
 --train-subset, the full test split), with the same optimizer and learning-rate schedule. Each run
@@ -109,6 +110,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lapp-efficient", "lapp", ("--block-removal", "--keep-blocks", "1"),
            "LAPP, FLOPs landed under an ORT fp32 latency ceiling", shaped_for_speed=True),
 )}
+DEFAULT_METHODS = tuple(name for name, method in METHODS.items() if not method.shaped_for_speed)
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,19 @@ def prune_epochs_of(args: argparse.Namespace) -> int:
 
 def pretrain_epochs_of(args: argparse.Namespace) -> int:
     return args.pretrain_epochs or max(1, min(args.epochs - 1, round(args.epochs * 0.5)))
+
+
+def latency_table_missing(args: argparse.Namespace) -> str:
+    """What lapp-edge train would miss to shape a run for LATENCY_TARGET here (its layer table for this machine,
+    the model and Fashion-MNIST's 1x28x28), or "" where nothing is missing."""
+    from lapp_edge.training.config import TrainConfig
+    from lapp_edge.training.latency import targets_without_table
+
+    config = TrainConfig(out="", model=args.model, target=LATENCY_TARGET, latency_target="0.5")
+    if not targets_without_table(config, (1, 28, 28)):
+        return ""
+    return (f"a layer table for {LATENCY_TARGET} / {args.model} / 1x28x28 on this machine: lapp-edge profile-layers --target "
+            f"{LATENCY_TARGET} --model {args.model} --grid-multiple {args.channel_multiple} --block-removal makes one")
 
 
 def common_settings(args: argparse.Namespace, seed: int) -> list[str]:
@@ -929,7 +944,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--flops-targets", default="0.3,0.5", help="comma-separated FLOPs targets (default 0.3,0.5)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated subset of: " + ", ".join(METHODS) + " (default: all but lapp-efficient, which "
+                             "needs this machine's layer table for the latency target)")
     parser.add_argument("--epochs", type=int, default=30, help="the epoch budget of every method (default 30)")
     parser.add_argument("--prune-epochs", type=int, default=0, help="LAPP's pruning epochs (0: 20%% of --epochs, at least 1)")
     parser.add_argument("--pretrain-epochs", type=int, default=0,
@@ -939,7 +956,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channel-multiple", type=int, default=8)
     parser.add_argument("--min-efficiency", type=float, default=0.8,
                         help="lapp-efficient: its latency ceiling is the FLOPs target / this (measured speedup >= this x "
-                             "the FLOPs speedup; default 0.8, issue 9's)")
+                             "the FLOPs speedup; default 0.8, issue 9's). Runs are kept by method, target and seed: a "
+                             "finished run trained at another value is reused, so give another --out")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training process (default 1)")
     parser.add_argument("--nice", type=int, default=0, help="niceness added to every training process")
     parser.add_argument("--jobs", type=int, default=1,
@@ -972,10 +990,15 @@ def main(argv: list[str] | None = None) -> int:
               "--compiles >= 1",
               file=sys.stderr)
         return 2
-    if any(METHODS[m].shaped_for_speed for m in methods) and not all(0 < t / args.min_efficiency <= 1 for t in targets):
-        print("compare: error: lapp-efficient's latency ceiling, each FLOPs target / --min-efficiency, must lie in (0, 1]",
-              file=sys.stderr)
-        return 2
+    if any(METHODS[m].shaped_for_speed for m in methods):
+        if not args.min_efficiency > 0 or not all(0 < t / args.min_efficiency <= 1 for t in targets):
+            print("compare: error: lapp-efficient's latency ceiling, each FLOPs target / --min-efficiency, must lie in (0, 1]",
+                  file=sys.stderr)
+            return 2
+        missing = latency_table_missing(args)
+        if missing:
+            print(f"compare: error: lapp-efficient needs {missing}", file=sys.stderr)
+            return 2
     if any(METHODS[m].kind == "tp" for m in methods):
         try:
             import torch_pruning  # noqa: F401

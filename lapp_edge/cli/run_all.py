@@ -37,7 +37,8 @@ anything is written. The config is stored in the output directory (`run-all.yaml
 same config again continues where it stopped (training resumes from its checkpoints, finished
 stages are kept); a different config for the same directory is refused.
 
-    DIR/run-all.yaml  DIR/slim/ DIR/dense/ (training runs)  DIR/models/{slim,dense}/ (packages)
+    DIR/run-all.yaml  DIR/budget.json (missing_table: flops: the budget as resolved when the run started)
+    DIR/slim/ DIR/dense/ (training runs)  DIR/models/{slim,dense}/ (packages)
     DIR/bench.json  DIR/report.json  DIR/report.txt  DIR/accuracy_vs_latency.png
 """
 
@@ -167,16 +168,25 @@ def missing_table_policy(budget: object, slim: Any, where: Path) -> str:
     return policy
 
 
+# the TrainConfig fields `missing_table: flops` may change, stored as resolved when a run-all starts (RESOLVED_BUDGET)
+RESOLVED_FIELDS = ("flops_target", "target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table",
+                   "max_flops", "land_on_flops", "measure_at_freeze", "block_removal", "keep_blocks")
+RESOLVED_BUDGET = "budget.json"
+
+
 def drop_targets_without_table(slim: Any, where: Path) -> tuple[Any, list[str]]:
-    """`missing_table: flops`: the slim run's TrainConfig without the budget targets this machine has no layer
-    table for, and one line per target left out (naming the command that makes its table). With no target
-    left, the run trains to `max_flops` of the FLOPs alone, as a FLOPs budget does (block removal off: it
-    is measured to pay for itself only under a latency ceiling, docs/RESULTS.md). The data is read for its
-    input shape (the table's key); UserError, in the config's words, where it cannot be."""
+    """`missing_table: flops`: the slim run's TrainConfig without the budget targets this machine cannot shape
+    for (no layer table for it here, or, where the freeze measures its plan, no runtime for it), and one line
+    per target left out, naming the command that makes its table. With no target left, the run trains to
+    `max_flops` of the FLOPs alone, as a FLOPs budget does (block removal off: it is measured to pay for
+    itself only under a latency ceiling, docs/RESULTS.md). The data is read for its input shape (the
+    table's key). UserError, in the config's words, where the data cannot be read."""
     from dataclasses import replace
 
     from lapp_edge.data.torch_data import load_dataset
+    from lapp_edge.deploy.backends import runtime_available
     from lapp_edge.deploy.measure import machine_key
+    from lapp_edge.deploy.targets import load_target
     from lapp_edge.training.config import defaults, split_values, validate_config
     from lapp_edge.training.latency import targets_without_table
     from lapp_edge.training.trainer import data_options
@@ -186,30 +196,54 @@ def drop_targets_without_table(slim: Any, where: Path) -> tuple[Any, list[str]]:
     except UserError as error:
         raise UserError(f"{where}: {as_config_keys(str(error))}") from None
     shape = (info.in_channels, info.input_size, info.input_size)
-    missing = targets_without_table(slim, shape)
-    if not missing:
-        return slim, []
     size = "x".join(map(str, shape))
     flags = (f" --grid-multiple {slim.channel_multiple}" if slim.channel_multiple else "") \
         + (" --block-removal" if slim.block_removal else "")
-    notes = [f"budget: no layer table for {name} / {slim.model} / {size} on this machine ({machine_key()}): its latency "
-             f"budget is left out (missing_table: flops); lapp-edge profile-layers --target {name} --model {slim.model} "
-             f"--input {size}{flags} makes one" for name in missing]
     targets = split_values(slim.target)
-    kept = [i for i, name in enumerate(targets) if name not in missing]
+    reasons = {name: f"no layer table for {slim.model} / {size} on this machine ({machine_key()}); lapp-edge profile-layers "
+                     f"--target {load_target(name).argument} --model {slim.model} --input {size}{flags} makes one"
+               for name in targets_without_table(slim, shape)}
+    for name in targets:
+        available, why = runtime_available(load_target(name).backend)
+        if name not in reasons and slim.measure_at_freeze and not available:
+            reasons[name] = f"the freeze measures its plan there, and its runtime cannot run here ({why})"
+    if not reasons:
+        return slim, []
+    notes = [f"budget: {name}: its latency budget is left out (missing_table: flops): {why}" for name, why in reasons.items()]
+    kept = [i for i, name in enumerate(targets) if name not in reasons]
     if kept:
         budget_field = "latency_target" if slim.latency_target else "latency_budget_ms"
         values = split_values(getattr(slim, budget_field))
         values = values if len(values) == 1 else [values[i] for i in kept]
         resolved = replace(slim, target=",".join(targets[i] for i in kept), **{budget_field: ",".join(values)})
     else:
-        latency_fields = ("target", "latency_target", "latency_budget_ms", "latency_batch", "latency_table", "max_flops",
-                          "land_on_flops", "measure_at_freeze", "block_removal", "keep_blocks")
-        resolved = replace(slim, flops_target=slim.max_flops, **{name: defaults()[name] for name in latency_fields})
-        notes.append(f"budget: no budget target has a layer table here: LAPP trains to {slim.max_flops} of the dense FLOPs "
+        resolved = replace(slim, **{**{name: defaults()[name] for name in RESOLVED_FIELDS}, "flops_target": slim.max_flops})
+        notes.append(f"budget: no budget target can be shaped for here: LAPP trains to {slim.max_flops} of the dense FLOPs "
                      "alone (train: max_flops), block removal off")
-    validate_config(resolved)
+    try:
+        validate_config(resolved)
+    except UserError as error:
+        raise UserError(f"{where}: {as_config_keys(str(error))}") from None
     return resolved, notes
+
+
+def resolved_budget(slim: Any, out: Path, resuming: bool, where: Path) -> tuple[Any, list[str]]:
+    """`missing_table: flops`: the slim run's budget as `drop_targets_without_table` resolves it, or, resuming a
+    run-all that stored one (RESOLVED_BUDGET), as it was resolved when the run started: a table made since
+    (what the printed line asks for) must not change what a half-trained run trains to, nor what its
+    report says it was shaped for."""
+    from dataclasses import replace
+
+    from lapp_edge.fileio import read_json
+
+    stored = out / RESOLVED_BUDGET
+    if resuming and stored.is_file():
+        saved = read_json(stored)
+        if not isinstance(saved, dict) or not isinstance(saved.get("fields"), dict) or set(saved["fields"]) != set(RESOLVED_FIELDS) \
+                or not isinstance(saved.get("notes"), list):
+            raise UserError(f"{stored} is damaged: remove {out} and run the config again, or use another --out")
+        return replace(slim, **saved["fields"]), [str(note) for note in saved["notes"]]
+    return drop_targets_without_table(slim, where)
 
 
 def as_config_keys(message: str) -> str:
@@ -249,7 +283,7 @@ def budget_settings(budget: object, where: Path) -> dict[str, Any]:
     if kinds == ["flops"]:
         extra = sorted(str(k) for k in budget if k != "flops")
         if extra:
-            raise UserError(f"{where}: budget: {', '.join(extra)} only go with a latency budget")
+            raise UserError(f"{where}: budget: {', '.join(extra)} {'goes' if len(extra) == 1 else 'go'} only with a latency budget")
         return {"flops_target": budget["flops"]}
     if "target" not in budget:
         raise UserError(f"{where}: a latency budget needs target: the profile(s) whose latency it is (lapp-edge targets)")
@@ -406,23 +440,6 @@ def run_all_command(args: argparse.Namespace) -> int:
         raise UserError(f"{where}: test_images must be an integer of at least 1 (or left out: the whole test split), "
                         f"got {test_images!r}")
     slim_config, dense_config = train_configs(payload, out, where, parallel)
-    budget_notes: list[str] = []
-    if missing_table_policy(payload["budget"], slim_config, where) == "flops" and slim_config.latency_constrained:
-        slim_config, budget_notes = drop_targets_without_table(slim_config, where)
-        for note in budget_notes:
-            print(note, flush=True)
-    targets = target_list(payload, where)
-    profiles = {t: load_target(t) for t in targets}             # every profile, before any work
-    benched = {profile.name for profile in profiles.values()}
-    budget_profiles = {t: load_target(t) for t in split_values(slim_config.target)} if slim_config.latency_constrained else {}
-    shaped_for = {t: profile for t, profile in budget_profiles.items() if profile.name not in benched}
-    if shaped_for:                                               # a budget's target is always measured
-        print(f"targets: adding {', '.join(shaped_for)} (the latency budget's target) to the bench", flush=True)
-        targets += list(shaped_for)
-        profiles.update(shaped_for)
-    for profile in profiles.values():                           # and every calibration set they name
-        if profile.precision == "int8":
-            load_definition(profile.calibration)
 
     # the output directory: new, or this very config's (then finished stages are kept and training resumes)
     stored = out / CONFIG_NAME
@@ -435,6 +452,25 @@ def run_all_command(args: argparse.Namespace) -> int:
             raise UserError(f"{out} holds a run-all of another config ({stored}); use another --out or the same config")
     elif out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} already holds files that are not a run-all; choose another --out")
+    budget_notes: list[str] = []              # budget: missing_table: flops, where a target cannot be shaped for here
+    resolving = missing_table_policy(payload["budget"], slim_config, where) == "flops" and slim_config.latency_constrained
+    if resolving:
+        slim_config, budget_notes = resolved_budget(slim_config, out, resuming, where)
+        for note in budget_notes:
+            print(note, flush=True)
+
+    targets = target_list(payload, where)
+    profiles = {t: load_target(t) for t in targets}             # every profile, before any work
+    benched = {profile.name for profile in profiles.values()}
+    budget_profiles = {t: load_target(t) for t in split_values(slim_config.target)} if slim_config.latency_constrained else {}
+    shaped_for = {t: profile for t, profile in budget_profiles.items() if profile.name not in benched}
+    if shaped_for:                                               # a budget's target is always measured
+        print(f"targets: adding {', '.join(shaped_for)} (the latency budget's target) to the bench", flush=True)
+        targets += list(shaped_for)
+        profiles.update(shaped_for)
+    for profile in profiles.values():                           # and every calibration set they name
+        if profile.precision == "int8":
+            load_definition(profile.calibration)
 
     runs = [("slim", slim_config)] + ([("dense", dense_config)] if dense_config is not None else [])
     trainers = {}
@@ -453,6 +489,9 @@ def run_all_command(args: argparse.Namespace) -> int:
             check_input_shape(profile, shape, f"the {slim_config.model} trained on this data")
 
     out.mkdir(parents=True, exist_ok=True)
+    if resolving and not (out / RESOLVED_BUDGET).is_file():
+        atomic_write_json(out / RESOLVED_BUDGET, {"fields": {name: getattr(slim_config, name) for name in RESOLVED_FIELDS},
+                                                  "notes": budget_notes})
     if not resuming:
         atomic_write_text(stored, text)
     if parallel and len(trainers) > 1:

@@ -199,7 +199,18 @@ def test_lapp_efficient_lands_the_flops_under_a_latency_ceiling_of_target_over_m
     config = TrainConfig(**given)
     validate_config(config)
     assert config.land_on_flops and config.block_removal and config.latency_constrained and config.max_flops == 0.5
-    assert compare.main(["--out", str(tmp_path), "--methods", "lapp-efficient", "--flops-targets", "0.9"]) == 2
+    for bad in (["--flops-targets", "0.9"], ["--min-efficiency", "0"]):            # ceiling above dense; no ceiling
+        assert compare.main(["--out", str(tmp_path), "--methods", "lapp-efficient", *bad]) == 2
+    assert "lapp-efficient" not in compare.build_parser().parse_args([]).methods      # opt-in: it needs a layer table
+
+
+def test_lapp_efficient_without_a_layer_table_here_is_refused_before_training(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("lapp_edge.training.latency.machine_key", lambda: "A CPU nobody profiled; avx2")
+    monkeypatch.chdir(tmp_path)
+    assert compare.main(["--out", str(tmp_path / "out"), "--methods", "dense,lapp-efficient", "--flops-targets", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "lapp-efficient needs a layer table for x86-ort-fp32 / resnet20 / 1x28x28 on this machine" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_resume_skips_finished_runs_and_resumes_unfinished_ones(tmp_path: Path, monkeypatch, capsys) -> None:

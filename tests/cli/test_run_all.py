@@ -109,7 +109,7 @@ BAD_CONFIGS = [
     ({"budget": {"latency": "half", "target": "x86-ort-fp32"}}, "budget: latency must be a number or a list of numbers"),
     ({"budget": {"latency": 0.5, "target": ["x86-ort-fp32", True]}}, "budget: target must be a name or a list of names"),
     ({"budget": {"latency": 0.5, "target": "x86-ort-fp32", "speed": 2}}, "budget: unknown key(s) speed"),
-    ({"budget": {"flops": 0.4, "batch": 32}}, "budget: batch only go with a latency budget"),
+    ({"budget": {"flops": 0.4, "batch": 32}}, "budget: batch goes only with a latency budget"),
     ({"budget": {"latency": 1.5, "target": "x86-ort-fp32"}}, "config.yaml: budget: latency"),
     ({"budget": {"latency": [0.5, 0.6], "target": "x86-ort-fp32"}}, "config.yaml: budget: latency takes one value for all targets or one per budget: target (1), got 2"),
     ({"train": {"latency_target": "0.5", "target": "x86-ort-fp32"}}, "cannot be set there"),
@@ -248,6 +248,7 @@ def test_run_all_measures_the_freezes_plan_like_train_does(tmp_path: Path, fmnis
 # shipped ResNet-20 1x28x28 table decides what the slim run is shaped for
 AVX2_EPYC = "AMD EPYC; avx2"                 # ORT fp32 and OpenVINO bf16 tables ship for it, OpenVINO f32 does not
 UNPROFILED_CPU = "A CPU nobody profiled; avx2"
+AMX_XEON = "Intel(R) Xeon(R) Processor; amx_bf16 amx_int8 avx2 avx512_bf16 avx512_vnni avx512f avx_vnni"   # both tables
 
 
 def _trained_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, machine: str, budget: dict[str, object],
@@ -285,10 +286,10 @@ def test_missing_table_flops_leaves_out_the_targets_this_machine_has_no_table_fo
     assert config.target == "x86-ort-fp32" and config.latency_target == "0.6" and config.latency_constrained
     assert config.land_on_flops and config.max_flops == 0.4 and config.block_removal and config.keep_blocks == 1
     out = capsys.readouterr().out
-    assert (f"budget: no layer table for x86-openvino-f32 / resnet20 / 1x28x28 on this machine ({AVX2_EPYC}): its latency "
-            "budget is left out (missing_table: flops); lapp-edge profile-layers --target x86-openvino-f32 --model resnet20 "
+    assert ("budget: x86-openvino-f32: its latency budget is left out (missing_table: flops): no layer table for resnet20 / "
+            f"1x28x28 on this machine ({AVX2_EPYC}); lapp-edge profile-layers --target x86-openvino-f32 --model resnet20 "
             "--input 1x28x28 --grid-multiple 8 --block-removal makes one") in out
-    assert "x86-ort-fp32 / resnet20" not in out
+    assert "budget: x86-ort-fp32" not in out
 
 
 def test_missing_table_flops_with_no_table_trains_to_the_flops_alone(
@@ -301,14 +302,63 @@ def test_missing_table_flops_with_no_table_trains_to_the_flops_alone(
     assert (config.max_flops, config.land_on_flops, config.block_removal, config.keep_blocks) == (0.0, False, False, 0)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("budget: ")]
     assert len(lines) == 3 and "x86-ort-fp32" in lines[0] and "x86-openvino-f32" in lines[1]
-    assert lines[2] == ("budget: no budget target has a layer table here: LAPP trains to 0.4 of the dense FLOPs alone "
+    assert lines[2] == ("budget: no budget target can be shaped for here: LAPP trains to 0.4 of the dense FLOPs alone "
                         "(train: max_flops), block removal off")
+    stored = json.loads((tmp_path / "all" / "budget.json").read_text())      # written with run-all.yaml, for a resume
+    assert stored["notes"] == lines and stored["fields"]["flops_target"] == 0.4 and stored["fields"]["target"] == ""
+
+
+SHIPPED_MACHINES = {AVX2_EPYC: "x86-ort-fp32", "AMD EPYC; avx2 avx512_bf16 avx512_vnni avx512f": "x86-ort-fp32,x86-openvino-f32",
+                    "AMD EPYC; avx2 avx512_bf16 avx512_vnni avx512f avx_vnni": "x86-ort-fp32", AMX_XEON: "x86-ort-fp32,x86-openvino-f32",
+                    UNPROFILED_CPU: ""}
+
+
+@pytest.mark.parametrize("machine", list(SHIPPED_MACHINES))
+def test_the_demo_starts_training_on_every_machine_kind_with_shipped_tables(
+        tmp_path: Path, fmnist: Dataset, monkeypatch: pytest.MonkeyPatch, machine: str) -> None:
+    """`make demo`'s budget and settings, on each CPU kind the shipped tables were profiled on: shaped for the targets
+    that have a table there, and reachable under those tables (the trainer refuses an unreachable budget before
+    training); on a CPU with none, FLOPs-only."""
+    demo = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").read_text())
+    config = _trained_config(tmp_path, monkeypatch, machine, demo["budget"], demo["train"])
+    assert config.target == SHIPPED_MACHINES[machine]
+    assert config.latency_constrained == bool(SHIPPED_MACHINES[machine]) and (config.flops_target == 0.4 or config.max_flops == 0.4)
+
+
+def test_a_resumed_run_all_keeps_the_budget_it_started_with(
+        tmp_path: Path, fmnist: Dataset, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run-all started on a machine with no tables trains FLOPs-only; resumed after a table appeared (what its
+    line asks the user to make), it still trains and reports what it started as, not a latency budget half-way."""
+    budget = {"latency": 0.5, "target": ["x86-ort-fp32", "x86-openvino-f32"], "missing_table": "flops"}
+    _trained_config(tmp_path, monkeypatch, UNPROFILED_CPU, budget, DEMO_TRAIN)
+    first = capsys.readouterr().out
+    resumed = _trained_config(tmp_path, monkeypatch, AVX2_EPYC, budget, DEMO_TRAIN)   # the same config, same --out
+    assert not resumed.latency_constrained and resumed.flops_target == 0.4 and not resumed.block_removal
+    notes = [line for line in first.splitlines() if line.startswith("budget: ")]
+    again = capsys.readouterr().out
+    assert notes and all(note in again for note in notes)
+
+
+def test_missing_table_flops_leaves_out_a_target_whose_runtime_is_missing(
+        tmp_path: Path, fmnist: Dataset, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table but no runtime (OpenVINO not installed): the freeze could not measure there, so that target is left
+    out before anything is written, not found missing after the pruning phase."""
+    import lapp_edge.deploy.backends as backends
+
+    real = backends.runtime_available
+    monkeypatch.setattr(backends, "runtime_available",
+                        lambda name: (False, "openvino not installed") if name == "openvino-cpu" else real(name))
+    budget = {"latency": 0.5, "target": ["x86-ort-fp32", "x86-openvino-f32"], "missing_table": "flops"}
+    config = _trained_config(tmp_path, monkeypatch, AMX_XEON, budget, DEMO_TRAIN)
+    assert config.target == "x86-ort-fp32" and config.latency_constrained
+    assert ("budget: x86-openvino-f32: its latency budget is left out (missing_table: flops): the freeze measures its plan "
+            "there, and its runtime cannot run here (openvino not installed)") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("budget", "train", "message"), [
     ({"latency": 0.5, "target": "x86-ort-fp32", "missing_table": "skip"}, {}, "budget: missing_table must be stop or flops, got 'skip'"),
     ({"latency": 0.5, "target": "x86-ort-fp32", "missing_table": "flops"}, {}, "missing_table: flops trains to the FLOPs share train: max_flops"),
-    ({"flops": 0.5, "missing_table": "flops"}, {}, "budget: missing_table only go with a latency budget"),
+    ({"flops": 0.5, "missing_table": "flops"}, {}, "budget: missing_table goes only with a latency budget"),
 ])
 def test_a_bad_missing_table_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                             budget: dict[str, object], train: dict[str, object], message: str) -> None:

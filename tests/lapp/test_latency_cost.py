@@ -257,7 +257,7 @@ def test_latency_constrained_training_lands_on_the_budget_and_records_the_target
 @pytest.mark.parametrize("case", ["missing", "other-target", "other-machine", "below-floor", "above-dense",
                                   "no-target", "both-constraints", "count-mismatch", "max-flops-alone",
                                   "max-flops-range", "max-flops-below-floor", "land-without-max-flops",
-                                  "land-over-ceiling"])
+                                  "land-over-ceiling", "runtime-missing"])
 def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path, case: str, capsys, monkeypatch) -> None:
     from lapp_edge.cli import main
 
@@ -270,7 +270,8 @@ def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path
                 "both-constraints": "exclude each other", "count-mismatch": "one value for all targets",
                 "max-flops-alone": "beside a latency budget", "max-flops-range": "--max-flops must lie in",
                 "max-flops-below-floor": "FLOPs at most 0.02", "land-without-max-flops": "give --max-flops",
-                "land-over-ceiling": "loosen --latency-target or lower --max-flops"}[case]
+                "land-over-ceiling": "loosen --latency-target or lower --max-flops",
+                "runtime-missing": "its runtime cannot run here (onnxruntime not installed)"}[case]
     if case == "other-target":
         path = _write(tmp_path, synthetic_table(layers, sites, target="x86-openvino-bf16"))
         args += ["--latency-table", str(path)]
@@ -301,6 +302,8 @@ def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path
         args += ["--land-on-flops"]
     elif case == "land-over-ceiling":            # FLOPs 0.9 cannot fit under half the dense latency
         args += ["--max-flops", "0.9", "--land-on-flops"]
+    elif case == "runtime-missing":              # the freeze measures its plan on the target: found before training
+        monkeypatch.setattr("lapp_edge.deploy.backends.runtime_available", lambda name: (False, "onnxruntime not installed"))
     monkeypatch.chdir(tmp_path)
     code = main(args)
     err = capsys.readouterr().err
