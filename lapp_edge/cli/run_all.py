@@ -184,11 +184,10 @@ def drop_targets_without_table(slim: Any, where: Path) -> tuple[Any, list[str]]:
     from dataclasses import replace
 
     from lapp_edge.data.torch_data import load_dataset
-    from lapp_edge.deploy.backends import runtime_available
     from lapp_edge.deploy.measure import machine_key
     from lapp_edge.deploy.targets import load_target
     from lapp_edge.training.config import defaults, split_values, validate_config
-    from lapp_edge.training.latency import targets_without_table
+    from lapp_edge.training.latency import targets_without_runtime, targets_without_table
     from lapp_edge.training.trainer import data_options
 
     try:
@@ -203,10 +202,8 @@ def drop_targets_without_table(slim: Any, where: Path) -> tuple[Any, list[str]]:
     reasons = {name: f"no layer table for {slim.model} / {size} on this machine ({machine_key()}); lapp-edge profile-layers "
                      f"--target {load_target(name).argument} --model {slim.model} --input {size}{flags} makes one"
                for name in targets_without_table(slim, shape)}
-    for name in targets:
-        available, why = runtime_available(load_target(name).backend)
-        if name not in reasons and slim.measure_at_freeze and not available:
-            reasons[name] = f"the freeze measures its plan there, and its runtime cannot run here ({why})"
+    for name, why in (targets_without_runtime(slim) if slim.measure_at_freeze else {}).items():
+        reasons.setdefault(name, f"the freeze measures its plan there, and its runtime cannot run here ({why})")
     if not reasons:
         return slim, []
     notes = [f"budget: {name}: its latency budget is left out (missing_table: flops): {why}" for name, why in reasons.items()]

@@ -58,16 +58,12 @@ def freeze_measurer(config: Any) -> Any:
     (training/landing.py): a `PlanMeasurer` for a latency-constrained LAPP run with measure_at_freeze,
     else None (the table alone). Every command that trains (train, run-all) takes it from here."""
     if config.latency_constrained and config.measure_at_freeze and not config.dense:
-        from lapp_edge.deploy.backends import runtime_available
-        from lapp_edge.deploy.targets import load_target
         from lapp_edge.latency.measure_plan import PlanMeasurer
-        from lapp_edge.training.config import split_values
+        from lapp_edge.training.latency import targets_without_runtime
 
-        for name in split_values(config.target):        # found now, not after the pruning phase
-            available, why = runtime_available(load_target(name).backend)
-            if not available:
-                raise UserError(f"--target {name}: the freeze measures its width plan there, but its runtime cannot run "
-                                f"here ({why}); install it, or give --no-measure-at-freeze (the table alone)")
+        for name, why in targets_without_runtime(config).items():     # found now, not after the pruning phase
+            raise UserError(f"--target {name}: the freeze measures its width plan there, but its runtime cannot run "
+                            f"here ({why}); install it, or give --no-measure-at-freeze (the table alone)")
         return PlanMeasurer()
     return None
 
