@@ -187,7 +187,8 @@ def drop_targets_without_table(slim: Any, where: Path) -> tuple[Any, list[str]]:
     from lapp_edge.deploy.measure import machine_key
     from lapp_edge.deploy.targets import load_target
     from lapp_edge.training.config import defaults, split_values, validate_config
-    from lapp_edge.training.latency import targets_without_runtime, targets_without_table
+    from lapp_edge.cli.train import targets_without_runtime
+    from lapp_edge.training.latency import targets_without_table
     from lapp_edge.training.trainer import data_options
 
     try:

@@ -53,13 +53,28 @@ def run_train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def targets_without_runtime(config: Any) -> dict[str, str]:
+    """The budget's --target names (as given) whose runtime cannot run on this machine, each with why (a module
+    not installed, no CUDA GPU): what the freeze's plan measurement (measure_at_freeze) needs. Here, on the CLI
+    side, because the training side imports no runtime (tests/test_layout.py)."""
+    from lapp_edge.deploy.backends import runtime_available
+    from lapp_edge.deploy.targets import load_target
+    from lapp_edge.training.config import split_values
+
+    missing = {}
+    for name in split_values(config.target):
+        available, why = runtime_available(load_target(name).backend)
+        if not available:
+            missing[name] = why
+    return missing
+
+
 def freeze_measurer(config: Any) -> Any:
     """The `Measure` a run's freeze uses to measure its planned widths on each --target
     (training/landing.py): a `PlanMeasurer` for a latency-constrained LAPP run with measure_at_freeze,
     else None (the table alone). Every command that trains (train, run-all) takes it from here."""
     if config.latency_constrained and config.measure_at_freeze and not config.dense:
         from lapp_edge.latency.measure_plan import PlanMeasurer
-        from lapp_edge.training.latency import targets_without_runtime
 
         for name, why in targets_without_runtime(config).items():     # found now, not after the pruning phase
             raise UserError(f"--target {name}: the freeze measures its width plan there, but its runtime cannot run "

@@ -93,19 +93,6 @@ def targets_without_table(config: TrainConfig, input_shape: tuple[int, int, int]
             if find_table_file(load_target(name).name, config.model, input_shape, machine_key()) is None]
 
 
-def targets_without_runtime(config: TrainConfig) -> dict[str, str]:
-    """The budget's --target names (as given) whose runtime cannot run on this machine, each with why (a module
-    not installed, no CUDA GPU): what the freeze's plan measurement (measure_at_freeze) needs."""
-    from lapp_edge.deploy.backends import runtime_available
-
-    missing = {}
-    for name in split_values(config.target):
-        available, why = runtime_available(load_target(name).backend)
-        if not available:
-            missing[name] = why
-    return missing
-
-
 def fitted_on_removed_branches(table: LatencyTable, batch: int) -> bool | None:
     """Whether any whole network the table's fit was checked on removes a residual branch (a site at 0
     channels: `profile-layers --block-removal`); None where the table stores no such networks."""
