@@ -590,7 +590,8 @@ def format_bench(report: BenchReport) -> str:
             details = result.runner.details
             summary = details.get("conv_kernels") or {k: v for k, v in details.get("optimized_ops", {}).items() if "Conv" in k or "Gemm" in k}
             lines.append(f"  {target.target}/{variant}: {json.dumps(summary)}"
-                         + (f" calibration {target.calibration['name']} #{target.calibration['fingerprint']}" if target.calibration else ""))
+                         + (f" calibration {target.calibration['name']} #{target.calibration['fingerprint']}" if target.calibration else "")
+                         + ("; 7-bit weights (no VNNI on this CPU)" if details.get("int8_weights_7bit") else ""))
             if target.precision != result.runner.precision_used and target.precision != "int8":
                 lines.append(f"  {target.target}/{variant}: asked {target.precision}, compiled {result.runner.precision_used}: "
                              f"this CPU has no {target.precision} kernels, so the runtime fell back (latency and accuracy are "

@@ -25,6 +25,12 @@ from tests.tiny_package import MODEL_FILE, write_tiny_package
 CALIBRATION = np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32)
 
 
+def qdq_artifact_name(model: Path) -> str:
+    """The cached U8S8 artifact's name for `model` on this CPU (7-bit weights, tag qdq-r7, without VNNI)."""
+    tag = "qdq-r7" if onnxruntime_cpu.this_cpu_needs_reduced_range() else "qdq"
+    return f"model.int8-{tag}.{artifact_key(model, CALIBRATION)}"
+
+
 @pytest.fixture(autouse=True)
 def user_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     key = tmp_path / "key" / "artifact.key"
@@ -56,7 +62,7 @@ def test_planted_link_for_the_optimized_dump_is_replaced_not_written_through(mod
 def test_planted_links_for_artifacts_and_sidecars_are_not_written_through(model: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    name = f"model.int8-qdq.{artifact_key(model, CALIBRATION)}"
+    name = qdq_artifact_name(model)
     victims = []
     for member in (f"{name}.onnx", f"{name}{artifacts.SIDECAR_SUFFIX}"):
         victim = tmp_path / f"victim-{len(victims)}"
@@ -69,7 +75,7 @@ def test_planted_links_for_artifacts_and_sidecars_are_not_written_through(model:
 
 def plant(work: Path, model: Path) -> tuple[str, bytes]:
     """A model that always answers class 0 under the name the int8 artifact of `model` gets."""
-    name = f"model.int8-qdq.{artifact_key(model, CALIBRATION)}"
+    name = qdq_artifact_name(model)
     planted = onnx.load(str(model))
     for tensor in planted.graph.initializer:
         array = onnx.numpy_helper.to_array(tensor).copy()
@@ -122,7 +128,7 @@ def test_a_valid_artifact_is_reused_and_a_swapped_one_is_not(model: Path, tmp_pa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(quantization, "quantize_static", counting)
-    name = f"model.int8-qdq.{artifact_key(model, CALIBRATION)}"
+    name = qdq_artifact_name(model)
     reused = onnxruntime_cpu.qdq_model(model, "input", CALIBRATION, work)
     assert not calls                                                                # reused, not quantized again
     assert reused.read_bytes() == (work / f"{name}.onnx").read_bytes() and reused.parent != work   # a private copy

@@ -8,6 +8,11 @@ QDQ format, uint8 activations, int8 per-channel weights and MinMax calibration o
 calibration set. ORT's default S8S8 left convs in fp32 between Q/DQ pairs and ran slower
 than fp32 here (docs/../shared DEPLOY_NOTES), hence U8S8. The Q/DQ file is also what the
 OpenVINO backend's `ort-qdq` int8 route reads, so one quantized artifact serves both.
+On a CPU without VNNI the weights are quantized to 7 bits (`reduce_range`): there the U8S8
+kernels add pairs of u8 x s8 products in 16 bits (`vpmaddubsw`), which saturates with full
+8-bit weights; ORT's quantization docs give this setting for non-VNNI machines. Measured on
+the AVX2 EPYC (docs/RESULTS.md): the demo's slim ResNet-20 lost 3.20 points of top-1 as
+full-range U8S8 and 0.18 with `reduce_range`.
 
 `info.details["optimized_ops"]` counts the operator types of the graph ORT actually runs
 (written via `optimized_model_filepath`), so int8 is shown to run as QLinearConv, not as
@@ -32,6 +37,7 @@ from lapp_edge.fileio import atomic_write_bytes
 NAME = "onnxruntime-cpu"
 INSTALL_HINT = "'pip install onnxruntime'"
 CALIBRATION_BATCH = 32
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})   # CPU flags with int8 dot products accumulated in 32 bits
 
 
 def _ort() -> Any:
@@ -51,13 +57,20 @@ def session_options(threads: int, optimized_path: Path | None = None) -> Any:
     return options
 
 
+def reduced_range_needed(flags: set[str]) -> bool:
+    """Whether U8S8 int8 on a CPU with these /proc/cpuinfo `flags` needs 7-bit weights
+    (`quantize_static(reduce_range=True)`): True without any VNNI flag (see the module docstring)."""
+    return not (flags & VNNI_FLAGS)
+
+
 def static_qdq(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path, tag: str, activation_type: str,
                backend: str = NAME, op_types: list[str] | None = None, extra_options: dict[str, Any] | None = None,
-               postprocess: Callable[[Any], None] | None = None) -> Path:
+               postprocess: Callable[[Any], None] | None = None, reduce_range: bool = False) -> Path:
     """ORT static quantization of `onnx_path` as a private copy to load: `quant_pre_process`, then
     `quantize_static` in QDQ format with `activation_type` ("QUInt8" or "QInt8") activations,
-    per-channel int8 weights and MinMax calibration over `calibration` (float32 N x C x H x W,
-    normalised; fed in batches of 32); `postprocess` edits the ONNX model before it is written.
+    per-channel int8 weights (7-bit with `reduce_range`) and MinMax calibration over `calibration`
+    (float32 N x C x H x W, normalised; fed in batches of 32); `postprocess` edits the ONNX model
+    before it is written.
     Cached in work_dir as `<stem>.int8-<tag>.<digest>.onnx`: reused only when its authenticated
     sidecar and sha256 check out (`deploy/artifacts.py`), else built afresh and published there.
     BackendUnavailable (naming `backend`) without ONNX Runtime's quantization tools."""
@@ -65,6 +78,7 @@ def static_qdq(onnx_path: Path, input_name: str, calibration: np.ndarray, work_d
     quantization = import_runtime("onnxruntime.quantization", backend, INSTALL_HINT)
     work_dir = artifacts.work_directory(work_dir)
     digest = content_digest(onnx_path, calibration)
+    tag = f"{tag}-r7" if reduce_range else tag
     name = f"{Path(onnx_path).stem}.int8-{tag}.{digest[:12]}"
     cached = artifacts.fetch(work_dir, name, digest, (f"{name}.onnx",))
     if cached is not None:
@@ -95,6 +109,7 @@ def static_qdq(onnx_path: Path, input_name: str, calibration: np.ndarray, work_d
         activation_type=getattr(quantization.QuantType, activation_type),
         weight_type=quantization.QuantType.QInt8,
         per_channel=True,
+        reduce_range=reduce_range,
         calibrate_method=quantization.CalibrationMethod.MinMax,
         extra_options=dict(extra_options or {}),
         **options,
@@ -113,9 +128,19 @@ def static_qdq(onnx_path: Path, input_name: str, calibration: np.ndarray, work_d
     return output
 
 
-def qdq_model(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path) -> Path:
-    """The U8S8 per-channel Q/DQ model of `onnx_path` calibrated on `calibration` (see `static_qdq`)."""
-    return static_qdq(onnx_path, input_name, calibration, work_dir, "qdq", "QUInt8")
+def qdq_model(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path, reduce_range: bool | None = None) -> Path:
+    """The U8S8 per-channel Q/DQ model of `onnx_path` calibrated on `calibration` (see `static_qdq`);
+    7-bit weights with `reduce_range`, which defaults to what this CPU needs (`reduced_range_needed`)."""
+    if reduce_range is None:
+        reduce_range = this_cpu_needs_reduced_range()
+    return static_qdq(onnx_path, input_name, calibration, work_dir, "qdq", "QUInt8", reduce_range=reduce_range)
+
+
+def this_cpu_needs_reduced_range() -> bool:
+    """`reduced_range_needed` for the CPU this process runs on."""
+    from lapp_edge.deploy.measure import cpu_flags
+
+    return reduced_range_needed(cpu_flags())
 
 
 def _count_ops(path: Path) -> dict[str, int]:
@@ -173,6 +198,7 @@ class OnnxRuntimeCpu(Backend):
                 "providers": session.get_providers(), "graph_optimization_level": "ORT_ENABLE_ALL",
                 "intra_op_num_threads": request.threads, "inter_op_num_threads": 1,
                 "optimized_ops": ops, "int8_ops": int8_ops, "float_conv_ops": float_convs,
+                **({"int8_weights_7bit": this_cpu_needs_reduced_range()} if request.precision == "int8" else {}),
             },
         )
         return OrtRunner(session, request.input_name, info)
