@@ -90,6 +90,29 @@ def test_the_mission_table_says_what_ran_and_what_was_predicted(tmp_path: Path) 
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_lower_precision_that_loses_accuracy_gets_a_line_and_one_that_keeps_it_does_not() -> None:
+    """Every target kind: int8 and bf16 are judged against the package's fp32 ORT run on the same images; a drop
+    over PRECISION_DROP_POINTS is named (what full-range U8S8 on a CPU without VNNI did: 3.2 points, silently)."""
+    from lapp_edge.deploy.summary import PRECISION_DROP_POINTS
+
+    report = bench_report()
+    for target in report["targets"]:
+        for variant in target["variants"].values():
+            variant["accuracy"]["reference_top1"] = 0.88
+    report["targets"][2]["variants"]["qdq-u8s8"]["accuracy"]["top1"] = 0.8489          # int8: -3.11 points
+    report["targets"][1]["variants"]["bf16"]["accuracy"]["top1"] = 0.88 - PRECISION_DROP_POINTS / 100 + 0.0001   # within
+    report["targets"][0]["variants"]["fp32"]["accuracy"]["top1"] = 0.85                 # fp32 vs fp32: not this check's
+    lines = [l for l in format_mission(mission_rows(report)).splitlines() if "points of top-1" in l]
+    assert lines == ["x86-ort-int8: int8 loses 3.11 points of top-1 against the package's fp32 ONNX Runtime run (0.8800 -> "
+                     "0.8489; more than 1): check its kernels and quantization before shipping (lapp-edge bench --target "
+                     "x86-ort-int8 shows every int8 route)"]
+    report["targets"][2]["variants"]["qdq-u8s8"]["accuracy"]["top1"] = 0.875
+    assert "points of top-1" not in format_mission(mission_rows(report))
+    del report["targets"][2]["variants"]["qdq-u8s8"]["accuracy"]["reference_top1"]    # a report from before: no line
+    report["targets"][2]["variants"]["qdq-u8s8"]["accuracy"]["top1"] = 0.5
+    assert "points of top-1" not in format_mission(mission_rows(report))
+
+
 def test_a_latency_budget_is_checked_against_the_dense_package_and_the_tables_reference() -> None:
     """A package shaped for x0.5 of dense at batch 32: measured 1 / 1.9 = 0.526 beside the dense package
     (+5.3%: outside +-5%) and 0.51 against the table's dense reference (+2%): the line names both."""
