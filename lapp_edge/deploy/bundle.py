@@ -86,7 +86,8 @@ IMAGE_MODES = {1: "L", 3: "RGB"}
 # differs by ~1e-6 of max|e| (OpenVINO vs ONNX Runtime here: 1.6e-6). bf16 and int8: a device
 # may run other kernels than the build machine (bf16 falls back to f32 without native bf16;
 # int8 without VNNI, hence 7-bit weights in every Q/DQ bundle: full 8-bit U8S8 weights saturate
-# there); we expect that within a few % of max|e| but have not measured it across machines. int8 vs fp32 itself differed by 20-60% of max|e| on a small test model.
+# there); we expect that within a few % of max|e| but have not measured it across machines.
+# int8 vs fp32 itself differed by 20-60% of max|e| on a small test model.
 # The rule is lapp_edge.deploy.tolerance's (the one every numerical check uses); the runtime
 # package applies it on the device from bundle.json.
 TOLERANCES = {"fp32": Tolerance(rtol=1e-3, atol=1e-4), "bf16": Tolerance(rtol=0.05, atol=0.01),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -41,3 +42,13 @@ def changed_profile(name: str, tmp_path: Path, **changes: object) -> Path:
     path = tmp_path / "profile.yaml"
     path.write_text(yaml.safe_dump(payload))
     return path
+
+
+def int8_weight_range(model: Any) -> int:
+    """The largest |value| of the int8 weight tensors of a Q/DQ `onnx.ModelProto` (ORT's 7-bit range is [-64, 64])."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == TensorProto.INT8]
+    assert weights, "a Q/DQ model holds int8 weights"
+    return max(int(np.abs(w.astype(np.int32)).max()) for w in weights)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -23,7 +24,7 @@ from lapp_edge.models.spec import load_slim_model
 from lapp_edge.deploy.targets import load_target
 from lapp_edge.deploy.tolerance import RUNTIME_FP32, compare_logits
 
-from tests.deploy.conftest import changed_profile
+from tests.deploy.conftest import changed_profile, int8_weight_range
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = TARGETS_DIR
@@ -99,16 +100,6 @@ def test_openvino_bf16_reports_the_precision_it_really_runs(package: ModelPackag
     assert agreement >= 0.98
 
 
-def int8_weight_range(onnx_path: Path) -> int:
-    """The largest |value| of the int8 weight tensors of a Q/DQ model."""
-    import onnx
-    from onnx import TensorProto, numpy_helper
-
-    weights = [numpy_helper.to_array(t) for t in onnx.load(str(onnx_path)).graph.initializer if t.data_type == TensorProto.INT8]
-    assert weights, "a Q/DQ model holds int8 weights"
-    return max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
-
-
 # Every CPU kind: without VNNI the U8S8 kernels add u8 x s8 pairs in 16 bits and saturate with full 8-bit weights
 # (-3.2 points of top-1 on the AVX2 EPYC, docs/RESULTS.md), so the weights are quantized to 7 bits there.
 @pytest.mark.parametrize(("flags", "seven_bit"), [
@@ -119,7 +110,7 @@ def test_ort_int8_weights_fit_what_the_cpu_accumulates(package: ModelPackage, ca
     monkeypatch.setattr("lapp_edge.deploy.measure.cpu_flags", lambda: set(flags))
     runner = load(package, "onnxruntime-cpu", "int8", tmp_path, calibration=calibration)
     assert runner.info.details["int8_weights_7bit"] is seven_bit
-    assert (int8_weight_range(Path(runner.info.model_path)) <= 64) is seven_bit      # ORT's 7-bit range is [-64, 64]
+    assert (int8_weight_range(onnx.load(runner.info.model_path)) <= 64) is seven_bit      # ORT's 7-bit range is [-64, 64]
 
 
 @pytest.mark.parametrize(("backend", "route"), [("onnxruntime-cpu", ""), ("openvino-cpu", "nncf"), ("openvino-cpu", "ort-qdq")])

@@ -171,9 +171,12 @@ class OnnxRuntimeCpu(Backend):
         self.check_request(request)
         ort = _ort()
         model_path = Path(request.onnx_path)
+        int8_details: dict[str, Any] = {}
         if request.precision == "int8":
             assert request.calibration is not None
-            model_path = qdq_model(model_path, request.input_name, request.calibration, request.work_dir)
+            seven_bit = this_cpu_needs_reduced_range()
+            model_path = qdq_model(model_path, request.input_name, request.calibration, request.work_dir, seven_bit)
+            int8_details["int8_weights_7bit"] = seven_bit
         work_dir = artifacts.work_directory(request.work_dir)
         # ORT writes its dump by path (following links): into our private directory, never the work dir
         optimized = artifacts.private_directory() / f"{model_path.stem}.ort-optimized.onnx"
@@ -198,7 +201,7 @@ class OnnxRuntimeCpu(Backend):
                 "providers": session.get_providers(), "graph_optimization_level": "ORT_ENABLE_ALL",
                 "intra_op_num_threads": request.threads, "inter_op_num_threads": 1,
                 "optimized_ops": ops, "int8_ops": int8_ops, "float_conv_ops": float_convs,
-                **({"int8_weights_7bit": this_cpu_needs_reduced_range()} if request.precision == "int8" else {}),
+                **int8_details,
             },
         )
         return OrtRunner(session, request.input_name, info)
