@@ -17,7 +17,7 @@ def add_calibrate_latency_command(subparsers: argparse._SubParsersAction) -> Non
     p.add_argument("--model", default="resnet20", help="model family (default resnet20)")
     p.add_argument("--configs", type=int, default=24, help="width configurations to measure (>= 3; default 24)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random width configurations (default 0)")
-    p.add_argument("--batch", type=int, action="append", default=None, help="batch size to measure (repeat; default 1)")
+    p.add_argument("--batch", type=int, action="append", default=None, help="batch size to measure (repeat; default: the profile's batch sizes, those bench measures)")
     p.add_argument("--out", default="latency-data", help="directory for the fit JSON, its PNG and the dense reference ONNX "
                    "(default latency-data/, searched before the shipped latency data)")
     p.add_argument("--blocks", type=int, default=defaults.blocks, help="interleaved A/B blocks per measurement")

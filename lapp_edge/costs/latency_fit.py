@@ -1,14 +1,15 @@
 """The per-target latency model: whole-network latency predicted from FLOPs by a fitted line.
 
-`lapp-edge calibrate-latency` (lapp_edge/latency_calibration.py, which imports runtimes)
+`lapp-edge calibrate-latency` (lapp_edge/latency/calibrate.py, which imports runtimes)
 measures random width configurations of one model family on one target, each as a latency
 RATIO to the dense model measured interleaved in the same process, and fits
 
     latency_ratio = a + b * macs_ratio [+ c * memory_ratio]
 
 (a memory-traffic term only where it measurably lowers the held-out error). The fit is a
-JSON file in the latency data (`latency-fit-<target>-<model>.json`, beside the dense reference
-ONNX it was measured against). This module reads and
+JSON file in the latency data (`latency-fit-<target>-<model>-<machine>.json`, beside the dense
+reference ONNX it was measured against), one per machine: the same profile runs other kernels on
+an AVX2, an AVX-512 or an AMX CPU, so a fit holds only where it was measured (`find_fit_file`). This module reads and
 evaluates such fits and holds the fit arithmetic; it imports only json and numpy, never a
 runtime or the training side, so a cost model or a report can use it anywhere.
 
@@ -22,6 +23,7 @@ percentage error of the held-out points; the figure reported is the median over 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,29 @@ SPLITS = 500
 FIT_FRACTION = 2 / 3
 
 
-def fit_file_name(target: str, model: str) -> str:
-    """The file name of a target's fit for a model family."""
-    return f"latency-fit-{target}-{model}.json"
+def machine_slug(machine: str) -> str:
+    """A file-name-safe short form of a machine key ("AMD EPYC; avx2" -> "amd-epyc-avx2")."""
+    return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")[:80] or "unknown"
+
+
+def fit_file_name(target: str, model: str, machine: str = "") -> str:
+    """The file name of a target's fit for a model family measured on `machine` (a
+    `deploy.measure.machine_key`); without a machine, the name fits had before they were keyed
+    by machine (the three shipped that way were measured on an AMD EPYC whose ISA flags they
+    do not record)."""
+    suffix = f"-{machine_slug(machine)}" if machine else ""
+    return f"latency-fit-{target}-{model}{suffix}.json"
+
+
+def find_fit_file(target: str, model: str, machine: str) -> Path | None:
+    """The fit for (target, model) to use on `machine`: the one measured on it (./latency-data
+    first, then the shipped one), else the unkeyed fit from before fits were keyed by machine,
+    else None. A fit from another machine is still returned (its `load.machine` says where it
+    was measured): callers warn (`deploy.bench.fit_machine_note`) or skip the check
+    (`deploy.regression`) rather than use it silently."""
+    from lapp_edge.resources import find_latency_file
+
+    return find_latency_file(fit_file_name(target, model, machine)) or find_latency_file(fit_file_name(target, model))
 
 
 # --- fit arithmetic ----------------------------------------------------------------------

@@ -41,16 +41,12 @@ from typing import Any
 
 import numpy as np
 
+from lapp_edge.costs.latency_fit import machine_slug
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import read_json, shown
 
 TABLE_FORMAT = "lapp-edge-layer-latency-table/1"
 MAX_GRID = 64                 # widths per axis a table may hold (a file is refused beyond this)
-
-
-def machine_slug(machine: str) -> str:
-    """A file-name-safe short form of a machine key ("AMD EPYC; avx2" -> "amd-epyc-avx2")."""
-    return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")[:80] or "unknown"
 
 
 def table_file_name(target: str, model: str, input_shape: tuple[int, int, int] | list[int], machine: str) -> str:

@@ -12,7 +12,7 @@ process (the figure that survives a noisy shared machine). A target whose
 runtime is missing prints one line and the others still run (exit 2 at the end).
 
 Where the target has a latency fit for the package's model family (`latency-fit-<target>-
-<model>.json` in the latency data), the package's latency is also predicted from its
+<model>-<machine>.json` in the latency data, this machine's first: `costs.latency_fit.find_fit_file`), the package's latency is also predicted from its
 deployed figures (MACs, params, activations, from the manifest) and checked against the
 fit's dense reference model (an ONNX file written beside the fit by calibrate-latency),
 compiled on the target and measured interleaved with the package: the median over `--compiles`
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from lapp_edge.deploy import artifacts
-from lapp_edge.costs.latency_fit import LatencyFit, fit_file_name, load_fit
+from lapp_edge.costs.latency_fit import LatencyFit, find_fit_file, load_fit
 from lapp_edge.costs.latency_table import LatencyTable, find_table_file, load_table, onnx_conv_layers
 from lapp_edge.data.imagefolder import layout_from_manifest, load_eval_split
 from lapp_edge.data.readers import InMemorySplit, data_directory, load_arrays
@@ -136,7 +136,7 @@ class VariantResult:
     latency: list[LatencyStats]
     reference_latency_ratio: dict[int, float]   # latency / reference latency, interleaved in one process (median of blocks)
     precision_used_per_batch: dict[int, str]
-    # latency predicted from FLOPs by the target's fit (latency-fit-<target>-<model>.json), if one exists
+    # latency predicted from FLOPs by the target's fit (latency-fit-<target>-<model>-<machine>.json), if one exists
     predicted_from_flops: list[FitComparison] = field(default_factory=list)
     prediction_note: str = ""     # why there is no prediction, where there is none; else warnings on the one made
     # latency predicted by the target's layer table (layer-table-<target>-<model>-...json, profile-layers), if one exists
@@ -262,7 +262,7 @@ def fit_for(profile: TargetProfile, package: ModelPackage, precision_used: str =
     no bf16 here), the fit of a profile of the same backend and threads measured with the precision
     compiled here is used instead, and the note says so."""
     model = str(package.manifest.get("model", ""))
-    fit_path = find_latency_file(fit_file_name(profile.name, model))
+    fit_path = find_fit_file(profile.name, model, machine_key())
     if fit_path is None:
         return None, None, None, f"no latency fit for {profile.name}/{model} (lapp-edge calibrate-latency --target {profile.argument} --model {model})"
     fit = load_fit(fit_path)
@@ -292,8 +292,9 @@ def fit_machine_note(fit: LatencyFit, this_machine: str, target_argument: str = 
     """A warning where `fit` was measured on another CPU than `this_machine` (a `measure.machine_key`:
     CPU model + ISA flags), or on one whose ISA flags it did not record; "" where they match.
     The fit is still used, but the bench says so; a layer table from another machine is refused
-    instead (training/latency.py). The shipped fits were measured on an AVX-512 EPYC, the layer
-    tables on an AVX2 one with the same model name (docs/RESULTS.md)."""
+    instead (training/latency.py). Fits are keyed by machine since 2026-12-04; the three unkeyed
+    fits shipped before were measured, loaded, on an AVX-512 EPYC (docs/RESULTS.md) and serve
+    where this machine has none of its own."""
     load = fit.load if isinstance(fit.load, dict) else {}
     recorded = str(load.get("machine", ""))
     if recorded == this_machine:
@@ -307,7 +308,7 @@ def _fit_measured_with(profile: TargetProfile, model: str, precision_used: str) 
     """A shipped profile's fit for `model` with the same backend and threads, measured with `precision_used` kernels."""
     for name in profile_names():
         other = load_target(find_profile(name))
-        path = find_latency_file(fit_file_name(other.name, model))
+        path = find_fit_file(other.name, model, machine_key())
         if other.backend != profile.backend or other.threads != profile.threads or path is None:
             continue
         fit = load_fit(path)

@@ -1,7 +1,7 @@
 """Latency calibration: measure how a target's latency follows FLOPs, and fit it.
 
     lapp-edge calibrate-latency --target NAME [--model resnet20] [--configs 24]
-        [--seed 0] [--batch 1 ...] [--out latency-data/]
+        [--seed 0] [--batch B ...] [--out latency-data/]
 
 For one model family and one target profile:
 1. draw N seeded width configurations of the family's prunable sites (multiples of 8 between
@@ -226,13 +226,14 @@ def calibrate(target_path: str | Path, model: str = "resnet20", configs: int = 2
               progress: bool = True) -> CalibrationResult:
     """Measure `configs` width configurations of `model` on the target (profile name or path) as
     latency ratios to the dense model, fit them, and write fit JSON, PNG and dense reference ONNX
-    into `out`. Raises UserError for a bad target, model, batch or count before any measuring."""
+    into `out`. `batches` defaults to the profile's batch sizes (those bench measures). Raises
+    UserError for a bad target, model, batch or count before any measuring."""
     options = options or RatioProtocol()
     profile = load_target(target_path)
     check_output_location(out, "--out", "dir")
     if configs < MIN_CONFIGS:
         raise UserError(f"--configs must be at least {MIN_CONFIGS} (a line and a held-out point), not {configs}")
-    batch_sizes = sorted(set(batches or [1]))
+    batch_sizes = sorted(set(batches or profile.batch_sizes))
     if any(b <= 0 for b in batch_sizes):
         raise UserError("--batch must be positive")
     input_shape = profile.input_shape
@@ -322,7 +323,7 @@ def finish(profile: TargetProfile, model: str, seed: int, out: Path, batch_sizes
         dense_reference=dense_reference_name(model, profile.input_shape),
     )
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / fit_file_name(profile.name, model)
+    json_path = out / fit_file_name(profile.name, model, fit.load["machine"])
     png_path = json_path.with_suffix(".png")
     atomic_write_bytes(json_path, write_fit_json(fit))
     atomic_write_bytes(png_path, plot_fit(fit, measurements))

@@ -14,9 +14,10 @@ import pytest
 
 from lapp_edge.resources import TARGETS_DIR
 from lapp_edge import cli
+from lapp_edge.deploy.measure import machine_key
 from lapp_edge.errors import UserError
 from lapp_edge.costs.latency_fit import (
-    choose_fit, fit_from_dict, fit_linear, held_out_errors, load_fit, predict_linear, r_squared,
+    choose_fit, find_fit_file, fit_file_name, fit_from_dict, fit_linear, held_out_errors, load_fit, predict_linear, r_squared,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,6 +186,22 @@ def test_stored_fit_round_trips_and_predicts(tmp_path: Path) -> None:
         fit.predict_ratio(1, {})
 
 
+def test_fit_lookup_prefers_this_machines_fit_then_the_unkeyed_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # one fit per machine: the same profile runs other kernels on an AVX2, an AVX-512 or an AMX CPU
+    monkeypatch.chdir(tmp_path)
+    here, there = "Test CPU; avx2", "Test CPU; avx512f"
+    assert fit_file_name("x86-test", "resnet20", here) == "latency-fit-x86-test-resnet20-test-cpu-avx2.json"
+    assert find_fit_file("x86-test", "resnet20", here) is None
+    data = tmp_path / "latency-data"
+    data.mkdir()
+    unkeyed = _stored_fit(data / fit_file_name("x86-test", "resnet20"))
+    assert find_fit_file("x86-test", "resnet20", here) == unkeyed             # the fits shipped before the key
+    mine = _stored_fit(data / fit_file_name("x86-test", "resnet20", here))
+    _stored_fit(data / fit_file_name("x86-test", "resnet20", there))
+    assert find_fit_file("x86-test", "resnet20", here) == mine
+    assert find_fit_file("x86-test", "resnet20", "Other CPU; sse4") == unkeyed
+
+
 def test_bad_fit_files_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         load_fit(tmp_path / "missing.json")
@@ -236,9 +253,11 @@ def test_calibrate_latency_end_to_end_on_ort_fp32_and_bench_prediction(tmp_path:
     from lapp_edge.deploy.targets import load_target
     from lapp_edge.latency.calibrate import build_fused, calibrate, export_config
 
-    result = calibrate(ORT_FP32, "resnet20", configs=4, seed=0, out=tmp_path / "latency",
+    result = calibrate(ORT_FP32, "resnet20", configs=4, seed=0, out=tmp_path / "latency", batches=[1],
                        options=RatioProtocol(blocks=5, calls_batch1=15, warmup=5, retries=0), progress=False)
-    assert result.json_path == tmp_path / "latency" / "latency-fit-x86-ort-fp32-resnet20.json"
+    # keyed by the machine it was measured on: the same profile runs other kernels on another CPU
+    assert result.json_path == tmp_path / "latency" / fit_file_name("x86-ort-fp32", "resnet20", machine_key())
+    assert result.json_path.name.startswith("latency-fit-x86-ort-fp32-resnet20-") and load_fit(result.json_path).load["machine"] == machine_key()
     assert result.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fit = load_fit(result.json_path)
     assert fit.precision_used == "fp32" and fit.threads == 1 and fit.backend == "onnxruntime-cpu"

@@ -34,10 +34,13 @@ def test_widened_model_fails_with_target_expected_and_measured(tmp_path: Path) -
     held = dataclasses.replace(profile, baselines=LatencyBaselines(
         "x86-ort-fp32", "resnet20", 0.2, {machine_key(): MachineBaseline({1: 1.0}, {1: measured.speedup})}))
     [widened] = measure_target(held, [1], tmp_path, QUICK, slim_override=reference_models().dense, compiles=1)
-    assert 0.8 < widened.speedup < 1.25
-    assert len(widened.problems) == 1 and widened.speedup_per_compile == [widened.speedup]
-    problem = widened.problems[0]
+    assert 0.8 < widened.speedup < 1.25 and widened.speedup_per_compile == [widened.speedup]
+    [problem] = [p for p in widened.problems if "expected >=" in p]
     assert "target x86-ort-fp32" in problem and f"{widened.speedup:.3f}" in problem and f"{measured.speedup:.3f}" in problem
+    if widened.predicted_speedup is not None:           # this machine has a layer table or a fit for the target: held to it too
+        [missed] = [p for p in widened.problems if "predicts" in p]
+        assert widened.predicted_by in missed and f"{widened.predicted_speedup:.3f}" in missed
+    assert len(widened.problems) == 1 + (widened.predicted_speedup is not None)
 
 
 def test_check_flags_each_kind_of_miss() -> None:
@@ -60,6 +63,49 @@ def test_check_flags_each_kind_of_miss() -> None:
     mine = dataclasses.replace(unknown, target_argument="my/edge.yaml", notes=[])    # a user's profile, by path
     check(mine)
     assert "lapp-edge baseline --target my/edge.yaml" in mine.notes[0]
+
+
+def test_prediction_is_this_machines_layer_table_else_its_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a prediction measured on another CPU is not held against this one; a table measured here is preferred to a fit
+    import json
+    import shutil
+
+    from lapp_edge.costs.latency_fit import fit_file_name, load_fit
+    from lapp_edge.costs.latency_table import find_table_file, load_table, onnx_conv_layers, table_file_name
+    from lapp_edge.deploy.regression import RegressionResult, predicted_speedup
+    from lapp_edge.resources import LATENCY_DIR
+
+    monkeypatch.chdir(tmp_path)
+    machine = "Test CPU; avx2 fma9"                     # no shipped table or fit is keyed to it
+    profile, models = load_target("x86-ort-fp32"), reference_models()
+
+    def result() -> RegressionResult:
+        return RegressionResult("x86-ort-fp32", 32, machine, 2.0, [1.9, 2.1], 1.0, 0.0, False, 0.25)
+
+    nothing = result()
+    assert predicted_speedup(profile, models, 32, machine, nothing) is None
+    assert nothing.predicted_by == "" and "not this machine" in nothing.notes[0] and "profile-layers" in nothing.notes[0]
+
+    data = tmp_path / "latency-data"
+    data.mkdir()
+    shipped_fit = json.loads((LATENCY_DIR / "latency-fit-x86-ort-fp32-resnet20.json").read_text())
+    shipped_fit["load"]["machine"] = machine
+    (data / fit_file_name("x86-ort-fp32", "resnet20", machine)).write_text(json.dumps(shipped_fit))
+    from_fit = result()
+    fit = load_fit(data / fit_file_name("x86-ort-fp32", "resnet20", machine))
+    assert predicted_speedup(profile, models, 1, machine, from_fit) == pytest.approx(1 / fit.predict_ratio(1, {"macs_ratio": models.macs_ratio}))
+    assert from_fit.predicted_by == fit_file_name("x86-ort-fp32", "resnet20", machine)
+
+    shipped_table = find_table_file("x86-ort-fp32", "resnet20", models.input_shape, "AMD EPYC; avx2")
+    assert shipped_table is not None
+    mine = data / table_file_name("x86-ort-fp32", "resnet20", models.input_shape, machine)
+    shutil.copy(shipped_table, mine)
+    from_table = result()
+    predicted = predicted_speedup(profile, models, 32, machine, from_table)
+    batch_table = load_table(mine).batches[32]
+    assert predicted == pytest.approx(batch_table.predict_ratio(onnx_conv_layers(models.dense))
+                                      / batch_table.predict_ratio(onnx_conv_layers(models.slim)))
+    assert from_table.predicted_by == mine.name and 1.3 < predicted < 3.5 and from_table.notes == []
 
 
 def test_baseline_checks_it_can_write_each_profile_before_measuring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
