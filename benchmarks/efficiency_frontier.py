@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lapp_edge.cli.profile_layers import parse_input_shape  # noqa: E402
 from lapp_edge.costs.latency_table import load_table  # noqa: E402
-from lapp_edge.deploy.compile import OnnxModel, ratio_over_compiles  # noqa: E402
+from lapp_edge.deploy.compile import OnnxModel, dataset_calibration, ratio_over_compiles  # noqa: E402
 from lapp_edge.deploy.measure import (  # noqa: E402
     RatioProtocol, cpu_model, cpu_snapshot, machine_key, other_cpu_share_since,
 )
@@ -139,9 +139,10 @@ def measure_all(networks: list[Network], dense_widths: dict[str, int], model: st
     dense_model = OnnxModel(dense_path, INPUT_NAME, shape)
     for name in targets:
         profile = load_target(name)
+        calibration = dataset_calibration(profile) if profile.precision == "int8" else None   # quantized as bench does
         for net in networks:
             ratio = ratio_over_compiles(OnnxModel(paths[net.name], INPUT_NAME, shape), dense_model, profile, batch,
-                                        work / f"{paths[net.name].stem}-{name}", data, compiles, protocol)
+                                        work / f"{paths[net.name].stem}-{name}", data, compiles, protocol, calibration)
             net.measured[name] = ratio.median
             net.per_compile[name] = ratio.per_compile
             net.others_cpu[name] = ratio.other_cpu_share

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lapp_edge.costs.latency_table import load_table
+from lapp_edge.deploy.targets import load_target
 from lapp_edge.lapp.flops import build_flops_cost, deployed_layers
 from lapp_edge.lapp.latency_cost import LatencyCost
 from lapp_edge.lapp.widths import allowed_widths
@@ -179,3 +180,28 @@ def test_scan_with_block_removal_ranks_allocations_that_remove_branches() -> Non
     # best without at 0.5 (at multiple 16 ResNet-20's narrowest network keeps 0.46 of the FLOPs: 0.4 needs removal)
     without = scan_frontier(flops, latency, 0.5, 0.05, MULTIPLE).picks["best"]
     assert best.predicted_efficiency("x86-ort-fp32") > without.predicted_efficiency("x86-ort-fp32")
+
+
+def test_benchmark_measures_int8_targets_quantized_as_bench_does(tmp_path: Path) -> None:
+    """Bug: every int8 target failed in measure_all (no calibration set passed: "states no mean/std").
+    Each int8 profile is measured here, quantized with its own calibration set, on one network."""
+    from lapp_edge.deploy.backends import runtime_available
+    from lapp_edge.deploy.measure import RatioProtocol
+    from lapp_edge.resources import profile_names
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import efficiency_frontier
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    model = build_model("resnet20", 1, 10, False, True)
+    dense = {s.name: s.channels for s in prunable_sites(model)}
+    half = {name: max(8, width // 2) for name, width in dense.items()}
+    int8 = [name for name in profile_names() if (profile := load_target(name)).precision == "int8"
+            and profile.backend in ("onnxruntime-cpu", "openvino-cpu") and runtime_available(profile.backend)]
+    assert "x86-ort-int8" in int8
+    network = efficiency_frontier.Network("half", "test", half, dense, True, 0.0)
+    efficiency_frontier.measure_all([network], dense, "resnet20", (1, 28, 28), int8, 1, tmp_path,
+                                    RatioProtocol(blocks=3, calls_batch1=5, warmup=2, retries=0), compiles=1)
+    assert set(network.measured) == set(int8) and 0.2 < network.macs_ratio < 0.4
+    assert all(0.1 < ratio < 1.2 for ratio in network.measured.values())
