@@ -85,7 +85,7 @@ class TrainConfig:
     land_on_flops: bool = option(False, "with --max-flops: land the FLOPs on that share (as a FLOPs run does) and keep each "
                                  "latency budget as a ceiling, instead of stopping where the first budget binds: the "
                                  "same FLOPs, allocated so the latency fits (sites with the least latency per MAC grow); "
-                                 "at freeze a plan measured over a ceiling is planned again, aimed 1% under it")
+                                 "at freeze a plan measured over a ceiling is planned again, aimed 1%% under it")
     latency_batch: int = option(0, "batch size the latency constraint is for (0: the largest batch size of the target profile)")
     latency_table: str = option("", "layer latency table file per --target, in the same order (repeat; default: found in "
                                 "latency-data/ or the shipped tables by target, model, input shape and this machine)",

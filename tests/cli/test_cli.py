@@ -109,3 +109,21 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_every_command_prints_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """Bug: `lapp-edge train --help` ended in a traceback (a flag's help said "1% under it": argparse
+    expands % in help text). Every command's --help prints and exits 0, so every help string formats."""
+    import argparse
+
+    from lapp_edge.cli import build_parser, main
+
+    parser = build_parser()
+    [commands] = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    assert "train" in commands.choices and len(commands.choices) >= 10
+    for name in [None, *commands.choices]:
+        with pytest.raises(SystemExit) as stopped:
+            main(["--help"] if name is None else [name, "--help"])
+        assert stopped.value.code == 0, name
+        out, err = capsys.readouterr()
+        assert "usage: lapp-edge" in out and "Traceback" not in out + err, name
