@@ -319,7 +319,8 @@ def _fit_measured_with(profile: TargetProfile, model: str, precision_used: str) 
 
 def compare_with_fit(fit: LatencyFit, fit_path: str, reference_onnx: Path, package: ModelPackage, profile: TargetProfile,
                      runners: dict[int, Runner], medians_ms: dict[int, float], work_dir: Path,
-                     calibration: np.ndarray | None, route: str, compiles: int = COMPILES_PER_RATIO) -> list[FitComparison]:
+                     calibration: np.ndarray | None, route: str, compiles: int = COMPILES_PER_RATIO,
+                     measured_against: DenseMeasurements | None = None) -> list[FitComparison]:
     """Predict the package's latency from its figures with the target's fit, and measure it against the
     fit's dense reference compiled on the target, interleaved in this process (median over `compiles`
     compiles: `measure_against_dense`), at each batch both have."""
@@ -332,13 +333,31 @@ def compare_with_fit(fit: LatencyFit, fit_path: str, reference_onnx: Path, packa
     comparisons = []
     for batch in sorted(set(fit.batches) & set(runners)):
         data = rng.standard_normal((batch, *package.input_shape)).astype(np.float32)
-        dense_ms, per_compile, flagged = measure_against_dense(package, dense_model, profile, runners[batch], data, work_dir,
-                                                               calibration, route, compiles)
+        dense_ms, per_compile, flagged = measured_once(measured_against, package, dense_model, profile, runners[batch], data,
+                                                       work_dir, calibration, route, compiles)
         measured = float(np.median(per_compile))
         predicted = fit.predict_ratio(batch, features)
         comparisons.append(FitComparison(fit_path, batch, features, predicted, measured, dense_ms, predicted * dense_ms,
                                          medians_ms[batch], 100.0 * (predicted / measured - 1.0), per_compile, flagged))
     return comparisons
+
+
+DenseMeasurements = dict[tuple[str, int], tuple[float, list[float], bool]]   # (reference ONNX, batch) -> measured
+
+
+def measured_once(measured: DenseMeasurements | None, package: ModelPackage, dense_model: OnnxModel, profile: TargetProfile,
+                  runner: Runner, data: np.ndarray, work_dir: Path, calibration: np.ndarray | None, route: str,
+                  compiles: int) -> tuple[float, list[float], bool]:
+    """`measure_against_dense`, measured once per (dense reference file, batch) where `measured` is
+    given: the FLOPs fit and the layer table of a target usually share one dense reference, and each
+    measurement is `compiles` fresh compiles (for int8, a quantization each)."""
+    key = (str(Path(dense_model.onnx_path).resolve()), len(data))
+    if measured is not None and key in measured:
+        return measured[key]
+    result = measure_against_dense(package, dense_model, profile, runner, data, work_dir, calibration, route, compiles)
+    if measured is not None:
+        measured[key] = result
+    return result
 
 
 def measure_against_dense(package: ModelPackage, dense_model: OnnxModel, profile: TargetProfile, runner: Runner, data: np.ndarray,
@@ -381,7 +400,8 @@ def table_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyTab
 
 def compare_with_table(table: LatencyTable, table_path: Path, reference_onnx: Path, package: ModelPackage, profile: TargetProfile,
                        runners: dict[int, Runner], medians_ms: dict[int, float], work_dir: Path,
-                       calibration: np.ndarray | None, route: str, compiles: int = COMPILES_PER_RATIO) -> list[FitComparison]:
+                       calibration: np.ndarray | None, route: str, compiles: int = COMPILES_PER_RATIO,
+                       measured_against: DenseMeasurements | None = None) -> list[FitComparison]:
     """Predict the package's latency ratio to the dense network from its ONNX graph's convs with the
     target's layer table, and measure it against the table's dense reference compiled on the target,
     interleaved in this process (median over `compiles` compiles: `measure_against_dense`), at each batch both have."""
@@ -394,8 +414,8 @@ def compare_with_table(table: LatencyTable, table_path: Path, reference_onnx: Pa
         batch_table = table.batches[batch]
         predicted = float(batch_table.predict_ratio(layers) / batch_table.predict_ratio(dense_layers))
         data = rng.standard_normal((batch, *package.input_shape)).astype(np.float32)
-        dense_ms, per_compile, flagged = measure_against_dense(package, dense_model, profile, runners[batch], data, work_dir,
-                                                               calibration, route, compiles)
+        dense_ms, per_compile, flagged = measured_once(measured_against, package, dense_model, profile, runners[batch], data,
+                                                       work_dir, calibration, route, compiles)
         measured = float(np.median(per_compile))
         comparisons.append(FitComparison(str(table_path), batch, {"table_ratio": float(batch_table.sum_ms(layers) / batch_table.sum_ms(dense_layers))},
                                          predicted, measured, dense_ms, predicted * dense_ms, medians_ms[batch],
@@ -475,18 +495,19 @@ def bench_target(package: ModelPackage, profile: TargetProfile, test: TestSet, r
                 variant.baseline = compare_with_baseline(baseline, package, profile, test, runners, latencies,
                                                          work_dir / "baseline", calibration, route)
             if route == routes[0]:                                  # the fit describes the target's own route
+                against_dense: DenseMeasurements = {}              # the fit and the table share their dense reference
                 fit, fit_path, reference_onnx, note = fit_for(profile, package, accuracy_runner.info.precision_used)
                 if fit is not None and fit_path is not None and reference_onnx is not None:
                     variant.predicted_from_flops = compare_with_fit(
                         fit, str(fit_path), reference_onnx, package, profile,
-                        runners, {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route, compiles)
+                        runners, {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route, compiles, against_dense)
                 variant.prediction_note = note
                 table, table_path, table_reference, variant.table_note = table_for(profile, package)
                 if table is not None and table_path is not None and table_reference is not None:
                     try:
                         variant.predicted_from_table = compare_with_table(
                             table, table_path, table_reference, package, profile, runners,
-                            {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route, compiles)
+                            {s.batch: s.median_ms for s in latencies}, work_dir, calibration, route, compiles, against_dense)
                     except UserError as error:          # a layer shape the table lacks: said, not fatal
                         variant.table_note = str(error)
                 variant.budgets = budget_checks(package.manifest, profile.name,

@@ -152,3 +152,27 @@ def test_the_table_shows_batch_1_unless_a_target_did_not_measure_it() -> None:
     for row in rows:
         row.get("slim_ms", {}).pop(1, None)
     assert table_batch(rows) == 32
+
+
+def test_the_fit_and_the_table_share_one_measurement_against_their_dense_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    # each measurement is 3 fresh compiles (a quantization each on int8): the bench measured the same dense
+    # reference twice per batch, once for the FLOPs fit and once for the layer table
+    from lapp_edge.deploy import bench
+    from lapp_edge.deploy.compile import OnnxModel
+
+    calls: list[tuple[str, int]] = []
+
+    def measure(package, dense_model, profile, runner, data, work_dir, calibration, route, compiles):  # noqa: ANN001, ANN202
+        calls.append((dense_model.onnx_path.name, len(data)))
+        return 1.0, [0.5], False
+
+    monkeypatch.setattr(bench, "measure_against_dense", measure)
+    shared: bench.DenseMeasurements = {}
+    dense = OnnxModel(Path("latency/dense-resnet20-1x28x28.onnx"), "input", (1, 28, 28))
+    other = OnnxModel(Path("latency/dense-other.onnx"), "input", (1, 28, 28))
+    for model, batch in [(dense, 1), (dense, 32), (dense, 1), (dense, 32), (other, 1)]:
+        assert bench.measured_once(shared, PACKAGE, model, None, None, np.zeros((batch, 1, 28, 28)), Path("w"), None, "", 3) \
+            == (1.0, [0.5], False)
+    assert calls == [("dense-resnet20-1x28x28.onnx", 1), ("dense-resnet20-1x28x28.onnx", 32), ("dense-other.onnx", 1)]
+    bench.measured_once(None, PACKAGE, dense, None, None, np.zeros((1, 1, 28, 28)), Path("w"), None, "", 3)
+    assert len(calls) == 4                              # no cache given: measured each time
