@@ -139,7 +139,7 @@ def measure_all(networks: list[Network], dense_widths: dict[str, int], model: st
     dense_model = OnnxModel(dense_path, INPUT_NAME, shape)
     for name in targets:
         profile = load_target(name)
-        calibration = dataset_calibration(profile) if profile.precision == "int8" else None   # quantized as bench does
+        calibration = dataset_calibration(profile)          # int8: quantized as bench does; else None
         for net in networks:
             ratio = ratio_over_compiles(OnnxModel(paths[net.name], INPUT_NAME, shape), dense_model, profile, batch,
                                         work / f"{paths[net.name].stem}-{name}", data, compiles, protocol, calibration)

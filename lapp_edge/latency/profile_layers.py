@@ -343,7 +343,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
             raise UserError(f"--reuse-layers {reuse_layers}: its {', '.join(mismatch)} differ from this run's")
     ratio_protocol = ratio_protocol or RatioProtocol()
     layer_profile = replace(profile, latency=LAYER_PROTOCOL)
-    calibration = dataset_calibration(profile) if profile.precision == "int8" else None
+    calibration = dataset_calibration(profile)          # None unless int8
     total_points = sum(len(i) * len(o) for i, o, _ in points.values()) * len(batch_sizes)
     started = time.perf_counter()
 
