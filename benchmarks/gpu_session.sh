@@ -11,10 +11,19 @@
 #      machine whose latency you want, with the unpacked folder as --out, and only latency runs;
 #   3. benchmarks/gpu_check.py (single-process training speed, torch-cuda latency, 2-process DDP)
 #      in what time is left;
-#   4. `lapp-edge latency-check` on the torch-cuda target.
+#   4. `lapp-edge latency-check` on the torch-cuda target;
+#   baseline (only when STEPS names it, and first: nothing else may load the GPU while it measures):
+#      `lapp-edge baseline --target gpu-torch-cuda-fp16` records this GPU's dense/slim speedups in the
+#      profile (keyed by GPU and host CPU), then `make latency-test TARGET=gpu-torch-cuda-fp16`'s test
+#      holds the target to them; the updated profile YAML comes back in the results.
 #
 # Usage (from the repository root, Fashion-MNIST in $DATA or its standard place):
 #   OUT=out-dir [DATA=.fmnist] [WHEELS=.whl] [TOTAL_S=540] [JOBS=14] bash benchmarks/gpu_session.sh
+# Choosing what runs: STEPS (default "tests compare gpucheck"; add "baseline"), and for the peer
+# benchmark EPOCHS (a fixed epoch budget instead of the probe's choice), TARGETS (0.3,0.5), SEEDS
+# (0,1), METHODS (compare.py's default list), TRAIN_SUBSET (0: all 60 000), PRUNE_EPOCHS (0: compare's
+# default, 20% of the budget). Runs start dense first, then per target and seed in order, so a
+# budget cut leaves whole seeds.
 # Writes OUT/session.log and OUT/results.tgz.part-* (cat them together, then tar xzf): the compare
 # folder without checkpoints, the gpu-check JSON and table, the test and check output.
 # Local dry run of the same steps on the CPU: DEVICE=cpu TOTAL_S=200 JOBS=2 SMALL=1 OUT=/tmp/x bash ...
@@ -29,6 +38,13 @@ TOTAL_S=${TOTAL_S:-540}
 JOBS=${JOBS:-14}
 DEVICE=${DEVICE:-cuda}
 SMALL=${SMALL:-}
+STEPS=${STEPS:-tests compare gpucheck}
+EPOCHS=${EPOCHS:-}
+TARGETS=${TARGETS:-0.3,0.5}
+SEEDS=${SEEDS:-0,1}
+TRAIN_SUBSET=${TRAIN_SUBSET:-0}
+PRUNE_EPOCHS=${PRUNE_EPOCHS:-0}
+has_step() { [[ " $STEPS " == *" $1 "* ]]; }
 WORK=${WORK:-/tmp/gpu-session}
 T0=$SECONDS
 left() { echo $(( TOTAL_S - (SECONDS - T0) )); }
@@ -60,21 +76,37 @@ except ImportError as error:
     print("torch_pruning missing:", error)
 EOF
 
-echo "== 1. tests marked gpu ($(left) s left)"
-timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests > "$WORK/pytest-gpu.txt" 2>&1
-echo "pytest exit $?"; tail -25 "$WORK/pytest-gpu.txt"
+if has_step baseline; then
+    PROFILE=lapp_edge/resources/targets/gpu-torch-cuda-fp16.yaml
+    echo "== 0. torch-cuda latency baseline, then its regression test ($(left) s left)"
+    timeout "${BASELINE_S:-150}" "$PY" -m lapp_edge baseline --target gpu-torch-cuda-fp16 > "$WORK/baseline.txt" 2>&1
+    echo "baseline exit $?"; tail -12 "$WORK/baseline.txt"
+    LAPP_EDGE_LATENCY_TARGET=gpu-torch-cuda-fp16 timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider -m latency \
+        tests/latency/test_regression.py > "$WORK/latency-test.txt" 2>&1
+    echo "latency-test exit $?"; tail -8 "$WORK/latency-test.txt"
+    cp "$PROFILE" "$WORK/gpu-torch-cuda-fp16.yaml"
+fi
 
+if has_step tests; then
+    echo "== 1. tests marked gpu ($(left) s left)"
+    timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests > "$WORK/pytest-gpu.txt" 2>&1
+    echo "pytest exit $?"; tail -25 "$WORK/pytest-gpu.txt"
+fi
+
+GPU_CHECK_S=${GPU_CHECK_S:-100}
+has_step gpucheck || GPU_CHECK_S=0
+if has_step compare; then
 echo "== 2. peer benchmark on $DEVICE, $JOBS at a time ($(left) s left)"
-COMMON=(--device "$DEVICE" --jobs "$JOBS" --threads 1 --no-latency)
-METHODS=()
-if [ -n "$SMALL" ]; then COMMON+=(--train-subset 512 --test-subset 300); METHODS=(--methods dense,uniform,tp-gn,lapp); fi
-SEEDS=$(seq -s, 0 $((JOBS - 1)))
+COMMON=(--device "$DEVICE" --jobs "$JOBS" --threads 1 --no-latency --train-subset "$TRAIN_SUBSET" --prune-epochs "$PRUNE_EPOCHS")
+METHODS=(${METHODS:+--methods "$METHODS"})
+if [ -n "$SMALL" ]; then COMMON+=(--train-subset 512 --test-subset 300); [ ${#METHODS[@]} -gt 0 ] || METHODS=(--methods dense,uniform,tp-gn,lapp); fi
+if [ -z "$EPOCHS" ]; then
+PROBE_SEEDS=$(seq -s, 0 $((JOBS - 1)))
 PROBE_START=$SECONDS
-timeout 150 "$PY" benchmarks/compare.py --out "$WORK/probe" --methods lapp --flops-targets 0.4 --seeds "$SEEDS" \
+timeout 150 "$PY" benchmarks/compare.py --out "$WORK/probe" --methods lapp --flops-targets 0.4 --seeds "$PROBE_SEEDS" \
     --epochs 2 --prune-epochs 1 "${COMMON[@]}" > "$WORK/probe.log" 2>&1
 echo "probe exit $? in $((SECONDS - PROBE_START)) s"; pkill -f -- "$WORK/probe"; tail -3 "$WORK/probe.log"
 PROBE_S=$((SECONDS - PROBE_START))
-GPU_CHECK_S=${GPU_CHECK_S:-100}
 EPOCHS=$("$PY" - "$PROBE_S" "$(left)" "$JOBS" "$GPU_CHECK_S" <<'EOF'
 import math, sys
 probe_s, left_s, jobs, reserve_s = (float(v) for v in sys.argv[1:])
@@ -85,15 +117,17 @@ print(max(3, min(30, math.floor((left_s - reserve_s - 40) / (waves * per_epoch_s
 EOF
 )
 echo "epoch budget chosen: $EPOCHS"
-COMPARE=("$PY" benchmarks/compare.py --out "$WORK/compare" --flops-targets 0.3,0.5 --seeds 0,1 --epochs "$EPOCHS" "${COMMON[@]}" "${METHODS[@]}")
+fi
+COMPARE=("$PY" benchmarks/compare.py --out "$WORK/compare" --flops-targets "$TARGETS" --seeds "$SEEDS" --epochs "$EPOCHS" "${COMMON[@]}" "${METHODS[@]}")
 echo "command: ${COMPARE[*]}"
 timeout $(( $(left) - GPU_CHECK_S - 20 )) "${COMPARE[@]}" > "$WORK/compare.log" 2>&1
 echo "compare exit $?"; pkill -f -- "$WORK/compare"; sleep 2
 "${COMPARE[@]}" --no-train > "$WORK/compare-summary.log" 2>&1   # the table of what finished, if the budget cut it
 tail -30 "$WORK/compare.log"; tail -25 "$WORK/compare-summary.log"
+fi
 
-echo "== 3. gpu_check ($(left) s left)"
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && has_step gpucheck; then
+    echo "== 3. gpu_check ($(left) s left)"
     timeout $(( $(left) - 25 )) "$PY" benchmarks/gpu_check.py --out "$WORK/gpu-check" --budget-s $(( $(left) - 60 )) \
         --train-subset 10000 > "$WORK/gpu-check.log" 2>&1
     echo "gpu_check exit $?"; tail -40 "$WORK/gpu-check.log"
@@ -107,6 +141,6 @@ cd "$WORK"
 { find compare probe gpu-check -type f \( -name '*.json' -o -name '*.md' -o -name '*.txt' -o -name '*.log' -o -name '*.png' \) \
       ! -path '*/latency-work/*'
   find compare -type f -name slim_model.pt ! -path '*/pretrain/*'; } 2>/dev/null > files.txt
-ls ./*.txt ./*.log >> files.txt
+ls ./*.txt ./*.log ./*.yaml >> files.txt 2>/dev/null
 tar czf - -T files.txt | split -b 15M - "$OUT/results.tgz.part-"
 ls -la "$OUT"

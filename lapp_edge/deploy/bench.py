@@ -38,7 +38,7 @@ from lapp_edge.data.readers import InMemorySplit, data_directory, load_arrays
 from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route, ratio_over_compiles
-from lapp_edge.deploy.measure import COMPILES_PER_RATIO, LatencyStats, RatioProtocol, interleaved_ratio, machine_key, measure_latency, quiet_block_ratios
+from lapp_edge.deploy.measure import COMPILES_PER_RATIO, LatencyStats, RatioProtocol, interleaved_ratio, measure_latency, quiet_block_ratios, target_machine_key
 from lapp_edge.deploy.package import MAX_MODEL_BYTES, ModelPackage, check_external_data, load_package, recorded_data_dir
 from lapp_edge.deploy.targets import TargetProfile, check_input_shape, load_target
 from lapp_edge.deploy.tolerance import RUNTIME_FP32, compare_logits
@@ -262,7 +262,7 @@ def fit_for(profile: TargetProfile, package: ModelPackage, precision_used: str =
     no bf16 here), the fit of a profile of the same backend and threads measured with the precision
     compiled here is used instead, and the note says so."""
     model = str(package.manifest.get("model", ""))
-    fit_path = find_fit_file(profile.name, model, machine_key())
+    fit_path = find_fit_file(profile.name, model, target_machine_key(profile.backend))
     if fit_path is None:
         return None, None, None, f"no latency fit for {profile.name}/{model} (lapp-edge calibrate-latency --target {profile.argument} --model {model})"
     fit = load_fit(fit_path)
@@ -284,7 +284,7 @@ def fit_for(profile: TargetProfile, package: ModelPackage, precision_used: str =
     check_external_data(read_file_bytes(reference, MAX_MODEL_BYTES), str(reference), {})
     if list(package.input_shape) != list(fit.input_shape):
         return fit, fit_path, None, f"{fit_path.name} is for inputs {fit.input_shape}, the package takes {list(package.input_shape)}"
-    machine_note = fit_machine_note(fit, machine_key(), profile.argument)
+    machine_note = fit_machine_note(fit, target_machine_key(profile.backend), profile.argument)
     return fit, fit_path, reference, "; ".join(part for part in (note, machine_note) if part)
 
 
@@ -308,7 +308,7 @@ def _fit_measured_with(profile: TargetProfile, model: str, precision_used: str) 
     """A shipped profile's fit for `model` with the same backend and threads, measured with `precision_used` kernels."""
     for name in profile_names():
         other = load_target(find_profile(name))
-        path = find_fit_file(other.name, model, machine_key())
+        path = find_fit_file(other.name, model, target_machine_key(other.backend))
         if other.backend != profile.backend or other.threads != profile.threads or path is None:
             continue
         fit = load_fit(path)
@@ -386,7 +386,7 @@ def table_for(profile: TargetProfile, package: ModelPackage) -> tuple[LatencyTab
     """This machine's layer table for the package's target, family and input, its path and its dense
     reference ONNX, or a note why not (only a table measured on this CPU is used: training/latency.py)."""
     model = str(package.manifest.get("model", ""))
-    path = find_table_file(profile.name, model, package.input_shape, machine_key())
+    path = find_table_file(profile.name, model, package.input_shape, target_machine_key(profile.backend))
     if path is None:
         return None, None, None, (f"no layer latency table for {profile.name}/{model} on this machine (lapp-edge profile-layers "
                                   f"--target {profile.argument} --model {model} --input {'x'.join(map(str, package.input_shape))})")

@@ -53,8 +53,8 @@ from lapp_edge.costs.latency_table import (
 from lapp_edge.deploy.backends import Runner
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
 from lapp_edge.deploy.measure import (
-    COMPILES_PER_RATIO, LatencyProtocol, RatioProtocol, cpu_model, cpu_snapshot, machine_key, measure_latency, other_cpu_share_since,
-    quiet_block_ratios,
+    COMPILES_PER_RATIO, LatencyProtocol, RatioProtocol, cpu_model, cpu_snapshot, measure_latency, other_cpu_share_since,
+    quiet_block_ratios, target_machine_key,
 )
 from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, load_target, runtime_version
 from lapp_edge.errors import UserError
@@ -336,7 +336,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
         mismatch = [what for what, ours, theirs in (
             ("target", profile.name, reused.target), ("model", model, reused.model),
             ("input", list(shape), list(reused.input_shape)), ("groups", coupled, reused.coupled_groups),
-            ("channel multiple", multiple, reused.channel_multiple), ("machine", machine_key(), reused.machine),
+            ("channel multiple", multiple, reused.channel_multiple), ("machine", target_machine_key(profile.backend), reused.machine),
             ("batches", batch_sizes, sorted(reused.batches)),
             ("layer shapes", sorted(points), sorted(reused.batches[min(reused.batches)].layers))) if ours != theirs]
         if mismatch:
@@ -457,7 +457,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
     table = LatencyTable(
         format=TABLE_FORMAT, target=profile.name, backend=profile.backend, precision=profile.precision,
         precision_used=precision_used, threads=profile.threads,
-        runtime=runtime_version(profile.backend), machine=machine_key(), cpu_model=cpu_model(),
+        runtime=runtime_version(profile.backend), machine=target_machine_key(profile.backend), cpu_model=cpu_model(),
         model=model, coupled_groups=coupled, input_shape=list(shape), channel_multiple=multiple, batches=batch_tables,
         dense_reference=dense_reference_name(model, shape),  # type: ignore[arg-type]
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), command=command,

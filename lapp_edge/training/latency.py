@@ -34,7 +34,7 @@ from typing import Any
 from torch import nn
 
 from lapp_edge.costs.latency_table import LatencyTable, find_table_file, load_table
-from lapp_edge.deploy.measure import machine_key
+from lapp_edge.deploy.measure import target_machine_key
 from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, load_target, runtime_version
 from lapp_edge.errors import UserError
 from lapp_edge.lapp.cost import CostModel
@@ -76,10 +76,10 @@ def find_table(profile: TargetProfile, model: str, input_shape: tuple[int, int, 
         if not path.is_file():
             raise UserError(f"latency table {explicit} does not exist")
         return path
-    found = find_table_file(profile.name, model, input_shape, machine_key())
+    found = find_table_file(profile.name, model, input_shape, target_machine_key(profile.backend))
     if found is None:
         raise UserError(f"no layer latency table for {profile.name} / {model} / {'x'.join(map(str, input_shape))} on this "
-                        f"machine ({machine_key()}): measure one with lapp-edge profile-layers --target {profile.argument} "
+                        f"machine ({target_machine_key(profile.backend)}): measure one with lapp-edge profile-layers --target {profile.argument} "
                         f"--model {model} --input {'x'.join(map(str, input_shape))}")
     return found
 
@@ -90,7 +90,7 @@ def targets_without_table(config: TrainConfig, input_shape: tuple[int, int, int]
     if split_values(config.latency_table):
         return []
     return [name for name in split_values(config.target)
-            if find_table_file(load_target(name).name, config.model, input_shape, machine_key()) is None]
+            if find_table_file((p := load_target(name)).name, config.model, input_shape, target_machine_key(p.backend)) is None]
 
 
 def fitted_on_removed_branches(table: LatencyTable, batch: int) -> bool | None:
@@ -117,8 +117,8 @@ def check_table(table: LatencyTable, path: Path, profile: TargetProfile, model: 
     if table.model != model or list(table.input_shape) != list(input_shape):
         raise UserError(f"{where} is for {table.model} at {'x'.join(map(str, table.input_shape))}; this run trains "
                         f"{model} at {'x'.join(map(str, input_shape))}")
-    if table.machine != machine_key():
-        raise UserError(f"{where} was measured on {table.machine}; this machine is {machine_key()}: latency does not "
+    if table.machine != (here := target_machine_key(profile.backend)):
+        raise UserError(f"{where} was measured on {table.machine}; this machine is {here}: latency does not "
                         f"transfer between CPUs, run lapp-edge profile-layers --target {profile.argument} --model {model} here")
     if batch not in table.batches:
         raise UserError(f"{where} holds batches {sorted(table.batches)}, not --latency-batch {batch}")

@@ -205,7 +205,7 @@ def test_lapp_efficient_lands_the_flops_under_a_latency_ceiling_of_target_over_m
 
 
 def test_lapp_efficient_without_a_layer_table_here_is_refused_before_training(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr("lapp_edge.training.latency.machine_key", lambda: "A CPU nobody profiled; avx2")
+    monkeypatch.setattr("lapp_edge.training.latency.target_machine_key", lambda _backend: "A CPU nobody profiled; avx2")
     monkeypatch.chdir(tmp_path)
     assert compare.main(["--out", str(tmp_path / "out"), "--methods", "dense,lapp-efficient", "--flops-targets", "0.5"]) == 2
     err = capsys.readouterr().err

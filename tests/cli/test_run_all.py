@@ -206,7 +206,7 @@ def test_run_all_trains_to_a_latency_budget_and_reports_where_it_landed(tmp_path
 
 def test_a_latency_budget_without_a_table_for_this_machine_is_one_line_and_writes_nothing(
         tmp_path: Path, fmnist: Dataset, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lapp_edge.training.latency.machine_key", lambda: "A CPU nobody profiled; avx2")
+    monkeypatch.setattr("lapp_edge.training.latency.target_machine_key", lambda _backend: "A CPU nobody profiled; avx2")
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, budget={"latency": 0.5, "target": "x86-ort-fp32"}, targets=["x86-openvino-f32"])
     assert main(["run-all", str(config)]) == 2
@@ -258,8 +258,8 @@ def _trained_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, machine: st
     TrainConfig the slim run would have trained with."""
     from lapp_edge.training.trainer import Trainer
 
-    monkeypatch.setattr("lapp_edge.training.latency.machine_key", lambda: machine)
-    monkeypatch.setattr("lapp_edge.deploy.measure.machine_key", lambda: machine)
+    monkeypatch.setattr("lapp_edge.training.latency.target_machine_key", lambda _backend: machine)
+    monkeypatch.setattr("lapp_edge.deploy.measure.machine_key", lambda gpu=False: machine)
     monkeypatch.chdir(tmp_path)
     seen: list[TrainConfig] = []
 

@@ -23,7 +23,7 @@ UNFITTED_CPU = "Test CPU; avx9"         # one they are not
 
 
 def test_a_bf16_fit_is_not_used_where_the_cpu_compiled_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lapp_edge.deploy.bench.machine_key", lambda: UNFITTED_CPU)
+    monkeypatch.setattr("lapp_edge.deploy.bench.target_machine_key", lambda _backend: UNFITTED_CPU)
     profile = load_target(find_profile("x86-openvino-bf16"))
     fit, path, reference, note = fit_for(profile, PACKAGE, "fp32")
     assert fit is not None and fit.precision_used == "fp32" and path is not None and path.name.startswith("latency-fit-x86-openvino-f32")
@@ -32,7 +32,7 @@ def test_a_bf16_fit_is_not_used_where_the_cpu_compiled_fp32(monkeypatch: pytest.
     assert fit is not None and fit.precision_used == "bf16" and "kernels" not in note
     assert note == fit_machine_note(fit, UNFITTED_CPU)        # only the machine warning, where there is one
     assert fit_for(load_target(find_profile("x86-ort-int8")), PACKAGE, "int8")[0] is None   # no int8 fit for this CPU: said
-    monkeypatch.setattr("lapp_edge.deploy.bench.machine_key", lambda: AVX2_EPYC)
+    monkeypatch.setattr("lapp_edge.deploy.bench.target_machine_key", lambda _backend: AVX2_EPYC)
     fit, path, _, note = fit_for(profile, PACKAGE, "fp32")        # no bf16 kernels there: its own f32 fit, no machine warning
     assert fit is not None and path is not None and path.name == "latency-fit-x86-openvino-f32-resnet20-amd-epyc-avx2.json"
     assert "this CPU compiled fp32" in note and "was measured on" not in note
@@ -59,11 +59,11 @@ def test_a_fit_from_another_cpu_is_used_with_a_warning_naming_both_machines() ->
 def test_the_bench_note_carries_the_machine_warning_of_a_shipped_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     # a machine without its own fit gets the unkeyed one shipped before fits were keyed (it predates recording
     # load.machine), with a warning and the command to fix it; a machine with its own fit gets that one, unwarned
-    monkeypatch.setattr("lapp_edge.deploy.bench.machine_key", lambda: UNFITTED_CPU)
+    monkeypatch.setattr("lapp_edge.deploy.bench.target_machine_key", lambda _backend: UNFITTED_CPU)
     fit, path, _, note = fit_for(load_target(find_profile("x86-ort-fp32")), PACKAGE, "fp32")
     assert fit is not None and path is not None and path.name == "latency-fit-x86-ort-fp32-resnet20.json" and "machine" not in fit.load
     assert "without its ISA flags recorded" in note and UNFITTED_CPU in note
-    monkeypatch.setattr("lapp_edge.deploy.bench.machine_key", lambda: AVX2_EPYC)
+    monkeypatch.setattr("lapp_edge.deploy.bench.target_machine_key", lambda _backend: AVX2_EPYC)
     fit, path, _, note = fit_for(load_target(find_profile("x86-ort-fp32")), PACKAGE, "fp32")
     assert fit is not None and fit.load["machine"] == AVX2_EPYC and note == "" and sorted(fit.batches) == [1, 32]
 

@@ -41,7 +41,7 @@ def table_covering(layers: list[tuple[str, int, int]], batch: int) -> LatencyTab
 
 def test_no_table_on_this_machine_is_said_not_guessed(package: ModelPackage, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("lapp_edge.deploy.bench.machine_key", lambda: "A CPU nobody profiled; avx2")
+    monkeypatch.setattr("lapp_edge.deploy.bench.target_machine_key", lambda _backend: "A CPU nobody profiled; avx2")
     table, path, reference, note = table_for(load_target("x86-ort-fp32"), package)
     assert table is None and path is None and reference is None
     assert "no layer latency table for x86-ort-fp32/resnet20" in note and "profile-layers" in note

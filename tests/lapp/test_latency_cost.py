@@ -279,7 +279,7 @@ def test_bad_latency_inputs_are_one_line_exit_2_and_write_nothing(tmp_path: Path
         path = _write(tmp_path, synthetic_table(layers, sites, machine="Another CPU; avx512f"))
         args += ["--latency-table", str(path)]
     elif case == "missing":        # this repository ships tables for the machines it was profiled on: be another one
-        monkeypatch.setattr("lapp_edge.training.latency.machine_key", lambda: "A CPU nobody profiled; avx2")
+        monkeypatch.setattr("lapp_edge.training.latency.target_machine_key", lambda _backend: "A CPU nobody profiled; avx2")
     else:
         _write(tmp_path, synthetic_table(layers, sites))
     if case == "below-floor":
@@ -529,7 +529,7 @@ def test_a_hint_to_profile_names_a_users_profile_by_its_path(tmp_path: Path, cap
     mine = tmp_path / "edge-box.yaml"
     mine.write_text((TARGETS_DIR / "x86-ort-fp32.yaml").read_text().replace("name: x86-ort-fp32", "name: edge-box"))
     assert load_target(mine).argument == str(mine) and load_target("x86-ort-fp32").argument == "x86-ort-fp32"
-    monkeypatch.setattr("lapp_edge.training.latency.machine_key", lambda: "A CPU nobody profiled; avx2")
+    monkeypatch.setattr("lapp_edge.training.latency.target_machine_key", lambda _backend: "A CPU nobody profiled; avx2")
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--out", "run", "--epochs", "2", "--prune-epochs", "1", "--train-subset", "256", "--quiet",
                  "--channel-multiple", "8", "--target", str(mine), "--latency-target", "0.5"]) == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lapp_edge.deploy.backends import runtime_available
-from lapp_edge.deploy.measure import RatioProtocol, machine_key
+from lapp_edge.deploy.measure import RatioProtocol, machine_key, target_machine_key
 from lapp_edge.deploy.regression import check, measure_target, reference_models
 from lapp_edge.deploy.targets import LatencyBaselines, MachineBaseline, load_target
 from lapp_edge.resources import profile_names
@@ -148,8 +148,9 @@ def test_target_holds_its_baseline(target: str, tmp_path: Path) -> None:
     available, why = runtime_available(profile.backend)      # GPU backends: False without a visible NVIDIA GPU
     if not available:
         pytest.skip(f"{target}: {why}")
-    if profile.baselines is None or machine_key() not in profile.baselines.machines:
-        pytest.skip(f"{target}: no baseline recorded for this machine ({machine_key()}): lapp-edge baseline --target {target}")
+    machine = target_machine_key(profile.backend)
+    if profile.baselines is None or machine not in profile.baselines.machines:
+        pytest.skip(f"{target}: no baseline recorded for this machine ({machine}): lapp-edge baseline --target {target}")
     results = measure_target(profile, list(profile.batch_sizes), tmp_path)
     problems = [p for r in results for p in r.problems]
     if problems and any(r.flagged for r in results):
@@ -183,3 +184,25 @@ def test_torch_cuda_rebuilds_the_shipped_references_from_their_specs(tmp_path: P
         assert path.read_bytes() == (models.dense if role == "dense" else models.slim).read_bytes()
         assert spec.widths == info[role]["widths"]
         assert count_deployed_macs(model, models.input_shape) == info[role]["macs"]
+
+
+def test_gpu_targets_are_keyed_by_the_gpu_and_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a GPU latency ratio depends on the GPU: a GPU target's baselines, tables and fits carry its name; a CPU target's do not
+    from lapp_edge.deploy import measure
+
+    monkeypatch.setattr(measure, "gpu_name", lambda: "NVIDIA H200")
+    cpu = machine_key()
+    assert target_machine_key("torch-cuda") == target_machine_key("tensorrt") == f"NVIDIA H200; host {cpu}"
+    assert target_machine_key("onnxruntime-cpu") == target_machine_key("openvino-cpu") == cpu and "NVIDIA" not in cpu
+
+
+def test_gpu_baseline_records_torch_cuda_and_cudnn_versions() -> None:
+    # a GPU latency ratio moves with torch, CUDA and cuDNN: a GPU target's record names them, a CPU target's need not
+    import torch
+
+    from lapp_edge.deploy.regression import runtime_versions
+
+    gpu, cpu = runtime_versions(gpu=True), runtime_versions()
+    assert gpu["torch"] == torch.__version__.split("+")[0] or gpu["torch"] == torch.__version__
+    assert gpu["cuda"] == str(torch.version.cuda) and gpu["cudnn"] == str(torch.backends.cudnn.version())
+    assert "torch" not in cpu and "cuda" not in cpu and cpu["numpy"] == gpu["numpy"]
