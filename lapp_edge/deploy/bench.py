@@ -38,9 +38,9 @@ from lapp_edge.data.readers import InMemorySplit, data_directory, load_arrays
 from lapp_edge.deploy.backends import BackendUnavailable, Runner, RunnerInfo, run_batched
 from lapp_edge.deploy.calibration_set import load_definition, normalize_uint8
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, int8_calibration, int8_route, ratio_over_compiles
-from lapp_edge.deploy.measure import COMPILES_PER_RATIO, LatencyStats, RatioProtocol, interleaved_ratio, measure_latency, quiet_block_ratios, target_machine_key
+from lapp_edge.deploy.measure import COMPILES_PER_RATIO, LatencyStats, RatioProtocol, interleaved_ratio, measure_latency, quiet_block_ratios
 from lapp_edge.deploy.package import MAX_MODEL_BYTES, ModelPackage, check_external_data, load_package, recorded_data_dir
-from lapp_edge.deploy.targets import TargetProfile, check_input_shape, load_target
+from lapp_edge.deploy.targets import TargetProfile, check_input_shape, load_target, target_machine_key
 from lapp_edge.deploy.tolerance import RUNTIME_FP32, compare_logits
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_json, check_output_location, read_file_bytes

@@ -191,29 +191,16 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def machine_key(gpu: bool = False) -> str:
+def machine_key(device: str = "") -> str:
     """The machine as latency baselines, layer tables and fits are keyed. CPU targets: the CPU's model
     name and the ISA flags that pick kernels ("AMD EPYC; avx2 avx512_bf16 avx512f"): two machines with
-    the same model name can differ. GPU targets (`gpu=True`): the GPU's name first, then the host CPU
-    ("NVIDIA H200; host Intel(R) Xeon(R) ...; avx2 ..."): a GPU latency ratio depends on the GPU, and
-    on the host through kernel-launch overhead at small batches."""
+    the same model name can differ. A target on an accelerator passes its `device` name (the backend's
+    `device_name()`): "NVIDIA H200; host Intel(R) Xeon(R) ...; avx2 ...", since a GPU latency ratio
+    depends on the GPU, and on the host through kernel-launch overhead at small batches.
+    `deploy.targets.target_machine_key` picks the right one for a target."""
     flags = cpu_flags()
     cpu = f"{cpu_model()}; {' '.join(sorted(flags & set(ISA_FLAGS))) or 'no listed ISA flags'}"
-    return f"{gpu_name()}; host {cpu}" if gpu else cpu
-
-
-def gpu_name() -> str:
-    """The first CUDA GPU's name as torch reports it ("NVIDIA H200"); "no CUDA GPU" where none is visible."""
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
-
-
-def target_machine_key(backend_name: str) -> str:
-    """`machine_key` for a target's backend: keyed by the GPU too where the backend runs on one."""
-    from lapp_edge.deploy.backends import get_backend
-
-    return machine_key(gpu=get_backend(backend_name).needs_cuda_gpu)
+    return f"{device}; host {cpu}" if device else cpu
 
 
 @dataclass

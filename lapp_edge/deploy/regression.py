@@ -15,7 +15,7 @@ A result fails when the speedup falls below the profile's recorded baseline for 
 or when the speedup misses the one this machine's latency model for the target predicts by more
 than the tolerance: its layer table (`lapp-edge profile-layers`) where one was measured here, else
 its FLOPs fit (`lapp-edge calibrate-latency`) where that was; a prediction from another machine is
-not held against this one (a note says so). Baselines are per machine (`measure.target_machine_key`: CPU model + ISA flags, and the GPU for a GPU target),
+not held against this one (a note says so). Baselines are per machine (`targets.target_machine_key`: CPU model + ISA flags, and the GPU for a GPU target),
 since the same profile runs different kernels on an AVX2, an AVX-512 or an AMX CPU; a machine
 without a baseline is reported as such (`lapp-edge baseline --target NAME` records one).
 Absolute times are never compared. Imports no torch.
@@ -37,8 +37,8 @@ from lapp_edge.costs.latency_fit import find_fit_file, load_fit
 from lapp_edge.costs.latency_table import find_table_file, load_table, onnx_conv_layers
 from lapp_edge.deploy.backends import get_backend
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
-from lapp_edge.deploy.measure import COMPILES_PER_RATIO, RatioProtocol, cpu_snapshot, other_cpu_share_since, quiet_block_ratios, target_machine_key
-from lapp_edge.deploy.targets import TargetProfile, check_input_shape, load_target
+from lapp_edge.deploy.measure import COMPILES_PER_RATIO, RatioProtocol, cpu_snapshot, other_cpu_share_since, quiet_block_ratios
+from lapp_edge.deploy.targets import TargetProfile, check_input_shape, load_target, target_machine_key
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_text
 from lapp_edge.resources import find_latency_file, find_profile
@@ -251,31 +251,27 @@ def record_baseline(profile: TargetProfile, results: list[RegressionResult], com
         "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load": {"other_cpu_share_max": round(max(r.other_cpu_share for r in results), 3),
                  "flagged": any(r.flagged for r in results)},
-        "versions": runtime_versions(gpu=get_backend(profile.backend).needs_cuda_gpu),
+        "versions": runtime_versions(profile.backend),
         "command": command,
     }
     atomic_write_text(path, header + yaml.safe_dump(payload, sort_keys=False, default_flow_style=None, width=120))
     return path
 
 
-def runtime_versions(gpu: bool = False) -> dict[str, str]:
-    """Installed versions of the runtimes and numpy (for baseline records); with `gpu` (a GPU target's
-    record) also torch, TensorRT where installed, and the CUDA and cuDNN versions torch runs with."""
+def runtime_versions(backend: str = "") -> dict[str, str]:
+    """Installed versions of the runtimes and numpy (for baseline records), and for a GPU `backend` its
+    accelerator stack (`Backend.device_versions`: torch, CUDA, cuDNN) and TensorRT where installed."""
     import importlib.metadata
 
     versions = {}
-    packages = ("onnxruntime", "openvino", "nncf", "numpy", "lapp-edge") + (("torch", "tensorrt") if gpu else ())
+    device_versions = get_backend(backend).device_versions() if backend else {}
+    packages = ("onnxruntime", "openvino", "nncf", "numpy", "lapp-edge") + (("tensorrt",) if device_versions else ())
     for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    if gpu:
-        import torch
-
-        versions["cuda"] = str(torch.version.cuda)
-        versions["cudnn"] = str(torch.backends.cudnn.version())
-    return versions
+    return {**versions, **device_versions}
 
 
 def format_results(results: list[RegressionResult]) -> str:

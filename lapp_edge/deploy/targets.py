@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lapp_edge.deploy.backends import BACKENDS
-from lapp_edge.deploy.measure import LatencyProtocol
+from lapp_edge.deploy.backends import BACKENDS, get_backend
+from lapp_edge.deploy.measure import LatencyProtocol, machine_key
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import read_yaml, shown
 from lapp_edge.resources import find_profile
@@ -246,6 +246,12 @@ def runtime_version(backend: str) -> str:
         return f"{distribution} {importlib.metadata.version(distribution)}"
     except importlib.metadata.PackageNotFoundError:
         return f"{distribution} not installed"
+
+
+def target_machine_key(backend: str) -> str:
+    """`measure.machine_key` for a target's backend: the CPU alone, or the backend's accelerator
+    (`Backend.device_name`) before the host CPU where it runs on one."""
+    return machine_key(get_backend(backend).device_name())
 
 
 def check_input_shape(profile: TargetProfile, shape: tuple[int, ...], what: str) -> None:

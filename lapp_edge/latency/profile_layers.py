@@ -54,9 +54,9 @@ from lapp_edge.deploy.backends import Runner
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
 from lapp_edge.deploy.measure import (
     COMPILES_PER_RATIO, LatencyProtocol, RatioProtocol, cpu_model, cpu_snapshot, measure_latency, other_cpu_share_since,
-    quiet_block_ratios, target_machine_key,
+    quiet_block_ratios,
 )
-from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, load_target, runtime_version
+from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, load_target, runtime_version, target_machine_key
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_bytes, check_output_location
 from lapp_edge.lapp.flops import DeployedLayer, FlopsCost

@@ -34,8 +34,7 @@ from typing import Any
 from torch import nn
 
 from lapp_edge.costs.latency_table import LatencyTable, find_table_file, load_table
-from lapp_edge.deploy.measure import target_machine_key
-from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, load_target, runtime_version
+from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, load_target, runtime_version, target_machine_key
 from lapp_edge.errors import UserError
 from lapp_edge.lapp.cost import CostModel
 from lapp_edge.lapp.flops import build_flops_cost, deployed_layers

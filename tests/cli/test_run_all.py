@@ -259,7 +259,7 @@ def _trained_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, machine: st
     from lapp_edge.training.trainer import Trainer
 
     monkeypatch.setattr("lapp_edge.training.latency.target_machine_key", lambda _backend: machine)
-    monkeypatch.setattr("lapp_edge.deploy.measure.machine_key", lambda gpu=False: machine)
+    monkeypatch.setattr("lapp_edge.deploy.measure.machine_key", lambda device="": machine)
     monkeypatch.chdir(tmp_path)
     seen: list[TrainConfig] = []
 

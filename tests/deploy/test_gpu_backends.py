@@ -107,9 +107,12 @@ def test_gpu_profiles_load_and_name_registered_backends() -> None:
     assert int8.calibration == "fashion-mnist-train-512"
     assert (torch_fp16.backend, torch_fp16.precision) == ("torch-cuda", "fp16")
     for profile in (fp16, int8, torch_fp16):
-        assert profile.input_shape == INPUT and 1 in profile.batch_sizes and profile.baselines is None
+        assert profile.input_shape == INPUT and 1 in profile.batch_sizes
         assert profile.latency.min_iterations >= 10 and profile.latency.min_seconds >= 3.0
         assert profile.backend in BACKENDS
+    assert fp16.baselines is None and int8.baselines is None          # TensorRT has never run (docs/GPU.md)
+    [(machine, record)] = torch_fp16.baselines.machines.items()       # recorded on the lent H200 (docs/GPU.md)
+    assert machine.startswith("NVIDIA H200; host ") and sorted(record.speedup) == [1, 32, 256]
     before = set(sys.modules)
     assert get_backend("tensorrt").precisions == ("fp16", "int8")
     assert get_backend("torch-cuda").precisions == ("fp32", "fp16", "bf16")

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from lapp_edge.deploy.backends import runtime_available
-from lapp_edge.deploy.measure import RatioProtocol, machine_key, target_machine_key
+from lapp_edge.deploy.measure import RatioProtocol, machine_key
 from lapp_edge.deploy.regression import check, measure_target, reference_models
-from lapp_edge.deploy.targets import LatencyBaselines, MachineBaseline, load_target
+from lapp_edge.deploy.targets import LatencyBaselines, MachineBaseline, load_target, target_machine_key
 from lapp_edge.resources import profile_names
 
 QUICK = RatioProtocol(blocks=6, calls_batch1=15, warmup=10, retries=1)
@@ -188,12 +188,13 @@ def test_torch_cuda_rebuilds_the_shipped_references_from_their_specs(tmp_path: P
 
 def test_gpu_targets_are_keyed_by_the_gpu_and_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     # a GPU latency ratio depends on the GPU: a GPU target's baselines, tables and fits carry its name; a CPU target's do not
-    from lapp_edge.deploy import measure
+    from lapp_edge.deploy.backends.gpu_measure import CudaDevice
 
-    monkeypatch.setattr(measure, "gpu_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(CudaDevice, "device_name", lambda self: "NVIDIA H200")
     cpu = machine_key()
     assert target_machine_key("torch-cuda") == target_machine_key("tensorrt") == f"NVIDIA H200; host {cpu}"
     assert target_machine_key("onnxruntime-cpu") == target_machine_key("openvino-cpu") == cpu and "NVIDIA" not in cpu
+    assert next(iter(load_target("gpu-torch-cuda-fp16").baselines.machines)).startswith("NVIDIA H200; host ")   # shipped
 
 
 def test_gpu_baseline_records_torch_cuda_and_cudnn_versions() -> None:
@@ -202,7 +203,7 @@ def test_gpu_baseline_records_torch_cuda_and_cudnn_versions() -> None:
 
     from lapp_edge.deploy.regression import runtime_versions
 
-    gpu, cpu = runtime_versions(gpu=True), runtime_versions()
-    assert gpu["torch"] == torch.__version__.split("+")[0] or gpu["torch"] == torch.__version__
+    gpu, cpu = runtime_versions("torch-cuda"), runtime_versions("onnxruntime-cpu")
+    assert gpu["torch"] == torch.__version__
     assert gpu["cuda"] == str(torch.version.cuda) and gpu["cudnn"] == str(torch.backends.cudnn.version())
-    assert "torch" not in cpu and "cuda" not in cpu and cpu["numpy"] == gpu["numpy"]
+    assert "torch" not in cpu and "cuda" not in cpu and cpu["numpy"] == gpu["numpy"] == runtime_versions()["numpy"]

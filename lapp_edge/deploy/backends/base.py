@@ -116,6 +116,15 @@ class Backend(ABC):
     runtime_modules: tuple[str, ...] = ()
     needs_cuda_gpu: bool = False          # runs only where an NVIDIA GPU is visible (backends.runtime_available)
 
+    def device_name(self) -> str:
+        """The accelerator this backend runs on, for keying latency records ("NVIDIA H200"); "" for a
+        CPU backend, keyed by the CPU alone (measure.machine_key)."""
+        return ""
+
+    def device_versions(self) -> dict[str, str]:
+        """Versions of the accelerator stack a latency record depends on (torch, CUDA, cuDNN); none for a CPU backend."""
+        return {}
+
     @abstractmethod
     def load(self, request: LoadRequest) -> Runner:
         """Compile `request.onnx_path` for `request.precision` and return a runner."""

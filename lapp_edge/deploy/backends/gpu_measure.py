@@ -112,6 +112,27 @@ def cuda_event_step(torch: Any, stream: Any, h2d: Callable[[], None], compute: C
     return step
 
 
+class CudaDevice:
+    """Mixin for the backends that run on an NVIDIA GPU through torch's CUDA runtime: the GPU's name and
+    the torch / CUDA / cuDNN versions, for keying and recording latency baselines."""
+
+    def device_name(self) -> str:
+        """The first CUDA GPU's name as torch reports it ("NVIDIA H200"); "no CUDA GPU" where torch is missing or sees none."""
+        try:
+            torch = import_runtime("torch", "torch-cuda", "'pip install torch' (a CUDA build)")
+        except BackendUnavailable:
+            return "no CUDA GPU"
+        return str(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "no CUDA GPU"
+
+    def device_versions(self) -> dict[str, str]:
+        """{"torch", "cuda", "cudnn"} versions as torch reports them; none where torch is missing."""
+        try:
+            torch = import_runtime("torch", "torch-cuda", "'pip install torch' (a CUDA build)")
+        except BackendUnavailable:
+            return {}
+        return {"torch": str(torch.__version__), "cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version())}
+
+
 def cuda_torch(backend: str) -> Any:
     """torch with a usable CUDA device, or one line (BackendUnavailable, naming `backend`) saying why not."""
     torch = import_runtime("torch", backend, "'pip install torch' (a CUDA build)")

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from lapp_edge.deploy.backends.base import Backend, BackendUnavailable, LoadRequest, Runner, RunnerInfo, import_runtime
-from lapp_edge.deploy.backends.gpu_measure import GpuLatencyProtocol, cuda_event_step, cuda_torch, time_iterations
+from lapp_edge.deploy.backends.gpu_measure import CudaDevice, GpuLatencyProtocol, cuda_event_step, cuda_torch, time_iterations
 from lapp_edge.deploy.backends.onnx_variants import fp16_model, qdq_symmetric_model
 from lapp_edge.errors import UserError
 from lapp_edge.fileio import atomic_write_bytes
@@ -311,7 +311,7 @@ class TensorRtRunner(Runner):
                 delattr(self, name)
 
 
-class TensorRt(Backend):
+class TensorRt(CudaDevice, Backend):
     name = NAME
     runtime_modules = ("tensorrt", "torch")
     needs_cuda_gpu = True

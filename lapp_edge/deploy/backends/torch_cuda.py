@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from lapp_edge.deploy.backends.base import Backend, BackendUnavailable, LoadRequest, Runner, RunnerInfo
-from lapp_edge.deploy.backends.gpu_measure import GpuLatencyProtocol, cuda_event_step, cuda_torch, time_iterations
+from lapp_edge.deploy.backends.gpu_measure import CudaDevice, GpuLatencyProtocol, cuda_event_step, cuda_torch, time_iterations
 from lapp_edge.errors import UserError
 
 NAME = "torch-cuda"
@@ -144,7 +144,7 @@ class TorchCudaRunner(Runner):
         return result
 
 
-class TorchCuda(Backend):
+class TorchCuda(CudaDevice, Backend):
     name = NAME
     runtime_modules = ("torch",)
     needs_cuda_gpu = True
