@@ -308,8 +308,10 @@ def _fit_measured_with(profile: TargetProfile, model: str, precision_used: str) 
     """A shipped profile's fit for `model` with the same backend and threads, measured with `precision_used` kernels."""
     for name in profile_names():
         other = load_target(find_profile(name))
+        if other.backend != profile.backend or other.threads != profile.threads:
+            continue
         path = find_fit_file(other.name, model, target_machine_key(other.backend))
-        if other.backend != profile.backend or other.threads != profile.threads or path is None:
+        if path is None:
             continue
         fit = load_fit(path)
         if fit.precision_used == precision_used:

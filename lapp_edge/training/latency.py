@@ -75,10 +75,11 @@ def find_table(profile: TargetProfile, model: str, input_shape: tuple[int, int, 
         if not path.is_file():
             raise UserError(f"latency table {explicit} does not exist")
         return path
-    found = find_table_file(profile.name, model, input_shape, target_machine_key(profile.backend))
+    machine = target_machine_key(profile.backend)
+    found = find_table_file(profile.name, model, input_shape, machine)
     if found is None:
         raise UserError(f"no layer latency table for {profile.name} / {model} / {'x'.join(map(str, input_shape))} on this "
-                        f"machine ({target_machine_key(profile.backend)}): measure one with lapp-edge profile-layers --target {profile.argument} "
+                        f"machine ({machine}): measure one with lapp-edge profile-layers --target {profile.argument} "
                         f"--model {model} --input {'x'.join(map(str, input_shape))}")
     return found
 

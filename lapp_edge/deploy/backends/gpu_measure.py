@@ -118,19 +118,23 @@ class CudaDevice:
 
     def device_name(self) -> str:
         """The first CUDA GPU's name as torch reports it ("NVIDIA H200"); "no CUDA GPU" where torch is missing or sees none."""
-        try:
-            torch = import_runtime("torch", "torch-cuda", "'pip install torch' (a CUDA build)")
-        except BackendUnavailable:
-            return "no CUDA GPU"
-        return str(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "no CUDA GPU"
+        torch = _torch_or_none()
+        return str(torch.cuda.get_device_name(0)) if torch is not None and torch.cuda.is_available() else "no CUDA GPU"
 
     def device_versions(self) -> dict[str, str]:
         """{"torch", "cuda", "cudnn"} versions as torch reports them; none where torch is missing."""
-        try:
-            torch = import_runtime("torch", "torch-cuda", "'pip install torch' (a CUDA build)")
-        except BackendUnavailable:
+        torch = _torch_or_none()
+        if torch is None:
             return {}
         return {"torch": str(torch.__version__), "cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version())}
+
+
+def _torch_or_none() -> Any:
+    """torch where it is installed (imported on first use: the deploy side does not need it), else None."""
+    try:
+        return import_runtime("torch", "torch-cuda", "'pip install torch' (a CUDA build)")
+    except BackendUnavailable:
+        return None
 
 
 def cuda_torch(backend: str) -> Any:
