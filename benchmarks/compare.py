@@ -17,10 +17,12 @@ Methods (each at every FLOPs target and seed; `dense` once per seed, the referen
                          L1 magnitude: MagnitudePruner + MagnitudeImportance(p=1); BN scale:
                          BNScalePruner + BNScaleImportance; group norm: GroupNormPruner +
                          GroupMagnitudeImportance(p=2)
-  lapp                   `lapp-edge train --flops-target T`
+  lapp                   `lapp-edge train --flops-target T` (the 1x1 bypass merged into its conv at freeze, the
+                         default since 2026-12-04: the slim phase trains one conv per unit)
   lapp-no-bypass         ... --no-bypass
-  lapp-merge-bypass      ... --merge-bypass-at-freeze (the bypass merged into its conv at freeze: the slim
-                         phase trains one conv per unit; not an ablation, a cheaper variant)
+  lapp-keep-bypass       ... --keep-bypass-after-freeze (the bypass trains through the slim phase too: LAPP as it
+                         was until 2026-12-04, and named "lapp" in the results of that time; "lapp-merge-bypass"
+                         was then today's "lapp"; not an ablation, a costlier variant)
   lapp-shared-threshold  ... --shared-threshold (one threshold for every layer)
   lapp-no-anneal         ... --anneal-fraction 0 (the final target from the first step: no progressive schedule)
   lapp-no-groups         ... --no-groups (inner convs only; stage widths stay full)
@@ -103,7 +105,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("tp-gn", "tp", (), "Torch-Pruning group norm (DepGraph), sparse pretrain + prune + fine-tune"),
     Method("lapp", "lapp", (), "LAPP"),
     Method("lapp-no-bypass", "lapp", ("--no-bypass",), "LAPP without the 1x1 bypass"),
-    Method("lapp-merge-bypass", "lapp", ("--merge-bypass-at-freeze",), "LAPP, bypass merged into its conv at freeze"),
+    Method("lapp-keep-bypass", "lapp", ("--keep-bypass-after-freeze",), "LAPP, bypass kept after freeze"),
     Method("lapp-shared-threshold", "lapp", ("--shared-threshold",), "LAPP, one threshold for all layers"),
     Method("lapp-no-anneal", "lapp", ("--anneal-fraction", "0"), "LAPP, final target from the first step"),
     Method("lapp-no-groups", "lapp", ("--no-groups",), "LAPP, inner convs only"),

@@ -17,6 +17,8 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a network (LAPP from scratch, or dense)",
                               description="Train a network: LAPP from scratch to a FLOPs target, or the dense baseline.")
     add_dataclass_arguments(p, TrainConfig)
+    p.add_argument("--merge-bypass-at-freeze", dest="merge_bypass_at_freeze", action="store_true", default=argparse.SUPPRESS,
+                   help="the default since 2026-12-04 (kept so that older commands run): the bypass is merged at freeze")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (--epochs, --data-dir, --device, --threads, "
                         "--quiet may change; other options must match the saved run, else one line, exit 2; a run with no "

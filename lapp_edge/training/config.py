@@ -99,9 +99,10 @@ class TrainConfig:
     bypass_mode: str = option("branch", "how the 1x1 bypass trains: branch (its own conv + BN, two convs per unit) or "
                               "reparam (folded into the kxk kernel at every step: one conv, a linear scale instead of "
                               "its BN, OREPA-style; a different function, see docs/GPU.md)", choices=BYPASS_MODES)
-    merge_bypass_at_freeze: bool = option(False, "at freeze, merge each 1x1 bypass into its kxk conv (exact in eval mode) and "
-                                          "train the slim phase with one conv per unit (bypass mode branch: cheaper slim "
-                                          "epochs; docs/RESULTS.md has the measured time and accuracy)")
+    merge_bypass_at_freeze: bool = option(True, "keep the 1x1 bypass through the slim phase (by default it is merged into its "
+                                          "kxk conv at freeze, exact in eval mode, and the slim phase trains one conv per "
+                                          "unit: a tenth or more off LAPP's training time at no measured accuracy cost; "
+                                          "docs/RESULTS.md)", flag="--keep-bypass-after-freeze")
     coupled_groups: bool = option(True, "prune only inner convs: leave residual-coupled channel groups (stage widths) at full width",
                                   flag="--no-groups")
     group_reduce: str = option("sum", "how a coupled group's channel score combines its producers' scores", choices=("sum", "max"))
@@ -190,6 +191,12 @@ def defaults() -> dict[str, Any]:
     return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 
+def merges_bypass_at_freeze(config: TrainConfig) -> bool:
+    """Whether the run's freeze merges its 1x1 bypasses into their convs (the default; `--keep-bypass-after-freeze`
+    turns it off): only a LAPP run with a bypass has one to merge (`--dense` has no freeze, `--no-bypass` no bypass)."""
+    return config.merge_bypass_at_freeze and config.bypass and not config.dense
+
+
 def validate_config(config: TrainConfig) -> None:
     """Reject bad settings before anything is written (UserError, one line naming the flag)."""
     from lapp_edge.lapp.scores import SCORERS
@@ -239,10 +246,9 @@ def validate_config(config: TrainConfig) -> None:
         raise UserError(f"--group-reduce must be sum or max, got '{config.group_reduce}'")
     if config.bypass_mode not in BYPASS_MODES:
         raise UserError(f"--bypass-mode must be branch or reparam, got '{config.bypass_mode}'")
-    if config.merge_bypass_at_freeze and (not config.bypass or config.dense or config.bn_recalibration_batches < 1):
-        why = ("--no-bypass removes it" if not config.bypass else "--dense trains without a freeze" if config.dense
-               else "it needs --bn-recalibration-batches >= 1 for the merged BN's statistics")
-        raise UserError(f"--merge-bypass-at-freeze merges the 1x1 bypass at freeze, but {why}; drop one of them")
+    if merges_bypass_at_freeze(config) and config.bn_recalibration_batches < 1:
+        raise UserError("merging the 1x1 bypass at freeze needs --bn-recalibration-batches >= 1 for the merged BN's "
+                        "statistics; give one, or --keep-bypass-after-freeze")
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"--lr-schedule must be cosine or step, got '{config.lr_schedule}'")
     if config.input_size < 0:
@@ -357,6 +363,7 @@ def config_from_saved(saved: object, path: Path) -> TrainConfig:
     values["out"] = str(path.parent)
     values.setdefault("coupled_groups", False)     # runs saved before coupled groups existed pruned inner convs only
     values.setdefault("memory_format", "contiguous")    # runs saved before the option existed trained NCHW on the CPU
+    values.setdefault("merge_bypass_at_freeze", False)  # runs saved before the merge existed kept the bypass after freeze
     config = TrainConfig(**values)
     try:   # ranges as for the flags; the device is checked when the resumed run starts (it may change)
         validate_config(replace(config, device="cpu"))

@@ -47,7 +47,7 @@ from lapp_edge.models import build_model, prunable_sites
 from lapp_edge.models.reparam import bake, bypass_units, drop_bypass, merge_bypass, use_bypass_mode
 from lapp_edge.models.slicing import resize_to_widths
 from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec
-from lapp_edge.training.config import TrainConfig, validate_config
+from lapp_edge.training.config import TrainConfig, merges_bypass_at_freeze, validate_config
 from lapp_edge.training.distributed import DistContext, setup_from_env, single_process
 from lapp_edge.training.report import RunSummary, write_report
 from lapp_edge.training.run_dir import CHECKPOINT, CONFIG, RunDirectory, RunState, run_state_from
@@ -73,7 +73,7 @@ class EpochRecord:
 
 
 def bypass_merged_in(state: RunState) -> bool:
-    """Whether the run's freeze merged its bypasses (--merge-bypass-at-freeze): its slim network has none."""
+    """Whether the run's freeze merged its bypasses (the default; not --keep-bypass-after-freeze): its slim network has none."""
     return bool((state.freeze or {}).get("bypass_merged"))
 
 
@@ -506,12 +506,13 @@ class Trainer:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.recalibrate_batchnorm(self.config.bn_recalibration_batches)
-        merged = self.merge_bypass() if self.config.merge_bypass_at_freeze else 0
+        merging = merges_bypass_at_freeze(self.config)
+        merged = self.merge_bypass() if merging else 0
         self.train_model = self.dist.wrap(self.model)   # distributed: new parameters; copies rank 0's to every process
         self.state.phase = "slim"
         self.state.widths = dict(plan.widths)
         self.state.freeze = asdict(plan)
-        if self.config.merge_bypass_at_freeze:
+        if merging:
             self.state.freeze["bypass_merged"] = merged
         # the freeze's own time (landing measurements, BN re-estimation, the merge) is in no epoch's record
         self.state.freeze["seconds"] = time.perf_counter() - started
@@ -523,7 +524,7 @@ class Trainer:
         return plan
 
     def merge_bypass(self) -> int:
-        """--merge-bypass-at-freeze: each bypass merged into its kxk conv (`models.reparam.merge_bypass`,
+        """The freeze's bypass merge (the default; not with --keep-bypass-after-freeze): each bypass merged into its kxk conv (`models.reparam.merge_bypass`,
         exact in eval mode; the merged BN's statistics from `bn_recalibration_batches` training batches,
         averaged over the processes), and a new optimizer whose momentum is kept for every tensor that
         kept its values (reset for the merged convs and BNs; a baked reparam unit's conv weight is a new
@@ -570,7 +571,7 @@ class Trainer:
 
     def _resize_to_slim(self, widths: dict[str, int], merged: bool = False) -> None:
         """The slim phase's network without a freeze (resume, start_slim): masks detached, each site cut
-        to its first `widths` channels (`merged`: without its bypasses, as --merge-bypass-at-freeze
+        to its first `widths` channels (`merged`: without its bypasses, as the freeze's merge
         left them), on the device and layout the step uses, a new optimizer over its parameters, no
         LAPP penalty. The caller loads weights and wraps it for distribution."""
         if self.controller is not None:
@@ -590,7 +591,7 @@ class Trainer:
         networks whose widths are chosen elsewhere: a uniformly thinned network trained from scratch, or
         one pruned by another method, whose `weights` (a state dict of those shapes) are then loaded.
         Needs a LAPP run (its sites) that has not started; a resumed run is rebuilt from its checkpoint.
-        There is no freeze, so --merge-bypass-at-freeze does nothing here (the bypass trains throughout)."""
+        There is no freeze, so the bypass is not merged here (the bypass trains throughout)."""
         if self.controller is None or self.state.epoch != 0 or self.state.phase != "pruning":
             raise UserError("start_slim needs a LAPP run that has not started training")
         unknown = sorted(set(widths) - set(self.dense_widths))

@@ -138,16 +138,16 @@ def test_variants_are_paired_with_lapp_by_seed() -> None:
     results = [
         _result("dense", None, 0, 0.90, 100.0), _result("dense", None, 1, 0.92, 100.0),
         _result("lapp", 0.5, 0, 0.88, 80.0), _result("lapp", 0.5, 1, 0.86, 60.0),
-        _result("lapp-merge-bypass", 0.5, 0, 0.885, 60.0), _result("lapp-merge-bypass", 0.5, 1, 0.85, 54.0),
-        _result("lapp-merge-bypass", 0.5, 2, 0.99, 10.0),        # no LAPP run of seed 2: not paired
+        _result("lapp-keep-bypass", 0.5, 0, 0.885, 60.0), _result("lapp-keep-bypass", 0.5, 1, 0.85, 54.0),
+        _result("lapp-keep-bypass", 0.5, 2, 0.99, 10.0),        # no LAPP run of seed 2: not paired
         _result("uniform", 0.5, 0, 0.80, 40.0),                    # a peer, not a variant
     ]
     (check,) = compare.variant_checks(results, compare.summarize(results))
-    assert check.method == "lapp-merge-bypass" and check.seeds == [0, 1]
+    assert check.method == "lapp-keep-bypass" and check.seeds == [0, 1]
     assert check.paired_points == pytest.approx([0.5, -1.0]) and check.cpu_vs_lapp == pytest.approx([0.75, 0.9])
     assert check.cpu_vs_dense == pytest.approx((114.0 / 2 / 2) / 50.0)
     table = compare.variants_table([check])
-    assert "| lapp-merge-bypass | 0.5 | 2 | -0.25 (1.06): +0.50, -1.00 | 0.82: 0.75, 0.90 | 0.57 |" in table
+    assert "| lapp-keep-bypass | 0.5 | 2 | -0.25 (1.06): +0.50, -1.00 | 0.82: 0.75, 0.90 | 0.57 |" in table
 
 
 def test_result_counts_the_freeze_between_epochs(tmp_path: Path) -> None:

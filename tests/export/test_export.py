@@ -50,8 +50,9 @@ def conv_nodes(path: Path) -> collections.Counter[str]:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, fmnist: Dataset) -> Path:
+    """A run whose slim model keeps its bypass (--keep-bypass-after-freeze), so export has a bypass to fold."""
     out = tmp_path_factory.mktemp("export") / "run"
-    Trainer(tiny_config(out), fmnist).run()
+    Trainer(tiny_config(out, merge_bypass_at_freeze=False), fmnist).run()
     return out
 
 
@@ -102,6 +103,17 @@ def test_fusion_is_exact_on_the_trained_model(trained_run: Path, fmnist: Dataset
     with torch.no_grad():
         reference, result = model(images), fuse_model(model)(images)
     assert float((reference - result).abs().max()) <= 1e-5 * max(1.0, float(reference.abs().max()))
+
+
+def test_a_run_merged_at_freeze_exports_one_conv_per_unit_and_verifies(tmp_path: Path, fmnist: Dataset) -> None:
+    run = tmp_path / "run"                          # the default: the bypass was merged into its conv at freeze
+    report = Trainer(tiny_config(run), fmnist).run()
+    assert report["bypass_merged_at_freeze"] == 9
+    model, _ = load_slim_model(run)
+    assert not any(isinstance(m, ConvBN) and m.bypass_conv is not None for m in model.modules())
+    manifest = export_run(run, tmp_path / "package", images=FEW_IMAGES)
+    assert conv_nodes(tmp_path / "package" / MODEL_FILE)["Conv"] == fused_conv_count(fuse_model(model))
+    assert manifest["verification"]["worst_excess"] <= 1 and manifest["verification"]["top1_disagreements"] == 0
 
 
 # --- the exported graph and package ----------------------------------------------------------

@@ -1,9 +1,10 @@
-"""--merge-bypass-at-freeze (models/reparam.merge_bypass): the two-branch unit becomes one conv + BN
+"""The freeze's bypass merge (models/reparam.merge_bypass; the default, off with --keep-bypass-after-freeze): the two-branch unit becomes one conv + BN
 that computes the same function in eval mode and starts training where it left off, and a run
 that merges at freeze trains, resumes exactly and saves a bypass-free slim model."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from lapp_edge.errors import UserError
 from lapp_edge.models import ConvBN, build_model
 from lapp_edge.models.reparam import bypass_units, merge_bypass, use_bypass_mode
 from lapp_edge.models.spec import load_slim_model
-from lapp_edge.training.config import validate_config
+from lapp_edge.training.config import TrainConfig, config_from_saved, merges_bypass_at_freeze, validate_config
 from lapp_edge.training.trainer import Trainer
 from tests.conftest import StopRun, stop_after_epoch, tiny_config
 from tests.models.test_fuse import randomize_batchnorm
@@ -86,12 +87,29 @@ def test_merge_averages_the_moments_it_is_given_to() -> None:
     assert torch.allclose(unit.bn.running_var, twin.bn.running_var) and torch.allclose(unit.bn.weight, twin.bn.weight)
 
 
-@pytest.mark.parametrize("setting, why", [({"bypass": False}, "--no-bypass"), ({"dense": True}, "--dense"),
-                                          ({"bn_recalibration_batches": 0}, "--bn-recalibration-batches")])
-def test_merge_is_refused_where_it_cannot_run(tmp_path: Path, setting: dict, why: str) -> None:
-    with pytest.raises(UserError, match=why):
-        validate_config(tiny_config(tmp_path / "run", merge_bypass_at_freeze=True, **setting))
+def test_merge_is_refused_where_it_cannot_run_and_skipped_where_there_is_nothing_to_merge(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--bn-recalibration-batches >= 1.*--keep-bypass-after-freeze"):
+        validate_config(tiny_config(tmp_path / "run", bn_recalibration_batches=0))
     assert not (tmp_path / "run").exists()
+    validate_config(tiny_config(tmp_path / "run", bn_recalibration_batches=0, merge_bypass_at_freeze=False))
+    for setting in ({"bypass": False}, {"dense": True}):        # no bypass, or no freeze: the default merges nothing
+        config = tiny_config(tmp_path / "run", **setting)
+        validate_config(config)
+        assert config.merge_bypass_at_freeze and not merges_bypass_at_freeze(config)
+    assert merges_bypass_at_freeze(tiny_config(tmp_path / "run"))
+
+
+def test_the_merge_is_the_default_and_a_run_saved_before_it_keeps_its_bypass(tmp_path: Path) -> None:
+    from lapp_edge.cli import build_parser
+    from lapp_edge.cli.flags import given_options
+
+    parse = build_parser().parse_args
+    assert TrainConfig(out="x").merge_bypass_at_freeze
+    assert given_options(parse(["train", "--out", "x", "--keep-bypass-after-freeze"]), TrainConfig) == {
+        "out": "x", "merge_bypass_at_freeze": False}
+    assert given_options(parse(["train", "--out", "x", "--merge-bypass-at-freeze"]), TrainConfig)["merge_bypass_at_freeze"]
+    saved = {key: value for key, value in asdict(TrainConfig(out="x")).items() if key != "merge_bypass_at_freeze"}
+    assert not config_from_saved(saved, tmp_path / "config.json").merge_bypass_at_freeze
 
 
 def test_run_that_merges_at_freeze_resumes_exactly_and_saves_a_plain_slim_model(tmp_path: Path, fmnist) -> None:

@@ -49,7 +49,9 @@ def test_run_writes_report_plot_and_slim_model(tmp_path: Path, fmnist) -> None:
     assert saved["accuracy"]["test_top1"] == report["accuracy"]["test_top1"] > 0.2
     assert [e["phase"] for e in saved["epochs"]] == ["pruning", "slim"]
     model, _ = load_slim_model(out)
-    assert any(isinstance(m, ConvBN) and m.bypass_conv is not None for m in model.modules())  # kept for export
+    # the default merges each bypass into its conv at freeze: the slim model has none (test_export keeps one)
+    assert saved["bypass_merged_at_freeze"] == 9
+    assert not any(isinstance(m, ConvBN) and m.bypass_conv is not None for m in model.modules())
     assert not (out / ".lock").exists()
 
 
