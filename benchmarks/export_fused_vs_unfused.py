@@ -114,7 +114,9 @@ def run_benchmark(run_dir: Path, blocks: int, calls: int, warmup: int, max_other
     input_shape = (spec.in_channels, spec.input_size, spec.input_size)
     bypasses = sum(1 for m in model.modules() if isinstance(m, ConvBN) and m.bypass_conv is not None)
     if bypasses == 0:
-        raise UserError(f"{run_dir} was trained without bypass branches: fused and unfused exports are the same graph")
+        raise UserError(f"{run_dir}'s slim model has no bypass branch (trained with --no-bypass, or merged into its conv at "
+                        "freeze, the default): fused and unfused exports are the same graph; train with "
+                        "--keep-bypass-after-freeze")
 
     fused_bytes = export_onnx(fuse_model(model), input_shape)
     unfused_bytes = export_onnx(model, input_shape)
@@ -180,7 +182,7 @@ def format_table(result: BenchResult) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a finished training run (trained with bypass branches)")
+    parser.add_argument("--run", required=True, help="a finished training run whose slim model kept its bypass (--keep-bypass-after-freeze)")
     parser.add_argument("--out", default="bench-results/export")
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--calls", type=int, default=25)
