@@ -183,10 +183,16 @@ def choose_fit(rows: list[dict[str, float]], y: np.ndarray, seed: int = 0, base:
     for candidate in candidates[1:]:
         if any(slope < 0 for slope in candidate.coefficients[1:]):
             continue
-        base, new = chosen.held_out.median_abs_pct, candidate.held_out.median_abs_pct
-        if new <= base * (1 - MEMORY_TERM_MIN_GAIN) and base - new >= MEMORY_TERM_MIN_POINTS:
+        if measurably_better(candidate, chosen):
             chosen = candidate
     return chosen, candidates
+
+
+def measurably_better(candidate: CandidateFit, than: CandidateFit) -> bool:
+    """`candidate`'s held-out median error is lower than `than`'s by >= 15% relative and >= 0.3 points
+    (MEMORY_TERM_MIN_GAIN, MEMORY_TERM_MIN_POINTS): a difference larger than split-to-split scatter."""
+    old, new = than.held_out.median_abs_pct, candidate.held_out.median_abs_pct
+    return new <= old * (1 - MEMORY_TERM_MIN_GAIN) and old - new >= MEMORY_TERM_MIN_POINTS
 
 
 # --- the stored fit ----------------------------------------------------------------------
