@@ -182,7 +182,8 @@ def format_table(result: BenchResult) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a finished training run whose slim model kept its bypass (--keep-bypass-after-freeze)")
+    parser.add_argument("--run", required=True,
+                        help="a finished training run whose slim model kept its bypass (--keep-bypass-after-freeze)")
     parser.add_argument("--out", default="bench-results/export")
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--calls", type=int, default=25)

@@ -207,8 +207,9 @@ def fit_whole_network(described: ModelLayers, table: BatchTable, configs: list[t
                       macs_ratio: list[float], seed: int = 0) -> tuple[float, float, dict[str, float], dict[str, float], dict[str, Any]]:
     """Fit latency_ratio = a + b * table_ratio (+ one extra term, conv MACs or output elements, where it helps)
     to whole-network measurements, or a + c * conv MACs ratio (b = 0) where that line is measurably better held
-    out than every fit with the table's sum (`costs.latency_fit.measurably_better`) (`configs`: name and per-site widths; `measured`: latency ratios to dense;
-    `macs_ratio`: FlopsCost ratios, for the FLOPs fit compared with). Returns a, b, the extra terms, their
+    out than every fit with the table's sum (`costs.latency_fit.measurably_better`). `configs`: name and
+    per-site widths; `measured`: latency ratios to dense; `macs_ratio`: FlopsCost ratios, for the FLOPs fit
+    compared with. Returns a, b, the extra terms, their
     dense normalisers (`costs.latency_table.dense_normalisers`), and the validation record: every
     configuration with its feature ratios, and the held-out errors of the table fit, of the FLOPs fit, and
     of both allowed the off-block term too (recorded, not used: module docstring)."""

@@ -73,7 +73,8 @@ class EpochRecord:
 
 
 def bypass_merged_in(state: RunState) -> bool:
-    """Whether the run's freeze merged its bypasses (the default; not --keep-bypass-after-freeze): its slim network has none."""
+    """Whether the run's freeze merged its bypasses (the default; not --keep-bypass-after-freeze): its slim
+    network has none."""
     return bool((state.freeze or {}).get("bypass_merged"))
 
 
@@ -524,9 +525,9 @@ class Trainer:
         return plan
 
     def merge_bypass(self) -> int:
-        """The freeze's bypass merge (the default; not with --keep-bypass-after-freeze): each bypass merged into its kxk conv (`models.reparam.merge_bypass`,
-        exact in eval mode; the merged BN's statistics from `bn_recalibration_batches` training batches,
-        averaged over the processes), and a new optimizer whose momentum is kept for every tensor that
+        """The freeze's bypass merge (the default; not with --keep-bypass-after-freeze): each bypass merged
+        into its kxk conv (`models.reparam.merge_bypass`, exact in eval mode; the merged BN's statistics from
+        `bn_recalibration_batches` training batches, averaged over the processes), and a new optimizer whose momentum is kept for every tensor that
         kept its values (reset for the merged convs and BNs; a baked reparam unit's conv weight is a new
         tensor, so it starts without momentum too). Returns how many units had a bypass. Distributed:
         every process computes the same merge; the DDP wrap that follows copies rank 0's to the rest."""

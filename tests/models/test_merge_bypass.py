@@ -1,6 +1,6 @@
-"""The freeze's bypass merge (models/reparam.merge_bypass; the default, off with --keep-bypass-after-freeze): the two-branch unit becomes one conv + BN
-that computes the same function in eval mode and starts training where it left off, and a run
-that merges at freeze trains, resumes exactly and saves a bypass-free slim model."""
+"""The freeze's bypass merge (models/reparam.merge_bypass; the default, off with --keep-bypass-after-freeze):
+the two-branch unit becomes one conv + BN that computes the same function in eval mode and starts training
+where it left off, and a run that merges at freeze trains, resumes exactly and saves a bypass-free slim model."""
 
 from __future__ import annotations
 
