@@ -17,7 +17,7 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a network (LAPP from scratch, or dense)",
                               description="Train a network: LAPP from scratch to a FLOPs target, or the dense baseline.")
     add_dataclass_arguments(p, TrainConfig)
-    p.add_argument("--merge-bypass-at-freeze", dest="merge_bypass_at_freeze", action="store_true", default=argparse.SUPPRESS,
+    p.add_argument("--merge-bypass-at-freeze", dest="merge_bypass_alias", action="store_true", default=argparse.SUPPRESS,
                    help="the default since 2026-12-04 (kept so that older commands run): the bypass is merged at freeze")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (--epochs, --data-dir, --device, --threads, "
@@ -32,7 +32,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     from lapp_edge.training.run_dir import CONFIG, RunDirectory
     from lapp_edge.training.trainer import run_training
 
-    given = given_options(args, TrainConfig)
+    given = train_options_given(args)
     refuse_ignored_options(given)
     if args.resume:
         path = Path(args.out) / CONFIG
@@ -53,6 +53,21 @@ def run_train_command(args: argparse.Namespace) -> int:
     if is_main_process():          # under torchrun every process returns the report; rank 0 prints it
         print(format_report(report))
     return 0
+
+
+def train_options_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line, with the old `--merge-bypass-at-freeze` read as
+    merge_bypass_at_freeze=True. UserError (one line) where it comes with `--keep-bypass-after-freeze`: the two
+    ask for opposite things, and which one argparse kept would depend on their order."""
+    from lapp_edge.training.config import TrainConfig
+
+    given = given_options(args, TrainConfig)
+    if getattr(args, "merge_bypass_alias", False):
+        if given.get("merge_bypass_at_freeze") is False:
+            raise UserError("--merge-bypass-at-freeze and --keep-bypass-after-freeze ask for opposite things: give one "
+                            "(merging is the default)")
+        given["merge_bypass_at_freeze"] = True
+    return given
 
 
 def targets_without_runtime(config: Any) -> dict[str, str]:

@@ -230,13 +230,30 @@ def check(result: RegressionResult) -> None:
                                f"({result.predicted_by or 'this machine'}) predicts {result.predicted_speedup:.3f} (allowed +-{tolerance:g})")
 
 
+_TOP_LEVEL_KEY = re.compile(r"^[^\s#-][^\n]*:", re.MULTILINE)     # a line that starts a top-level mapping entry
+
+
+def baselines_block_span(text: str) -> tuple[int, int]:
+    """Where the top-level `baselines:` entry of a profile's YAML text starts and ends (character offsets; the
+    end is the next top-level entry or the end of the text); (len, len) where the file has none."""
+    start = re.search(r"^baselines:", text, re.MULTILINE)
+    if start is None:
+        return len(text), len(text)
+    following = _TOP_LEVEL_KEY.search(text, start.end())
+    return start.start(), following.start() if following else len(text)
+
+
 def record_baseline(profile: TargetProfile, results: list[RegressionResult], command: str = "") -> Path:
     """Write this machine's measured ratios into the profile's YAML file (atomically), keeping the
-    other machines' baselines and the file's leading comment. Returns the file written."""
+    other machines' baselines. Only the top-level `baselines:` entry is rewritten; every other line of the
+    file (comments, inline comments, key order, flow style) stays as its author wrote it. A YAML
+    round-trip library (ruamel.yaml) would keep comments too, but the profile is read with PyYAML's
+    safe loader and its alias limits (`deploy.targets`); one loader for untrusted files, and a
+    textual splice of the one block this tool owns. Returns the file written."""
     path = find_profile(profile.path or profile.name)
     text = path.read_text(encoding="utf-8")
     payload: Any = yaml.safe_load(text)
-    header = "".join(re.match(r"((?:#[^\n]*\n)*)", text).group(1))  # type: ignore[union-attr]
+    start, end = baselines_block_span(text)
     baselines = payload.setdefault("baselines", {"reference_target": "x86-ort-fp32",
                                                  "model": "resnet20, fused, 1x28x28 (dense, and the shipped slim reference)",
                                                  "tolerance": 0.25})
@@ -254,7 +271,11 @@ def record_baseline(profile: TargetProfile, results: list[RegressionResult], com
         "versions": runtime_versions(profile.backend),
         "command": command,
     }
-    atomic_write_text(path, header + yaml.safe_dump(payload, sort_keys=False, default_flow_style=None, width=120))
+    before, after = text[:start], text[end:]
+    if before and not before.endswith("\n"):
+        before += "\n"
+    block = yaml.safe_dump({"baselines": baselines}, sort_keys=False, default_flow_style=None, width=120)
+    atomic_write_text(path, before + block + after)
     return path
 
 

@@ -136,6 +136,38 @@ def test_baseline_checks_it_can_write_each_profile_before_measuring(tmp_path: Pa
     assert "cannot create files in" in err and str(profile.parent) in err and len(err.splitlines()) == 1
 
 
+def test_recording_a_baseline_keeps_every_line_of_the_profile_but_its_baselines(tmp_path: Path) -> None:
+    """A user's profile keeps its comments, inline ones included, and the entries after `baselines:` when a
+    baseline is recorded (before, only the leading comment survived: an inline comment on channel_multiple was lost)."""
+    from lapp_edge.deploy.regression import RegressionResult, record_baseline
+    from lapp_edge.resources import TARGETS_DIR
+
+    shipped = (TARGETS_DIR / "x86-ort-fp32.yaml").read_text()
+    head = shipped[:shipped.index("baselines:")].replace("name: x86-ort-fp32", "name: edge-box")
+    head = head.replace("threads: 1\n", "threads: 1          # one core: the box runs its sensor loop on the other\n")
+    latency_line = next(line for line in head.splitlines(keepends=True) if line.startswith("latency:"))
+    head = head.replace(latency_line, "")
+    tail = latency_line.rstrip("\n") + "   # kept after the baselines: a key this tool does not own\n"
+    text = head + "baselines:\n  reference_target: x86-ort-fp32\n  model: resnet20\n  tolerance: 0.3   # ours\n" + tail
+    profile_path = tmp_path / "edge-box.yaml"
+    profile_path.write_text(text)
+    for machine, speedup in (("box A", 1.9), ("box B", 2.1)):
+        result = RegressionResult("edge-box", 32, machine, speedup, [speedup, speedup], 1.0, 0.0, False, 0.3,
+                                  speedup_per_compile=[speedup])
+        written = record_baseline(load_target(str(profile_path)), [result], "lapp-edge baseline --target edge-box.yaml")
+    after = written.read_text()
+    assert after.startswith(head) and after.endswith(tail)
+    held = load_target(str(profile_path)).baselines
+    assert held.tolerance == 0.3 and set(held.machines) == {"box A", "box B"}
+    assert held.machines["box A"].speedup == {32: 1.9} and held.machines["box B"].speedup == {32: 2.1}
+    # a profile with no baselines yet gets the block at its end, the rest untouched
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(head)
+    result = RegressionResult("edge-box", 1, "box A", 1.5, [1.5], None, 0.0, False, 0.25, speedup_per_compile=[1.5])
+    assert record_baseline(load_target(str(bare)), [result]).read_text().startswith(head + "baselines:\n")
+    assert load_target(str(bare)).baselines.machines["box A"].speedup == {1: 1.5}
+
+
 def targets() -> list[str]:
     chosen = os.environ.get("LAPP_EDGE_LATENCY_TARGET")
     return [chosen] if chosen else profile_names()

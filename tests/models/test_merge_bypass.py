@@ -102,12 +102,16 @@ def test_merge_is_refused_where_it_cannot_run_and_skipped_where_there_is_nothing
 def test_the_merge_is_the_default_and_a_run_saved_before_it_keeps_its_bypass(tmp_path: Path) -> None:
     from lapp_edge.cli import build_parser
     from lapp_edge.cli.flags import given_options
+    from lapp_edge.cli.train import train_options_given
 
     parse = build_parser().parse_args
     assert TrainConfig(out="x").merge_bypass_at_freeze
     assert given_options(parse(["train", "--out", "x", "--keep-bypass-after-freeze"]), TrainConfig) == {
         "out": "x", "merge_bypass_at_freeze": False}
-    assert given_options(parse(["train", "--out", "x", "--merge-bypass-at-freeze"]), TrainConfig)["merge_bypass_at_freeze"]
+    assert train_options_given(parse(["train", "--out", "x", "--merge-bypass-at-freeze"]))["merge_bypass_at_freeze"]
+    for both in (["--merge-bypass-at-freeze", "--keep-bypass-after-freeze"], ["--keep-bypass-after-freeze", "--merge-bypass-at-freeze"]):
+        with pytest.raises(UserError, match="opposite things"):      # either order: not whichever argparse kept last
+            train_options_given(parse(["train", "--out", "x", *both]))
     saved = {key: value for key, value in asdict(TrainConfig(out="x")).items() if key != "merge_bypass_at_freeze"}
     assert not config_from_saved(saved, tmp_path / "config.json").merge_bypass_at_freeze
 
