@@ -48,6 +48,12 @@ LANDING_AIM = 0.02       # measured share within +-2% of the budget ends the sea
 SECANT_SLOPES = (0.25, 4.0)  # measured change per table change trusted for the secant (else: scale the nearest plan)
 LANDING_ROUNDS = 3       # plans measured at most (each: a few seconds per compile per target at batch 32)
 CEILING_MARGIN = 0.01    # --land-on-flops: a re-plan aims this far under each ceiling (a compile moves a ratio by ~1%)
+# The first plan measured this far (relative) from its table's prediction: the table no longer describes this machine.
+# Where tables held, LAPP's plans measured -4% to +8% off them (AVX2 and AVX-512 EPYCs, AMX Xeon; docs/RESULTS.md); on
+# the AVX-512 EPYC without AVX-VNNI two days after its ORT table was measured, +12% to +23% (the same 24 networks
+# re-measured: narrow ones up to 28% slower relative to dense at batch 32, batch 1 unchanged).
+STALE_TABLE_SHARE = 0.10
+LOADED_SHARE = 0.2       # others' share of the machine above which a warning says the measurement itself is suspect
 
 
 @dataclass
@@ -114,6 +120,7 @@ class Landing:
     note: str = ""                   # why fewer rounds were measured, or why none were
     flops_budget: float | None = None   # --max-flops, where given
     flops_landed: bool = False          # --land-on-flops: the FLOPs are landed on flops_budget, latencies are ceilings
+    warnings: list[str] = field(default_factory=list)   # a table the first measurement says is stale (`stale_tables`)
 
     def lines(self) -> list[str]:
         return landing_lines(asdict(self))
@@ -139,7 +146,29 @@ def landing_lines(landing: dict[str, Any]) -> list[str]:
                    + ("  (machine loaded)" if item["flagged"] else ""))
     if landing["note"]:
         out.append(f"freeze: {landing['note']}")
+    out += [f"freeze: warning: {warning}" for warning in landing.get("warnings", [])]
     return out
+
+
+def stale_tables(first: LandingRound, batches: dict[str, int], model: str) -> list[str]:
+    """One line per target whose table predicted the first measured plan more than STALE_TABLE_SHARE off: the
+    landing corrects this run, but every later run planned against that table starts as far off, and bench's
+    predictions are off too. Says how to re-measure it, and where others loaded the machine while measuring, that
+    the measurement itself is suspect (two runs side by side read 10% low on the AVX-512 EPYC; docs/RESULTS.md)."""
+    warnings = []
+    for target, predicted in first.predicted.items():
+        measured = first.measured[target]
+        off = measured / predicted - 1.0
+        if abs(off) <= STALE_TABLE_SHARE:
+            continue
+        loaded = first.other_cpu_share.get(target, 0.0)
+        warnings.append(
+            f"{target}'s layer table predicted the first plan at {predicted:.3f} of dense latency, it measured {measured:.3f} "
+            f"({100 * off:+.0f}%): the table no longer describes this machine at batch {batches[target]}; re-measure it "
+            f"(lapp-edge profile-layers --target {target} --model {model})"
+            + (f"; others used {loaded:.0%} of the machine while measuring: check on a quiet machine first"
+               if loaded > LOADED_SHARE else ""))
+    return warnings
 
 
 class ScaledCost:
@@ -245,6 +274,7 @@ def land_on_measured(controller: LappController, costs: list[LatencyCost], budge
     landing.seconds = time.perf_counter() - started
     if not plans:
         return None, landing
+    landing.warnings = stale_tables(landing.rounds[0], batches, spec.model)
     landing.chosen = min(range(len(landing.rounds)), key=lambda index: _preference(landing.rounds[index], landing))
     return plans[landing.chosen], landing
 

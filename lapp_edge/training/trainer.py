@@ -566,6 +566,9 @@ class Trainer:
                 result = (None, Landing(budgets, batches, LANDING_AIM, note=note))
             if self.show_progress:
                 print("\n".join(result[1].lines()), flush=True)
+            else:                        # a stale table is said even in --quiet runs (the report keeps it too)
+                for warning in result[1].warnings:
+                    print(f"warning: {warning}", file=sys.stderr, flush=True)
         if self.dist.enabled:
             result, _ = self.dist.agree(result)
         return result
