@@ -230,16 +230,17 @@ def check(result: RegressionResult) -> None:
                                f"({result.predicted_by or 'this machine'}) predicts {result.predicted_speedup:.3f} (allowed +-{tolerance:g})")
 
 
-_TOP_LEVEL_KEY = re.compile(r"^[^\s#-][^\n]*:", re.MULTILINE)     # a line that starts a top-level mapping entry
+_COLUMN_ZERO = re.compile(r"^\S", re.MULTILINE)     # a line at column 0: the next top-level entry, or a comment above one
 
 
 def baselines_block_span(text: str) -> tuple[int, int]:
     """Where the top-level `baselines:` entry of a profile's YAML text starts and ends (character offsets; the
-    end is the next top-level entry or the end of the text); (len, len) where the file has none."""
+    end is the next line at column 0, a top-level entry or a comment above one, or the end of the text);
+    (len, len) where the file has none."""
     start = re.search(r"^baselines:", text, re.MULTILINE)
     if start is None:
         return len(text), len(text)
-    following = _TOP_LEVEL_KEY.search(text, start.end())
+    following = _COLUMN_ZERO.search(text, start.end())
     return start.start(), following.start() if following else len(text)
 
 

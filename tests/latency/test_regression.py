@@ -147,7 +147,7 @@ def test_recording_a_baseline_keeps_every_line_of_the_profile_but_its_baselines(
     head = head.replace("threads: 1\n", "threads: 1          # one core: the box runs its sensor loop on the other\n")
     latency_line = next(line for line in head.splitlines(keepends=True) if line.startswith("latency:"))
     head = head.replace(latency_line, "")
-    tail = latency_line.rstrip("\n") + "   # kept after the baselines: a key this tool does not own\n"
+    tail = "# the sensor loop's own timing\n" + latency_line.rstrip("\n") + "   # kept after the baselines: not this tool's\n"
     text = head + "baselines:\n  reference_target: x86-ort-fp32\n  model: resnet20\n  tolerance: 0.3   # ours\n" + tail
     profile_path = tmp_path / "edge-box.yaml"
     profile_path.write_text(text)
