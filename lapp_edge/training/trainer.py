@@ -527,10 +527,11 @@ class Trainer:
     def merge_bypass(self) -> int:
         """The freeze's bypass merge (the default; not with --keep-bypass-after-freeze): each bypass merged
         into its kxk conv (`models.reparam.merge_bypass`, exact in eval mode; the merged BN's statistics from
-        `bn_recalibration_batches` training batches, averaged over the processes), and a new optimizer whose momentum is kept for every tensor that
-        kept its values (reset for the merged convs and BNs; a baked reparam unit's conv weight is a new
-        tensor, so it starts without momentum too). Returns how many units had a bypass. Distributed:
-        every process computes the same merge; the DDP wrap that follows copies rank 0's to the rest."""
+        `bn_recalibration_batches` training batches, averaged over the processes), and a new optimizer whose
+        momentum is kept for every tensor that kept its values (reset for the merged convs and BNs; a baked
+        reparam unit's conv weight is a new tensor, so it starts without momentum too). Returns how many units
+        had a bypass. Distributed: every process computes the same merge; the DDP wrap that follows copies
+        rank 0's to the rest."""
         count = len(bypass_units(self.model))
         generator = self._generator(self.config.seed + 11)
         batches = (images for _, (images, _labels) in zip(range(self.config.bn_recalibration_batches), self._batches(generator)))
