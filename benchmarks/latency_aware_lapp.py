@@ -82,10 +82,13 @@ def plan(args: argparse.Namespace) -> list[Run]:
     for seed in args.seeds:
         for profile in args.train_targets:
             for ratio in args.latency_targets:
-                blocks = "-blocks" if args.block_removal else ""       # a run name says what was trained: never reused across
-                runs.append(Run(f"latency-{profile}-{ratio:g}{blocks}-s{seed}", "latency", seed,
+                # a run name says what was trained: never reused across settings
+                blocks = "-blocks" if args.block_removal else ""
+                floor = f"-mpr{args.max_pruning_ratio:g}" if args.max_pruning_ratio < 1 else ""
+                runs.append(Run(f"latency-{profile}-{ratio:g}{blocks}{floor}-s{seed}", "latency", seed,
                                 ["--target", profile, "--latency-target", str(ratio), "--latency-batch", str(args.batch),
-                                 *(["--block-removal"] if args.block_removal else [])],
+                                 *(["--block-removal"] if args.block_removal else []),
+                                 *(["--max-pruning-ratio", str(args.max_pruning_ratio)] if floor else [])],
                                 profile, ratio))
         for target in args.flops_targets:
             runs.append(Run(f"flops-{target:g}-s{seed}", "flops", seed, ["--flops-target", str(target)], "", target))
@@ -283,6 +286,9 @@ def main() -> int:
     parser.add_argument("--block-removal", action="store_true",
                         help="latency-aware runs may remove whole residual branches (train --block-removal); FLOPs runs "
                              "stay as `lapp-edge train` trains by default, width only")
+    parser.add_argument("--max-pruning-ratio", type=float, default=1.0,
+                        help="latency-aware runs keep at least 1 - R of every group's channels (train --max-pruning-ratio); "
+                             "FLOPs runs stay as `lapp-edge train` trains by default")
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once (one thread each)")
     parser.add_argument("--compiles", type=int, default=3, help="fresh compiles of both networks per latency ratio (median taken)")
     parser.add_argument("--summarize", action="store_true",
@@ -290,6 +296,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.summarize:
         return summarize(Path(args.out))
+    if not 0 < args.max_pruning_ratio <= 1:
+        print(f"latency_aware_lapp: error: --max-pruning-ratio must lie in (0, 1], got {args.max_pruning_ratio}", file=sys.stderr)
+        return 2
     if args.compiles < 1:
         print(f"latency_aware_lapp: error: --compiles must be at least 1, got {args.compiles}", file=sys.stderr)
         return 2
@@ -320,7 +329,9 @@ def main() -> int:
               "schedule": f"{args.model}, {args.epochs} epochs ({args.prune_epochs} pruning), {args.train_subset or 60000} "
                           f"training images, seeds {args.seeds}, one thread per run"
                           + (f", channel multiple {args.channel_multiple}" if args.channel_multiple else "")
-                          + (", latency-aware runs with --block-removal" if args.block_removal else ""),
+                          + (", latency-aware runs with --block-removal" if args.block_removal else "")
+                          + (f", latency-aware runs with --max-pruning-ratio {args.max_pruning_ratio:g}"
+                             if args.max_pruning_ratio < 1 else ""),
               "latency": f"batch {args.batch}, ratio to the dense network measured interleaved in one process, median over "
                          f"{args.compiles} fresh compiles of both [their range]; (predicted) = the target's layer table"}
     atomic_write_json(Path(args.out) / "results.json", {"settings": vars(args), "header": header, "rows": [asdict(r) for r in rows]})

@@ -17,6 +17,7 @@ loss = task + penalty_weight * |cost / cost_dense - target(step)|
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -44,6 +45,7 @@ class LappConfig:
     penalty_weight: float = 10.0
     anneal_fraction: float = 0.75    # share of the pruning steps over which the target anneals
     min_channels: int = 1            # never keep fewer channels than this (or one multiple) in a layer
+    max_pruning_ratio: float = 1.0   # every site keeps at least ceil((1 - this) * its channels) (1.0: no such floor)
     scorer: str = "bn_weight_norm"
     group_reduce: str = "sum"        # how a coupled group's channel score combines its producers' (sum | max)
     tolerance: float = 0.01          # the slim network must land within +-tolerance of the target ratio
@@ -69,10 +71,19 @@ class FreezeResult:
 def site_min_widths(sites: list[PrunableSite], config: LappConfig) -> list[int]:
     """Per site, the fewest channels it may keep: 0 for a removable site (`PrunableSite.removal`)
     when `config.block_removal`, unless it is among the first `config.keep_blocks` branches of its
-    stage (`PrunableSite.branch_index`), else `config.min_channels` (at least 1)."""
+    stage (`PrunableSite.branch_index`), else the larger of `config.min_channels` (at least 1) and
+    ceil((1 - `config.max_pruning_ratio`) * the site's channels) (Torch-Pruning's name for the same
+    guard against a layer's collapse), at most the site's channels. The width search rounds a
+    minimum up to the channel multiple (`widths.allowed_widths`)."""
     base = max(1, config.min_channels)
-    return [0 if config.block_removal and site.removal is not None and site.branch_index >= config.keep_blocks else base
-            for site in sites]
+    minimums = []
+    for site in sites:
+        if config.block_removal and site.removal is not None and site.branch_index >= config.keep_blocks:
+            minimums.append(0)
+            continue
+        share_floor = math.ceil(round((1.0 - config.max_pruning_ratio) * site.channels, 9))
+        minimums.append(min(site.channels, max(base, share_floor)))
+    return minimums
 
 
 class LappController(nn.Module):
@@ -117,9 +128,11 @@ class LappController(nn.Module):
         return [standardize(group_score(self.scorer, site, self.config.group_reduce).float()) for site in self.sites]
 
     def _min_keep(self, index: int, channels: int) -> int:
+        """The channels site `index` keeps active while training: 0 where it may be removed, else
+        its minimum width, at least one channel multiple."""
         if self.min_widths[index] == 0:
             return 0
-        return min(channels, max(1, self.config.min_channels, self.config.channel_multiple))
+        return min(channels, max(self.min_widths[index], self.config.channel_multiple))
 
 
     def update_masks(self, with_grad: bool = True) -> torch.Tensor:

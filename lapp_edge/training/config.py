@@ -106,6 +106,10 @@ class TrainConfig:
     coupled_groups: bool = option(True, "prune only inner convs: leave residual-coupled channel groups (stage widths) at full width",
                                   flag="--no-groups")
     group_reduce: str = option("sum", "how a coupled group's channel score combines its producers' scores", choices=("sum", "max"))
+    max_pruning_ratio: float = option(1.0, "share of each prunable layer's (or coupled group's) channels LAPP may prune at "
+                                      "most, in (0, 1]: every group keeps at least ceil((1 - R) * its channels), rounded up to "
+                                      "the channel multiple (Torch-Pruning's max_pruning_ratio; 1: only one multiple kept). "
+                                      "docs/RESULTS.md has what 0.75 does to latency-aware runs")
     block_removal: bool = option(False, "let LAPP prune a residual block's inner conv to zero channels, removing the block's "
                                  "branch (CIFAR ResNets: removing blocks cuts per-layer costs that narrowing never does; "
                                  "docs/RESULTS.md has the measured speed)")
@@ -148,7 +152,7 @@ class TrainConfig:
             target=self.flops_target if target is None else target, channel_multiple=multiple, scorer=self.scorer,
             min_channels=max(1, multiple), group_reduce=self.group_reduce,
             shared_threshold=self.shared_threshold, anneal_fraction=self.anneal_fraction,
-            block_removal=self.block_removal, keep_blocks=self.keep_blocks,
+            block_removal=self.block_removal, keep_blocks=self.keep_blocks, max_pruning_ratio=self.max_pruning_ratio,
         )
 
 
@@ -163,7 +167,8 @@ def split_values(text: str) -> list[str]:
 # Options only a LAPP run uses: a dense run given any of them (other than its default) is refused.
 LAPP_ONLY = ("prune_epochs", "flops_target", "channel_multiple", "bn_recalibration_batches", "trace_every", "scorer",
              "target", "latency_target", "latency_budget_ms", "max_flops", "latency_batch", "latency_table", "shared_threshold",
-             "anneal_fraction", "measure_at_freeze", "merge_bypass_at_freeze", "block_removal", "keep_blocks", "land_on_flops")
+             "anneal_fraction", "measure_at_freeze", "merge_bypass_at_freeze", "block_removal", "keep_blocks", "land_on_flops",
+             "max_pruning_ratio")
 
 
 def flag_name(name: str) -> str:
@@ -228,6 +233,8 @@ def validate_config(config: TrainConfig) -> None:
     if config.channel_multiple < 0:
         raise UserError(f"--channel-multiple must be at least 1 (or 0: the target's), got {config.channel_multiple}")
     validate_latency_options(config)
+    if not 0.0 < config.max_pruning_ratio <= 1.0:     # also refuses NaN
+        raise UserError(f"--max-pruning-ratio must lie in (0, 1], got {config.max_pruning_ratio}")
     if not 0.0 <= config.anneal_fraction <= 1.0:
         raise UserError(f"--anneal-fraction must lie in [0, 1], got {config.anneal_fraction}")
     if config.batch_size <= 0:

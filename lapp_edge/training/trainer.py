@@ -280,7 +280,9 @@ class Trainer:
         if floor > lapp.target + lapp.tolerance and not fixed:
             raise UserError(
                 f"{what} cannot be reached: with every prunable layer of {self.config.model} at its minimum width "
-                f"({lapp.channel_multiple} channels) the network keeps {floor:.3f} of its {self.cost.name}"
+                f"({lapp.channel_multiple} channels" + (f", at least {1 - lapp.max_pruning_ratio:g} of each group's with "
+                f"--max-pruning-ratio {lapp.max_pruning_ratio:g}" if lapp.max_pruning_ratio < 1 else "")
+                + f") the network keeps {floor:.3f} of its {self.cost.name}"
                 + self._lower_floor_hint(lapp)
             )
         widths, ratio = target_widths(self.cost, lapp.target, lapp.channel_multiple, minimums, aim=lapp.tolerance * 0.4)
@@ -300,10 +302,13 @@ class Trainer:
 
     def _lower_floor_hint(self, lapp: LappConfig) -> str:
         """The settings under which the target's floor would sit below it, as the end of the unreachable
-        target's message: a channel multiple of 8 where a larger one is set (a target profile's own multiple,
-        e.g. 32 for OpenVINO bf16 on AMX, can leave ResNet-20's 16- and 32-channel stages one width each), and
-        --block-removal where the model has removable residual branches. Empty where neither reaches it."""
+        target's message: no share floor where --max-pruning-ratio sets one, a channel multiple of 8 where a
+        larger one is set (a target profile's own multiple, e.g. 32 for OpenVINO bf16 on AMX, can leave
+        ResNet-20's 16- and 32-channel stages one width each), and --block-removal where the model has
+        removable residual branches. Empty where none reaches it."""
         options = []
+        if lapp.max_pruning_ratio < 1:
+            options.append(("--max-pruning-ratio 1", replace(lapp, max_pruning_ratio=1.0)))
         if lapp.channel_multiple > 8:
             options.append(("--channel-multiple 8", replace(lapp, channel_multiple=8, min_channels=min(lapp.min_channels, 8))))
         if not lapp.block_removal and any(site.removal is not None for site in self.sites):

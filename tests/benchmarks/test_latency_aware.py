@@ -85,19 +85,19 @@ def test_summarize_shows_how_far_off_budget_each_run_landed_and_what_its_freeze_
     assert json.loads((tmp_path / "results.json").read_text())["rows"][2]["at_freeze"] == {TARGET: 0.507}
 
 
-@pytest.mark.parametrize(("multiple", "block_removal"), [(0, False), (8, True)])
+@pytest.mark.parametrize(("multiple", "block_removal", "max_pruning_ratio"), [(0, False, 1.0), (8, True, 1.0), (8, False, 0.75)])
 def test_every_run_trains_at_the_channel_multiple_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                            multiple: int, block_removal: bool) -> None:
+                                                            multiple: int, block_removal: bool, max_pruning_ratio: float) -> None:
     """--channel-multiple reaches every new run's `lapp-edge train` command (0: the train default, not passed);
-    --block-removal reaches the latency-aware runs only, and names them apart (a finished run without it is never
-    reused for one with it)."""
+    --block-removal and --max-pruning-ratio reach the latency-aware runs only, and name them apart (a finished
+    run without one is never reused for one with it)."""
     import argparse
 
     commands: list[list[str]] = []
     monkeypatch.setattr(bench.CHILDREN, "start", lambda command, **_: commands.append(command))
     args = argparse.Namespace(out=str(tmp_path), model="resnet20", epochs=4, prune_epochs=1, train_subset=256, seeds=[0],
                               train_targets=[TARGET], latency_targets=[0.5], flops_targets=[0.3], batch=32,
-                              channel_multiple=multiple, block_removal=block_removal)
+                              channel_multiple=multiple, block_removal=block_removal, max_pruning_ratio=max_pruning_ratio)
     runs = bench.plan(args)
     for run in runs:
         bench.launch(run, args)
@@ -107,3 +107,8 @@ def test_every_run_trains_at_the_channel_multiple_asked_for(tmp_path: Path, monk
     latency, flops = commands
     assert ("--block-removal" in latency) == block_removal and "--block-removal" not in flops
     assert runs[0].name.endswith("-blocks-s0") == block_removal
+    floored = max_pruning_ratio < 1
+    assert ("--max-pruning-ratio" in latency) == floored and "--max-pruning-ratio" not in flops
+    assert runs[0].name.endswith("-mpr0.75-s0") == floored
+    if floored:
+        assert latency[latency.index("--max-pruning-ratio") + 1] == "0.75"
