@@ -64,13 +64,16 @@ class Pruner:
     prune_steps:    training steps of the pruning phase (the target anneals over 75% of them)
     input_shape:    (C, H, W) the FLOPs are counted at (default: what the model was traced at)
     channel_multiple: kept widths are multiples of this (1: no rounding)
+    max_pruning_ratio: each prunable layer or coupled group keeps at least ceil((1 - this) * its channels),
+                    in (0, 1] (1: at least one channel multiple; the CLI's --max-pruning-ratio)
 
     Raises TargetUnreachableError when the target is below the FLOPs of the network with every
     prunable layer at its minimum width (the unprunable layers' cost is a floor)."""
 
     def __init__(self, model: nn.Module, flops_target: float, prune_steps: int, *, input_shape: tuple[int, int, int] | None = None,
-                 channel_multiple: int = 8, scorer: str = "bn_weight_norm", group_reduce: str = "sum") -> None:
-        from lapp_edge.lapp.controller import LappConfig, LappController
+                 channel_multiple: int = 8, scorer: str = "bn_weight_norm", group_reduce: str = "sum",
+                 max_pruning_ratio: float = 1.0) -> None:
+        from lapp_edge.lapp.controller import LappConfig, LappController, site_min_widths
         from lapp_edge.lapp.flops import build_flops_cost
         from lapp_edge.lapp.widths import smallest_cost_ratio
         from lapp_edge.models import prunable_sites
@@ -83,6 +86,8 @@ class Pruner:
             raise UserError(f"prune_steps must be at least 1, got {prune_steps}")
         if channel_multiple < 1:
             raise UserError(f"channel_multiple must be at least 1, got {channel_multiple}")
+        if not 0.0 < max_pruning_ratio <= 1.0:
+            raise UserError(f"max_pruning_ratio must lie in (0, 1], got {max_pruning_ratio}")
         shape = input_shape or getattr(model, "input_shape", None)
         if shape is None:
             raise UserError("input_shape (C, H, W) is needed to count FLOPs")
@@ -91,14 +96,17 @@ class Pruner:
         self.sites = prunable_sites(model)
         self.cost = build_flops_cost(model, self.sites, self.input_shape)  # type: ignore[arg-type]
         self.config = LappConfig(target=flops_target, channel_multiple=channel_multiple, scorer=scorer,
-                                 min_channels=max(1, channel_multiple), group_reduce=group_reduce)
-        floor = smallest_cost_ratio(self.cost, channel_multiple, self.config.min_channels)
+                                 min_channels=max(1, channel_multiple), group_reduce=group_reduce,
+                                 max_pruning_ratio=max_pruning_ratio)
+        floor = smallest_cost_ratio(self.cost, channel_multiple, site_min_widths(self.sites, self.config))
         if floor > flops_target + self.config.tolerance:
             unprunable = len(getattr(model, "unprunable", {}))
             also = f"; its {unprunable} unprunable conv layer(s) stay at full width" if unprunable else ""
             raise TargetUnreachableError(
                 f"FLOPs target {flops_target} cannot be reached: with every prunable layer at its minimum width "
-                f"({channel_multiple} channels) the network keeps {floor:.3f} of its FLOPs{also}")
+                f"({channel_multiple} channels" + (f", at least {1 - max_pruning_ratio:g} of each group's"
+                                                   if max_pruning_ratio < 1 else "")
+                + f") the network keeps {floor:.3f} of its FLOPs{also}")
         device = next(model.parameters()).device
         self.controller = LappController(self.sites, self.cost, self.config).to(device)
         self.task = LappTask(self.controller, prune_steps, trace_every=max(1, prune_steps))

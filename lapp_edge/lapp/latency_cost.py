@@ -49,11 +49,19 @@ from lapp_edge.lapp.flops import DeployedLayer
 
 
 def _torch_axis(grid: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grid cell holding `x` and the interpolation weight within it (same values as the numpy
+    lookup's). At a grid width the cell is the one below it, so the slope there is the step down to the
+    next smaller grid width, the step pruning takes. The weight is bounded with `torch.where`, not
+    `clamp`: clamp passes no gradient at its bounds, and training's kept counts are integers that sit on
+    grid widths (every site starts at its full width, the top of its grid), so the penalty had no
+    gradient there and latency-aware runs left most sites unpruned (docs/RESULTS.md)."""
     if grid.numel() == 1:
         zero = torch.zeros_like(x, dtype=torch.long)
         return zero, zero, torch.zeros_like(x)
-    lower = (torch.searchsorted(grid, x.detach().contiguous(), right=True) - 1).clamp(0, grid.numel() - 2)
-    weight = ((x - grid[lower]) / (grid[lower + 1] - grid[lower])).clamp(0.0, 1.0)
+    lower = (torch.searchsorted(grid, x.detach().contiguous(), right=False) - 1).clamp(0, grid.numel() - 2)
+    raw = (x - grid[lower]) / (grid[lower + 1] - grid[lower])
+    # at or below the grid's first width the weight is 0 without a gradient: `_below_grid` holds that slope
+    weight = torch.where(raw <= 0, torch.zeros_like(raw), torch.where(raw > 1, torch.ones_like(raw), raw))
     return lower, lower + 1, weight
 
 
@@ -79,7 +87,11 @@ class _TorchLayer:
 
 
 def _below_grid(smallest: float, x: torch.Tensor) -> torch.Tensor:
-    return (x / smallest).clamp(0.0, 1.0) if smallest > 0 else torch.ones_like(x)
+    """The factor taking a layer linearly to 0 ms at 0 channels below the grid's first width: 1 above it,
+    x / smallest at and below it (so at the first width the slope is the step down to 0 channels)."""
+    if smallest <= 0:
+        return torch.ones_like(x)
+    return torch.where(x > smallest, torch.ones_like(x), torch.where(x < 0, torch.zeros_like(x), x / smallest))
 
 
 class LatencyCost:

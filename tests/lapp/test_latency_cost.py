@@ -249,6 +249,36 @@ def test_latency_cost_numpy_equals_torch_and_its_gradient_is_the_table_slope() -
     assert cost.ratio(off_block) / cost.ratio(on_block) > 0.02 + flops.ratio(off_block) / flops.ratio(on_block)
 
 
+SHIPPED_TABLES = sorted((ROOT / "lapp_edge" / "resources" / "latency").glob("layer-table-*.json"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_TABLES, ids=lambda p: p.name.removeprefix("layer-table-").removesuffix(".json"))
+def test_on_grid_widths_the_gradient_is_the_slope_of_the_step_down(path: Path) -> None:
+    """Training's kept counts are integers and every site starts at its full width: a grid width. The
+    penalty's gradient there must be the slope of the step down (what pruning the next channels saves), for
+    every shipped table, at dense, at block widths in between and at the smallest width. Bug: the
+    interpolation weight's clamp passed no gradient at grid widths, so latency-aware LAPP saw a zero
+    gradient at the start of every site and left most of them unpruned (docs/RESULTS.md)."""
+    table = load_table(path)
+    model = build_model(table.model, 1, 10, False, True)
+    sites = prunable_sites(model)
+    layers = deployed_layers(model, sites, tuple(table.input_shape))
+    dense = np.array([s.channels for s in sites], dtype=np.float64)
+    rows = np.stack([dense, np.maximum(8.0, np.round(dense / 16) * 8), np.full_like(dense, 8.0)])
+    h = 1e-6
+    for batch in table.batches:
+        cost = LatencyCost(layers, [s.channels for s in sites], table.batch(batch), table.target)
+        counts = torch.tensor(rows, dtype=torch.float64, requires_grad=True)
+        cost.ratio(counts).sum().backward()
+        assert counts.grad is not None
+        for site in range(len(sites)):
+            lowered = rows.copy()
+            lowered[:, site] -= h
+            step_down = (cost.ratio(rows) - cost.ratio(lowered)) / h
+            assert counts.grad[:, site].numpy() == pytest.approx(step_down, rel=1e-4, abs=1e-9), (batch, sites[site].name)
+        assert (counts.grad[0] != 0).any()          # at dense: the old clamp gave exactly zero for every site
+
+
 def test_tightest_budget_binds_and_is_one_for_the_dense_network() -> None:
     _, sites, layers = resnet20()
     fast = LatencyCost(layers, [s.channels for s in sites], synthetic_table(layers, sites, step=0.0).batch(32), "a")

@@ -93,3 +93,16 @@ def test_bad_max_pruning_ratio_is_refused_in_one_line(args: list[str], message: 
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
     assert not out.exists()
+
+
+def test_the_python_api_takes_the_same_floor() -> None:
+    from lapp_edge import api
+
+    model = api.build("torchvision:resnet18", 10, (3, 32, 32))
+    with pytest.raises(api.TargetUnreachableError, match=r"at least 0\.5 of each group's"):
+        api.Pruner(model, flops_target=0.2, prune_steps=10, max_pruning_ratio=0.5)
+    with pytest.raises(UserError, match=r"max_pruning_ratio must lie in \(0, 1\], got 0"):
+        api.Pruner(model, flops_target=0.5, prune_steps=10, max_pruning_ratio=0)
+    pruner = api.Pruner(model, flops_target=0.5, prune_steps=10, max_pruning_ratio=0.75)
+    assert pruner.controller.min_widths == site_min_widths(pruner.sites, LappConfig(min_channels=8, max_pruning_ratio=0.75))
+    assert max(pruner.controller.min_widths) == 128          # a quarter of the 512-channel stage
