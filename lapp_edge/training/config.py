@@ -109,7 +109,7 @@ class TrainConfig:
     max_pruning_ratio: float = option(1.0, "share of each prunable layer's (or coupled group's) channels LAPP may prune at "
                                       "most, in (0, 1]: every group keeps at least ceil((1 - R) * its channels), rounded up to "
                                       "the channel multiple (Torch-Pruning's max_pruning_ratio; 1: only one multiple kept). "
-                                      "docs/RESULTS.md has what 0.75 does to latency-aware runs")
+                                      "docs/RESULTS.md has what 0.75 did to latency-aware runs")
     block_removal: bool = option(False, "let LAPP prune a residual block's inner conv to zero channels, removing the block's "
                                  "branch (CIFAR ResNets: removing blocks cuts per-layer costs that narrowing never does; "
                                  "docs/RESULTS.md has the measured speed)")

@@ -81,6 +81,8 @@ def build_report(summary: RunSummary) -> dict[str, Any]:
         "shaped_for": summary.shaped_for,
         "latency_predicted_ratio": summary.latency_ratios,
         "landing": freeze.get("landing"),
+        # the constrained cost's ratio of the widths LAPP learned, before the freeze's rounding and width search
+        "learned_cost_ratio": freeze.get("learned_cost_ratio"),
         "bypass_merged_at_freeze": freeze.get("bypass_merged"),     # units merged (--merge-bypass-at-freeze), else None
         "freeze_seconds": ({"wall": freeze["seconds"], "cpu": freeze["cpu_seconds"]} if "seconds" in freeze else None),
         "channel_multiple": config["channel_multiple"],
@@ -127,6 +129,11 @@ def format_report(report: dict[str, Any]) -> str:
     for entry in report.get("shaped_for") or []:
         lines.append(f"latency on {entry['target']} (batch {entry['batch']}): predicted {report['latency_predicted_ratio'][entry['target']]:.4f} "
                      f"of dense (budget {entry['budget_ratio']:.4f} = {entry['budget_ms']:.3f} ms; table {entry['table']})")
+    if report.get("learned_cost_ratio") is not None:
+        moved = sum(abs(layer["kept"] - layer["learned"]) for layer in report["layers"] if layer["learned"] is not None)
+        lines.append(f"learned widths (before the freeze's rounding and width search): {report['constraint']} ratio "
+                     f"{report['learned_cost_ratio']:.4f}; the freeze moved {moved} of "
+                     f"{sum(layer['total'] for layer in report['layers'])} prunable channels")
     if report.get("landing"):
         lines += landing_lines(report["landing"])
     if report.get("bypass_merged_at_freeze") is not None:

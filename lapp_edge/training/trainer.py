@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -508,6 +509,10 @@ class Trainer:
         if landing is not None:        # None in the plan: measuring failed, or the table's plan misses (freeze says so)
             plan = landing[0] or plan
         plan = freeze(self.controller, self.optimizer, plan)
+        # the cost of the widths LAPP learned, before rounding and the width search (the controller's own cost:
+        # the table's where latency is constrained): how far the freeze had to move the network from them
+        learned = np.array([plan.unrounded[site.name] for site in self.controller.sites], dtype=np.float64)
+        learned_cost_ratio = float(self.controller.cost.ratio(learned))
         self.task = DenseTask()
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -518,6 +523,7 @@ class Trainer:
         self.state.phase = "slim"
         self.state.widths = dict(plan.widths)
         self.state.freeze = asdict(plan)
+        self.state.freeze["learned_cost_ratio"] = learned_cost_ratio
         if merging:
             self.state.freeze["bypass_merged"] = merged
         # the freeze's own time (landing measurements, BN re-estimation, the merge) is in no epoch's record

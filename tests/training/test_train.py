@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -30,6 +31,16 @@ def test_slim_network_lands_within_one_percent_of_target(tmp_path: Path, fmnist,
     widths = [layer["kept"] for layer in report["layers"]]
     assert all(w % multiple == 0 for w in widths)
     assert len(set(layer["kept_ratio"] for layer in report["layers"])) > 1  # layers pruned at different rates
+    # the FLOPs of the widths LAPP learned, before the freeze rounded them, as an independent cost model counts them
+    from lapp_edge.lapp.flops import build_flops_cost
+    from lapp_edge.models import build_model, prunable_sites
+
+    reference = build_model("resnet20", 1, 10, bypass=True, coupled=True)
+    sites = prunable_sites(reference)
+    learned = {layer["name"]: layer["learned"] for layer in report["layers"]}
+    cost = build_flops_cost(reference, sites, (1, 28, 28))
+    assert report["learned_cost_ratio"] == pytest.approx(float(cost.ratio(np.array([learned[s.name] for s in sites], dtype=float))))
+    assert "learned widths (before the freeze's rounding and width search): flops ratio" in (tmp_path / "run" / "report.txt").read_text()
 
     # the slim model rebuilds from its spec alone and counts the same FLOPs
     model, spec = load_slim_model(tmp_path / "run")
