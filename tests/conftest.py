@@ -61,3 +61,14 @@ def stop_after_epoch(epoch: int) -> Callable[[Any], None]:
         if trainer.state.epoch == epoch:
             raise StopRun
     return hook
+
+
+def assert_train_refused(args: list[str], message: str, out: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lapp-edge train ARGS` (a tiny run into `out`) exits 2 with one line on stderr holding `message`, no
+    traceback, and writes nothing."""
+    from lapp_edge.cli import main
+
+    assert main(["train", *args, "--train-subset", "64", "--epochs", "2", "--prune-epochs", "1", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
+    assert not out.exists()

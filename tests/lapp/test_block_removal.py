@@ -26,6 +26,7 @@ from lapp_edge.models import build_model, prunable_sites
 from lapp_edge.models.fuse import ChannelConstant, fuse_model
 from lapp_edge.models.slicing import slim_site
 from lapp_edge.models.spec import ArchitectureSpec, build_from_spec
+from tests.conftest import assert_train_refused
 from tests.models.test_fuse import randomize_batchnorm
 from tests.models.test_model_families import flop_counter_macs, mask_sites
 
@@ -195,11 +196,7 @@ def test_a_re_plan_stuck_below_the_flops_target_under_its_ceiling_lands_from_sam
 ])
 def test_keep_blocks_without_block_removal_or_below_zero_is_refused_in_one_line(args: list[str], message: str, tmp_path,
                                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "run"
-    assert main(["train", *args, "--train-subset", "64", "--epochs", "2", "--prune-epochs", "1", "--quiet", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
-    assert not out.exists()
+    assert_train_refused(args, message, tmp_path / "run", capsys)
 
 
 def test_freeze_removes_a_branch_whose_channels_were_all_masked_and_training_goes_on() -> None:

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from lapp_edge.cli import main
 from lapp_edge.errors import UserError
 from lapp_edge.lapp.controller import LappConfig, LappController, site_min_widths
 from lapp_edge.lapp.flops import build_flops_cost
 from lapp_edge.lapp.widths import choose_widths
 from lapp_edge.models import build_model, prunable_sites
 from lapp_edge.training.trainer import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import assert_train_refused, tiny_config
 
 SHAPE = (1, 28, 28)
 
@@ -88,11 +87,7 @@ def test_a_floor_above_the_target_is_refused_naming_the_flag(tmp_path: Path, fmn
 ])
 def test_bad_max_pruning_ratio_is_refused_in_one_line(args: list[str], message: str, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "run"
-    assert main(["train", *args, "--train-subset", "64", "--epochs", "2", "--prune-epochs", "1", "--quiet", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and message in err, err
-    assert not out.exists()
+    assert_train_refused(args, message, tmp_path / "run", capsys)
 
 
 def test_the_python_api_takes_the_same_floor() -> None:
