@@ -14,8 +14,8 @@ and T_l is bilinearly interpolated between the table's grid widths. Interpolatio
 each count between grid points, so the soft (straight-through) kept counts of training get a
 gradient: the slope of the table's cell, which is what tells LAPP that a width step off the
 target's block costs more than its FLOPs say. On a grid width (training's kept counts are integers;
-every site starts at its full width) the cell is the one below: the slope is what pruning saves. The ratio (what LAPP's penalty and the width
-search use) is latency_ms(counts) / latency_ms(dense).
+every site starts at its full width) the cell is the one below: the slope is what pruning saves.
+The ratio (what LAPP's penalty and the width search use) is latency_ms(counts) / latency_ms(dense).
 
 Several targets at once (`TightestBudgetCost`): each target t has its cost ratio r_t and budget
 ratio B_t; the combined ratio is min_t(B_t) * max_t(r_t / B_t). It is 1 for the dense network,
