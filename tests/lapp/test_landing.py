@@ -14,7 +14,7 @@ from lapp_edge.lapp.controller import LappConfig, LappController
 from lapp_edge.lapp.freeze import freeze
 from lapp_edge.lapp.latency_cost import LatencyCost, TightestBudgetCost
 from lapp_edge.models.spec import ArchitectureSpec
-from lapp_edge.training.landing import LANDING_AIM, MeasuredRatio, land_on_measured, landing_lines, next_table_target
+from lapp_edge.training.landing import LANDING_AIM, LANDING_ROUNDS, MeasuredRatio, land_on_measured, landing_lines, next_table_target
 from tests.lapp.test_latency_cost import _write, resnet20, synthetic_table
 
 
@@ -275,3 +275,29 @@ def test_a_table_far_from_the_first_measured_plan_is_reported_stale(scale: float
     assert "lapp-edge profile-layers --target x86-ort-fp32 --model resnet20" in warning
     assert ("quiet machine" in warning) == (loaded > 0.2)
     assert landing_lines(asdict(landing))[-1] == f"freeze: warning: {warning}"
+
+
+def test_after_one_high_first_reading_a_fourth_plan_lands_within_five_percent() -> None:
+    """ORT seed 1 on the AVX-512 EPYC without AVX-VNNI (docs/RESULTS.md): the first plan read 17% over the table, the
+    plans re-planned from that reading measured 3-4% over theirs, and the third, the last of three, was applied at
+    0.938 of the budget. Here the 'hardware' reads the first plan +17% and every other plan +3%: a fourth plan, with
+    two honest readings behind it, comes within the +-5% band issue 10 asks of a landing (not within the 2% aim:
+    the high reading still brackets the budget)."""
+    _, sites, layers = resnet20()
+    table = _costs(layers, sites, step=0.3)[0]
+    calls: list = []
+
+    def measure(spec: ArchitectureSpec, target: str, batch: int) -> MeasuredRatio:
+        ratio = (1.17 if not calls else 1.03) * float(table.ratio(np.array([spec.widths[s.name] for s in sites], dtype=np.float64)))
+        calls.append(ratio)
+        return MeasuredRatio(ratio, [ratio], 0.0, False)
+
+    def land(rounds: int) -> float:
+        calls.clear()
+        _, landing = land_on_measured(_controller(sites, table, 0.5), [table], {"x86-ort-fp32": 0.5}, {"x86-ort-fp32": 32},
+                                      _spec(sites), measure, rounds=rounds)  # type: ignore[arg-type]
+        return landing.rounds[landing.chosen].share(landing.budgets)
+
+    three, four = land(3), land(LANDING_ROUNDS)
+    assert abs(three - 1) > 0.05                   # three plans: the high reading steers the last one
+    assert abs(four - 1) < abs(three - 1) and abs(four - 1) <= 0.05
