@@ -104,9 +104,7 @@ class Pruner:
             also = f"; its {unprunable} unprunable conv layer(s) stay at full width" if unprunable else ""
             raise TargetUnreachableError(
                 f"FLOPs target {flops_target} cannot be reached: with every prunable layer at its minimum width "
-                f"({channel_multiple} channels" + (f", at least {1 - max_pruning_ratio:g} of each group's"
-                                                   if max_pruning_ratio < 1 else "")
-                + f") the network keeps {floor:.3f} of its FLOPs{also}")
+                f"({self.config.minimum_words('max_pruning_ratio')}) the network keeps {floor:.3f} of its FLOPs{also}")
         device = next(model.parameters()).device
         self.controller = LappController(self.sites, self.cost, self.config).to(device)
         self.task = LappTask(self.controller, prune_steps, trace_every=max(1, prune_steps))

@@ -56,6 +56,15 @@ class LappConfig:
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
 
+    def minimum_words(self, ratio_name: str) -> str:
+        """The smallest width a site may keep, in words for an unreachable target's message: "8 channels", and
+        with a share floor ", at least 0.25 of each group's with `ratio_name` 0.75" (`ratio_name`: how the
+        caller spells max_pruning_ratio, the CLI flag or the Python argument)."""
+        words = f"{self.channel_multiple} channels"
+        if self.max_pruning_ratio < 1:
+            words += f", at least {1 - self.max_pruning_ratio:g} of each group's with {ratio_name} {self.max_pruning_ratio:g}"
+        return words
+
 
 @dataclass
 class FreezeResult:

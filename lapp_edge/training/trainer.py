@@ -281,9 +281,7 @@ class Trainer:
         if floor > lapp.target + lapp.tolerance and not fixed:
             raise UserError(
                 f"{what} cannot be reached: with every prunable layer of {self.config.model} at its minimum width "
-                f"({lapp.channel_multiple} channels" + (f", at least {1 - lapp.max_pruning_ratio:g} of each group's with "
-                f"--max-pruning-ratio {lapp.max_pruning_ratio:g}" if lapp.max_pruning_ratio < 1 else "")
-                + f") the network keeps {floor:.3f} of its {self.cost.name}"
+                f"({lapp.minimum_words('--max-pruning-ratio')}) the network keeps {floor:.3f} of its {self.cost.name}"
                 + self._lower_floor_hint(lapp)
             )
         widths, ratio = target_widths(self.cost, lapp.target, lapp.channel_multiple, minimums, aim=lapp.tolerance * 0.4)
