@@ -5,6 +5,12 @@ channels run one-to-one through the depthwise conv (a follower) into the project
 With `coupled=True` also: the stem (followed by the first block's depthwise conv), each
 stage's projection group (the projections of all its blocks, summed by the residual adds;
 consumers: the next blocks' expansions or the head) and the head (consumer: the classifier).
+
+A block with an identity shortcut may lose its whole branch (`lapp-edge train --block-removal`): when
+its expansion keeps zero channels, the expansion and depthwise convs go and the projection keeps only
+the per-channel constant its BatchNorm gives a zero input (`ConvBN.drop_inputs`), so the block computes
+x + c, exactly what the fully masked block computed. The first block of each stage changes the width
+(or the stride) and has no identity shortcut: it is never removed.
 """
 
 from __future__ import annotations
@@ -28,7 +34,30 @@ class InvertedResidual(nn.Module):
         self.use_residual = stride == 1 and in_channels == out_channels
         self.act = nn.ReLU6(inplace=True)
 
+    @property
+    def removed(self) -> bool:
+        """The residual branch was removed (its expansion pruned to zero channels)."""
+        return self.depthwise is None
+
+    def remove_branch(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Remove the residual branch: the expansion and depthwise convs go, the projection keeps
+        only the constant it gave a zero input (exact for a branch whose hidden channels were all
+        masked off), and their parameters leave `optimizer`. ValueError for a block without an
+        identity shortcut (its output would be a constant)."""
+        from lapp_edge.models.slicing import drop_from_optimizer
+
+        if not self.use_residual:
+            raise ValueError("a block without an identity shortcut cannot be removed")
+        if self.depthwise is None:
+            return
+        branch = [self.expand, self.depthwise]
+        dropped = [p for unit in branch if unit is not None for p in unit.parameters()] + self.project.drop_inputs()
+        self.expand, self.depthwise = None, None  # type: ignore[assignment]
+        drop_from_optimizer(dropped, optimizer)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.depthwise is None:
+            return x + self.project(x)
         h = self.act(self.expand(x)) if self.expand is not None else x
         h = self.project(self.act(self.depthwise(h)))
         return x + h if self.use_residual else h
@@ -74,12 +103,17 @@ class CifarMobileNetV2(nn.Module):
             sites.append(PrunableSite("stem", [self.stem], [blocks[0].depthwise], [blocks[0].project]))
         stages = self.stages()
         for stage_index, indices in enumerate(stages):
+            branch_index = 0                       # the position among the stage's residual branches
             for index in indices:
                 block = blocks[index]
                 if block.expand is not None:
-                    sites.append(PrunableSite(f"blocks.{index}.expand", [block.expand], [block.depthwise], [block.project]))
+                    removal = block.remove_branch if block.use_residual else None
+                    sites.append(PrunableSite(f"blocks.{index}.expand", [block.expand], [block.depthwise], [block.project],
+                                              removal=removal, branch_index=branch_index))
+                branch_index += int(block.use_residual)
             if self.coupled:
-                consumers: list[nn.Module] = [blocks[i].expand for i in indices[1:]]
+                # a removed block reads nothing (its expansion is gone)
+                consumers: list[nn.Module] = [blocks[i].expand for i in indices[1:] if blocks[i].expand is not None]
                 if stage_index + 1 < len(stages):
                     consumers.append(blocks[stages[stage_index + 1][0]].expand)
                 else:

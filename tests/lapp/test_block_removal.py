@@ -1,5 +1,5 @@
-"""--block-removal: a CIFAR ResNet block whose inner conv keeps zero channels loses its residual
-branch. The removed network must equal the masked one, count its FLOPs as torch does, fuse,
+"""--block-removal: a CIFAR ResNet block whose inner conv keeps zero channels, or a MobileNetV2 block
+whose expansion does, loses its residual branch. The removed network must equal the masked one, count its FLOPs as torch does, fuse,
 export and rebuild from its spec exactly; the width search and the latency tables must know
 that a removed layer costs nothing."""
 
@@ -33,19 +33,26 @@ from tests.models.test_model_families import flop_counter_macs, mask_sites
 SHAPE = (1, 28, 28)
 # one removed block per kind: identity shortcut in stage 1 and 2, a projection shortcut (stride 2) in stage 3
 REMOVED = ("layer1.1.conv1", "layer2.2.conv1", "layer3.0.conv1")
+# MobileNetV2: the second block of the 24-wide stage, the last of the 32-wide and of the 160-wide (7x7 maps)
+REMOVED_BY_MODEL = {"resnet20": REMOVED, "mobilenetv2": ("blocks.2.expand", "blocks.5.expand", "blocks.15.expand")}
 
 
 def resnet20() -> nn.Module:
+    return seeded_model("resnet20")
+
+
+def seeded_model(name: str) -> nn.Module:
+    """The family member with bypasses, coupled groups and random BatchNorm statistics, in eval mode."""
     torch.manual_seed(0)
-    model = build_model("resnet20", 1, 10, bypass=True, coupled=True).eval()
+    model = build_model(name, 1, 10, bypass=True, coupled=True).eval()
     randomize_batchnorm(model, torch.Generator().manual_seed(1))
     return model
 
 
-def keeps_with_removals(sites: list, generator: torch.Generator) -> list[torch.Tensor]:
+def keeps_with_removals(sites: list, generator: torch.Generator, removed: tuple[str, ...] = REMOVED) -> list[torch.Tensor]:
     keeps = []
     for site in sites:
-        if site.name in REMOVED:
+        if site.name in removed:
             keeps.append(torch.zeros(0, dtype=torch.long))
         else:
             count = int(torch.randint(1, site.channels + 1, (1,), generator=generator))
@@ -53,10 +60,10 @@ def keeps_with_removals(sites: list, generator: torch.Generator) -> list[torch.T
     return keeps
 
 
-def masked_and_removed() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
-    model = resnet20()
+def masked_and_removed(name: str = "resnet20") -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    model = seeded_model(name)
     sites = prunable_sites(model)
-    keeps = keeps_with_removals(sites, torch.Generator().manual_seed(2))
+    keeps = keeps_with_removals(sites, torch.Generator().manual_seed(2), REMOVED_BY_MODEL[name])
     mask_sites(sites, keeps)
     removed = copy.deepcopy(model)
     for site, keep in zip(prunable_sites(removed), keeps):
@@ -66,26 +73,29 @@ def masked_and_removed() -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
     return model, removed, keeps
 
 
-def test_a_removed_block_equals_the_masked_one_and_costs_what_torch_counts() -> None:
-    model, removed, keeps = masked_and_removed()
-    blocks = {name: removed.get_submodule(name.rsplit(".", 1)[0]) for name in REMOVED}
-    assert all(block.removed and block.conv1 is None and block.conv2.input_free for block in blocks.values())
-    assert [s.name for s in prunable_sites(removed) if s.name in REMOVED] == []   # no inner site is left to prune
+@pytest.mark.parametrize("name", list(REMOVED_BY_MODEL))
+def test_a_removed_block_equals_the_masked_one_and_costs_what_torch_counts(name: str) -> None:
+    model, removed, keeps = masked_and_removed(name)
+    blocks = {site: removed.get_submodule(site.rsplit(".", 1)[0]) for site in REMOVED_BY_MODEL[name]}
+    last = "conv2" if name == "resnet20" else "project"          # the branch's last unit, kept as a constant
+    assert all(block.removed and getattr(block, last).input_free for block in blocks.values())
+    assert [s.name for s in prunable_sites(removed) if s.name in REMOVED_BY_MODEL[name]] == []   # no inner site is left
     x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         masked, result = model(x), removed(x)
     assert float((masked - result).abs().max()) / float(masked.abs().max().clamp(min=1.0)) <= 1e-5
     # the FLOPs cost at width 0 is what FlopCounterMode counts on the removed network (no conv of the branch runs)
-    dense = resnet20()
+    dense = seeded_model(name)
     cost = build_flops_cost(dense, prunable_sites(dense), SHAPE)
     widths = torch.tensor([float(len(k)) for k in keeps], dtype=torch.float64)
     assert float(cost.macs(widths)) == count_deployed_macs(removed, SHAPE) == flop_counter_macs(removed, SHAPE)
 
 
-def test_a_removed_block_fuses_exports_and_rebuilds_from_its_spec(tmp_path) -> None:
-    _, removed, keeps = masked_and_removed()
+@pytest.mark.parametrize("name", list(REMOVED_BY_MODEL))
+def test_a_removed_block_fuses_exports_and_rebuilds_from_its_spec(name: str, tmp_path) -> None:
+    _, removed, keeps = masked_and_removed(name)
     fused = fuse_model(removed)
-    assert sum(isinstance(m, ChannelConstant) for m in fused.modules()) == len(REMOVED)
+    assert sum(isinstance(m, ChannelConstant) for m in fused.modules()) == len(REMOVED_BY_MODEL[name])
     x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         reference, fused_out = removed(x), fused(x)
@@ -94,9 +104,9 @@ def test_a_removed_block_fuses_exports_and_rebuilds_from_its_spec(tmp_path) -> N
     onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert float(np.abs(onnx_out - reference.numpy()).max()) <= 1e-4 * max(1.0, float(reference.abs().max()))
     # architecture.json round trip: widths with zeros rebuild the same structure, the weights load
-    dense = {s.name: s.channels for s in prunable_sites(resnet20())}
-    widths = {name: len(keep) for name, keep in zip(dense, keeps)}
-    spec = ArchitectureSpec("resnet20", 1, 10, 28, True, widths=widths, dense_widths=dense, coupled=True)
+    dense = {s.name: s.channels for s in prunable_sites(seeded_model(name))}
+    widths = {site: len(keep) for site, keep in zip(dense, keeps)}
+    spec = ArchitectureSpec(name, 1, 10, 28, True, widths=widths, dense_widths=dense, coupled=True)
     rebuilt = build_from_spec(spec).eval()
     rebuilt.load_state_dict(removed.state_dict())
     with torch.no_grad():
@@ -116,6 +126,32 @@ def test_only_a_residual_branch_may_keep_zero_channels() -> None:
     with pytest.raises(ValueError, match="at least one channel"):
         site = next(s for s in prunable_sites(resnet20()) if s.name == "layer2.residual")
         slim_site(site, torch.zeros(0, dtype=torch.long))
+
+
+def test_a_mobilenetv2_block_is_removable_only_with_an_identity_shortcut_and_keep_blocks_counts_its_branches() -> None:
+    """MobileNetV2's first block of each stage changes width or stride (no identity shortcut): its expansion
+    keeps at least one channel. The others may go; --keep-blocks N keeps the first N residual branches of a
+    stage, counted among the blocks that have one."""
+    model = seeded_model("mobilenetv2")
+    sites = prunable_sites(model)
+    residual = ["blocks.2", "blocks.4", "blocks.5", "blocks.7", "blocks.8", "blocks.9", "blocks.11", "blocks.12",
+                "blocks.14", "blocks.15"]
+    assert [s.name.rsplit(".", 1)[0] for s in sites if s.removal is not None] == residual
+    minimums = site_min_widths(sites, LappConfig(min_channels=8, block_removal=True, keep_blocks=1))
+    assert [s.name.rsplit(".", 1)[0] for s, m in zip(sites, minimums) if m == 0] == ["blocks.5", "blocks.8", "blocks.9", "blocks.12",
+                                                                                   "blocks.15"]
+    dense = {s.name: s.channels for s in sites}
+    first = ArchitectureSpec("mobilenetv2", 1, 10, 28, True, widths={**dense, "blocks.3.expand": 0}, dense_widths=dense, coupled=True)
+    with pytest.raises(UserError, match="blocks.3.expand"):
+        build_from_spec(first)
+    with pytest.raises(ValueError, match="at least one channel"):
+        slim_site(next(s for s in sites if s.name == "blocks.3.expand"), torch.zeros(0, dtype=torch.long))
+    # a removed block trains on: its constant gets a gradient, its gone convs are no parameters of the model
+    model.train()
+    slim_site(next(s for s in sites if s.name == "blocks.9.expand"), torch.zeros(0, dtype=torch.long))
+    x, y = torch.randn(4, *SHAPE), torch.randint(0, 10, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert model.blocks[9].removed and model.blocks[9].project.bn.bias.grad is not None
 
 
 def test_width_search_may_remove_a_branch_only_where_allowed() -> None:
@@ -242,7 +278,6 @@ def test_latency_tables_price_a_removed_layer_at_zero() -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--model", "mobilenetv2"], "--block-removal: mobilenetv2 has no residual branch"),
     (["--model", "vgg16_bn"], "--block-removal: vgg16_bn has no residual branch"),
     (["--model", "resnet20", "--dense"], "--block-removal"),
 ])
