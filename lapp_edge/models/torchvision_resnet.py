@@ -9,14 +9,54 @@ group (its projection, or the stem where the first shortcut is the identity, plu
 block's last conv; consumers: the blocks' first convs, the next stage's first conv and
 projection, the classifier). Where the first shortcut projects (ResNet-50), the stem is a
 site of its own.
+
+A basic block (ResNet-18/34) may lose its residual branch (`lapp-edge train --block-removal`): when its
+conv1 keeps zero channels the block is replaced by a `RemovedBasicBlock`, relu(c + shortcut(x)), c the
+per-channel constant conv2's BatchNorm gives a zero input, exactly what the fully masked block computed.
+A bottleneck (ResNet-50) is not removed: its conv2 reads a constant, not zero, once conv1 is gone, so the
+branch's constant and its cost would need both inner sites at zero.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
 
 from lapp_edge.models.units import ConvBN, PrunableSite
+
+
+class RemovedBasicBlock(nn.Module):
+    """A torchvision basic block whose residual branch was removed: relu(conv2's constant + shortcut(x)).
+    `conv2` is the branch's last unit, input-free (`ConvBN.drop_inputs`), under its old name, so the
+    block's state-dict keys stay those of a removed block rebuilt from a spec."""
+
+    def __init__(self, conv2: ConvBN, downsample: nn.Module | None) -> None:
+        super().__init__()
+        self.conv2 = conv2
+        self.downsample = downsample
+        self.relu = nn.ReLU(inplace=True)
+
+    removed = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.conv2(x) + identity)
+
+
+def _remove_basic_branch(layer: nn.Sequential, index: int, optimizer: torch.optim.Optimizer | None) -> None:
+    """Replace basic block `layer[index]` by a `RemovedBasicBlock`; conv1's and conv2's parameters leave
+    `optimizer` (conv2's BatchNorm stays, holding the constant)."""
+    from lapp_edge.models.slicing import drop_from_optimizer
+
+    block = layer[index]
+    if isinstance(block, RemovedBasicBlock):
+        return
+    last = block.conv2 if isinstance(block.conv2, ConvBN) else ConvBN(0, 0, 0, conv=block.conv2, bn=block.bn2)
+    dropped = list(block.conv1.parameters()) + last.drop_inputs()
+    layer[index] = RemovedBasicBlock(last, block.downsample)
+    drop_from_optimizer(dropped, optimizer)
 
 
 def _wrap(block: nn.Module, conv_name: str, bn_name: str, bypass: bool) -> ConvBN:
@@ -61,7 +101,10 @@ class TorchvisionResNet(nn.Module):
         return self.net(x)
 
     def prunable_sites(self) -> list[PrunableSite]:
-        layers = [list(layer) for layer in (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4)]
+        from torchvision.models import resnet
+
+        sequentials = [self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4]
+        layers = [list(layer) for layer in sequentials]
         sites = []
         if self.coupled and layers[0][0].downsample is not None:
             sites.append(PrunableSite("net.conv1", [self.net.conv1], [], [layers[0][0].conv1, layers[0][0].downsample]))
@@ -70,16 +113,23 @@ class TorchvisionResNet(nn.Module):
                 first = blocks[0]
                 entry = first.downsample if first.downsample is not None else self.net.conv1
                 last = [b.conv3 if hasattr(b, "conv3") else b.conv2 for b in blocks]
-                consumers: list[nn.Module] = [b.conv1 for b in (blocks if entry is self.net.conv1 else blocks[1:])]
+                # a removed block reads nothing but through its shortcut (its conv1 is gone)
+                consumers: list[nn.Module] = [b.conv1 for b in (blocks if entry is self.net.conv1 else blocks[1:])
+                                              if not isinstance(b, RemovedBasicBlock)]
                 if layer_index + 1 < len(layers):
                     following = layers[layer_index + 1][0]
-                    consumers += [following.conv1, following.downsample]
+                    consumers += [unit for unit in (getattr(following, "conv1", None), following.downsample) if unit is not None]
                 else:
                     consumers.append(self.net.fc)
                 sites.append(PrunableSite(f"net.layer{layer_index + 1}.residual", [entry, *last], [], consumers))
             for block_index, block in enumerate(blocks):
+                if isinstance(block, RemovedBasicBlock):   # a removed branch has no inner site left
+                    continue
                 prefix = f"net.layer{layer_index + 1}.{block_index}"
-                sites.append(PrunableSite(f"{prefix}.conv1", [block.conv1], [], [block.conv2]))
+                removal = partial(_remove_basic_branch, sequentials[layer_index], block_index) \
+                    if isinstance(block, resnet.BasicBlock) else None
+                sites.append(PrunableSite(f"{prefix}.conv1", [block.conv1], [], [block.conv2], removal=removal,
+                                          branch_index=block_index))
                 if hasattr(block, "conv3"):  # a bottleneck
                     sites.append(PrunableSite(f"{prefix}.conv2", [block.conv2], [], [block.conv3]))
         return sites

@@ -151,7 +151,7 @@ class Trainer:
         self.sites = prunable_sites(self.model)
         if config.block_removal and not any(site.removal is not None for site in self.sites):
             raise UserError(f"--block-removal: {config.model} has no residual branch LAPP can remove (the CIFAR ResNets "
-                            "resnet20/32/56/110 and mobilenetv2 have); drop --block-removal")
+                            "resnet20/32/56/110, resnet18/34 and mobilenetv2 have); drop --block-removal")
         self.dense_widths = {site.name: site.channels for site in self.sites}
         self.flops_cost = build_flops_cost(self.model, self.sites, self.input_shape)
         self.cost: CostModel = self.flops_cost

@@ -34,7 +34,9 @@ SHAPE = (1, 28, 28)
 # one removed block per kind: identity shortcut in stage 1 and 2, a projection shortcut (stride 2) in stage 3
 REMOVED = ("layer1.1.conv1", "layer2.2.conv1", "layer3.0.conv1")
 # MobileNetV2: the second block of the 24-wide stage, the last of the 32-wide and of the 160-wide (7x7 maps)
-REMOVED_BY_MODEL = {"resnet20": REMOVED, "mobilenetv2": ("blocks.2.expand", "blocks.5.expand", "blocks.15.expand")}
+# torchvision ResNet-18: an identity block of layer1, a downsampling first block (layer3), the last block
+REMOVED_BY_MODEL = {"resnet20": REMOVED, "mobilenetv2": ("blocks.2.expand", "blocks.5.expand", "blocks.15.expand"),
+                    "resnet18": ("net.layer1.1.conv1", "net.layer3.0.conv1", "net.layer4.1.conv1")}
 
 
 def resnet20() -> nn.Module:
@@ -77,7 +79,7 @@ def masked_and_removed(name: str = "resnet20") -> tuple[nn.Module, nn.Module, li
 def test_a_removed_block_equals_the_masked_one_and_costs_what_torch_counts(name: str) -> None:
     model, removed, keeps = masked_and_removed(name)
     blocks = {site: removed.get_submodule(site.rsplit(".", 1)[0]) for site in REMOVED_BY_MODEL[name]}
-    last = "conv2" if name == "resnet20" else "project"          # the branch's last unit, kept as a constant
+    last = "project" if name == "mobilenetv2" else "conv2"       # the branch's last unit, kept as a constant
     assert all(block.removed and getattr(block, last).input_free for block in blocks.values())
     assert [s.name for s in prunable_sites(removed) if s.name in REMOVED_BY_MODEL[name]] == []   # no inner site is left
     x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(3))
@@ -152,6 +154,34 @@ def test_a_mobilenetv2_block_is_removable_only_with_an_identity_shortcut_and_kee
     x, y = torch.randn(4, *SHAPE), torch.randint(0, 10, (4,))
     nn.functional.cross_entropy(model(x), y).backward()
     assert model.blocks[9].removed and model.blocks[9].project.bn.bias.grad is not None
+
+
+def test_a_torchvision_basic_block_is_removed_without_coupled_groups_too() -> None:
+    """Without --groups (coupled=False) a torchvision basic block's conv2 and bn2 are plain modules: removal
+    wraps them into the input-free unit that holds the constant. Masked = removed, and the spec rebuilds it."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 1, 10, bypass=True, coupled=False).eval()
+    randomize_batchnorm(model, torch.Generator().manual_seed(1))
+    sites = prunable_sites(model)
+    assert [s.branch_index for s in sites if s.removal is not None] == [0, 1] * 4
+    keeps = keeps_with_removals(sites, torch.Generator().manual_seed(2), ("net.layer2.1.conv1", "net.layer4.0.conv1"))
+    mask_sites(sites, keeps)
+    removed = copy.deepcopy(model)
+    for site, keep in zip(prunable_sites(removed), keeps):
+        slim_site(site, keep)
+        for unit in site.units:
+            unit.channel_mask = None
+    assert removed.net.layer2[1].removed and removed.net.layer4[0].removed
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        masked, result = model(x), removed(x)
+    assert float((masked - result).abs().max()) <= 1e-5 * float(masked.abs().max().clamp(min=1.0))
+    dense = {s.name: s.channels for s in sites}
+    widths = {site: len(keep) for site, keep in zip(dense, keeps)}
+    rebuilt = build_from_spec(ArchitectureSpec("resnet18", 1, 10, 28, True, widths=widths, dense_widths=dense)).eval()
+    rebuilt.load_state_dict(removed.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), result)
 
 
 def test_width_search_may_remove_a_branch_only_where_allowed() -> None:
@@ -279,6 +309,7 @@ def test_latency_tables_price_a_removed_layer_at_zero() -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--model", "vgg16_bn"], "--block-removal: vgg16_bn has no residual branch"),
+    (["--model", "resnet50"], "--block-removal: resnet50 has no residual branch"),      # bottlenecks are not removed
     (["--model", "resnet20", "--dense"], "--block-removal"),
 ])
 def test_block_removal_where_there_is_no_branch_to_remove_is_refused_in_one_line(args: list[str], message: str, tmp_path,
