@@ -43,10 +43,10 @@ def resnet20() -> nn.Module:
     return seeded_model("resnet20")
 
 
-def seeded_model(name: str) -> nn.Module:
-    """The family member with bypasses, coupled groups and random BatchNorm statistics, in eval mode."""
+def seeded_model(name: str, coupled: bool = True) -> nn.Module:
+    """The family member with bypasses, coupled groups (by default) and random BatchNorm statistics, in eval mode."""
     torch.manual_seed(0)
-    model = build_model(name, 1, 10, bypass=True, coupled=True).eval()
+    model = build_model(name, 1, 10, bypass=True, coupled=coupled).eval()
     randomize_batchnorm(model, torch.Generator().manual_seed(1))
     return model
 
@@ -62,10 +62,13 @@ def keeps_with_removals(sites: list, generator: torch.Generator, removed: tuple[
     return keeps
 
 
-def masked_and_removed(name: str = "resnet20") -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
-    model = seeded_model(name)
+def masked_and_removed(name: str = "resnet20", coupled: bool = True,
+                       removals: tuple[str, ...] | None = None) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:
+    """The seeded model masked with random keeps that empty `removals` (default REMOVED_BY_MODEL[name]),
+    and a copy slimmed to those keeps (the emptied sites' branches removed)."""
+    model = seeded_model(name, coupled)
     sites = prunable_sites(model)
-    keeps = keeps_with_removals(sites, torch.Generator().manual_seed(2), REMOVED_BY_MODEL[name])
+    keeps = keeps_with_removals(sites, torch.Generator().manual_seed(2), removals or REMOVED_BY_MODEL[name])
     mask_sites(sites, keeps)
     removed = copy.deepcopy(model)
     for site, keep in zip(prunable_sites(removed), keeps):
@@ -159,18 +162,9 @@ def test_a_mobilenetv2_block_is_removable_only_with_an_identity_shortcut_and_kee
 def test_a_torchvision_basic_block_is_removed_without_coupled_groups_too() -> None:
     """Without --groups (coupled=False) a torchvision basic block's conv2 and bn2 are plain modules: removal
     wraps them into the input-free unit that holds the constant. Masked = removed, and the spec rebuilds it."""
-    torch.manual_seed(0)
-    model = build_model("resnet18", 1, 10, bypass=True, coupled=False).eval()
-    randomize_batchnorm(model, torch.Generator().manual_seed(1))
-    sites = prunable_sites(model)
+    model, removed, keeps = masked_and_removed("resnet18", coupled=False, removals=("net.layer2.1.conv1", "net.layer4.0.conv1"))
+    sites = prunable_sites(seeded_model("resnet18", coupled=False))
     assert [s.branch_index for s in sites if s.removal is not None] == [0, 1] * 4
-    keeps = keeps_with_removals(sites, torch.Generator().manual_seed(2), ("net.layer2.1.conv1", "net.layer4.0.conv1"))
-    mask_sites(sites, keeps)
-    removed = copy.deepcopy(model)
-    for site, keep in zip(prunable_sites(removed), keeps):
-        slim_site(site, keep)
-        for unit in site.units:
-            unit.channel_mask = None
     assert removed.net.layer2[1].removed and removed.net.layer4[0].removed
     x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
