@@ -42,9 +42,10 @@ CONFIGURATIONS: dict[str, list[str]] = {
     # the same budgets, the FLOPs landed on --flops-target and each latency a ceiling (--land-on-flops)
     "lapp-efficiency-landed": ["--channel-multiple", "8", "--block-removal", "--land-on-flops"],
     "lapp-efficiency-landed-keep1": ["--channel-multiple", "8", "--block-removal", "--keep-blocks", "1", "--land-on-flops"],
+    "lapp-efficiency-landed-keep2": ["--channel-multiple", "8", "--block-removal", "--keep-blocks", "2", "--land-on-flops"],
 }
 # shaped for a latency budget of --flops-target / --min-efficiency beside a FLOPs bound (--max-flops)
-EFFICIENCY_SHAPED = ("lapp-efficiency-blocks", "lapp-efficiency-landed", "lapp-efficiency-landed-keep1")
+EFFICIENCY_SHAPED = ("lapp-efficiency-blocks", "lapp-efficiency-landed", "lapp-efficiency-landed-keep1", "lapp-efficiency-landed-keep2")
 LATENCY_SHAPED = ("lapp-latency", "lapp-latency-blocks", *EFFICIENCY_SHAPED)
 
 
