@@ -346,7 +346,9 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
     described = describe_model(model, shape, coupled, multiple, max_grid)  # type: ignore[arg-type]
     removable = [name for name, can in zip(described.site_names, described.site_removable) if can] if block_removal else []
     if block_removal and not removable:
-        raise UserError(f"--block-removal: {model} has no residual branch that can be removed (the CIFAR ResNets, resnet18/34 and mobilenetv2 have); "
+        from lapp_edge.models import BLOCK_REMOVAL_MODELS   # models imports torch: only where it is said
+
+        raise UserError(f"--block-removal: {model} has no residual branch that can be removed ({BLOCK_REMOVAL_MODELS} have); "
                         "drop --block-removal")
     points = grid_points(described)
     reused = None

@@ -21,6 +21,8 @@ from lapp_edge.models.units import ConvBN, PrunableSite
 from lapp_edge.models.vgg import CifarVGG
 
 ModelBuilder = Callable[[int, int, bool, bool], nn.Module]     # (in_channels, num_classes, bypass, coupled)
+# the registry models whose sites have a `removal` (`--block-removal`), for the messages that refuse the others
+BLOCK_REMOVAL_MODELS = "the CIFAR ResNets resnet20/32/56/110, resnet18/34 and mobilenetv2"
 
 MODEL_BUILDERS: dict[str, ModelBuilder] = {
     "resnet20": lambda c, n, b, g: CifarResNet(20, c, n, b, g),
@@ -68,4 +70,4 @@ def prunable_sites(model: nn.Module) -> list[PrunableSite]:
     return model.prunable_sites()  # type: ignore[operator]
 
 
-__all__ = ["MODEL_BUILDERS", "ConvBN", "PrunableSite", "build_model", "prunable_sites", "rebuild_model"]
+__all__ = ["BLOCK_REMOVAL_MODELS", "MODEL_BUILDERS", "ConvBN", "PrunableSite", "build_model", "prunable_sites", "rebuild_model"]

@@ -101,8 +101,6 @@ class TorchvisionResNet(nn.Module):
         return self.net(x)
 
     def prunable_sites(self) -> list[PrunableSite]:
-        from torchvision.models import resnet
-
         sequentials = [self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4]
         layers = [list(layer) for layer in sequentials]
         sites = []
@@ -126,10 +124,10 @@ class TorchvisionResNet(nn.Module):
                 if isinstance(block, RemovedBasicBlock):   # a removed branch has no inner site left
                     continue
                 prefix = f"net.layer{layer_index + 1}.{block_index}"
-                removal = partial(_remove_basic_branch, sequentials[layer_index], block_index) \
-                    if isinstance(block, resnet.BasicBlock) else None
+                bottleneck = hasattr(block, "conv3")
+                removal = None if bottleneck else partial(_remove_basic_branch, sequentials[layer_index], block_index)
                 sites.append(PrunableSite(f"{prefix}.conv1", [block.conv1], [], [block.conv2], removal=removal,
                                           branch_index=block_index))
-                if hasattr(block, "conv3"):  # a bottleneck
+                if bottleneck:
                     sites.append(PrunableSite(f"{prefix}.conv2", [block.conv2], [], [block.conv3]))
         return sites

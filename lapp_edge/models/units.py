@@ -9,9 +9,10 @@ attribute, never saved). It is applied inside BatchNorm's affine transform,
 BN(x) * m = x_hat * (gamma * m) + beta * m, so masking costs no extra pass over the
 activations and the mask's gradient comes out of BN's own gamma/beta gradient.
 
-A residual branch whose inner width is pruned to zero is removed (`lapp-edge train --block-removal`,
-CIFAR ResNets and MobileNetV2): its last unit keeps only its BatchNorm and no conv (`conv is None`), and outputs
-the per-channel constant that BatchNorm gives a zero input, added to the shortcut.
+A residual branch whose inner width is pruned to zero is removed (`lapp-edge train --block-removal`;
+CIFAR ResNets, torchvision ResNet-18/34, MobileNetV2): its last unit keeps only its BatchNorm and no
+conv (`conv is None`), and outputs the per-channel constant that BatchNorm gives a zero input, added
+to the shortcut.
 
 `PrunableSite` describes one group of output channels that are kept or removed together
 (a coupled-channel group): every unit that produces them (one conv, or every conv whose
@@ -175,11 +176,12 @@ class PrunableSite:
     gates:     modules (nn.Conv2d, nn.Linear, no BatchNorm) whose output channels only multiply
                these channels one to one (squeeze-excitation's expanding layer): sliced with the
                site, never masked (a gate times a masked zero is zero)
-    removal:   where the site may keep zero channels (a residual branch's inner conv, CIFAR
-               ResNets; a MobileNetV2 block's expansion): removes the branch, given the optimizer to take its parameters out of;
-               None where it may not (at least one channel is always kept)
-    branch_index: where `removal` is set, the branch's position in its stage (0: the stage's first
-               block); `lapp-edge train --keep-blocks N` never removes the first N of a stage
+    removal:   where the site may keep zero channels (a residual branch's inner conv in the CIFAR
+               and torchvision basic-block ResNets, a MobileNetV2 block's expansion): removes the
+               branch, given the optimizer to take its parameters out of; None where it may not
+               (at least one channel is always kept)
+    branch_index: where `removal` is set, the branch's position among its stage's residual branches
+               (0: the first); `lapp-edge train --keep-blocks N` never removes the first N of a stage
     """
 
     name: str

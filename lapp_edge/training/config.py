@@ -111,7 +111,8 @@ class TrainConfig:
                                       "the channel multiple (Torch-Pruning's max_pruning_ratio; 1: only one multiple kept). "
                                       "docs/RESULTS.md has what 0.75 did to latency-aware runs")
     block_removal: bool = option(False, "let LAPP prune a residual block's inner conv to zero channels, removing the block's "
-                                 "branch (CIFAR ResNets, torchvision ResNet-18/34; MobileNetV2 blocks with an identity shortcut, through their expansion: removing blocks cuts per-layer costs that narrowing never does; "
+                                 "branch (CIFAR ResNets, torchvision ResNet-18/34; MobileNetV2 blocks with an identity "
+                                 "shortcut, through their expansion: removing blocks cuts per-layer costs that narrowing never does; "
                                  "docs/RESULTS.md has the measured speed)")
     keep_blocks: int = option(0, "with --block-removal: never remove the first N residual branches of each stage (depth "
                               "kept at every resolution; docs/RESULTS.md has what it buys in accuracy)")

@@ -44,7 +44,7 @@ from lapp_edge.training.latency import LatencyConstraint, latency_constraint, pr
 from lapp_edge.lapp.freeze import freeze
 from lapp_edge.training.landing import LANDING_AIM, Landing, Measure, land_on_measured
 from lapp_edge.lapp.widths import allowed_widths, smallest_cost_ratio, target_widths
-from lapp_edge.models import build_model, prunable_sites
+from lapp_edge.models import BLOCK_REMOVAL_MODELS, build_model, prunable_sites
 from lapp_edge.models.reparam import bake, bypass_units, drop_bypass, merge_bypass, use_bypass_mode
 from lapp_edge.models.slicing import resize_to_widths
 from lapp_edge.models.spec import SLIM_SPEC, SLIM_WEIGHTS, ArchitectureSpec
@@ -150,8 +150,8 @@ class Trainer:
         use_bypass_mode(self.model, config.bypass_mode)
         self.sites = prunable_sites(self.model)
         if config.block_removal and not any(site.removal is not None for site in self.sites):
-            raise UserError(f"--block-removal: {config.model} has no residual branch LAPP can remove (the CIFAR ResNets "
-                            "resnet20/32/56/110, resnet18/34 and mobilenetv2 have); drop --block-removal")
+            raise UserError(f"--block-removal: {config.model} has no residual branch LAPP can remove ({BLOCK_REMOVAL_MODELS} "
+                            "have); drop --block-removal")
         self.dense_widths = {site.name: site.channels for site in self.sites}
         self.flops_cost = build_flops_cost(self.model, self.sites, self.input_shape)
         self.cost: CostModel = self.flops_cost
