@@ -37,6 +37,7 @@ unless one is there already), named by target, model, input and machine (`table_
 from __future__ import annotations
 
 import datetime
+import functools
 import sys
 import tempfile
 import time
@@ -209,13 +210,44 @@ def _fit_record(fit: CandidateFit) -> dict[str, Any]:
             "median_abs_pct": fit.held_out.median_abs_pct, "max_abs_pct": fit.held_out.max_abs_pct}
 
 
+def compile_noise_floor_pct(compile_ratios: np.ndarray) -> float | None:
+    """The held-out median error (%) that compile noise alone puts under any fit: what a predictor exact to
+    every network's expected latency ratio would still show against the measured medians.
+
+    `compile_ratios`: networks x fresh compiles, each entry a network's latency ratio to dense in one compile.
+    The compile-to-compile standard deviation s is pooled over networks (deviations from each network's mean,
+    relative, N (k - 1) degrees of freedom); the median of k normal draws has standard deviation m_k s
+    (`median_sd_factor`: 0.67 for k = 3, 0.54 for 5), and the median |error| of a normal variable is 0.6745 of
+    its standard deviation. A lower bound: the fit's own estimation error (16 noisy points) comes on top.
+    None with fewer than 3 compiles per network (no spread worth pooling).
+    """
+    ratios = np.asarray(compile_ratios, dtype=np.float64)
+    if ratios.ndim != 2 or ratios.shape[1] < 3 or ratios.shape[0] < 2:
+        return None
+    networks, compiles = ratios.shape
+    relative = ratios / ratios.mean(axis=1, keepdims=True) - 1.0
+    pooled_sd = float(np.sqrt(np.sum(relative ** 2) / (networks * (compiles - 1))))
+    return 100.0 * 0.6745 * median_sd_factor(compiles) * pooled_sd
+
+
+@functools.lru_cache(maxsize=None)
+def median_sd_factor(k: int) -> float:
+    """Standard deviation of the median of k standard normal draws (seeded simulation, 200 000 medians; the
+    asymptotic 1.2533 / sqrt(k) is 5-8% high at the 3-5 compiles profile-layers takes)."""
+    draws = np.random.default_rng(0).standard_normal((200_000, k))
+    return float(np.std(np.median(draws, axis=1)))
+
+
 def fit_whole_network(described: ModelLayers, table: BatchTable, configs: list[tuple[str, np.ndarray]], measured: list[float],
-                      macs_ratio: list[float], seed: int = 0) -> tuple[float, float, dict[str, float], dict[str, float], dict[str, Any]]:
+                      macs_ratio: list[float], seed: int = 0, compile_ratios: list[list[float]] | None = None,
+                      ) -> tuple[float, float, dict[str, float], dict[str, float], dict[str, Any]]:
     """Fit latency_ratio = a + b * table_ratio (+ one extra term, conv MACs or output elements, where it helps)
     to whole-network measurements, or a + c * conv MACs ratio (b = 0) where that line is measurably better held
     out than every fit with the table's sum (`costs.latency_fit.measurably_better`). `configs`: name and
     per-site widths; `measured`: latency ratios to dense; `macs_ratio`: FlopsCost ratios, for the FLOPs fit
-    compared with. Returns a, b, the extra terms, their
+    compared with; `compile_ratios`: per configuration, its ratio in each fresh compile (stored, and the
+    compile-noise floor under the held-out errors computed from them: `compile_noise_floor_pct`). Returns a, b,
+    the extra terms, their
     dense normalisers (`costs.latency_table.dense_normalisers`), and the validation record: every
     configuration with its feature ratios, and the held-out errors of the table fit, of the FLOPs fit, and
     of both allowed the off-block term too (recorded, not used: module docstring)."""
@@ -251,10 +283,11 @@ def fit_whole_network(described: ModelLayers, table: BatchTable, configs: list[t
         a, b = chosen.coefficients[0], 0.0
         extra = dict(zip(chosen.features, chosen.coefficients[1:]))
     raw = 100.0 * np.abs(np.array([r["table_ratio"] for r in rows]) / y - 1.0)
+    per_compile = compile_ratios if compile_ratios is not None else [None] * len(configs)
     validation = {
         "configurations": [{"name": name, "widths": [int(v) for v in widths], "measured_ratio": m, **row,
-                            "macs_ratio_with_classifier": f}
-                           for (name, widths), m, row, f in zip(configs, measured, rows, macs_ratio)],
+                            "macs_ratio_with_classifier": f, **({"compile_ratios": list(c)} if c is not None else {})}
+                           for (name, widths), m, row, f, c in zip(configs, measured, rows, macs_ratio, per_compile)],
         "table_fit": _fit_record(chosen),
         "table_candidates": [{"features": c.features, "median_abs_pct": c.held_out.median_abs_pct,
                               "max_abs_pct": c.held_out.max_abs_pct} for c in candidates],
@@ -262,6 +295,7 @@ def fit_whole_network(described: ModelLayers, table: BatchTable, configs: list[t
         "table_fit_off_block": _fit_record(off_block),
         "flops_fit_off_block": _fit_record(flops_off_block),
         "raw_table_sum": {"median_abs_pct": float(np.median(raw)), "max_abs_pct": float(raw.max())},
+        "compile_noise_floor_pct": compile_noise_floor_pct(np.array(compile_ratios)) if compile_ratios is not None else None,
         "held_out": f"median over {chosen.held_out.splits} random splits, {chosen.held_out.fit_points} fit / "
                     f"{chosen.held_out.held_out_points} held out; FLOPs fit: MACs (+ output elements where it helps), "
                     "as calibrate-latency fits it",
@@ -282,8 +316,11 @@ def refit_table(path: str | Path, out: str | Path | None = None, seed: int = 0) 
             raise UserError(f"{path}: batch {batch} stores {len(configurations)} whole-network measurements; a fit needs {MIN_CONFIGS}")
         configs = [(c["name"], np.array(c["widths"], dtype=np.float64)) for c in configurations]
         macs = [float(c.get("macs_ratio_with_classifier", c.get("macs_ratio"))) for c in configurations]
+        stored = [c.get("compile_ratios") for c in configurations]
+        compile_ratios = stored if all(isinstance(r, list) for r in stored) and len({len(r) for r in stored}) == 1 else None
         a, b, extra, dense_features, validation = fit_whole_network(
-            described, batch_table, configs, [float(c["measured_ratio"]) for c in configurations], macs, seed)
+            described, batch_table, configs, [float(c["measured_ratio"]) for c in configurations], macs, seed,
+            compile_ratios)
         batch_table.constant, batch_table.scale, batch_table.extra = a, b, extra
         batch_table.dense_features, batch_table.validation = dense_features, validation
     target = Path(out or path)
@@ -468,7 +505,8 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
             dense_sum = float(BatchTable(batch, tables[batch], 0.0, 1.0, 1.0, dense_ms, 0.0).sum_ms(dense_triples))
             partial = BatchTable(batch, tables[batch], 0.0, 1.0, dense_sum, dense_ms, 0.0)
             a, b, extra, dense_features, validation = fit_whole_network(
-                described, partial, [(c.name, counts[c.name]) for c in width_configs], measured, macs_ratio, seed)
+                described, partial, [(c.name, counts[c.name]) for c in width_configs], measured, macs_ratio, seed,
+                per_config.T.tolist())
             batch_tables[batch] = BatchTable(batch, tables[batch], a, b, dense_sum, dense_ms,
                                              float(np.median(noise[batch])) if noise[batch] else 0.0, validation, extra,
                                              dense_features)
@@ -520,4 +558,9 @@ def format_table_summary(table: LatencyTable, path: Path) -> str:
     if compiles and spread_pct is not None:
         lines.append(f"whole networks: median of {compiles} fresh compiles each; their spread (max - min) has median "
                      f"{spread_pct:.1f}%" + (NOISY_COMPILES_HINT if spread_pct > NOISY_COMPILE_SPREAD_PCT and compiles < 5 else ""))
+    floors = {batch: bt.validation.get("compile_noise_floor_pct") for batch, bt in sorted(table.batches.items())}
+    if any(floor is not None for floor in floors.values()):
+        lines.append("compile-noise floor (the held-out median error an exact predictor would still show, from compile noise "
+                     "alone): " + ", ".join(f"batch {batch} {floor:.2f}%" for batch, floor in floors.items() if floor is not None)
+                     + "; fits this close to it cannot be told apart")
     return "\n".join(lines)

@@ -539,6 +539,10 @@ def test_profile_layers_end_to_end_on_onnx_runtime(tmp_path: Path) -> None:
     assert validation["table_fit"]["median_abs_pct"] >= 0 and validation["flops_fit"]["median_abs_pct"] >= 0
     assert validation["flops_fit_off_block"]["median_abs_pct"] >= 0 and validation["table_fit_off_block"]["median_abs_pct"] >= 0
     assert all("off_block_activations_ratio" in c for c in validation["configurations"])
+    # each network's ratio in every fresh compile is stored; two compiles are too few for a noise floor
+    assert all(len(c["compile_ratios"]) == 2 and min(c["compile_ratios"]) <= c["measured_ratio"] <= max(c["compile_ratios"])
+               for c in validation["configurations"])
+    assert validation["compile_noise_floor_pct"] is None
     assert (tmp_path / table.dense_reference).is_file()
     model, sites, _ = resnet20()
     config = TrainConfig(out=str(tmp_path / "run"), target="x86-ort-fp32", latency_target="0.6", latency_batch=1,
@@ -552,6 +556,45 @@ def test_profile_layers_end_to_end_on_onnx_runtime(tmp_path: Path) -> None:
     assert reused.layers == batch.layers and reused.noise_pct == batch.noise_pct
     assert len(reused.validation["configurations"]) == 6
     assert load_table(again).load["network_compile_spread_median_pct"] is None     # one compile: no spread to report
+
+
+@pytest.mark.parametrize("compiles", [3, 5])
+def test_compile_noise_floor_is_the_median_error_of_an_exact_predictor(compiles: int) -> None:
+    """Networks whose every compile draws its ratio with 3% relative noise: the floor computed from one set of
+    compiles is the median |error| an exact predictor shows against the medians of those compiles."""
+    from lapp_edge.latency.profile_layers import compile_noise_floor_pct
+
+    rng = np.random.default_rng(0)
+    true_ratio = rng.uniform(0.2, 1.0, size=4000)
+    ratios = true_ratio[:, None] * (1.0 + 0.03 * rng.standard_normal((4000, compiles)))
+    exact_error = 100.0 * np.median(np.abs(np.median(ratios, axis=1) / true_ratio - 1.0))
+    assert compile_noise_floor_pct(ratios) == pytest.approx(exact_error, rel=0.05)
+    assert compile_noise_floor_pct(ratios[:, :2]) is None and compile_noise_floor_pct(ratios[:1]) is None
+
+
+def test_refit_keeps_the_compile_ratios_and_their_floor(tmp_path: Path) -> None:
+    """`--refit` fits again from what the table stores: the per-compile ratios stay, the floor is recomputed
+    from them, and a table measured before they were stored refits with no floor."""
+    from lapp_edge.latency.profile_layers import compile_noise_floor_pct, refit_table
+
+    shipped = next(Path(__file__).resolve().parents[2].glob("lapp_edge/resources/latency/layer-table-x86-ort-fp32-resnet20-*avx2.json"))
+    raw = json.loads(shipped.read_text())
+    for batch in raw["batches"].values():
+        for config in batch["validation"]["configurations"]:
+            config.pop("compile_ratios", None)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(raw))
+    assert all(b.validation["compile_noise_floor_pct"] is None for b in load_table(refit_table(old)).batches.values())
+    rng = np.random.default_rng(1)
+    for batch in raw["batches"].values():
+        for config in batch["validation"]["configurations"]:
+            config["compile_ratios"] = list(config["measured_ratio"] * (1.0 + 0.01 * rng.standard_normal(3)))
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(raw))
+    for batch in load_table(refit_table(new)).batches.values():
+        stored = [c["compile_ratios"] for c in batch.validation["configurations"]]
+        assert len(stored) >= 6 and all(len(r) == 3 for r in stored)
+        assert batch.validation["compile_noise_floor_pct"] == pytest.approx(compile_noise_floor_pct(np.array(stored)))
 
 
 def test_reused_layers_must_come_from_the_same_target_model_and_machine(tmp_path: Path) -> None:
