@@ -193,28 +193,30 @@ def test_the_summary_says_when_compile_noise_calls_for_more_network_compiles(tmp
 
 
 def test_where_macs_predict_measurably_better_than_the_layer_sum_the_macs_line_stands_in(tmp_path: Path) -> None:
-    """MobileNetV2 on ONNX Runtime fp32 (AVX-512 EPYC, shipped measurements): at batch 1 the layer sum's best
-    monotone fit is 4.2% off held out against 3.2% for conv MACs alone, so the refit keeps the MACs line (scale 0);
-    at batch 32 MACs are not measurably better (1.76% against 1.69%) and the table's sum stays in the fit."""
+    """MobileNetV2 on OpenVINO bf16 (AVX-512 EPYC without AVX-VNNI, shipped measurements, five compiles): at batch 32
+    the layer sum's best monotone fit is 1.64% off held out against 0.90% for conv MACs (+ output elements), so the
+    refit keeps the MACs line (scale 0); at batch 1 MACs are not measurably better (1.56% against 1.61%) and the
+    table's sum stays in the fit. (Until 2026-12-05 the ORT fp32 table of this CPU was the example at batch 1; measured
+    again on a quieter machine its layer sum beats MACs there: docs/RESULTS.md, "The compile-noise floor".)"""
     import shutil
 
     from lapp_edge.latency.profile_layers import refit_table
 
-    shipped = next(ROOT.glob("lapp_edge/resources/latency/layer-table-x86-ort-fp32-mobilenetv2-*avx512f.json"))
+    shipped = next(ROOT.glob("lapp_edge/resources/latency/layer-table-x86-openvino-bf16-mobilenetv2-*avx512f.json"))
     copy = tmp_path / shipped.name
     shutil.copyfile(shipped, copy)
     table = load_table(refit_table(copy))
-    one, thirty_two = table.batch(1), table.batch(32)
-    assert one.scale == 0.0 and set(one.extra) == {"macs_ratio"} and one.extra["macs_ratio"] > 0
-    assert one.validation["table_fit"]["features"] == ["macs_ratio"]
-    table_alone = next(c for c in one.validation["table_candidates"] if c["features"] == ["table_ratio"])
-    assert one.validation["table_fit"]["median_abs_pct"] < 0.85 * table_alone["median_abs_pct"]
-    assert thirty_two.scale > 0 and thirty_two.validation["table_fit"]["features"][0] == "table_ratio"
+    macs_line, with_table = table.batch(32), table.batch(1)
+    assert macs_line.scale == 0.0 and "macs_ratio" in macs_line.extra and macs_line.extra["macs_ratio"] > 0
+    assert macs_line.validation["table_fit"]["features"][0] == "macs_ratio"
+    best_with_sum = min(c["median_abs_pct"] for c in macs_line.validation["table_candidates"])
+    assert macs_line.validation["table_fit"]["median_abs_pct"] < 0.85 * best_with_sum
+    assert with_table.scale > 0 and with_table.validation["table_fit"]["features"][0] == "table_ratio"
     model = build_model("mobilenetv2", 1, 10, False, True)
     sites = prunable_sites(model)
-    cost = LatencyCost(deployed_layers(model, sites, SHAPE), [s.channels for s in sites], one, table.target)
+    cost = LatencyCost(deployed_layers(model, sites, SHAPE), [s.channels for s in sites], macs_line, table.target)
     dense = np.array([s.channels for s in sites], dtype=np.float64)
-    assert float(cost.fitted(dense)) == pytest.approx(one.constant + one.extra["macs_ratio"], rel=1e-6)
+    assert float(cost.fitted(dense)) == pytest.approx(macs_line.constant + sum(macs_line.extra.values()), rel=1e-6)
     assert float(cost.ratio(dense * 0.5)) < 1.0
     counts = torch.tensor(dense * 0.5, requires_grad=True)
     cost.ratio(counts).backward()
