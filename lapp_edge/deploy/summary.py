@@ -1,7 +1,8 @@
 """The mission at a glance, from a bench report with a dense baseline (no torch): per target, what
 precision was asked and compiled, dense and slim top-1 on that target, the slim network's measured
-latency next to the latency its target's fit predicts from FLOPs, and the speedup over the dense
-network measured side by side; plus one plot, accuracy vs measured latency per target.
+latency next to the latency its target's fit predicts from FLOPs and the latency its layer table
+predicts (where this machine has one), and the speedup over the dense network measured side by side;
+plus one plot, accuracy vs measured latency per target.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def mission_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         latency = {s["batch"]: s["median_ms"] for s in variant["latency"]}
         baseline = variant.get("baseline") or {}
         prediction = {c["batch"]: c for c in variant.get("predicted_from_flops") or []}
+        from_table = {c["batch"]: c for c in variant.get("predicted_from_table") or []}
         rows.append({
             "target": target["target"], "precision": target["precision"], "variant": variant_name, "status": target["status"],
             "message": target["message"], "used": variant["runner"]["precision_used"],
@@ -43,6 +45,9 @@ def mission_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             # measured slim ms x predicted ratio / measured ratio to the dense model
             "predicted_ms": {b: latency[b] * c["predicted_ratio"] / c["measured_ratio"] for b, c in prediction.items() if b in latency},
             "prediction_error_pct": {b: c["error_pct"] for b, c in prediction.items()},
+            # the layer table's prediction, the same way (its ratio is to the table's dense reference)
+            "table_predicted_ms": {b: latency[b] * c["predicted_ratio"] / c["measured_ratio"] for b, c in from_table.items() if b in latency},
+            "table_error_pct": {b: c["error_pct"] for b, c in from_table.items()},
             "prediction_note": variant.get("prediction_note", ""),
             "budgets": [budget_row(check, baseline) for check in variant.get("budgets") or []],
         })
@@ -77,7 +82,7 @@ def _ms(value: float | None) -> str:
 def format_mission(rows: list[dict[str, Any]], batch: int = 1) -> str:
     """The table: one line per target at `batch` (speedups at every batch measured)."""
     header = (f"{'target':18s} {'asked':5s} {'ran':5s} {'dense top-1':>11s} {'slim top-1':>10s} {'slim ms':>8s} "
-              f"{'predicted':>9s} {'error':>7s} {'dense ms':>8s} {'speedup (measured side by side)':s}")
+              f"{'FLOPs fit':>9s} {'error':>7s} {'table':>8s} {'error':>7s} {'dense ms':>8s} {'speedup (measured side by side)':s}")
     lines = [header, "-" * len(header)]
     for row in rows:
         if "slim_ms" not in row:
@@ -85,14 +90,18 @@ def format_mission(rows: list[dict[str, Any]], batch: int = 1) -> str:
             continue
         predicted = row["predicted_ms"].get(batch)
         error = row["prediction_error_pct"].get(batch)
+        table_predicted = row.get("table_predicted_ms", {}).get(batch)
+        table_error = row.get("table_error_pct", {}).get(batch)
         speedups = ", ".join(f"{row['speedup'][b]:.2f}x b{b}" for b in sorted(row["speedup"]))
         dense_top1 = f"{row['dense_top1']:11.4f}" if row["dense_top1"] is not None else f"{'-':>11s}"
         lines.append(f"{row['target']:18s} {row['precision']:5s} {row['used']:5s} {dense_top1} {row['slim_top1']:10.4f} "
                      f"{_ms(row['slim_ms'].get(batch))} {_ms(predicted):>9s} "
-                     f"{(f'{error:+6.1f}%' if error is not None else '-'):>7s} {_ms(row['dense_ms'].get(batch))} {speedups}")
-    lines.append(f"latency: median ms at batch {batch}, one thread. predicted: the target's latency fit (a line in FLOPs) gives the "
-                 "slim/dense latency ratio, applied to the dense model measured interleaved with the slim one; error = "
-                 "predicted / measured ratio - 1 (- where the target has no fit). dense ms = slim ms / the measured ratio. "
+                     f"{(f'{error:+6.1f}%' if error is not None else '-'):>7s} {_ms(table_predicted)} "
+                     f"{(f'{table_error:+6.1f}%' if table_error is not None else '-'):>7s} {_ms(row['dense_ms'].get(batch))} {speedups}")
+    lines.append(f"latency: median ms at batch {batch}, one thread. FLOPs fit: the target's latency fit (a line in FLOPs) gives the "
+                 "slim/dense latency ratio, applied to the dense model measured interleaved with the slim one; table: the same "
+                 "from the target's layer latency table for this machine (lapp-edge profile-layers); error = "
+                 "predicted / measured ratio - 1 (- where the target has no fit or table). dense ms = slim ms / the measured ratio. "
                  "speedup = dense / slim latency, measured interleaved in one process (robust to load from other processes)")
     for row in rows:
         if "slim_ms" in row and row["used"] != row["precision"] and row["precision"] != "int8":

@@ -303,6 +303,17 @@ def fit_whole_network(described: ModelLayers, table: BatchTable, configs: list[t
     return float(a), float(b), {k: float(v) for k, v in extra.items()}, {k: dense_features[k] for k in extra}, validation
 
 
+def stored_compile_ratios(configurations: list[dict[str, Any]]) -> list[list[float]] | None:
+    """The per-compile ratios a table's configurations store, or None where any is missing, not a list of
+    positive finite numbers, or of another length than the rest (a table measured before they were stored,
+    or an edited one: the refit then records no floor rather than failing)."""
+    stored = [c.get("compile_ratios") for c in configurations]
+    if not all(isinstance(r, list) and r and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 and np.isfinite(v) and v > 0 for v in r) for r in stored):
+        return None
+    return [[float(v) for v in r] for r in stored] if len({len(r) for r in stored}) == 1 else None
+
+
 def refit_table(path: str | Path, out: str | Path | None = None, seed: int = 0) -> Path:
     """Fit a table's whole-network model again from the measurements it stores (no measuring): after
     a change to the fit, or to check one. Writes `out` (default: over `path`, atomically)."""
@@ -316,11 +327,9 @@ def refit_table(path: str | Path, out: str | Path | None = None, seed: int = 0) 
             raise UserError(f"{path}: batch {batch} stores {len(configurations)} whole-network measurements; a fit needs {MIN_CONFIGS}")
         configs = [(c["name"], np.array(c["widths"], dtype=np.float64)) for c in configurations]
         macs = [float(c.get("macs_ratio_with_classifier", c.get("macs_ratio"))) for c in configurations]
-        stored = [c.get("compile_ratios") for c in configurations]
-        compile_ratios = stored if all(isinstance(r, list) for r in stored) and len({len(r) for r in stored}) == 1 else None
         a, b, extra, dense_features, validation = fit_whole_network(
             described, batch_table, configs, [float(c["measured_ratio"]) for c in configurations], macs, seed,
-            compile_ratios)
+            stored_compile_ratios(configurations))
         batch_table.constant, batch_table.scale, batch_table.extra = a, b, extra
         batch_table.dense_features, batch_table.validation = dense_features, validation
     target = Path(out or path)

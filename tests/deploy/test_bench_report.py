@@ -82,6 +82,7 @@ def bench_report() -> dict:
             "baseline": {"top1": 0.9, "macs_ratio": 0.4, "speedup": {"1": speedup, "32": speedup + 0.1},
                          "baseline_median_ms": {"1": ms * speedup, "32": 20 * ms * speedup}},
             "predicted_from_flops": [{"batch": 1, "predicted_ratio": 0.6, "measured_ratio": 0.5, "error_pct": 20.0}] if predicted else [],
+            "predicted_from_table": [{"batch": 1, "predicted_ratio": 0.49, "measured_ratio": 0.5, "error_pct": -2.0}] if predicted else [],
             "prediction_note": "" if predicted else "no latency fit for x86-ort-int8/resnet20",
         }
     return {"targets": [
@@ -96,7 +97,12 @@ def test_the_mission_table_says_what_ran_and_what_was_predicted(tmp_path: Path) 
     rows = mission_rows(bench_report())
     fp32 = rows[0]
     assert fp32["predicted_ms"][1] == 0.5 * 0.6 / 0.5 and fp32["dense_ms"][1] == 0.5 * 1.8
+    assert fp32["table_predicted_ms"][1] == pytest.approx(0.5 * 0.49 / 0.5) and fp32["table_error_pct"][1] == -2.0
     table = format_mission(rows)
+    fp32_line = next(line for line in table.splitlines() if line.startswith("x86-ort-fp32 "))
+    assert "  +20.0%" in fp32_line and "   -2.0%" in fp32_line           # the FLOPs fit's error, then the table's
+    int8_line = next(line for line in table.splitlines() if line.startswith("x86-ort-int8 "))
+    assert "%" not in int8_line                                           # neither a fit nor a table: dashes
     assert "x86-openvino-bf16: asked bf16, this CPU ran fp32" in table
     assert "no latency fit for x86-ort-int8" in table and "x86-gone" in table and "unavailable" in table
     assert "1.80x b1, 1.90x b32" in table

@@ -597,6 +597,14 @@ def test_refit_keeps_the_compile_ratios_and_their_floor(tmp_path: Path) -> None:
         stored = [c["compile_ratios"] for c in batch.validation["configurations"]]
         assert len(stored) >= 6 and all(len(r) == 3 for r in stored)
         assert batch.validation["compile_noise_floor_pct"] == pytest.approx(compile_noise_floor_pct(np.array(stored)))
+    # an edited table whose per-compile ratios are not numbers, or not all of one length: refitted with no floor
+    for broken in (["a", "b", "c"], [0.5, 0.5], [float("nan")] * 3, None):
+        damaged = json.loads(new.read_text())
+        config = damaged["batches"]["1"]["validation"]["configurations"][1]
+        config["compile_ratios"] = broken
+        path = tmp_path / "damaged.json"
+        path.write_text(json.dumps(damaged))
+        assert load_table(refit_table(path)).batch(1).validation["compile_noise_floor_pct"] is None
 
 
 def test_reused_layers_must_come_from_the_same_target_model_and_machine(tmp_path: Path) -> None:
