@@ -246,7 +246,7 @@ def test_run_all_measures_the_freezes_plan_like_train_does(tmp_path: Path, fmnis
 
 # `budget: missing_table: flops` (configs/demo.yaml): per machine kind, which of the demo's two targets has a
 # shipped ResNet-20 1x28x28 table decides what the slim run is shaped for
-AVX2_EPYC = "AMD EPYC; avx2"                 # ORT fp32, OpenVINO f32, OpenVINO bf16 (f32 kernels there) and ORT int8 tables ship for it
+AVX2_EPYC = "AMD EPYC; avx2"                 # ORT fp32, OpenVINO f32, OpenVINO bf16 (f32 kernels there) and OpenVINO int8 tables ship for it
 UNPROFILED_CPU = "A CPU nobody profiled; avx2"
 AVX512_VNNI_EPYC = "AMD EPYC; avx2 avx512_bf16 avx512_vnni avx512f avx_vnni"   # an ORT fp32 table only: the partial case
 AMX_XEON = "Intel(R) Xeon(R) Processor; amx_bf16 amx_int8 avx2 avx512_bf16 avx512_vnni avx512f avx_vnni"   # both tables
