@@ -41,17 +41,21 @@ def mission_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "slim_ms": latency, "dense_ms": {int(b): v for b, v in (baseline.get("baseline_median_ms") or {}).items()},
             "speedup": {int(b): v for b, v in (baseline.get("speedup") or {}).items()},
             "macs_ratio": baseline.get("macs_ratio"),
-            # the fit's predicted ratio applied to what was measured interleaved (so ms and error agree):
-            # measured slim ms x predicted ratio / measured ratio to the dense model
-            "predicted_ms": {b: latency[b] * c["predicted_ratio"] / c["measured_ratio"] for b, c in prediction.items() if b in latency},
+            "predicted_ms": predicted_ms(latency, prediction),
             "prediction_error_pct": {b: c["error_pct"] for b, c in prediction.items()},
             # the layer table's prediction, the same way (its ratio is to the table's dense reference)
-            "table_predicted_ms": {b: latency[b] * c["predicted_ratio"] / c["measured_ratio"] for b, c in from_table.items() if b in latency},
+            "table_predicted_ms": predicted_ms(latency, from_table),
             "table_error_pct": {b: c["error_pct"] for b, c in from_table.items()},
             "prediction_note": variant.get("prediction_note", ""),
             "budgets": [budget_row(check, baseline) for check in variant.get("budgets") or []],
         })
     return rows
+
+
+def predicted_ms(latency_ms: dict[int, float], comparisons: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """Per batch, a prediction's ratio applied to what was measured interleaved (so ms and error agree):
+    measured slim ms x predicted ratio / measured ratio to the dense model."""
+    return {b: latency_ms[b] * c["predicted_ratio"] / c["measured_ratio"] for b, c in comparisons.items() if b in latency_ms}
 
 
 def budget_row(check: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +83,10 @@ def _ms(value: float | None) -> str:
     return f"{value:8.3f}" if value is not None else f"{'-':>8s}"
 
 
+def _error(pct: float | None) -> str:
+    return f"{(f'{pct:+6.1f}%' if pct is not None else '-'):>7s}"
+
+
 def format_mission(rows: list[dict[str, Any]], batch: int = 1) -> str:
     """The table: one line per target at `batch` (speedups at every batch measured)."""
     header = (f"{'target':18s} {'asked':5s} {'ran':5s} {'dense top-1':>11s} {'slim top-1':>10s} {'slim ms':>8s} "
@@ -88,16 +96,12 @@ def format_mission(rows: list[dict[str, Any]], batch: int = 1) -> str:
         if "slim_ms" not in row:
             lines.append(f"{row['target']:18s} {row['precision']:5s} {row['status']}: {row['message']}")
             continue
-        predicted = row["predicted_ms"].get(batch)
-        error = row["prediction_error_pct"].get(batch)
-        table_predicted = row.get("table_predicted_ms", {}).get(batch)
-        table_error = row.get("table_error_pct", {}).get(batch)
         speedups = ", ".join(f"{row['speedup'][b]:.2f}x b{b}" for b in sorted(row["speedup"]))
         dense_top1 = f"{row['dense_top1']:11.4f}" if row["dense_top1"] is not None else f"{'-':>11s}"
         lines.append(f"{row['target']:18s} {row['precision']:5s} {row['used']:5s} {dense_top1} {row['slim_top1']:10.4f} "
-                     f"{_ms(row['slim_ms'].get(batch))} {_ms(predicted):>9s} "
-                     f"{(f'{error:+6.1f}%' if error is not None else '-'):>7s} {_ms(table_predicted)} "
-                     f"{(f'{table_error:+6.1f}%' if table_error is not None else '-'):>7s} {_ms(row['dense_ms'].get(batch))} {speedups}")
+                     f"{_ms(row['slim_ms'].get(batch))} {_ms(row['predicted_ms'].get(batch)):>9s} "
+                     f"{_error(row['prediction_error_pct'].get(batch))} {_ms(row['table_predicted_ms'].get(batch))} "
+                     f"{_error(row['table_error_pct'].get(batch))} {_ms(row['dense_ms'].get(batch))} {speedups}")
     lines.append(f"latency: median ms at batch {batch}, one thread. FLOPs fit: the target's latency fit (a line in FLOPs) gives the "
                  "slim/dense latency ratio, applied to the dense model measured interleaved with the slim one; table: the same "
                  "from the target's layer latency table for this machine (lapp-edge profile-layers); error = "

@@ -579,7 +579,7 @@ def test_refit_keeps_the_compile_ratios_and_their_floor(tmp_path: Path) -> None:
     from them, and a table measured before they were stored refits with no floor."""
     from lapp_edge.latency.profile_layers import compile_noise_floor_pct, refit_table
 
-    shipped = next(Path(__file__).resolve().parents[2].glob("lapp_edge/resources/latency/layer-table-x86-ort-fp32-resnet20-*avx2.json"))
+    shipped = next(ROOT.glob("lapp_edge/resources/latency/layer-table-x86-ort-fp32-resnet20-*avx2.json"))
     raw = json.loads(shipped.read_text())
     for batch in raw["batches"].values():
         for config in batch["validation"]["configurations"]:
