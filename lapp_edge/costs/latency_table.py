@@ -134,19 +134,27 @@ def geometry(signature: str) -> Geometry:
 @dataclass
 class LayerTable:
     """Latency in ms of one layer shape at batch `batch`: `ms[i][o]` at c_in = c_in_grid[i], c_out =
-    c_out_grid[o]. A depthwise conv has c_in == c_out: `tied`, one axis (`ms[0][o]`, c_in_grid == [0])."""
+    c_out_grid[o], as measured on the layer alone. A depthwise conv has c_in == c_out: `tied`, one axis
+    (`ms[0][o]`, c_in_grid == [0]). Every lookup multiplies the points by `in_network_scale`: what this layer
+    shape costs inside the dense network, relative to its isolated points (`latency.node_profile`; 1 where
+    none was measured)."""
 
     signature: str
     c_in_grid: list[int]
     c_out_grid: list[int]
     ms: list[list[float]]
     tied: bool = False
+    in_network_scale: float = 1.0
+
+    def values_ms(self) -> np.ndarray:
+        """The points as the prediction uses them: measured x `in_network_scale` (rows x columns, ms)."""
+        return np.asarray(self.ms, dtype=np.float64) * self.in_network_scale
 
     def lookup(self, c_in: Any, c_out: Any) -> Any:
         """Bilinear interpolation of the table at (c_in, c_out) (numpy arrays or floats, any shape),
         clamped to the grid's range above it; below the smallest grid width, linear down to 0 ms at
         0 channels (a layer with no channels is not run: a removed block, `--block-removal`)."""
-        values = np.asarray(self.ms, dtype=np.float64)
+        values = self.values_ms()
         c_out = np.asarray(c_out, dtype=np.float64)
         grid_out = np.asarray(self.c_out_grid, dtype=np.float64)
         if self.tied:
@@ -338,7 +346,8 @@ def _layer(payload: Any, where: str) -> LayerTable:
     signature = payload.get("signature")
     if not isinstance(signature, str) or len(signature) > 200:
         raise UserError(f"{where}: signature must be a string")
-    return LayerTable(signature, c_in, c_out, values, tied)
+    scale = _number(payload.get("in_network_scale", 1.0), f"{where}: in_network_scale", positive=True)
+    return LayerTable(signature, c_in, c_out, values, tied, scale)
 
 
 def table_from_dict(payload: Any, where: str) -> LatencyTable:

@@ -81,12 +81,14 @@ def dataset_calibration(profile: TargetProfile, data_dir: str | None = None) -> 
 
 
 def compile_runner(model: ModelPackage | OnnxModel, profile: TargetProfile, batch: int, work_dir: Path,
-                   calibration: np.ndarray | None = None, route: str | None = None, data_dir: str | None = None) -> Runner:
+                   calibration: np.ndarray | None = None, route: str | None = None, data_dir: str | None = None,
+                   profile_nodes: bool = False) -> Runner:
     """Compile `model` for `profile` at `batch` (artifacts in `work_dir`) and return its runner
     (close it, or use it as a context manager, when done).
 
     `calibration`: float32 N x C x H x W normalised images for int8 (default: the profile's set).
-    Raises UserError for an input shape the profile does not take, BackendUnavailable when the
+    `profile_nodes`: the runtime's per-node profiler on (`Runner.node_times`; it slows every inference a little:
+    never for a latency measurement). Raises UserError for an input shape the profile does not take, BackendUnavailable when the
     runtime is missing."""
     onnx_model = onnx_model_of(model)
     check_input_shape(profile, onnx_model.input_shape, str(onnx_model.onnx_path))
@@ -97,7 +99,7 @@ def compile_runner(model: ModelPackage | OnnxModel, profile: TargetProfile, batc
     request = LoadRequest(
         onnx_path=onnx_model.onnx_path, input_name=onnx_model.input_name, input_shape=onnx_model.input_shape,
         precision=profile.precision, threads=profile.threads, batch=batch, work_dir=work_dir,
-        calibration=calibration, int8_route=int8_route(profile, route),
+        calibration=calibration, int8_route=int8_route(profile, route), profile_nodes=profile_nodes,
     )
     return backend.load(request)
 

@@ -73,7 +73,7 @@ class _TorchLayer:
         self.tied = table.tied
         self.grid_in = torch.tensor(table.c_in_grid, device=device, dtype=dtype)
         self.grid_out = torch.tensor(table.c_out_grid, device=device, dtype=dtype)
-        self.values = torch.tensor(table.ms, device=device, dtype=dtype)
+        self.values = torch.tensor(table.values_ms(), device=device, dtype=dtype)
         self.smallest_in, self.smallest_out = float(table.c_in_grid[0]), float(table.c_out_grid[0])
 
     def lookup(self, c_in: torch.Tensor, c_out: torch.Tensor) -> torch.Tensor:

@@ -314,9 +314,13 @@ def stored_compile_ratios(configurations: list[dict[str, Any]]) -> list[list[flo
     return [[float(v) for v in r] for r in stored] if len({len(r) for r in stored}) == 1 else None
 
 
-def refit_table(path: str | Path, out: str | Path | None = None, seed: int = 0) -> Path:
-    """Fit a table's whole-network model again from the measurements it stores (no measuring): after
-    a change to the fit, or to check one. Writes `out` (default: over `path`, atomically)."""
+def refit_table(path: str | Path, out: str | Path | None = None, seed: int = 0, in_network_scales: bool = False,
+                progress: bool = False) -> Path:
+    """Fit a table's whole-network model again from the measurements it stores: after a change to the fit, or
+    to check one. Without `in_network_scales` nothing is measured and the scales the table carries are kept;
+    with it, the dense network is profiled node by node on this machine first and the scales set from that
+    (`measure_in_network_scales`: the table must be this machine's, on this runtime version, else UserError).
+    Writes `out` (default: over `path`, atomically)."""
     from lapp_edge.costs.latency_table import load_table
 
     table = load_table(path)
@@ -325,16 +329,75 @@ def refit_table(path: str | Path, out: str | Path | None = None, seed: int = 0) 
         configurations = batch_table.validation.get("configurations") or []
         if len(configurations) < MIN_CONFIGS:
             raise UserError(f"{path}: batch {batch} stores {len(configurations)} whole-network measurements; a fit needs {MIN_CONFIGS}")
+    scales_records = {batch: t.validation.get("in_network_scales") for batch, t in table.batches.items()}
+    if in_network_scales:
+        scales_records = measure_scales_for_table(table, described, path, seed, progress)
+    for batch, batch_table in table.batches.items():
+        configurations = batch_table.validation["configurations"]
         configs = [(c["name"], np.array(c["widths"], dtype=np.float64)) for c in configurations]
         macs = [float(c.get("macs_ratio_with_classifier", c.get("macs_ratio"))) for c in configurations]
         a, b, extra, dense_features, validation = fit_whole_network(
             described, batch_table, configs, [float(c["measured_ratio"]) for c in configurations], macs, seed,
             stored_compile_ratios(configurations))
+        if scales_records.get(batch) is not None:
+            validation["in_network_scales"] = scales_records[batch]
         batch_table.constant, batch_table.scale, batch_table.extra = a, b, extra
         batch_table.dense_features, batch_table.validation = dense_features, validation
     target = Path(out or path)
     atomic_write_bytes(target, write_table_json(table))
     return target
+
+
+def measure_scales_for_table(table: LatencyTable, described: ModelLayers, path: str | Path, seed: int = 0,
+                             progress: bool = False) -> dict[int, dict[str, Any]]:
+    """Set a stored table's in-network scales by profiling its dense network on this machine (every batch), in
+    place; returns each batch's record. Raises UserError where the table was measured on another machine, target
+    runtime version or precision, and NodeProfileUnavailable where the backend has no per-node profiler."""
+    from lapp_edge.latency.calibrate import INPUT_NAME, build_fused, export_config
+
+    profile = load_target(table.target)
+    here = {"machine": target_machine_key(profile.backend), "runtime": runtime_version(profile.backend),
+            "precision": profile.precision}
+    theirs = {"machine": table.machine, "runtime": table.runtime, "precision": table.precision}
+    differ = [f"{key} ({theirs[key]!r} there, {here[key]!r} here)" for key in here if here[key] != theirs[key]]
+    if differ:
+        raise UserError(f"--in-network-scales: {path} was measured with another {', '.join(differ)}; its layer points "
+                        "cannot be scaled by this machine's profile (measure a table here with profile-layers)")
+    shape = tuple(table.input_shape)
+    dense_widths = dict(zip(described.site_names, described.site_channels))
+    dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
+    records = {}
+    with tempfile.TemporaryDirectory(prefix="lapp-scales-") as temporary:
+        work = Path(temporary)
+        fused = build_fused(table.model, dense_widths, dense_widths, shape, coupled=table.coupled_groups)  # type: ignore[arg-type]
+        dense_onnx = OnnxModel(export_config(fused, shape, work / "dense.onnx"), INPUT_NAME, shape)  # type: ignore[arg-type]
+        calibration = dataset_calibration(profile)
+        for batch, batch_table in table.batches.items():
+            records[batch] = measure_in_network_scales(batch_table, dense_onnx, dense_triples, profile, batch, work,
+                                                       calibration, seed)
+            if progress:
+                print(f"batch {batch}: in-network scales " + ", ".join(
+                    f"{sig.removeprefix('conv ')} x{v:.2f}" for sig, v in records[batch]["scales"].items()),
+                    file=sys.stderr, flush=True)
+    return records
+
+
+def measure_in_network_scales(table: BatchTable, dense_onnx: OnnxModel, dense_triples: list[tuple[str, float, float]],
+                              profile: TargetProfile, batch: int, work: Path, calibration: np.ndarray | None,
+                              seed: int = 0) -> dict[str, Any]:
+    """Profile the dense network node by node on `profile`'s runtime at `batch` and set `table`'s in-network
+    scales from it, in place (`latency.node_profile`). Returns what the table records: the scales, the profiled
+    and table ms per layer shape, and how they were measured. Raises NodeProfileUnavailable (a UserError) where
+    the target's backend has no per-node profiler."""
+    from lapp_edge.latency.node_profile import (
+        NODE_PROFILE_COMPILES, NODE_PROFILE_RUNS, apply_scales, in_network_scales, profile_conv_ms,
+    )
+
+    measured = profile_conv_ms(dense_onnx, profile, batch, work, calibration, seed=seed)
+    scales = in_network_scales(table, dense_triples, measured)
+    apply_scales(table, scales.scales, dense_triples)
+    return {**scales.record(), "method": f"the runtime's per-node profile of the dense network, median of "
+                                         f"{NODE_PROFILE_COMPILES} compiles x {NODE_PROFILE_RUNS} inferences"}
 
 
 def describe_model(model: str, input_shape: tuple[int, int, int], coupled: bool, multiple: int,
@@ -360,7 +423,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
                    out: str | Path = "latency-data", seed: int = 0, max_grid: int = MAX_GRID,
                    ratio_protocol: RatioProtocol | None = None, command: str = "", progress: bool = True,
                    reuse_layers: str | Path | None = None, network_compiles: int = COMPILES_PER_RATIO,
-                   block_removal: bool = False) -> Path:
+                   block_removal: bool = False, in_network_scales: bool = False) -> Path:
     """Measure and write the layer latency table of `model` on `target` (see the module docstring).
     Each whole network's latency ratio is the median over `network_compiles` fresh compiles of it
     and the dense network (one compile moves a ratio by a few percent, docs/RESULTS.md); the
@@ -369,7 +432,9 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
     `latency.calibrate.draw_configs`), so the fit sees the plans `train --block-removal` ends with.
     `reuse_layers`: an earlier table of the same target, model, input, groups, channel multiple and
     batches on this machine whose layer points are kept (only the whole networks are measured and
-    fitted again). Returns the table's path. Raises UserError for a bad target, model, input, batch,
+    fitted again). `in_network_scales`: before the fit, the dense network is profiled node by node on the
+    target's runtime and every layer shape's points scaled to what it costs there (`latency.node_profile`);
+    without it every scale is 1 (a reused table's scales are dropped). Returns the table's path. Raises UserError for a bad target, model, input, batch,
     count or reused table before anything is measured, and BackendUnavailable where the target's
     runtime is missing."""
     from lapp_edge.latency.calibrate import (
@@ -436,7 +501,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
         reference_name = max(work_of, key=work_of.__getitem__)
         for batch in batch_sizes:
             if reused is not None:           # the layer points of an earlier run, with the noise it recorded
-                tables[batch] = dict(reused.batches[batch].layers)
+                tables[batch] = {sig: replace(layer, in_network_scale=1.0) for sig, layer in reused.batches[batch].layers.items()}
                 noise[batch] = [reused.batches[batch].noise_pct]
                 precision_used = reused.precision_used
                 say(f"batch {batch}: {len(tables[batch])} layer tables reused from {reuse_layers}")
@@ -513,9 +578,17 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
             dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
             dense_sum = float(BatchTable(batch, tables[batch], 0.0, 1.0, 1.0, dense_ms, 0.0).sum_ms(dense_triples))
             partial = BatchTable(batch, tables[batch], 0.0, 1.0, dense_sum, dense_ms, 0.0)
+            scales_record = None
+            if in_network_scales:
+                scales_record = measure_in_network_scales(partial, dense_onnx, dense_triples, profile, batch, work, calibration, seed)
+                say(f"batch {batch}: in-network scales " + ", ".join(f"{sig.removeprefix('conv ')} x{v:.2f}"
+                                                                     for sig, v in scales_record["scales"].items()))
             a, b, extra, dense_features, validation = fit_whole_network(
                 described, partial, [(c.name, counts[c.name]) for c in width_configs], measured, macs_ratio, seed,
                 per_config.T.tolist())
+            if scales_record is not None:
+                validation["in_network_scales"] = scales_record
+            dense_sum = partial.dense_table_ms
             batch_tables[batch] = BatchTable(batch, tables[batch], a, b, dense_sum, dense_ms,
                                              float(np.median(noise[batch])) if noise[batch] else 0.0, validation, extra,
                                              dense_features)
@@ -572,4 +645,9 @@ def format_table_summary(table: LatencyTable, path: Path) -> str:
         lines.append("compile-noise floor (the held-out median error an exact predictor would still show, from compile noise "
                      "alone): " + ", ".join(f"batch {batch} {floor:.2f}%" for batch, floor in floors.items() if floor is not None)
                      + "; fits this close to it cannot be told apart")
+    for batch, bt in sorted(table.batches.items()):
+        record = bt.validation.get("in_network_scales")
+        if record:
+            lines.append(f"in-network scales, batch {batch} (dense network's node profile / its table points): "
+                         + ", ".join(f"{sig.removeprefix('conv ')} x{value:.2f}" for sig, value in record["scales"].items()))
     return "\n".join(lines)

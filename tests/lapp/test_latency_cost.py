@@ -551,11 +551,17 @@ def test_profile_layers_end_to_end_on_onnx_runtime(tmp_path: Path) -> None:
                          latency_table=str(path))
     constraint = latency_constraint(config, model, sites, SHAPE)
     assert constraint.per_target[0].ratio(np.array([s.channels for s in sites], dtype=np.float64)) == pytest.approx(1.0)
-    # --reuse-layers: the layer points are kept as they are; only the networks are measured again
+    assert all(layer.in_network_scale == 1.0 for layer in batch.layers.values()) and "in_network_scales" not in validation
+    # --reuse-layers: the layer points are kept as they are; only the networks are measured again (here with the
+    # in-network scales: the dense network profiled node by node, every shape scaled, the dense sum unchanged)
     again = profile_layers("x86-ort-fp32", "resnet20", configs=6, batches=[1], out=tmp_path / "again", max_grid=2,
-                           progress=False, reuse_layers=path, seed=1, network_compiles=1)
+                           progress=False, reuse_layers=path, seed=1, network_compiles=1, in_network_scales=True)
     reused = load_table(again).batch(1)
-    assert reused.layers == batch.layers and reused.noise_pct == batch.noise_pct
+    assert {s: l.ms for s, l in reused.layers.items()} == {s: l.ms for s, l in batch.layers.items()}
+    assert reused.noise_pct == batch.noise_pct
+    scales = reused.validation["in_network_scales"]["scales"]
+    assert set(scales) == set(batch.layers) and {s: l.in_network_scale for s, l in reused.layers.items()} == pytest.approx(scales)
+    assert reused.dense_table_ms == pytest.approx(batch.dense_table_ms)
     assert len(reused.validation["configurations"]) == 6
     assert load_table(again).load["network_compile_spread_median_pct"] is None     # one compile: no spread to report
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from lapp_edge.deploy.backends.base import Backend, BackendUnavailable, LoadRequest, Runner, RunnerInfo, run_batched
+from lapp_edge.deploy.backends.base import (
+    Backend, BackendUnavailable, LoadRequest, NodeProfileUnavailable, NodeTime, Runner, RunnerInfo, run_batched,
+)
 from lapp_edge.deploy.backends.onnxruntime_cpu import OnnxRuntimeCpu
 from lapp_edge.deploy.backends.openvino_cpu import OpenVinoCpu
 from lapp_edge.deploy.backends.tensorrt import TensorRt
@@ -53,6 +55,7 @@ def runtime_available(name: str) -> tuple[bool, str]:
 
 
 __all__ = [
-    "BACKENDS", "BACKEND_CLASSES", "Backend", "BackendUnavailable", "LoadRequest", "Runner", "RunnerInfo",
+    "BACKENDS", "BACKEND_CLASSES", "Backend", "BackendUnavailable", "LoadRequest", "NodeProfileUnavailable", "NodeTime",
+    "Runner", "RunnerInfo",
     "get_backend", "run_batched", "runtime_available",
 ]

@@ -63,6 +63,7 @@ class LoadRequest:
     work_dir: Path                             # where quantized / optimized artifacts are written
     calibration: np.ndarray | None = None      # float32 N x C x H x W, normalised; int8 only
     int8_route: str = ""                       # backend-specific int8 recipe; "" = the backend's default
+    profile_nodes: bool = False                # turn the runtime's per-node profiler on (`Runner.node_times`)
 
 
 @dataclass
@@ -80,6 +81,24 @@ class RunnerInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class NodeProfileUnavailable(UserError):
+    """The backend has no per-node profiler this project reads (or the runner was not loaded with one)."""
+
+
+@dataclass(frozen=True)
+class NodeTime:
+    """One node of the graph a runtime executes, as its own profiler reports it: the op type the runtime
+    runs (after its fusions: ORT "Conv" with a fused activation, OpenVINO "Convolution" with post-ops),
+    its input shapes (logical NCHW on OpenVINO; on ORT the shapes of its NCHWc graph, channels padded to
+    the block), its first output's shape, and its median time per inference in microseconds."""
+
+    name: str
+    op: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    output_shape: tuple[int, ...]
+    us: float
+
+
 class Runner(ABC):
     """A compiled model: `infer` a float32 NCHW batch, get float32 logits back.
 
@@ -92,6 +111,12 @@ class Runner(ABC):
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Logits (float32, N x classes) for `batch` (float32 N x C x H x W; any N up to the
         compiled batch for static-batch runners)."""
+
+    def node_times(self, batch: np.ndarray, runs: int) -> list[NodeTime]:
+        """Run `batch` `runs` times and return every executed node's median time per run, from the runtime's
+        own profiler (`LoadRequest.profile_nodes` must have been set). Raises NodeProfileUnavailable where
+        the backend has none."""
+        raise NodeProfileUnavailable(f"backend {self.info.backend} reports no per-node times")
 
     def close(self) -> None:
         """Release the runtime's resources (idempotent). Subclasses holding more override it."""

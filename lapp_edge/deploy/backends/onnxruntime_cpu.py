@@ -21,6 +21,7 @@ float Conv between Q/DQ pairs.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 
 from lapp_edge.deploy import artifacts
 from lapp_edge.deploy.backends.base import (
-    Backend, LoadRequest, Runner, RunnerInfo, content_digest, import_runtime, runtime_refused,
+    Backend, LoadRequest, NodeProfileUnavailable, NodeTime, Runner, RunnerInfo, content_digest, import_runtime, runtime_refused,
 )
 from lapp_edge.fileio import atomic_write_bytes
 
@@ -44,7 +45,9 @@ def _ort() -> Any:
     return import_runtime("onnxruntime", NAME, INSTALL_HINT)
 
 
-def session_options(threads: int, optimized_path: Path | None = None) -> Any:
+def session_options(threads: int, optimized_path: Path | None = None, profile_prefix: Path | None = None) -> Any:
+    """The session settings every ORT target runs with (module docstring); `profile_prefix`: where ORT's
+    per-node profiler writes its JSON (profiling on), for `OrtRunner.node_times`."""
     ort = _ort()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -54,6 +57,9 @@ def session_options(threads: int, optimized_path: Path | None = None) -> Any:
     options.log_severity_level = 3      # errors only: ORT warns on every optimized-model dump
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     return options
 
 
@@ -160,6 +166,33 @@ class OrtRunner(Runner):
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(self.output_names, {self.input_name: batch})[0]
 
+    def node_times(self, batch: np.ndarray, runs: int) -> list[NodeTime]:
+        """ORT's session profile (`enable_profiling`): each node's `*_kernel_time` events over the last `runs`
+        inferences (earlier ones, warm-up included, dropped), median per node. Ends the session's profiling:
+        once per runner."""
+        if not self.session.get_session_options().enable_profiling:
+            raise NodeProfileUnavailable("this ONNX Runtime session was loaded without profiling (LoadRequest.profile_nodes)")
+        for _ in range(runs):
+            self.infer(batch)
+        profile_path = Path(self.session.end_profiling())
+        try:
+            events = json.loads(profile_path.read_text())
+        finally:
+            profile_path.unlink(missing_ok=True)
+        durations: dict[str, list[float]] = {}
+        shapes: dict[str, tuple[str, tuple[tuple[int, ...], ...], tuple[int, ...]]] = {}
+        for event in events:
+            if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
+                continue
+            name, args = event["name"][: -len("_kernel_time")], event.get("args", {})
+            durations.setdefault(name, []).append(float(event["dur"]))
+            if name not in shapes:
+                inputs = tuple(tuple(int(v) for v in next(iter(i.values()))) for i in args.get("input_type_shape", []))
+                outputs = [tuple(int(v) for v in next(iter(o.values()))) for o in args.get("output_type_shape", [])]
+                shapes[name] = (str(args.get("op_name", "")), inputs, outputs[0] if outputs else ())
+        return [NodeTime(name, shapes[name][0], shapes[name][1], shapes[name][2], float(np.median(times[-runs:])))
+                for name, times in durations.items()]
+
 
 class OnnxRuntimeCpu(Backend):
     name = NAME
@@ -182,7 +215,9 @@ class OnnxRuntimeCpu(Backend):
         optimized = artifacts.private_directory() / f"{model_path.stem}.ort-optimized.onnx"
         try:
             session = ort.InferenceSession(
-                str(model_path), sess_options=session_options(request.threads, optimized), providers=["CPUExecutionProvider"]
+                str(model_path), providers=["CPUExecutionProvider"],
+                sess_options=session_options(request.threads, optimized,
+                                             artifacts.private_directory() / f"{model_path.stem}.ort-profile" if request.profile_nodes else None),
             )
         except Exception as error:  # noqa: BLE001 - ORT's own exception types; a model it cannot load is bad input
             raise runtime_refused(NAME, request.onnx_path, error) from None

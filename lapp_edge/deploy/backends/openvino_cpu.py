@@ -28,7 +28,7 @@ import numpy as np
 
 from lapp_edge.deploy import artifacts
 from lapp_edge.deploy.backends.base import (
-    Backend, LoadRequest, Runner, RunnerInfo, content_digest, import_runtime, runtime_refused,
+    Backend, LoadRequest, NodeProfileUnavailable, NodeTime, Runner, RunnerInfo, content_digest, import_runtime, runtime_refused,
 )
 from lapp_edge.errors import UserError
 
@@ -151,6 +151,34 @@ class OpenVinoRunner(Runner):
         self.padded[count:] = 0.0
         return np.array(self.request.infer([self.padded], share_inputs=True)[self.output][:count])
 
+    def node_times(self, batch: np.ndarray, runs: int) -> list[NodeTime]:
+        """OpenVINO's performance counters (`PERF_COUNT`): after each of `runs` inferences, every executed
+        node's `real_time`; median per node. Shapes are the runtime model's (logical NCHW; a grouped conv's
+        weights G x O/G x I/G x kh x kw)."""
+        if str(self.compiled.get_property("PERF_COUNT")).upper() not in ("YES", "TRUE"):     # a string: "YES" / "NO"
+            raise NodeProfileUnavailable("this OpenVINO model was compiled without PERF_COUNT (LoadRequest.profile_nodes)")
+        durations: dict[str, list[float]] = {}
+        kinds: dict[str, str] = {}
+        for _ in range(runs):
+            self.infer(batch)
+            for info in self.request.get_profiling_info():
+                if info.status == info.Status.EXECUTED:
+                    durations.setdefault(info.node_name, []).append(info.real_time.total_seconds() * 1e6)
+                    kinds[info.node_name] = info.node_type
+        ops = {op.get_friendly_name(): op for op in self.compiled.get_runtime_model().get_ordered_ops()}
+        nodes = []
+        for name, times in durations.items():
+            op = ops.get(name)
+            inputs = tuple(_static_shape(op.get_input_partial_shape(i)) for i in range(op.get_input_size())) if op is not None else ()
+            output = _static_shape(op.get_output_partial_shape(0)) if op is not None and op.get_output_size() else ()
+            nodes.append(NodeTime(name, kinds[name], inputs, output, float(np.median(times))))
+        return nodes
+
+
+def _static_shape(shape: Any) -> tuple[int, ...]:
+    """A partial shape's dimensions (-1 where one is dynamic)."""
+    return tuple(int(d.get_length()) if d.is_static else -1 for d in shape)
+
 
 class OpenVinoCpu(Backend):
     name = NAME
@@ -174,6 +202,7 @@ class OpenVinoCpu(Backend):
             "INFERENCE_NUM_THREADS": request.threads,
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
+            **({"PERF_COUNT": True} if request.profile_nodes else {}),
         }
         try:
             if route == NNCF_ROUTE:
