@@ -24,8 +24,8 @@ def add_profile_layers_command(subparsers: argparse._SubParsersAction) -> None:
                                           "to fit and check the table's prediction (held-out error vs the FLOPs fit).")
     p.add_argument("--target", default="", help="target profile: a name (lapp-edge targets) or a YAML path (required unless --refit)")
     p.add_argument("--refit", default="", metavar="TABLE", help="fit TABLE's whole-network model again from the measurements it "
-                   "stores, without measuring (rewrites it in place; with --in-network-scales, the dense network's node "
-                   "profile is measured first)")
+                   "stores, without measuring (rewrites it in place; with --in-network, calibration networks' node "
+                   "profiles are measured first)")
     p.add_argument("--model", default="resnet20", help="model family (default resnet20)")
     p.add_argument("--input", default="", help="input shape CxHxW (default: the target profile's)")
     p.add_argument("--configs", type=int, default=24, help="whole networks measured to fit and check the table (default 24)")
@@ -43,10 +43,10 @@ def add_profile_layers_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--block-removal", action="store_true",
                    help="about half the whole networks also remove residual branches (what train --block-removal "
                         "ends with), so the fit covers such plans")
-    p.add_argument("--in-network-scales", action="store_true",
-                   help="profile the dense network node by node on the target's runtime (ONNX Runtime, OpenVINO) and scale "
-                        "each layer shape's points to what it costs there before the fit; with --refit TABLE: measure "
-                        "them for TABLE (this machine's) and fit again from its stored networks")
+    p.add_argument("--in-network", action="store_true",
+                   help="profile calibration networks node by node on the target's runtime (ONNX Runtime, OpenVINO) and "
+                        "correct each layer point to what it costs inside them before the fit; with --refit TABLE: "
+                        "measure them for TABLE (this machine's) and fit again from its stored networks")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=run_profile_layers_command)
 
@@ -58,7 +58,7 @@ def run_profile_layers_command(args: argparse.Namespace) -> int:
     if args.refit:
         from lapp_edge.latency.profile_layers import refit_table
 
-        path = refit_table(args.refit, seed=args.seed, in_network_scales=args.in_network_scales, progress=not args.quiet)
+        path = refit_table(args.refit, seed=args.seed, in_network=args.in_network, progress=not args.quiet)
         print(format_table_summary(load_table(path), path))
         return 0
     if not args.target:
@@ -71,11 +71,11 @@ def run_profile_layers_command(args: argparse.Namespace) -> int:
                         *[f"--batch {b}" for b in (args.batch or [])], "--max-grid", str(args.max_grid),
                         *(["--reuse-layers", shlex.quote(args.reuse_layers)] if args.reuse_layers else []),
                         "--network-compiles", str(args.network_compiles), *(["--block-removal"] if args.block_removal else []),
-                        *(["--in-network-scales"] if args.in_network_scales else []),
+                        *(["--in-network"] if args.in_network else []),
                         "--out", shlex.quote(args.out)])
     path = profile_layers(args.target, args.model, shape, args.configs, args.batch, args.channel_multiple, args.coupled,
                           args.out, args.seed, args.max_grid, command=command, progress=not args.quiet,
                           reuse_layers=args.reuse_layers or None, network_compiles=args.network_compiles,
-                          block_removal=args.block_removal, in_network_scales=args.in_network_scales)
+                          block_removal=args.block_removal, in_network=args.in_network)
     print(format_table_summary(load_table(path), path))
     return 0

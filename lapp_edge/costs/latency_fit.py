@@ -191,8 +191,12 @@ def choose_fit(rows: list[dict[str, float]], y: np.ndarray, seed: int = 0, base:
 def measurably_better(candidate: CandidateFit, than: CandidateFit) -> bool:
     """`candidate`'s held-out median error is lower than `than`'s by >= 15% relative and >= 0.3 points
     (MEMORY_TERM_MIN_GAIN, MEMORY_TERM_MIN_POINTS): a difference larger than split-to-split scatter."""
-    old, new = than.held_out.median_abs_pct, candidate.held_out.median_abs_pct
-    return new <= old * (1 - MEMORY_TERM_MIN_GAIN) and old - new >= MEMORY_TERM_MIN_POINTS
+    return measurably_lower(candidate.held_out.median_abs_pct, than.held_out.median_abs_pct)
+
+
+def measurably_lower(candidate_pct: float, than_pct: float) -> bool:
+    """`measurably_better` on two held-out median errors (%)."""
+    return candidate_pct <= than_pct * (1 - MEMORY_TERM_MIN_GAIN) and than_pct - candidate_pct >= MEMORY_TERM_MIN_POINTS
 
 
 # --- the stored fit ----------------------------------------------------------------------

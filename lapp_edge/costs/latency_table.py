@@ -23,6 +23,10 @@ predicted from like any other term. The table file also records the held-out
 error of this prediction and of the FLOPs fit on the same measurements, its own timing
 noise, the machine, the runtime version and the load while it was measured.
 
+A layer table may carry in-network corrections (`LayerTable.in_network`, one factor per point: what the point costs
+inside networks, by the runtime's per-node profiler, relative to alone; `latency/node_profile.py`); every lookup
+applies them.
+
 Tables are keyed by target, model family, input shape and machine (`machine_key`: CPU model
 and kernel-picking ISA flags): `table_file_name`. They live in the latency data (./latency-data
 first, then the package's resources/latency; `lapp_edge.resources.find_latency_file`).
@@ -135,20 +139,21 @@ def geometry(signature: str) -> Geometry:
 class LayerTable:
     """Latency in ms of one layer shape at batch `batch`: `ms[i][o]` at c_in = c_in_grid[i], c_out =
     c_out_grid[o], as measured on the layer alone. A depthwise conv has c_in == c_out: `tied`, one axis
-    (`ms[0][o]`, c_in_grid == [0]). Every lookup multiplies the points by `in_network_scale`: what this layer
-    shape costs inside the dense network, relative to its isolated points (`latency.node_profile`; 1 where
-    none was measured)."""
+    (`ms[0][o]`, c_in_grid == [0]). Where `in_network` is set (same rows x columns), every lookup multiplies
+    each point by it: what the point costs inside networks relative to alone, by the runtime's per-node profile
+    (`latency.node_profile`)."""
 
     signature: str
     c_in_grid: list[int]
     c_out_grid: list[int]
     ms: list[list[float]]
     tied: bool = False
-    in_network_scale: float = 1.0
+    in_network: list[list[float]] | None = None
 
     def values_ms(self) -> np.ndarray:
-        """The points as the prediction uses them: measured x `in_network_scale` (rows x columns, ms)."""
-        return np.asarray(self.ms, dtype=np.float64) * self.in_network_scale
+        """The points as the prediction uses them: measured alone x `in_network` where set (rows x columns, ms)."""
+        values = np.asarray(self.ms, dtype=np.float64)
+        return values if self.in_network is None else values * np.asarray(self.in_network, dtype=np.float64)
 
     def lookup(self, c_in: Any, c_out: Any) -> Any:
         """Bilinear interpolation of the table at (c_in, c_out) (numpy arrays or floats, any shape),
@@ -346,8 +351,13 @@ def _layer(payload: Any, where: str) -> LayerTable:
     signature = payload.get("signature")
     if not isinstance(signature, str) or len(signature) > 200:
         raise UserError(f"{where}: signature must be a string")
-    scale = _number(payload.get("in_network_scale", 1.0), f"{where}: in_network_scale", positive=True)
-    return LayerTable(signature, c_in, c_out, values, tied, scale)
+    in_network = payload.get("in_network")
+    if in_network is not None:
+        if not isinstance(in_network, list) or len(in_network) != len(values) or any(
+                not isinstance(row, list) or len(row) != len(c_out) for row in in_network):
+            raise UserError(f"{where}: in_network must be a {len(values)} x {len(c_out)} list of lists like ms")
+        in_network = [[_number(v, f"{where}: in_network", positive=True) for v in row] for row in in_network]
+    return LayerTable(signature, c_in, c_out, values, tied, in_network)
 
 
 def table_from_dict(payload: Any, where: str) -> LatencyTable:

@@ -1,145 +1,168 @@
-"""In-network scales for a layer table: what each layer shape costs inside the dense network, by the runtime's
-own per-node profiler, against what its isolated table points say.
+"""In-network corrections for a layer table: what each layer point costs inside a network, by the runtime's own
+per-node profiler, against what the point measured alone says.
 
-Why: `profile-layers` measures every layer shape alone (parallel copies, `profile_point`). Inside a network a
-layer's cost differs by shape: ORT's per-node profile of the dense ResNet-20 (fp32, batch 32, AVX-512 EPYC
-without AVX-VNNI) put its 7x7 convs at 0.92 of their table points and its 28x28 convs at 0.77, so the table gave
-the 28x28 stage too much of the network's time and the 7x7 stage too little. A network LAPP trains keeps its last
-stage wide and thins the first (`--keep-blocks 1` packages), and the table predicted those 5.7% fast at batch 32
-and 6.3% at batch 1 while fitting random-width networks within 1-3% (docs/RESULTS.md, "In-network scales").
+Why: `profile-layers` measures every layer shape alone (parallel copies, `profile_point`). Inside a network some
+points cost quite differently: on the AVX-512 EPYC without AVX-VNNI, OpenVINO f32 at batch 1 ran the dense
+ResNet-20's stride-2 28x28 conv (16 -> 32 channels) in 17 us where its isolated point says 38 us, while the same
+shape at 16 -> 8 matched (10 us); ORT fp32 at batch 32 ran the 7x7 convs at 0.92 of their points and the 28x28 ones
+at 0.77. Such points bend the table's sums, and with them its predictions of the networks LAPP trains (which thin one
+stage and keep another): docs/RESULTS.md, "In-network corrections".
 
-One scale per layer signature: s_sig = (dense network's measured conv time of that signature / the table's dense
-sum of it), normalised so that the scaled table's dense sum equals the unscaled one (the scales move weight
-between layer shapes; the fit's constant and scale keep their meaning). Measured on the dense network only, so
-the held-out error over the table's random networks stays honest. The profiler: ORT's session profile (per-node
-`kernel_time`), OpenVINO's performance counters (`PERF_COUNT`), through `Runner.node_times`
-(`deploy.backends`); other backends have none and their tables keep scale 1.
-
-Matching a profiled node to a layer signature: its weight's kernel, the input's height and width, the stride
-that maps them onto the output's, "same" padding ((k - 1) / 2: every conv of the model families here), and
-depthwise where the weight has one input channel per group and the input more than one.
+How: a set of calibration networks (the dense one and random widths drawn with another seed than the fit's
+networks, `latency.calibrate.draw_configs`; the fit's held-out error stays measured on networks the corrections
+never saw) is compiled on the target with the runtime's per-node profiler on (`Runner.node_times`: ORT's session
+profile, OpenVINO's performance counters). Every profiled conv is matched to its ONNX conv (`conv_of_node`) and so to
+its (layer signature, c_in, c_out). For each table point observed exactly (widths on the grid), its correction is
+median in-network time / (unit x isolated time), where the unit (the median of in-network / isolated over all
+observed points) keeps the table's units; a point not observed takes its layer shape's median correction, a shape
+never observed 1. The corrections multiply the isolated points in every lookup (`LayerTable.in_network`).
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from lapp_edge.costs.latency_table import BatchTable, LayerTable, layer_signature
+from lapp_edge.costs.latency_table import BatchTable, onnx_conv_layers
 from lapp_edge.deploy.backends import NodeProfileUnavailable, NodeTime
 from lapp_edge.deploy.compile import OnnxModel, compile_runner
 from lapp_edge.deploy.targets import TargetProfile
 from lapp_edge.errors import UserError
 
-CONV_OPS = {"Conv": 1, "FusedConv": 1, "NchwcConv": 1, "QLinearConv": 3,        # ONNX Runtime: op -> weight input
-            "Convolution": 1, "GroupConvolution": 1}                             # OpenVINO
-NODE_PROFILE_RUNS = 60          # inferences profiled per compile (medians per node)
-NODE_PROFILE_COMPILES = 3       # fresh compiles; the per-signature sums' median over them
-
-
-def conv_signature(node: NodeTime) -> str | None:
-    """The layer signature (`costs.latency_table.layer_signature`) of a profiled conv node, or None where the
-    node is not a conv or its shapes cannot be read (module docstring: how)."""
-    weight_index = CONV_OPS.get(node.op)
-    if weight_index is None or len(node.input_shapes) <= weight_index:
-        return None
-    x, w, y = node.input_shapes[0], node.input_shapes[weight_index], node.output_shape
-    if len(x) != 4 or len(y) != 4 or len(w) not in (4, 5) or min(*x[1:], *y[2:], *w) <= 0:
-        return None
-    kernel = (w[-2], w[-1])
-    padding = ((kernel[0] - 1) // 2, (kernel[1] - 1) // 2)
-    strides = []
-    for axis in (0, 1):
-        size, out = x[2 + axis], y[2 + axis]
-        found = [s for s in range(1, 5) if (size + 2 * padding[axis] - kernel[axis]) // s + 1 == out]
-        if not found:
-            return None
-        strides.append(found[0])
-    grouped_5d = len(w) == 5                     # OpenVINO's GroupConvolution: G x O/G x I/G x kh x kw
-    depthwise = (grouped_5d and w[1] == 1 and w[2] == 1 and w[0] == x[1]) or (not grouped_5d and w[1] == 1 and x[1] > 1)
-    groups = w[0] if grouped_5d else 1
-    return layer_signature(kernel, (strides[0], strides[1]), padding, depthwise, groups, (x[2], x[3]))
-
-
-def conv_ms_by_signature(nodes: list[NodeTime]) -> dict[str, float]:
-    """Sum of profiled conv time per layer signature, ms per inference (nodes that are not convs left out)."""
-    sums: dict[str, float] = defaultdict(float)
-    for node in nodes:
-        signature = conv_signature(node)
-        if signature is not None:
-            sums[signature] += node.us / 1000.0
-    return dict(sums)
-
-
-def profile_conv_ms(onnx_model: OnnxModel, profile: TargetProfile, batch: int, work: Path,
-                    calibration: np.ndarray | None = None, compiles: int = NODE_PROFILE_COMPILES,
-                    runs: int = NODE_PROFILE_RUNS, seed: int = 0) -> dict[str, float]:
-    """Per layer signature, the conv time (ms per inference) of `onnx_model` on `profile`'s runtime at `batch`, by
-    the runtime's per-node profiler: median over `compiles` fresh compiles of `runs` profiled inferences each
-    (after `runs // 4` unprofiled warm-up ones). Raises NodeProfileUnavailable where the backend has no profiler."""
-    data = np.random.default_rng(seed).standard_normal((batch, *onnx_model.input_shape)).astype(np.float32)
-    per_compile: list[dict[str, float]] = []
-    for index in range(compiles):
-        with compile_runner(onnx_model, profile, batch, work / f"node-profile-b{batch}-{index}", calibration,
-                            profile_nodes=True) as runner:
-            per_compile.append(conv_ms_by_signature(runner.node_times(data, runs)))
-    signatures = set().union(*per_compile)
-    if not signatures:
-        raise NodeProfileUnavailable(
-            f"{profile.name}: the runtime's node profile shows no conv whose shapes this project can read (ONNX Runtime "
-            "int8 runs QLinearConv on prepacked weights, shapes unreported); its table keeps in-network scale 1")
-    return {sig: float(np.median([found.get(sig, 0.0) for found in per_compile])) for sig in sorted(signatures)}
+NODE_PROFILE_RUNS = {1: 100, 32: 20}    # profiled inferences per network by batch (others: 20); medians per node
+PASS_THROUGH = ("Relu", "Clip", "Add", "Sum", "QuantizeLinear", "DequantizeLinear")   # fused after a conv by runtimes
+_SUFFIXES = (re.compile(r"_token_\d+$"), re.compile(r"_nchwc$"), re.compile(r"/.*$"))
 
 
 @dataclass(frozen=True)
-class InNetworkScales:
-    """Per layer signature, its in-network scale (module docstring), and what it came from: the dense network's
-    profiled conv ms and the table's dense sum of that signature (ms, unscaled)."""
+class LayerTime:
+    """One conv of a network as profiled inside it: its layer signature, widths, and median time (us per run)."""
 
-    scales: dict[str, float]
-    measured_ms: dict[str, float]
-    table_ms: dict[str, float]
-
-    def record(self) -> dict[str, dict[str, float]]:
-        return {"scales": self.scales, "dense_profiled_ms": self.measured_ms, "dense_table_ms": self.table_ms}
+    signature: str
+    c_in: int
+    c_out: int
+    us: float
 
 
-def in_network_scales(table: BatchTable, dense_layers: list[tuple[str, float, float]],
-                      measured_ms: dict[str, float]) -> InNetworkScales:
-    """The in-network scale of every layer shape of `table` (module docstring) from the dense network's
-    (signature, c_in, c_out) triples and its profiled conv ms per signature. Raises UserError where a layer shape
-    of the dense network has no profiled time (the profile and the table disagree on the network)."""
-    table_ms: dict[str, float] = defaultdict(float)
-    for signature, c_in, c_out in dense_layers:
-        layer = table.layers.get(signature)
-        if layer is None:
-            raise UserError(f"the latency table has no entry for layer '{signature}'")
-        table_ms[signature] += _unscaled(layer, c_in, c_out)
-    missing = sorted(sig for sig in table_ms if measured_ms.get(sig, 0.0) <= 0.0)
-    if missing:
-        raise UserError(f"the runtime's node profile of the dense network shows no conv of shape {', '.join(missing)} "
-                        f"(profiled: {', '.join(sorted(measured_ms)) or 'none'})")
-    raw = {sig: measured_ms[sig] / table_ms[sig] for sig in table_ms}
-    norm = sum(table_ms.values()) / sum(raw[sig] * table_ms[sig] for sig in table_ms)
-    return InNetworkScales({sig: raw[sig] * norm for sig in sorted(table_ms)},
-                           {sig: measured_ms[sig] for sig in sorted(table_ms)}, dict(sorted(table_ms.items())))
+def conv_of_node(name: str, conv_names: dict[str, int], producers: dict[str, Any]) -> int | None:
+    """The index (in graph order) of the ONNX Conv a runtime node runs, or None. Runtimes name fused nodes after the
+    original: OpenVINO keeps the node's name ("node_Conv_8/WithoutBiases"), ORT's int8 kernels add a token
+    ("node_Conv_8_token_1"), ORT's NCHWc convs take their output tensor's name ("relu_1_nchwc": the Relu after the
+    conv it fused). A tensor is followed back through PASS_THROUGH ops to the conv that produced it."""
+    candidates = [name]
+    for pattern in _SUFFIXES:
+        stripped = pattern.sub("", candidates[-1])
+        if stripped != candidates[-1]:
+            candidates.append(stripped)
+    for candidate in candidates:
+        if candidate in conv_names:
+            return conv_names[candidate]
+    for candidate in candidates:                         # a tensor name: walk back to its conv (a few ops at most)
+        tensors = [candidate]
+        for _ in range(4):
+            nodes = [producers[t] for t in tensors if t in producers]
+            conv = next((n for n in nodes if n.op_type in ("Conv", "QLinearConv") and n.name in conv_names), None)
+            if conv is not None:
+                return conv_names[conv.name]
+            tensors = [t for n in nodes if n.op_type in PASS_THROUGH for t in n.input]
+            if not tensors:
+                break
+    return None
 
 
-def _unscaled(layer: LayerTable, c_in: float, c_out: float) -> float:
-    """The layer's isolated table value at (c_in, c_out), ignoring any in-network scale it carries."""
-    return float(layer.lookup(c_in, c_out)) / layer.in_network_scale
+def conv_layer_times(nodes: list[NodeTime], onnx_path: str | Path) -> list[LayerTime]:
+    """The profiled nodes that run a conv of the ONNX model at `onnx_path`, as LayerTimes (a conv a runtime split into
+    several nodes is summed; nodes that run no conv are left out)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    conv_names = {node.name: index for index, node in enumerate(convs) if node.name}
+    producers = {output: node for node in graph.node for output in node.output}
+    layers = onnx_conv_layers(onnx_path)
+    per_conv: dict[int, float] = defaultdict(float)
+    for node in nodes:
+        index = conv_of_node(node.name, conv_names, producers)
+        if index is not None:
+            per_conv[index] += node.us
+    return [LayerTime(layers[i][0], int(layers[i][1]), int(layers[i][2]), us) for i, us in sorted(per_conv.items())]
 
 
-def apply_scales(table: BatchTable, scales: dict[str, float], dense_layers: list[tuple[str, float, float]]) -> None:
-    """Set every layer table's in-network scale (1 for shapes `scales` does not name) and the dense sum it
-    implies (`BatchTable.dense_table_ms`), in place."""
+def profile_layer_times(onnx_model: OnnxModel, profile: TargetProfile, batch: int, work: Path,
+                        calibration: np.ndarray | None = None, runs: int | None = None, seed: int = 0) -> list[LayerTime]:
+    """Every conv of `onnx_model` as profiled inside it on `profile`'s runtime at `batch` (one fresh compile, `runs`
+    profiled inferences after as many unprofiled warm-up ones; default NODE_PROFILE_RUNS). Raises
+    NodeProfileUnavailable where the backend has no profiler or no profiled node could be matched to a conv."""
+    runs = runs or NODE_PROFILE_RUNS.get(batch, 20)
+    data = np.random.default_rng(seed).standard_normal((batch, *onnx_model.input_shape)).astype(np.float32)
+    with compile_runner(onnx_model, profile, batch, work, calibration, profile_nodes=True) as runner:
+        for _ in range(runs):
+            runner.infer(data)
+        times = conv_layer_times(runner.node_times(data, runs), onnx_model.onnx_path)
+    if not times:
+        raise NodeProfileUnavailable(f"{profile.name}: no node of the runtime's profile could be matched to a conv of "
+                                     f"{onnx_model.onnx_path.name}")
+    return times
+
+
+@dataclass(frozen=True)
+class InNetworkCorrections:
+    """Per layer signature, the correction of each table point (rows x columns as `LayerTable.ms`), and what they
+    came from: the unit (median in-network / isolated over observed points), how many points were observed, and the
+    per-signature median correction unobserved points took."""
+
+    corrections: dict[str, list[list[float]]]
+    unit: float
+    observed_points: int
+    total_points: int
+    signature_medians: dict[str, float]
+
+    def record(self) -> dict[str, Any]:
+        return {"unit": self.unit, "observed_points": self.observed_points, "total_points": self.total_points,
+                "signature_medians": self.signature_medians}
+
+
+def in_network_corrections(table: BatchTable, observations: list[LayerTime]) -> InNetworkCorrections:
+    """Corrections of `table`'s points (module docstring) from layer times profiled inside networks. Observations off
+    the grid (a width no grid point holds) or of a shape the table lacks are not used. Raises UserError where none
+    falls on a grid point."""
+    at_point: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    for seen in observations:
+        layer = table.layers.get(seen.signature)
+        if layer is None or seen.c_out not in layer.c_out_grid or (not layer.tied and seen.c_in not in layer.c_in_grid):
+            continue
+        row = 0 if layer.tied else layer.c_in_grid.index(seen.c_in)
+        at_point[(seen.signature, row, layer.c_out_grid.index(seen.c_out))].append(seen.us / 1000.0)
+    if not at_point:
+        raise UserError("no profiled layer fell on a point of the latency table (widths off its grid)")
+    ratio = {key: float(np.median(ms)) / table.layers[key[0]].ms[key[1]][key[2]] for key, ms in at_point.items()}
+    unit = float(np.median(list(ratio.values())))
+    per_signature: dict[str, list[float]] = defaultdict(list)
+    for (signature, _, _), value in ratio.items():
+        per_signature[signature].append(value / unit)
+    medians = {signature: float(np.median(values)) for signature, values in sorted(per_signature.items())}
+    corrections = {}
     for signature, layer in table.layers.items():
-        layer.in_network_scale = float(scales.get(signature, 1.0))
+        fill = medians.get(signature, 1.0)
+        corrections[signature] = [[ratio[(signature, i, o)] / unit if (signature, i, o) in ratio else fill
+                                   for o in range(len(layer.c_out_grid))] for i in range(len(layer.ms))]
+    total = sum(len(layer.ms) * len(layer.c_out_grid) for layer in table.layers.values())
+    return InNetworkCorrections(corrections, unit, len(ratio), total, medians)
+
+
+def apply_corrections(table: BatchTable, corrections: dict[str, list[list[float]]] | None,
+                      dense_layers: list[tuple[str, float, float]]) -> None:
+    """Set every layer table's in-network corrections (None: none) and the dense sum they imply
+    (`BatchTable.dense_table_ms`), in place."""
+    for signature, layer in table.layers.items():
+        layer.in_network = None if corrections is None else corrections.get(signature)
     table.dense_table_ms = float(table.sum_ms(dense_layers))
 
 
-__all__ = ["CONV_OPS", "InNetworkScales", "NodeProfileUnavailable", "apply_scales", "conv_ms_by_signature",
-           "conv_signature", "in_network_scales", "profile_conv_ms"]
+__all__ = ["InNetworkCorrections", "LayerTime", "NodeProfileUnavailable", "apply_corrections", "conv_layer_times",
+           "conv_of_node", "in_network_corrections", "profile_layer_times"]

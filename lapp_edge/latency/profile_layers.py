@@ -30,6 +30,9 @@
    (OpenVINO f32, `--keep-blocks 1` packages at batch 1: -10.1% against -0.4%; an OpenVINO bf16 fit
    predicted 0.21 of dense latency for a network that measured 0.53; docs/RESULTS.md, "The off-block
    term"), so the fit a run trains against keeps the one-term rule.
+5. `in_network` (`--in-network`): before the fit, calibration networks (other draws) are profiled node by node by
+   the runtime's own profiler and every layer point corrected to what it costs inside them; kept unless the fit is
+   measurably better without (`latency.node_profile`, `fit_keeping_what_helps`).
 The table is written atomically as JSON into `--out` (with the dense reference ONNX beside it,
 unless one is there already), named by target, model, input and machine (`table_file_name`).
 """
@@ -47,12 +50,12 @@ from typing import Any
 
 import numpy as np
 
-from lapp_edge.costs.latency_fit import CandidateFit, choose_fit, measurably_better
+from lapp_edge.costs.latency_fit import CandidateFit, choose_fit, measurably_better, measurably_lower
 from lapp_edge.costs.latency_table import (
     EXTRA_FEATURES, FITTED_FEATURES, TABLE_FORMAT, BatchTable, LatencyTable, LayerTable, dense_normalisers, feature_sums,
     load_table, table_file_name, write_table_json,
 )
-from lapp_edge.deploy.backends import Runner
+from lapp_edge.deploy.backends import NodeProfileUnavailable, Runner, get_backend
 from lapp_edge.deploy.compile import OnnxModel, compile_runner, dataset_calibration
 from lapp_edge.deploy.measure import (
     COMPILES_PER_RATIO, LatencyProtocol, RatioProtocol, cpu_model, cpu_snapshot, measure_latency, other_cpu_share_since,
@@ -303,6 +306,32 @@ def fit_whole_network(described: ModelLayers, table: BatchTable, configs: list[t
     return float(a), float(b), {k: float(v) for k, v in extra.items()}, {k: dense_features[k] for k in extra}, validation
 
 
+def fit_keeping_what_helps(described: ModelLayers, table: BatchTable, configs: list[tuple[str, np.ndarray]],
+                           measured: list[float], macs_ratio: list[float], seed: int,
+                           compile_ratios: list[list[float]] | None, in_network_record: dict[str, Any] | None,
+                           ) -> tuple[float, float, dict[str, float], dict[str, float], dict[str, Any]]:
+    """`fit_whole_network`, and where `in_network_record` says the table's in-network corrections were just measured:
+    the fit without them too. The corrections stay unless the table fits the whole networks measurably better
+    without them (`costs.latency_fit.measurably_lower`: the rule every extra term passes); the record says which,
+    with both held-out errors. Dropped corrections are removed from `table` (in place)."""
+    from lapp_edge.latency.node_profile import apply_corrections
+
+    fitted = fit_whole_network(described, table, configs, measured, macs_ratio, seed, compile_ratios)
+    if in_network_record is None:
+        return fitted
+    dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
+    corrections = {signature: layer.in_network for signature, layer in table.layers.items()}
+    apply_corrections(table, None, dense_triples)
+    plain = fit_whole_network(described, table, configs, measured, macs_ratio, seed, compile_ratios)
+    with_pct, without_pct = (f[4]["table_fit"]["median_abs_pct"] for f in (fitted, plain))
+    kept = not measurably_lower(without_pct, with_pct)
+    in_network_record.update(kept=kept, table_fit_with_pct=with_pct, table_fit_without_pct=without_pct)
+    if not kept:
+        return plain
+    apply_corrections(table, corrections, dense_triples)   # type: ignore[arg-type]
+    return fitted
+
+
 def stored_compile_ratios(configurations: list[dict[str, Any]]) -> list[list[float]] | None:
     """The per-compile ratios a table's configurations store, or None where any is missing, not a list of
     positive finite numbers, or of another length than the rest (a table measured before they were stored,
@@ -314,12 +343,12 @@ def stored_compile_ratios(configurations: list[dict[str, Any]]) -> list[list[flo
     return [[float(v) for v in r] for r in stored] if len({len(r) for r in stored}) == 1 else None
 
 
-def refit_table(path: str | Path, out: str | Path | None = None, seed: int = 0, in_network_scales: bool = False,
+def refit_table(path: str | Path, out: str | Path | None = None, seed: int = 0, in_network: bool = False,
                 progress: bool = False) -> Path:
     """Fit a table's whole-network model again from the measurements it stores: after a change to the fit, or
-    to check one. Without `in_network_scales` nothing is measured and the scales the table carries are kept;
-    with it, the dense network is profiled node by node on this machine first and the scales set from that
-    (`measure_in_network_scales`: the table must be this machine's, on this runtime version, else UserError).
+    to check one. Without `in_network` nothing is measured and the in-network corrections the table carries are
+    kept; with it, calibration networks are profiled node by node on this machine first and the corrections set
+    from them (`measure_in_network`; the table must be this machine's, on this runtime version, else UserError).
     Writes `out` (default: over `path`, atomically)."""
     from lapp_edge.costs.latency_table import load_table
 
@@ -329,18 +358,18 @@ def refit_table(path: str | Path, out: str | Path | None = None, seed: int = 0, 
         configurations = batch_table.validation.get("configurations") or []
         if len(configurations) < MIN_CONFIGS:
             raise UserError(f"{path}: batch {batch} stores {len(configurations)} whole-network measurements; a fit needs {MIN_CONFIGS}")
-    scales_records = {batch: t.validation.get("in_network_scales") for batch, t in table.batches.items()}
-    if in_network_scales:
-        scales_records = measure_scales_for_table(table, described, path, seed, progress)
+    records = {batch: t.validation.get("in_network") for batch, t in table.batches.items()}
+    if in_network:
+        records = measure_in_network_for_table(table, described, path, seed, progress)
     for batch, batch_table in table.batches.items():
         configurations = batch_table.validation["configurations"]
         configs = [(c["name"], np.array(c["widths"], dtype=np.float64)) for c in configurations]
         macs = [float(c.get("macs_ratio_with_classifier", c.get("macs_ratio"))) for c in configurations]
-        a, b, extra, dense_features, validation = fit_whole_network(
+        a, b, extra, dense_features, validation = fit_keeping_what_helps(
             described, batch_table, configs, [float(c["measured_ratio"]) for c in configurations], macs, seed,
-            stored_compile_ratios(configurations))
-        if scales_records.get(batch) is not None:
-            validation["in_network_scales"] = scales_records[batch]
+            stored_compile_ratios(configurations), records.get(batch) if in_network else None)
+        if records.get(batch) is not None:
+            validation["in_network"] = records[batch]
         batch_table.constant, batch_table.scale, batch_table.extra = a, b, extra
         batch_table.dense_features, batch_table.validation = dense_features, validation
     target = Path(out or path)
@@ -348,56 +377,93 @@ def refit_table(path: str | Path, out: str | Path | None = None, seed: int = 0, 
     return target
 
 
-def measure_scales_for_table(table: LatencyTable, described: ModelLayers, path: str | Path, seed: int = 0,
-                             progress: bool = False) -> dict[int, dict[str, Any]]:
-    """Set a stored table's in-network scales by profiling its dense network on this machine (every batch), in
-    place; returns each batch's record. Raises UserError where the table was measured on another machine, target
-    runtime version or precision, and NodeProfileUnavailable where the backend has no per-node profiler."""
-    from lapp_edge.latency.calibrate import INPUT_NAME, build_fused, export_config
+def check_node_profiler(profile: TargetProfile) -> None:
+    """Raise NodeProfileUnavailable (one line) unless `profile`'s backend reports per-node times (before any measuring)."""
+    if not get_backend(profile.backend).node_profiler:
+        raise NodeProfileUnavailable(f"--in-network: backend {profile.backend} of {profile.name} reports no per-node times "
+                                     "(ONNX Runtime and OpenVINO do); drop --in-network")
 
+
+def measure_in_network_for_table(table: LatencyTable, described: ModelLayers, path: str | Path, seed: int = 0,
+                                 progress: bool = False) -> dict[int, dict[str, Any]]:
+    """Set a stored table's in-network corrections by profiling calibration networks on this machine (every batch),
+    in place; returns each batch's record. Raises UserError where the table was measured on another machine, target
+    runtime version or precision, and NodeProfileUnavailable where the backend has no per-node profiler."""
     profile = load_target(table.target)
+    check_node_profiler(profile)
     here = {"machine": target_machine_key(profile.backend), "runtime": runtime_version(profile.backend),
             "precision": profile.precision}
     theirs = {"machine": table.machine, "runtime": table.runtime, "precision": table.precision}
     differ = [f"{key} ({theirs[key]!r} there, {here[key]!r} here)" for key in here if here[key] != theirs[key]]
     if differ:
-        raise UserError(f"--in-network-scales: {path} was measured with another {', '.join(differ)}; its layer points "
-                        "cannot be scaled by this machine's profile (measure a table here with profile-layers)")
-    shape = tuple(table.input_shape)
-    dense_widths = dict(zip(described.site_names, described.site_channels))
-    dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
+        raise UserError(f"--in-network: {path} was measured with another {', '.join(differ)}; its layer points cannot "
+                        "be corrected by this machine's profile (measure a table here with profile-layers)")
+    shape: tuple[int, int, int] = tuple(table.input_shape)  # type: ignore[assignment]
+    count = len(next(iter(table.batches.values())).validation["configurations"])
     records = {}
-    with tempfile.TemporaryDirectory(prefix="lapp-scales-") as temporary:
+    with tempfile.TemporaryDirectory(prefix="lapp-in-network-") as temporary:
         work = Path(temporary)
-        fused = build_fused(table.model, dense_widths, dense_widths, shape, coupled=table.coupled_groups)  # type: ignore[arg-type]
-        dense_onnx = OnnxModel(export_config(fused, shape, work / "dense.onnx"), INPUT_NAME, shape)  # type: ignore[arg-type]
+        networks = calibration_networks(described, table.model, shape, table.coupled_groups, table.channel_multiple,
+                                        count, seed, work)
         calibration = dataset_calibration(profile)
         for batch, batch_table in table.batches.items():
-            records[batch] = measure_in_network_scales(batch_table, dense_onnx, dense_triples, profile, batch, work,
-                                                       calibration, seed)
+            records[batch] = measure_in_network(batch_table, networks, described, profile, batch, work, calibration, seed)
             if progress:
-                print(f"batch {batch}: in-network scales " + ", ".join(
-                    f"{sig.removeprefix('conv ')} x{v:.2f}" for sig, v in records[batch]["scales"].items()),
-                    file=sys.stderr, flush=True)
+                print(f"batch {batch}: {in_network_summary(records[batch])}", file=sys.stderr, flush=True)
     return records
 
 
-def measure_in_network_scales(table: BatchTable, dense_onnx: OnnxModel, dense_triples: list[tuple[str, float, float]],
-                              profile: TargetProfile, batch: int, work: Path, calibration: np.ndarray | None,
-                              seed: int = 0) -> dict[str, Any]:
-    """Profile the dense network node by node on `profile`'s runtime at `batch` and set `table`'s in-network
-    scales from it, in place (`latency.node_profile`). Returns what the table records: the scales, the profiled
-    and table ms per layer shape, and how they were measured. Raises NodeProfileUnavailable (a UserError) where
-    the target's backend has no per-node profiler."""
-    from lapp_edge.latency.node_profile import (
-        NODE_PROFILE_COMPILES, NODE_PROFILE_RUNS, apply_scales, in_network_scales, profile_conv_ms,
-    )
+CALIBRATION_SEED_OFFSET = 1000       # calibration networks are drawn with seed + this: none is one of the fit's networks
 
-    measured = profile_conv_ms(dense_onnx, profile, batch, work, calibration, seed=seed)
-    scales = in_network_scales(table, dense_triples, measured)
-    apply_scales(table, scales.scales, dense_triples)
-    return {**scales.record(), "method": f"the runtime's per-node profile of the dense network, median of "
-                                         f"{NODE_PROFILE_COMPILES} compiles x {NODE_PROFILE_RUNS} inferences"}
+
+def calibration_networks(described: ModelLayers, model: str, shape: tuple[int, int, int], coupled: bool, multiple: int,
+                         count: int, seed: int, work: Path) -> list[OnnxModel]:
+    """The networks whose node profiles correct a table's points (`latency.node_profile`): the dense one and
+    `count - 1` random ones drawn with another seed than the fit's networks (the uniform fractions, which every
+    draw shares, left out), exported as ONNX into `work`."""
+    from lapp_edge.latency.calibrate import INPUT_NAME, build_fused, draw_configs, export_config
+
+    dense_widths = dict(zip(described.site_names, described.site_channels))
+    drawn = draw_configs(dense_widths, count + 8, seed + CALIBRATION_SEED_OFFSET, multiple)
+    chosen = [drawn[0]] + [c for c in drawn[1:] if not c.name.startswith("uniform")][: count - 1]
+    networks = []
+    for config in chosen:
+        fused = build_fused(model, config.widths, dense_widths, shape, coupled=coupled)
+        networks.append(OnnxModel(export_config(fused, shape, work / f"calibration-{config.name}.onnx"), INPUT_NAME, shape))
+    return networks
+
+
+def measure_in_network(table: BatchTable, networks: list[OnnxModel], described: ModelLayers, profile: TargetProfile,
+                       batch: int, work: Path, calibration: np.ndarray | None, seed: int = 0) -> dict[str, Any]:
+    """Profile `networks` node by node on `profile`'s runtime at `batch` and set `table`'s in-network corrections
+    from them, in place (`latency.node_profile`). Returns what the table records. Raises NodeProfileUnavailable
+    (a UserError) where the target's backend has no per-node profiler."""
+    from lapp_edge.latency.node_profile import apply_corrections, in_network_corrections, profile_layer_times
+
+    observations = []
+    start = cpu_snapshot()
+    for index, network in enumerate(networks):
+        observations += profile_layer_times(network, profile, batch, work / f"in-network-b{batch}-{index}", calibration,
+                                            seed=seed)
+    corrections = in_network_corrections(table, observations)
+    apply_corrections(table, corrections.corrections,
+                      layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64)))
+    return {**corrections.record(), "networks": len(networks), "other_cpu_share": other_cpu_share_since(start),
+            "method": "the runtime's per-node profile of the dense network and random ones drawn with seed + "
+                      f"{CALIBRATION_SEED_OFFSET} (none of the fit's networks), one compile each"}
+
+
+def in_network_summary(record: dict[str, Any]) -> str:
+    """One line on a batch's in-network corrections (and whether the fit kept them)."""
+    verdict = ""
+    if "kept" in record:
+        verdict = (f"{'kept' if record['kept'] else 'dropped'} (table fit held out {record['table_fit_with_pct']:.2f}% with, "
+                   f"{record['table_fit_without_pct']:.2f}% without); ")
+    return (f"in-network corrections {verdict}from {record['networks']} networks: {record['observed_points']} of "
+            f"{record['total_points']} points observed, unit {record['unit']:.2f}"
+            + (f", others' CPU share {record['other_cpu_share']:.2f}" if "other_cpu_share" in record else "")
+            + "; per layer shape (median) "
+            + ", ".join(f"{sig.removeprefix('conv ')} x{v:.2f}" for sig, v in record["signature_medians"].items()))
 
 
 def describe_model(model: str, input_shape: tuple[int, int, int], coupled: bool, multiple: int,
@@ -423,7 +489,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
                    out: str | Path = "latency-data", seed: int = 0, max_grid: int = MAX_GRID,
                    ratio_protocol: RatioProtocol | None = None, command: str = "", progress: bool = True,
                    reuse_layers: str | Path | None = None, network_compiles: int = COMPILES_PER_RATIO,
-                   block_removal: bool = False, in_network_scales: bool = False) -> Path:
+                   block_removal: bool = False, in_network: bool = False) -> Path:
     """Measure and write the layer latency table of `model` on `target` (see the module docstring).
     Each whole network's latency ratio is the median over `network_compiles` fresh compiles of it
     and the dense network (one compile moves a ratio by a few percent, docs/RESULTS.md); the
@@ -432,9 +498,9 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
     `latency.calibrate.draw_configs`), so the fit sees the plans `train --block-removal` ends with.
     `reuse_layers`: an earlier table of the same target, model, input, groups, channel multiple and
     batches on this machine whose layer points are kept (only the whole networks are measured and
-    fitted again). `in_network_scales`: before the fit, the dense network is profiled node by node on the
-    target's runtime and every layer shape's points scaled to what it costs there (`latency.node_profile`);
-    without it every scale is 1 (a reused table's scales are dropped). Returns the table's path. Raises UserError for a bad target, model, input, batch,
+    fitted again). `in_network`: before the fit, calibration networks are profiled node by node on the target's
+    runtime and every layer point corrected to what it costs inside them (`latency.node_profile`); without it no
+    point is corrected (a reused table's corrections are dropped). Returns the table's path. Raises UserError for a bad target, model, input, batch,
     count or reused table before anything is measured, and BackendUnavailable where the target's
     runtime is missing."""
     from lapp_edge.latency.calibrate import (
@@ -453,6 +519,8 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
     if network_compiles < 1:
         raise UserError(f"--network-compiles must be at least 1, not {network_compiles}")
     check_output_location(out, "--out", "dir")
+    if in_network:
+        check_node_profiler(profile)
     multiple = channel_multiple or channel_multiple_for(profile)
     described = describe_model(model, shape, coupled, multiple, max_grid)  # type: ignore[arg-type]
     removable = [name for name, can in zip(described.site_names, described.site_removable) if can] if block_removal else []
@@ -501,7 +569,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
         reference_name = max(work_of, key=work_of.__getitem__)
         for batch in batch_sizes:
             if reused is not None:           # the layer points of an earlier run, with the noise it recorded
-                tables[batch] = {sig: replace(layer, in_network_scale=1.0) for sig, layer in reused.batches[batch].layers.items()}
+                tables[batch] = {sig: replace(layer, in_network=None) for sig, layer in reused.batches[batch].layers.items()}
                 noise[batch] = [reused.batches[batch].noise_pct]
                 precision_used = reused.precision_used
                 say(f"batch {batch}: {len(tables[batch])} layer tables reused from {reuse_layers}")
@@ -550,6 +618,8 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
             onnx_models[config.name] = OnnxModel(export_config(fused, shape, work / f"{config.name}.onnx"), INPUT_NAME, shape)  # type: ignore[arg-type]
             say(f"network {index + 1}/{len(width_configs)} built: {config.name}, MACs x{float(flops.ratio(vector)):.3f}")
         dense_onnx = OnnxModel(work / f"{DENSE}.onnx", INPUT_NAME, shape)  # type: ignore[arg-type]
+        calibration_nets = (calibration_networks(described, model, shape, coupled, multiple, configs, seed, work)  # type: ignore[arg-type]
+                            if in_network else [])
         batch_tables: dict[int, BatchTable] = {}
         shares = []
         compile_spreads: list[float] = []
@@ -578,16 +648,16 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
             dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
             dense_sum = float(BatchTable(batch, tables[batch], 0.0, 1.0, 1.0, dense_ms, 0.0).sum_ms(dense_triples))
             partial = BatchTable(batch, tables[batch], 0.0, 1.0, dense_sum, dense_ms, 0.0)
-            scales_record = None
-            if in_network_scales:
-                scales_record = measure_in_network_scales(partial, dense_onnx, dense_triples, profile, batch, work, calibration, seed)
-                say(f"batch {batch}: in-network scales " + ", ".join(f"{sig.removeprefix('conv ')} x{v:.2f}"
-                                                                     for sig, v in scales_record["scales"].items()))
-            a, b, extra, dense_features, validation = fit_whole_network(
+            in_network_record = None
+            if in_network:
+                in_network_record = measure_in_network(partial, calibration_nets, described, profile, batch, work,
+                                                       calibration, seed)
+                say(f"batch {batch}: {in_network_summary(in_network_record)}")
+            a, b, extra, dense_features, validation = fit_keeping_what_helps(
                 described, partial, [(c.name, counts[c.name]) for c in width_configs], measured, macs_ratio, seed,
-                per_config.T.tolist())
-            if scales_record is not None:
-                validation["in_network_scales"] = scales_record
+                per_config.T.tolist(), in_network_record)
+            if in_network_record is not None:
+                validation["in_network"] = in_network_record
             dense_sum = partial.dense_table_ms
             batch_tables[batch] = BatchTable(batch, tables[batch], a, b, dense_sum, dense_ms,
                                              float(np.median(noise[batch])) if noise[batch] else 0.0, validation, extra,
@@ -646,8 +716,6 @@ def format_table_summary(table: LatencyTable, path: Path) -> str:
                      "alone): " + ", ".join(f"batch {batch} {floor:.2f}%" for batch, floor in floors.items() if floor is not None)
                      + "; fits this close to it cannot be told apart")
     for batch, bt in sorted(table.batches.items()):
-        record = bt.validation.get("in_network_scales")
-        if record:
-            lines.append(f"in-network scales, batch {batch} (dense network's node profile / its table points): "
-                         + ", ".join(f"{sig.removeprefix('conv ')} x{value:.2f}" for sig, value in record["scales"].items()))
+        if bt.validation.get("in_network"):
+            lines.append(f"batch {batch}: {in_network_summary(bt.validation['in_network'])}")
     return "\n".join(lines)

@@ -140,6 +140,7 @@ class Backend(ABC):
     int8_routes: tuple[str, ...] = ()
     runtime_modules: tuple[str, ...] = ()
     needs_cuda_gpu: bool = False          # runs only where an NVIDIA GPU is visible (backends.runtime_available)
+    node_profiler: bool = False           # its runners report per-node times (LoadRequest.profile_nodes, Runner.node_times)
 
     def device_name(self) -> str:
         """The accelerator this backend runs on, for keying latency records ("NVIDIA H200"); "" for a

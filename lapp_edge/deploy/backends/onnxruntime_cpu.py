@@ -199,6 +199,7 @@ class OnnxRuntimeCpu(Backend):
     precisions = ("fp32", "int8")
     runtime_modules = ("onnxruntime",)
     int8_routes = ("qdq-u8s8",)
+    node_profiler = True
 
     def load(self, request: LoadRequest) -> Runner:
         self.check_request(request)

@@ -185,6 +185,7 @@ class OpenVinoCpu(Backend):
     precisions = ("fp32", "bf16", "int8")
     runtime_modules = ("openvino",)
     int8_routes = (NNCF_ROUTE, QDQ_ROUTE)
+    node_profiler = True
 
     def load(self, request: LoadRequest) -> Runner:
         self.check_request(request)
