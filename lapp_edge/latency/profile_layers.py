@@ -92,6 +92,10 @@ class ModelLayers:
     flops: FlopsCost                # the same model's FLOPs cost (for the FLOPs fit it is compared with)
     site_removable: list[bool]      # per site: may keep zero channels (a residual branch, `--block-removal`)
 
+    def dense_triples(self) -> list[tuple[str, float, float]]:
+        """The dense network's (signature, c_in, c_out) per deployed conv (`layer_triples` at every site's full width)."""
+        return layer_triples(self.layers, np.array(self.site_channels, dtype=np.float64))
+
 
 def spread(values: np.ndarray, limit: int) -> list[int]:
     """At most `limit` of the sorted `values`, evenly spread, always keeping the first and last."""
@@ -255,7 +259,7 @@ def fit_whole_network(described: ModelLayers, table: BatchTable, configs: list[t
     configuration with its feature ratios, and the held-out errors of the table fit, of the FLOPs fit, and
     of both allowed the off-block term too (recorded, not used: module docstring)."""
     y = np.array(measured)
-    dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
+    dense_triples = described.dense_triples()
     dense_sum = table.dense_table_ms
     dense_features = dense_normalisers(feature_sums(dense_triples))
     rows = []
@@ -319,7 +323,7 @@ def fit_keeping_what_helps(described: ModelLayers, table: BatchTable, configs: l
     fitted = fit_whole_network(described, table, configs, measured, macs_ratio, seed, compile_ratios)
     if in_network_record is None:
         return fitted
-    dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
+    dense_triples = described.dense_triples()
     corrections = {signature: layer.in_network for signature, layer in table.layers.items()}
     apply_corrections(table, None, dense_triples)
     plain = fit_whole_network(described, table, configs, measured, macs_ratio, seed, compile_ratios)
@@ -446,8 +450,7 @@ def measure_in_network(table: BatchTable, networks: list[OnnxModel], described: 
         observations += profile_layer_times(network, profile, batch, work / f"in-network-b{batch}-{index}", calibration,
                                             seed=seed)
     corrections = in_network_corrections(table, observations)
-    apply_corrections(table, corrections.corrections,
-                      layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64)))
+    apply_corrections(table, corrections.corrections, described.dense_triples())
     return {**corrections.record(), "networks": len(networks), "other_cpu_share": other_cpu_share_since(start),
             "method": "the runtime's per-node profile of the dense network and random ones drawn with seed + "
                       f"{CALIBRATION_SEED_OFFSET} (none of the fit's networks), one compile each"}
@@ -645,7 +648,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
             measured = [float(v) for v in np.median(per_config, axis=0)]
             if network_compiles > 1:
                 compile_spreads += list(100.0 * (per_config.max(axis=0) - per_config.min(axis=0)) / np.median(per_config, axis=0))
-            dense_triples = layer_triples(described.layers, np.array(described.site_channels, dtype=np.float64))
+            dense_triples = described.dense_triples()
             dense_sum = float(BatchTable(batch, tables[batch], 0.0, 1.0, 1.0, dense_ms, 0.0).sum_ms(dense_triples))
             partial = BatchTable(batch, tables[batch], 0.0, 1.0, dense_sum, dense_ms, 0.0)
             in_network_record = None
@@ -658,8 +661,7 @@ def profile_layers(target: str | Path, model: str = "resnet20", input_shape: tup
                 per_config.T.tolist(), in_network_record)
             if in_network_record is not None:
                 validation["in_network"] = in_network_record
-            dense_sum = partial.dense_table_ms
-            batch_tables[batch] = BatchTable(batch, tables[batch], a, b, dense_sum, dense_ms,
+            batch_tables[batch] = BatchTable(batch, tables[batch], a, b, partial.dense_table_ms, dense_ms,
                                              float(np.median(noise[batch])) if noise[batch] else 0.0, validation, extra,
                                              dense_features)
             say(f"batch {batch}: held-out median error: table ({' + '.join(validation['table_fit']['features'])}) "
