@@ -51,6 +51,22 @@ def add_profile_layers_command(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_profile_layers_command)
 
 
+def recorded_command(args: argparse.Namespace) -> str:
+    """The command line a table records (its `command`): every option of this run that shapes the table, so that
+    running it again measures the same table (`--quiet` left out). Found missing before: `--grid-multiple`,
+    `--no-groups` and `--seed`, without which the recorded command measured on another grid."""
+    return " ".join([
+        "lapp-edge profile-layers", "--target", shlex.quote(args.target), "--model", shlex.quote(args.model),
+        *(["--input", shlex.quote(args.input)] if args.input else []), "--configs", str(args.configs),
+        *[f"--batch {b}" for b in (args.batch or [])],
+        *(["--grid-multiple", str(args.channel_multiple)] if args.channel_multiple else []),
+        *([] if args.coupled else ["--no-groups"]), "--max-grid", str(args.max_grid), "--seed", str(args.seed),
+        *(["--reuse-layers", shlex.quote(args.reuse_layers)] if args.reuse_layers else []),
+        "--network-compiles", str(args.network_compiles), *(["--block-removal"] if args.block_removal else []),
+        *(["--in-network"] if args.in_network else []), "--out", shlex.quote(args.out),
+    ])
+
+
 def run_profile_layers_command(args: argparse.Namespace) -> int:
     from lapp_edge.costs.latency_table import load_table
     from lapp_edge.latency.profile_layers import format_table_summary, profile_layers
@@ -66,13 +82,7 @@ def run_profile_layers_command(args: argparse.Namespace) -> int:
     shape = parse_input_shape(args.input) if args.input else None
     if args.channel_multiple < 0:
         raise UserError(f"--grid-multiple must be positive (0: the target's channel multiple), got {args.channel_multiple}")
-    command = " ".join(["lapp-edge profile-layers", "--target", shlex.quote(args.target), "--model", shlex.quote(args.model),
-                        *(["--input", args.input] if args.input else []), "--configs", str(args.configs),
-                        *[f"--batch {b}" for b in (args.batch or [])], "--max-grid", str(args.max_grid),
-                        *(["--reuse-layers", shlex.quote(args.reuse_layers)] if args.reuse_layers else []),
-                        "--network-compiles", str(args.network_compiles), *(["--block-removal"] if args.block_removal else []),
-                        *(["--in-network"] if args.in_network else []),
-                        "--out", shlex.quote(args.out)])
+    command = recorded_command(args)
     path = profile_layers(args.target, args.model, shape, args.configs, args.batch, args.channel_multiple, args.coupled,
                           args.out, args.seed, args.max_grid, command=command, progress=not args.quiet,
                           reuse_layers=args.reuse_layers or None, network_compiles=args.network_compiles,

@@ -26,8 +26,8 @@ CALIBRATION = np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(n
 
 
 def qdq_artifact_name(model: Path) -> str:
-    """The cached U8S8 artifact's name for `model` on this CPU (7-bit weights, tag qdq-r7, without VNNI)."""
-    tag = "qdq-r7" if onnxruntime_cpu.this_cpu_needs_reduced_range() else "qdq"
+    """The cached U8S8 artifact's name for `model` on this CPU (constants expanded; 7-bit weights, tag qdq-xc-r7, without VNNI)."""
+    tag = "qdq-xc-r7" if onnxruntime_cpu.this_cpu_needs_reduced_range() else "qdq-xc"
     return f"model.int8-{tag}.{artifact_key(model, CALIBRATION)}"
 
 

@@ -674,3 +674,27 @@ def test_a_hint_to_profile_names_a_users_profile_by_its_path(tmp_path: Path, cap
     assert main(["train", "--out", "run", "--epochs", "2", "--prune-epochs", "1", "--train-subset", "256", "--quiet",
                  "--channel-multiple", "8", "--target", str(mine), "--latency-target", "0.5"]) == 2
     assert f"lapp-edge profile-layers --target {mine} --model resnet20" in capsys.readouterr().err
+
+
+def test_a_tables_recorded_command_measures_the_same_table_again() -> None:
+    """Every option that shapes a table survives the round trip through its recorded command (a table recorded
+    without its `--grid-multiple 8` once: run again, that command measured on the profile's 16-channel grid)."""
+    import shlex
+
+    from lapp_edge.cli import build_parser
+    from lapp_edge.cli.profile_layers import recorded_command
+
+    parser = build_parser()
+    runs = [
+        ["profile-layers", "--target", "x86-ort-int8"],
+        ["profile-layers", "--target", "x86-ort-int8", "--model", "mobilenetv2", "--input", "1x32x32", "--configs", "36",
+         "--batch", "1", "--batch", "32", "--grid-multiple", "8", "--no-groups", "--max-grid", "4", "--seed", "3",
+         "--reuse-layers", "my tables/t.json", "--network-compiles", "5", "--block-removal", "--in-network",
+         "--out", "out dir", "--quiet"],
+    ]
+    for argv in runs:
+        args = parser.parse_args(argv)
+        command = shlex.split(recorded_command(args))
+        assert command[0] == "lapp-edge"
+        again = parser.parse_args(command[1:])
+        assert {k: v for k, v in vars(again).items() if k != "quiet"} == {k: v for k, v in vars(args).items() if k != "quiet"}

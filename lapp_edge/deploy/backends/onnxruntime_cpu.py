@@ -14,6 +14,14 @@ kernels add pairs of u8 x s8 products in 16 bits (`vpmaddubsw`), which saturates
 the AVX2 EPYC (docs/RESULTS.md): the demo's slim ResNet-20 lost 3.20 points of top-1 as
 full-range U8S8 and 0.18 with `reduce_range`.
 
+Before quantizing, every Add's per-channel constant (1 x C x 1 x 1: what a removed residual branch leaves,
+relu(x + c)) is given the full C x H x W of the tensor it is added to (`expand_channel_constants`). ORT runs
+int8 adds as NHWC QLinearAdd, and broadcasting a per-channel constant there splits the add into one call per
+pixel of C elements; measured on the AVX-512 EPYC without AVX-VNNI (docs/RESULTS.md, "ORT int8: a removed
+branch's add"): 743 us per such add at batch 32 against 33 us for a same-shape add, 23% of the demo's slim
+int8 latency. The expanded constant holds the same values and quantizes to the same; only the add kernels'
+rounding differs (at most one output step in tests/deploy/test_ort_int8_constants.py).
+
 `info.details["optimized_ops"]` counts the operator types of the graph ORT actually runs
 (written via `optimized_model_filepath`), so int8 is shown to run as QLinearConv, not as
 float Conv between Q/DQ pairs.
@@ -38,6 +46,7 @@ from lapp_edge.fileio import atomic_write_bytes
 NAME = "onnxruntime-cpu"
 INSTALL_HINT = "'pip install onnxruntime'"
 CALIBRATION_BATCH = 32
+EXPANDED_CONSTANT_MAX_ELEMENTS = 1 << 22   # per constant (16 MiB as fp32): larger ones stay broadcast
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})   # CPU flags with int8 dot products accumulated in 32 bits
 
 
@@ -69,14 +78,66 @@ def reduced_range_needed(flags: set[str]) -> bool:
     return not (flags & VNNI_FLAGS)
 
 
+def _static_dims(value_info: Any) -> list[int | None]:
+    """A tensor's dims from ONNX shape inference: an int where known, None where symbolic or unknown."""
+    return [dim.dim_value if dim.HasField("dim_value") else None for dim in value_info.type.tensor_type.shape.dim]
+
+
+def expand_channel_constants(model: Any, max_elements: int = EXPANDED_CONSTANT_MAX_ELEMENTS) -> int:
+    """Give each per-channel constant an Add reads (an initializer of shape 1 x C x 1 x 1 or C x 1 x 1, added to
+    an N x C x H x W tensor whose C, H, W shape inference knows) the full 1 x C x H x W, in place in the ONNX
+    `model` (a ModelProto); the batch axis stays 1, so a dynamic batch still broadcasts. Constants of more than
+    `max_elements` elements, and adds whose other input is a 1 x 1 map or of unknown size, are left as they are.
+    Returns how many adds now read an expanded constant. Why: ORT's int8 QLinearAdd broadcasts a per-channel
+    constant one pixel at a time (module docstring)."""
+    import onnx
+    from onnx import numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    dims = {info.name: _static_dims(info) for info in [*graph.value_info, *graph.input, *graph.output]}
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    added: set[str] = set()             # expanded initializers, one per (constant, H x W)
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        for position in (0, 1):
+            constant, other = node.input[position], node.input[1 - position]
+            shape = dims.get(other)
+            if constant not in initializers or other in initializers or shape is None or len(shape) != 4:
+                continue
+            channels, height, width = shape[1:]
+            if channels is None or height is None or width is None or height * width == 1:
+                continue
+            values = numpy_helper.to_array(initializers[constant])
+            if values.shape not in ((1, channels, 1, 1), (channels, 1, 1)) or channels * height * width > max_elements:
+                continue
+            name = f"{constant}.expanded_{height}x{width}"
+            if name not in added:
+                full = np.ascontiguousarray(np.broadcast_to(values.reshape(1, channels, 1, 1), (1, channels, height, width)))
+                model.graph.initializer.append(numpy_helper.from_array(full, name))
+                added.add(name)
+            node.input[position] = name
+            count += 1
+    used = {name for node in model.graph.node for name in node.input}
+    graph_inputs = {value.name for value in model.graph.input}
+    unused = [tensor for tensor in model.graph.initializer
+              if tensor.name in initializers and tensor.name not in used and tensor.name not in graph_inputs]
+    for tensor in unused:        # the per-channel originals no add reads any more
+        model.graph.initializer.remove(tensor)
+    return count
+
+
 def static_qdq(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path, tag: str, activation_type: str,
                backend: str = NAME, op_types: list[str] | None = None, extra_options: dict[str, Any] | None = None,
-               postprocess: Callable[[Any], None] | None = None, reduce_range: bool = False) -> Path:
+               postprocess: Callable[[Any], None] | None = None, reduce_range: bool = False,
+               expand_constants: bool = False) -> Path:
     """ORT static quantization of `onnx_path` as a private copy to load: `quant_pre_process`, then
     `quantize_static` in QDQ format with `activation_type` ("QUInt8" or "QInt8") activations,
     per-channel int8 weights (7-bit with `reduce_range`) and MinMax calibration over `calibration`
-    (float32 N x C x H x W, normalised; fed in batches of 32); `postprocess` edits the ONNX model
-    before it is written.
+    (float32 N x C x H x W, normalised; fed in batches of 32); `expand_constants`: per-channel constants of adds
+    are expanded first (`expand_channel_constants`); `postprocess` edits the ONNX model before it is written.
     Cached in work_dir as `<stem>.int8-<tag>.<digest>.onnx`: reused only when its authenticated
     sidecar and sha256 check out (`deploy/artifacts.py`), else built afresh and published there.
     BackendUnavailable (naming `backend`) without ONNX Runtime's quantization tools."""
@@ -92,8 +153,16 @@ def static_qdq(onnx_path: Path, input_name: str, calibration: np.ndarray, work_d
     private = artifacts.private_directory()
     output = private / f"{name}.onnx"
     prepared = private / f"{Path(onnx_path).stem}.preprocessed-{tag}.onnx"
+    source = Path(onnx_path)
     try:
-        quantization.quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        if expand_constants:
+            import onnx
+
+            model = onnx.load(str(onnx_path))
+            if expand_channel_constants(model):
+                source = private / f"{Path(onnx_path).stem}.expanded-{tag}.onnx"
+                atomic_write_bytes(source, model.SerializeToString())
+        quantization.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     except Exception as error:  # noqa: BLE001 - a model the quantizer cannot read is bad input
         raise runtime_refused(backend, onnx_path, error) from None
 
@@ -130,16 +199,20 @@ def static_qdq(onnx_path: Path, input_name: str, calibration: np.ndarray, work_d
         atomic_write_bytes(output, model.SerializeToString())
         temporary.unlink(missing_ok=True)
     prepared.unlink(missing_ok=True)
+    if source != Path(onnx_path):
+        source.unlink(missing_ok=True)
     artifacts.publish(work_dir, name, digest, {output.name: output})
     return output
 
 
 def qdq_model(onnx_path: Path, input_name: str, calibration: np.ndarray, work_dir: Path, reduce_range: bool | None = None) -> Path:
-    """The U8S8 per-channel Q/DQ model of `onnx_path` calibrated on `calibration` (see `static_qdq`);
-    7-bit weights with `reduce_range`, which defaults to what this CPU needs (`reduced_range_needed`)."""
+    """The U8S8 per-channel Q/DQ model of `onnx_path` calibrated on `calibration` (see `static_qdq`), adds'
+    per-channel constants expanded (module docstring); 7-bit weights with `reduce_range`, which defaults to
+    what this CPU needs (`reduced_range_needed`)."""
     if reduce_range is None:
         reduce_range = this_cpu_needs_reduced_range()
-    return static_qdq(onnx_path, input_name, calibration, work_dir, "qdq", "QUInt8", reduce_range=reduce_range)
+    return static_qdq(onnx_path, input_name, calibration, work_dir, "qdq-xc", "QUInt8", reduce_range=reduce_range,
+                      expand_constants=True)
 
 
 def this_cpu_needs_reduced_range() -> bool:
