@@ -200,9 +200,10 @@ class ArtifactRunner(Runner):
             core = ov.Core()
             model = core.read_model(str(directory / runtime["model"]))
             model.reshape({model.input(0).get_any_name(): [batch, *input_shape]})
+            from lapp_edge.deploy.backends.openvino_cpu import StaticBatchRequest
+
             self.compiled = core.compile_model(model, "CPU", dict(runtime["settings"]))
-            self.request = self.compiled.create_infer_request()
-            self.padded = np.zeros((batch, *input_shape), dtype=np.float32)
+            self.static = StaticBatchRequest(self.compiled, input_shape, batch)
             hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
             self.compiled_precision = str(hint.to_string() if hasattr(hint, "to_string") else hint)
             version = str(ov.get_version())
@@ -214,12 +215,7 @@ class ArtifactRunner(Runner):
         data = np.ascontiguousarray(batch, dtype=np.float32)
         if self.info.backend == "onnxruntime":
             return np.asarray(self.session.run(None, {self.input_name: data})[0], dtype=np.float32)
-        count = len(data)
-        if count > self.batch:
-            raise ValueError(f"batch {count} exceeds the compiled static batch {self.batch}")
-        self.padded[:count] = data
-        self.padded[count:] = 0.0
-        return np.array(self.request.infer([self.padded])[self.compiled.output(0)][:count], dtype=np.float32)
+        return self.static.infer(data)
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -243,3 +243,24 @@ def test_a_cuda_backend_is_not_runnable_without_a_visible_gpu(monkeypatch) -> No
     assert backends.runtime_available("onnxruntime-cpu") == (True, "")
     monkeypatch.setattr(backends, "nvidia_gpu_visible", lambda: True)
     assert backends.runtime_available("torch-cuda") == (True, "")
+
+
+def test_openvino_runner_reuses_one_bound_buffer_and_returns_copies(package: ModelPackage,
+                                                                     test_images: tuple[np.ndarray, np.ndarray],
+                                                                     tmp_path: Path) -> None:
+    """The OpenVINO runner binds its input once (`StaticBatchRequest`) instead of wrapping every batch: the logits
+    are those of OpenVINO's own `infer([batch])`, a short batch is zero-padded (its rows equal the full batch's),
+    each result is a copy that the next inference leaves alone, and an oversized batch is refused."""
+    runner = load(package, "openvino-cpu", "fp32", tmp_path, batch=4, threads=1)
+    images = test_images[0][:8]
+    first = runner.infer(images[:4])
+    reference = runner.compiled.create_infer_request().infer([images[:4]])[runner.compiled.output(0)]
+    assert np.array_equal(first, reference)
+    kept = first.copy()
+    second = runner.infer(images[4:8])
+    assert np.array_equal(first, kept) and not np.array_equal(first, second)
+    short = runner.infer(images[:3])
+    assert short.shape == (3, first.shape[1]) and np.allclose(short, first[:3], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds the compiled static batch 4"):
+        runner.infer(images[:5])
+    runner.close()
