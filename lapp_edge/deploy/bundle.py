@@ -185,7 +185,6 @@ class ArtifactRunner(Runner):
 
     def __init__(self, directory: Path, runtime: dict[str, Any], input_name: str, input_shape: tuple[int, int, int],
                  threads: int, batch: int) -> None:
-        self.batch = batch
         if runtime["module"] == "onnxruntime":
             from lapp_edge.deploy.backends.onnxruntime_cpu import session_options
 

@@ -167,8 +167,6 @@ class OpenVinoRunner(Runner):
     def __init__(self, compiled: Any, info: RunnerInfo, input_shape: tuple[int, int, int]) -> None:
         self.compiled = compiled
         self.static = StaticBatchRequest(compiled, input_shape, info.batch)
-        self.request = self.static.request
-        self.batch = info.batch
         self.info = info
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -184,7 +182,7 @@ class OpenVinoRunner(Runner):
         kinds: dict[str, str] = {}
         for _ in range(runs):
             self.infer(batch)
-            for info in self.request.get_profiling_info():
+            for info in self.static.request.get_profiling_info():
                 if info.status == info.Status.EXECUTED:
                     durations.setdefault(info.node_name, []).append(info.real_time.total_seconds() * 1e6)
                     kinds[info.node_name] = info.node_type
