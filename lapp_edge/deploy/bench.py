@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -587,6 +588,15 @@ def _compiles_note(comparison: FitComparison) -> str:
     return note + (", measured while the machine was loaded" if comparison.measured_flagged else "")
 
 
+def padding_line(padding: dict[str, Any], batch: int) -> str:
+    """One line on the ORT int8 channel padding a runner tried (`onnxruntime_cpu.choose_channel_padding`)."""
+    counts = Counter(f"{width}->{padded}" for width, padded in padding["spaces"])
+    spaces = ", ".join(f"{change}{f' x{count}' if count > 1 else ''}" for change, count in counts.items())
+    verdict = "run padded" if padding["used"] else "run unpadded (not enough faster)"
+    return (f"channel spaces zero-padded to multiples of {padding['multiple']} ({spaces}) measured "
+            f"{padding['padded_over_plain']:.3f} of the unpadded int8 latency at batch {batch}: {verdict}")
+
+
 def format_bench(report: BenchReport) -> str:
     """The bench report as a human table, then kernels and predictions per target."""
     lines = [f"bench {report.package} ({report.model}, {report.dataset}); reference {REFERENCE} "
@@ -616,6 +626,8 @@ def format_bench(report: BenchReport) -> str:
             lines.append(f"  {target.target}/{variant}: {json.dumps(summary)}"
                          + (f" calibration {target.calibration['name']} #{target.calibration['fingerprint']}" if target.calibration else "")
                          + ("; 7-bit weights (no VNNI on this CPU)" if details.get("int8_weights_7bit") else ""))
+            if details.get("channel_padding", {}).get("spaces"):
+                lines.append(f"  {target.target}/{variant}: {padding_line(details['channel_padding'], result.runner.batch)}")
             if target.precision != result.runner.precision_used and target.precision != "int8":
                 lines.append(f"  {target.target}/{variant}: asked {target.precision}, compiled {result.runner.precision_used}: "
                              f"this CPU has no {target.precision} kernels, so the runtime fell back (latency and accuracy are "

@@ -24,7 +24,7 @@ from lapp_edge.deploy.backends import LoadRequest, Runner, get_backend
 from lapp_edge.deploy.calibration_set import CalibrationSet, draw_calibration, load_definition
 from lapp_edge.deploy.package import ModelPackage
 from lapp_edge.deploy.measure import COMPILES_PER_RATIO, RatioProtocol, quiet_block_ratios
-from lapp_edge.deploy.targets import TargetProfile, check_input_shape
+from lapp_edge.deploy.targets import TargetProfile, channel_multiple_for, check_input_shape
 from lapp_edge.errors import UserError
 
 
@@ -100,6 +100,7 @@ def compile_runner(model: ModelPackage | OnnxModel, profile: TargetProfile, batc
         onnx_path=onnx_model.onnx_path, input_name=onnx_model.input_name, input_shape=onnx_model.input_shape,
         precision=profile.precision, threads=profile.threads, batch=batch, work_dir=work_dir,
         calibration=calibration, int8_route=int8_route(profile, route), profile_nodes=profile_nodes,
+        channel_multiple=channel_multiple_for(profile),
     )
     return backend.load(request)
 

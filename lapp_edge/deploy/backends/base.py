@@ -64,6 +64,7 @@ class LoadRequest:
     calibration: np.ndarray | None = None      # float32 N x C x H x W, normalised; int8 only
     int8_route: str = ""                       # backend-specific int8 recipe; "" = the backend's default
     profile_nodes: bool = False                # turn the runtime's per-node profiler on (`Runner.node_times`)
+    channel_multiple: int = 0                  # the target's kernel block on this CPU; >1: a backend may pad narrow channels to it
 
 
 @dataclass
