@@ -12,7 +12,7 @@ Why: ONNX Runtime's int8 QLinearConv is slower writing 8 output channels than 16
 AVX-VNNI (one 3x3 conv at 28 x 28, batch 32, one thread: 16 -> 8 channels 869 us, 16 -> 16 618 us, 8 -> 16 481 us;
 docs/RESULTS.md, "ORT int8: narrow layers padded to 16 channels"), so the demo's slim ResNet-20 ran 5-7% faster
 in int8 with its 8- and 56-channel spaces padded to 16 and 64, while every float target and OpenVINO int8 ran
-11-20% slower padded. Whether it pays is the CPU's and the runtime's: the ORT backend measures both forms
+11-21% slower padded. Whether it pays is the CPU's and the runtime's: the ORT backend measures both forms
 (`onnxruntime_cpu.OnnxRuntimeCpu.load`).
 
 Only what this module recognises is padded; a space that reaches anything else (a graph input or output, a

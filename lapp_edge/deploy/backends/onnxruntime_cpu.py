@@ -30,7 +30,7 @@ measured at least 3% faster (`choose_channel_padding`; what was tried is the run
 `details["channel_padding"]`). Measured on the AVX-512 EPYC without AVX-VNNI: ORT's int8 QLinearConv writing
 8 channels is slower than writing 16 (869 vs 618 us for one 16-channel 3x3 conv at 28 x 28, batch 32), and the
 demo's slim ResNet-20 ran 0.92-0.95 of its unpadded int8 latency padded; every float target and OpenVINO int8
-ran 11-20% slower padded, so only this backend's int8 tries it, and only a measurement decides it (a CPU where
+ran 11-21% slower padded, so only this backend's int8 tries it, and only a measurement decides it (a CPU where
 narrow kernels are cheap, as the AVX2 EPYC's 8 -> 8 convs were, keeps the plain form). Bundles ship the plain
 form: the device's CPU is not the one measured here.
 
