@@ -183,3 +183,19 @@ def test_a_network_with_no_narrow_space_is_not_measured(tmp_path: Path, monkeypa
                           np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32), channel_multiple=8)
     plain = qdq_model(path, "input", request.calibration, request.work_dir, reduce_range=True)
     assert choose_channel_padding(plain, request, True) == (plain, {"multiple": 8, "spaces": [], "used": False})
+
+
+def test_a_graph_the_padder_cannot_analyse_runs_plain_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The padder's own failure (here forced: its shape inference refusing the graph) costs the optimisation, not
+    the compile: the plain int8 model runs and the runner's details say why nothing was padded."""
+    path = exported("resnet20", tmp_path)
+
+    def refuse(model: Any, multiple: int) -> Any:
+        raise onnx.shape_inference.InferenceError("[ShapeInferenceError] a graph this onnx cannot infer")
+
+    monkeypatch.setattr(onnxruntime_cpu, "pad_channels", refuse)
+    runner = onnxruntime_cpu.BACKEND.load(request_for(path, tmp_path, 16))
+    padding = runner.info.details["channel_padding"]
+    assert padding["used"] is False and padding["spaces"] == [] and "InferenceError" in padding["skipped"]
+    assert "-p16." not in Path(runner.info.model_path).name
+    assert runner.infer(np.zeros((4, *SHAPE), np.float32)).shape == (4, 10)

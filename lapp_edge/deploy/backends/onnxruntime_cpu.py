@@ -265,11 +265,15 @@ def choose_channel_padding(plain: Path, request: LoadRequest, reduce_range: bool
     """The int8 model to run: `plain` (the Q/DQ model of `request.onnx_path`), or the same network with its
     narrow channel spaces zero-padded to `request.channel_multiple` where that measured at least
     1 / PADDING_MIN_SPEEDUP faster here (module docstring), with what was tried and measured (the runner's
-    `details["channel_padding"]`). Nothing is tried for a multiple of 1 or less, or where no space is narrow."""
+    `details["channel_padding"]`). Nothing is tried for a multiple of 1 or less, or where no space is narrow;
+    a graph the padder cannot analyse runs plain, the reason recorded (`skipped`)."""
     multiple = request.channel_multiple
     if multiple <= 1:
         return plain, {}
-    spaces = padded_spaces(request.onnx_path, multiple)
+    try:
+        spaces = padded_spaces(request.onnx_path, multiple)
+    except Exception as error:  # noqa: BLE001 - the plain form quantized and runs: padding is only an optimisation
+        return plain, {"multiple": multiple, "spaces": [], "used": False, "skipped": f"{type(error).__name__}: {error}"[:300]}
     if not spaces:
         return plain, {"multiple": multiple, "spaces": [], "used": False}
     assert request.calibration is not None
