@@ -16,7 +16,7 @@ in int8 with its 8- and 56-channel spaces padded to 16 and 64, while every float
 (`onnxruntime_cpu.OnnxRuntimeCpu.load`).
 
 Only what this module recognises is padded; a space that reaches anything else (a graph input or output, a
-grouped non-depthwise convolution, an op outside `ELEMENTWISE_OPS`, a constant whose channel axis is not 1 or
+grouped non-depthwise convolution, an op outside `CHANNEL_WISE_OPS`, a constant whose channel axis is not 1 or
 C) is left as it is.
 """
 
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-# Ops that keep the channel axis and act per channel (one input activation; `Clip`'s bounds are scalars)
-ELEMENTWISE_OPS = frozenset({"Relu", "Clip", "LeakyRelu", "Identity", "MaxPool", "AveragePool", "GlobalAveragePool",
+# Ops that act on each channel on its own and keep the channel axis (one input activation; `Clip`'s bounds are scalars)
+CHANNEL_WISE_OPS = frozenset({"Relu", "Clip", "LeakyRelu", "Identity", "MaxPool", "AveragePool", "GlobalAveragePool",
                              "GlobalMaxPool"})
 # Binary ops whose per-channel constant is padded with zeros (x + 0, x - 0, x * 0 are finite)
 BINARY_OPS = frozenset({"Add", "Sub", "Mul"})
@@ -104,7 +104,7 @@ def channel_spaces(model: Any) -> list[ChannelSpace]:
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     inferred = onnx.shape_inference.infer_shapes(model).graph
-    ranks: dict[str, list[int | None]] = {
+    dims: dict[str, list[int | None]] = {
         info.name: [dim.dim_value if dim.HasField("dim_value") else None for dim in info.type.tensor_type.shape.dim]
         for info in [*inferred.value_info, *inferred.input, *inferred.output]
     }
@@ -137,7 +137,7 @@ def channel_spaces(model: Any) -> list[ChannelSpace]:
             else:
                 refuse(node.input[0], f"grouped Conv {node.name}")
                 refuse(node.output[0], f"grouped Conv {node.name}")
-        elif op in ELEMENTWISE_OPS and len(activations) == 1 and len(node.output) == 1:
+        elif op in CHANNEL_WISE_OPS and len(activations) == 1 and len(node.output) == 1:
             spaces.union(activations[0], node.output[0])
         elif op in BINARY_OPS and len(node.input) == 2 and activations:
             spaces.union(*activations, node.output[0])
@@ -156,7 +156,7 @@ def channel_spaces(model: Any) -> list[ChannelSpace]:
             else:
                 refuse(activations[0], f"ReduceMean {node.name} over the channel axis or without keepdims")
         elif op in ("Reshape", "Flatten") and activations:
-            source, target = ranks.get(node.input[0]), ranks.get(node.output[0])
+            source, target = dims.get(node.input[0]), dims.get(node.output[0])
             if (source is not None and target is not None and len(source) == 4 and source[2:] == [1, 1]
                     and len(target) == 2 and target[1] == source[1] and (op == "Flatten" or node.input[1] in initializers)):
                 spaces.union(node.input[0], node.output[0])
