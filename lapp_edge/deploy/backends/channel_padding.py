@@ -96,7 +96,7 @@ class _Spaces:
 def channel_spaces(model: Any) -> list[ChannelSpace]:
     """The channel spaces of `model` (an ONNX ModelProto with 4-D NCHW activations and weights as
     initializers) that at least one group-1 Conv writes, each with what writes and reads it and, in `refused`,
-    why it cannot be padded. Shape inference supplies the ranks and the N x C x 1 x 1 shapes a Reshape or
+    why it cannot be padded. Shape inference supplies the N x C x 1 x 1 shapes a Reshape or
     Flatten to N x C needs."""
     import onnx
     from onnx import numpy_helper
@@ -104,7 +104,7 @@ def channel_spaces(model: Any) -> list[ChannelSpace]:
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     inferred = onnx.shape_inference.infer_shapes(model).graph
-    dims: dict[str, list[int | None]] = {
+    shapes: dict[str, list[int | None]] = {
         info.name: [dim.dim_value if dim.HasField("dim_value") else None for dim in info.type.tensor_type.shape.dim]
         for info in [*inferred.value_info, *inferred.input, *inferred.output]
     }
@@ -156,7 +156,7 @@ def channel_spaces(model: Any) -> list[ChannelSpace]:
             else:
                 refuse(activations[0], f"ReduceMean {node.name} over the channel axis or without keepdims")
         elif op in ("Reshape", "Flatten") and activations:
-            source, target = dims.get(node.input[0]), dims.get(node.output[0])
+            source, target = shapes.get(node.input[0]), shapes.get(node.output[0])
             if (source is not None and target is not None and len(source) == 4 and source[2:] == [1, 1]
                     and len(target) == 2 and target[1] == source[1] and (op == "Flatten" or node.input[1] in initializers)):
                 spaces.union(node.input[0], node.output[0])
