@@ -109,7 +109,7 @@ def channel_spaces(model: Any) -> list[ChannelSpace]:
         for info in [*inferred.value_info, *inferred.input, *inferred.output]
     }
     spaces = _Spaces()
-    roles: list[tuple[str, str, Any]] = []          # (activation, role, payload) to file once spaces are joined
+    roles: list[tuple[str, str, Any]] = []          # (activation, ChannelSpace list field, payload), filed once spaces are joined
     refusals: list[tuple[str, str]] = []
 
     def refuse(name: str, why: str) -> None:
@@ -129,8 +129,8 @@ def channel_spaces(model: Any) -> list[ChannelSpace]:
             if len(node.input) > 2 and node.input[2] and node.input[2] not in initializers:
                 refuse(node.output[0], f"Conv {node.name} has a computed bias")
             if group == 1:
-                roles.append((node.output[0], "writer", _Conv(node, dims)))
-                roles.append((node.input[0], "reader", _Conv(node, dims)))
+                roles.append((node.output[0], "writers", _Conv(node, dims)))
+                roles.append((node.input[0], "readers", _Conv(node, dims)))
             elif group == dims[0] and dims[1] == 1:
                 spaces.union(node.input[0], node.output[0])
                 roles.append((node.output[0], "depthwise", _Conv(node, dims)))
@@ -147,7 +147,7 @@ def channel_spaces(model: Any) -> list[ChannelSpace]:
                     if len(shape) > 4 or (len(shape) == 4 and shape[0] != 1):
                         refuse(node.output[0], f"{op} {node.name} constant of shape {shape}")
                     elif len(shape) >= 3 and shape[-3] != 1:
-                        roles.append((node.output[0], "constant", (node, position)))
+                        roles.append((node.output[0], "constants", (node, position)))
         elif op == "ReduceMean" and len(node.output) == 1 and activations:
             axes = (list(numpy_helper.to_array(initializers[node.input[1]]).ravel()) if len(node.input) > 1 and node.input[1] in initializers
                     else _attribute(node, "axes", None))
@@ -161,12 +161,12 @@ def channel_spaces(model: Any) -> list[ChannelSpace]:
                     and len(target) == 2 and target[1] == source[1] and (op == "Flatten" or node.input[1] in initializers)):
                 spaces.union(node.input[0], node.output[0])
                 if op == "Reshape":
-                    roles.append((node.output[0], "reshape", node))
+                    roles.append((node.output[0], "reshapes", node))
             else:
                 refuse(activations[0], f"{op} {node.name} other than N x C x 1 x 1 -> N x C")
         elif op == "Gemm" and activations == [node.input[0]] and len(node.input) > 1 and node.input[1] in initializers:
             if int(_attribute(node, "transA", 0)) == 0:
-                roles.append((node.input[0], "gemm", node))
+                roles.append((node.input[0], "gemms", node))
             else:
                 refuse(node.input[0], f"Gemm {node.name} with transA")
         else:
@@ -182,18 +182,7 @@ def channel_spaces(model: Any) -> list[ChannelSpace]:
         found.setdefault(spaces.find(name), ChannelSpace()).tensors.add(name)
     for name, role, payload in roles:
         space = found.setdefault(spaces.find(name), ChannelSpace(tensors={name}))
-        if role == "writer":
-            space.writers.append(payload)
-        elif role == "reader":
-            space.readers.append(payload)
-        elif role == "depthwise":
-            space.depthwise.append(payload)
-        elif role == "constant":
-            space.constants.append(payload)
-        elif role == "gemm":
-            space.gemms.append(payload)
-        else:
-            space.reshapes.append(payload)
+        getattr(space, role).append(payload)
     for name, why in refusals:
         found[spaces.find(name)].refused.append(why)
     result = []
